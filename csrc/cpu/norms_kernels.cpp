@@ -1,0 +1,300 @@
+// CPU kernels of the per-example norm ops (see norms_kernels.h).
+//
+// Both kernels work one example at a time: the example's rows are packed once into a
+// per-thread buffer in the accumulation type (this converts bf16/fp16, absorbs any strides
+// and zero-pads to whole tiles), then register-blocked micro-kernels sweep the tiles.
+// Examples are spread over threads; with fewer examples than threads, the tiles of one
+// example are spread instead, so B=1 still uses every core.
+#include "cpu/norms_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+// Compile the micro-kernels for AVX-512, AVX2+FMA and baseline x86-64, picked at load time,
+// so one wheel is both portable and fast.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BK_MULTIVERSION
+#endif
+// Micro-kernel bodies are forced inline into each clone so they compile for its target.
+#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace bk {
+namespace cpu {
+
+float to_float(bf16 x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+float to_float(fp16 x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000) << 16;
+  uint32_t exp = (x.bits >> 10) & 0x1f;
+  uint32_t man = x.bits & 0x3ff;
+  uint32_t u;
+  if (exp == 0x1f) {  // inf / nan
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};  // quiet nan
+  u += 0x7fff + ((u >> 16) & 1);
+  return bf16{uint16_t(u >> 16)};
+}
+
+fp16 to_fp16(float f) {
+  // Exact for every float: scale into fp16's grid and let float rounding do the work.
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return fp16{uint16_t(sign | 0x7e00)};
+  if (abs >= 0x477ff000u) return fp16{uint16_t(sign | 0x7c00)};  // rounds to inf
+  if (abs < 0x38800000u) {  // fp16 subnormal range: multiples of 2^-24
+    float a;
+    std::memcpy(&a, &abs, 4);
+    const float scaled = a * 16777216.0f;  // exact
+    const float r = __builtin_nearbyintf(scaled);
+    return fp16{uint16_t(sign | uint16_t(r))};
+  }
+  uint32_t rounded = abs + 0xfff + ((abs >> 13) & 1);
+  return fp16{uint16_t(sign | ((rounded - 0x38000000u) >> 13))};
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+namespace {
+
+template <typename scalar_t>
+using acc_t = out_t<scalar_t>;
+
+inline float load(bf16 x) { return to_float(x); }
+inline float load(fp16 x) { return to_float(x); }
+inline float load(float x) { return x; }
+inline double load(double x) { return x; }
+
+// Gram tile edge (rows of one example). 16 floats is one AVX-512 register.
+constexpr int64_t kGram = 16;
+// Direct-norm micro-tile: kRowsD columns of a times kColsD columns of g.
+constexpr int64_t kRowsD = 4;
+constexpr int64_t kColsD = 32;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// dst[k * ld + t] = x[t, k] (transposed), zero for t in [T, ld).
+template <typename scalar_t>
+void pack_transposed(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_t ld,
+                     acc_t<scalar_t>* dst) {
+  for (int64_t k = 0; k < n; ++k) std::fill(dst + k * ld + T, dst + (k + 1) * ld, acc_t<scalar_t>(0));
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* row = x + t * stride_t;
+    for (int64_t k = 0; k < n; ++k) dst[k * ld + t] = load(row[k]);
+  }
+}
+
+// dst[t * ld + k] = x[t, k], zero for k in [n, ld).
+template <typename scalar_t>
+void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_t ld,
+               acc_t<scalar_t>* dst) {
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* row = x + t * stride_t;
+    acc_t<scalar_t>* out = dst + t * ld;
+    for (int64_t k = 0; k < n; ++k) out[k] = load(row[k]);
+    std::fill(out + n, out + ld, acc_t<scalar_t>(0));
+  }
+}
+
+// Sum over the kGram x kGram tile of <x_s, x_t> <y_s, y_t> for rows s in [s0, s0+kGram),
+// t in [t0, t0+kGram), with xt: [nx][ld] and yt: [ny][ld] transposed packs.
+template <typename A>
+BK_ALWAYS_INLINE double gram_product_tile_impl(const A* __restrict xt, int64_t nx, const A* __restrict yt,
+                                     int64_t ny, int64_t ld, int64_t s0, int64_t t0) {
+  A gx[kGram][kGram] = {};
+  A gy[kGram][kGram] = {};
+  for (int64_t k = 0; k < nx; ++k) {
+    const A* row = xt + k * ld;
+    for (int64_t i = 0; i < kGram; ++i) {
+      const A v = row[s0 + i];
+      for (int64_t j = 0; j < kGram; ++j) gx[i][j] += v * row[t0 + j];
+    }
+  }
+  for (int64_t k = 0; k < ny; ++k) {
+    const A* row = yt + k * ld;
+    for (int64_t i = 0; i < kGram; ++i) {
+      const A v = row[s0 + i];
+      for (int64_t j = 0; j < kGram; ++j) gy[i][j] += v * row[t0 + j];
+    }
+  }
+  double total = 0;
+  for (int64_t i = 0; i < kGram; ++i) {
+    A r = 0;
+    for (int64_t j = 0; j < kGram; ++j) r += gx[i][j] * gy[i][j];
+    total += r;
+  }
+  return total;
+}
+
+BK_MULTIVERSION double gram_product_tile(const float* xt, int64_t nx, const float* yt, int64_t ny,
+                                         int64_t ld, int64_t s0, int64_t t0) {
+  return gram_product_tile_impl(xt, nx, yt, ny, ld, s0, t0);
+}
+BK_MULTIVERSION double gram_product_tile(const double* xt, int64_t nx, const double* yt,
+                                         int64_t ny, int64_t ld, int64_t s0, int64_t t0) {
+  return gram_product_tile_impl(xt, nx, yt, ny, ld, s0, t0);
+}
+
+// Sum of squares of the kRowsD x kColsD block of x^T y at (j0, k0), x: [T][ldx], y: [T][ldy].
+template <typename A>
+BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx, const A* __restrict y,
+                                     int64_t ldy, int64_t T, int64_t j0, int64_t k0) {
+  A w[kRowsD][kColsD] = {};
+  for (int64_t t = 0; t < T; ++t) {
+    const A* xr = x + t * ldx + j0;
+    const A* yr = y + t * ldy + k0;
+    for (int64_t i = 0; i < kRowsD; ++i) {
+      const A v = xr[i];
+      for (int64_t j = 0; j < kColsD; ++j) w[i][j] += v * yr[j];
+    }
+  }
+  double total = 0;
+  for (int64_t i = 0; i < kRowsD; ++i) {
+    A r = 0;
+    for (int64_t j = 0; j < kColsD; ++j) r += w[i][j] * w[i][j];
+    total += r;
+  }
+  return total;
+}
+
+BK_MULTIVERSION double outer_square_tile(const float* x, int64_t ldx, const float* y, int64_t ldy,
+                                         int64_t T, int64_t j0, int64_t k0) {
+  return outer_square_tile_impl(x, ldx, y, ldy, T, j0, k0);
+}
+BK_MULTIVERSION double outer_square_tile(const double* x, int64_t ldx, const double* y,
+                                         int64_t ldy, int64_t T, int64_t j0, int64_t k0) {
+  return outer_square_tile_impl(x, ldx, y, ldy, T, j0, k0);
+}
+
+// Runs `pack(b, workspace)` then `tile(workspace, item)` for every item in [0, n_items) and
+// every example b, writing out[b] = sum over items. Threads go over examples when there are
+// enough of them, otherwise over the items of one example (sharing its packed workspace).
+template <typename Acc, typename Out, typename Pack, typename Tile>
+void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* out, Pack pack,
+                      Tile tile) {
+  if (B >= max_threads()) {
+#pragma omp parallel
+    {
+      std::vector<Acc> ws(workspace_elems);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < B; ++b) {
+        pack(b, ws.data());
+        double total = 0;
+        for (int64_t item = 0; item < n_items; ++item) total += tile(ws.data(), item);
+        out[b] = Out(total);
+      }
+    }
+  } else {
+    std::vector<Acc> ws(workspace_elems);
+    for (int64_t b = 0; b < B; ++b) {
+      pack(b, ws.data());
+      double total = 0;
+      const Acc* packed = ws.data();
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
+      for (int64_t item = 0; item < n_items; ++item) total += tile(packed, item);
+      out[b] = Out(total);
+    }
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
+                int64_t T, int64_t d, int64_t p) {
+  using A = acc_t<scalar_t>;
+  const int64_t ld = round_up(std::max<int64_t>(T, 1), kGram);
+  const int64_t nb = ld / kGram;
+  // Upper-triangular block pairs (s <= t), enumerated row by row.
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t s = 0; s < nb; ++s)
+    for (int64_t t = s; t < nb; ++t) pairs.emplace_back(s, t);
+  const size_t ws = size_t(ld) * size_t(d + p);
+  for_each_example<A>(
+      B, int64_t(pairs.size()), ws, out,
+      [&](int64_t b, A* w) {
+        pack_transposed(a.ptr + b * a.stride_b, a.stride_t, T, d, ld, w);
+        pack_transposed(g.ptr + b * g.stride_b, g.stride_t, T, p, ld, w + ld * d);
+      },
+      [&](const A* w, int64_t item) {
+        const auto [s, t] = pairs[item];
+        const double v = gram_product_tile(w, d, w + ld * d, p, ld, s * kGram, t * kGram);
+        return s == t ? v : 2 * v;  // off-diagonal blocks stand for their mirror image too
+      });
+}
+
+template <typename scalar_t>
+void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
+                 int64_t T, int64_t d, int64_t p) {
+  using A = acc_t<scalar_t>;
+  const int64_t ldx = round_up(std::max<int64_t>(d, 1), kRowsD);
+  const int64_t ldy = round_up(std::max<int64_t>(p, 1), kColsD);
+  const int64_t n_j = ldx / kRowsD, n_k = ldy / kColsD;
+  const size_t ws = size_t(T) * size_t(ldx + ldy);
+  for_each_example<A>(
+      B, n_j * n_k, ws, out,
+      [&](int64_t b, A* w) {
+        pack_rows(a.ptr + b * a.stride_b, a.stride_t, T, d, ldx, w);
+        pack_rows(g.ptr + b * g.stride_b, g.stride_t, T, p, ldy, w + T * ldx);
+      },
+      [&](const A* w, int64_t item) {
+        // Items run along k fastest so consecutive tiles reuse the same columns of a.
+        const int64_t j0 = (item / n_k) * kRowsD, k0 = (item % n_k) * kColsD;
+        return outer_square_tile(w, ldx, w + T * ldx, ldy, T, j0, k0);
+      });
+}
+
+#define BK_INSTANTIATE(S)                                                                  \
+  template void ghost_norm<S>(Operand3d<S>, Operand3d<S>, out_t<S>*, int64_t, int64_t,     \
+                              int64_t, int64_t);                                           \
+  template void direct_norm<S>(Operand3d<S>, Operand3d<S>, out_t<S>*, int64_t, int64_t,    \
+                               int64_t, int64_t);
+BK_INSTANTIATE(float)
+BK_INSTANTIATE(double)
+BK_INSTANTIATE(bf16)
+BK_INSTANTIATE(fp16)
+#undef BK_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace bk

@@ -1,0 +1,31 @@
+// Raw CUDA launchers of the per-example norm kernels. No torch headers here, so nvcc
+// compiles the .cu files quickly and the standalone CMake build can use them too.
+// The torch-facing wrappers live in norms_binding.cpp.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace bk {
+namespace cuda {
+
+enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
+// Layout of one [B, T, n] operand: element (b, t, k) lives at
+// ptr[b * stride_b + t * stride_t + k]  (last dimension contiguous).
+struct Operand3d {
+  const void* ptr;
+  int64_t stride_b;
+  int64_t stride_t;
+};
+
+// out[b] = || a_b^T g_b ||_F^2 for a:[B,T,d], g:[B,T,p].
+// `out` is double* when dtype == f64, float* otherwise; the launcher zeroes it first.
+// ghost_norm: via <a_b a_b^T, g_b g_b^T>, tile by tile (never B*T*T in memory).
+// direct_norm: via forming a_b^T g_b tile by tile (never B*d*p in memory).
+cudaError_t ghost_norm(DType dtype, Operand3d a, Operand3d g, void* out, int64_t B,
+                       int64_t T, int64_t d, int64_t p, cudaStream_t stream);
+cudaError_t direct_norm(DType dtype, Operand3d a, Operand3d g, void* out, int64_t B,
+                        int64_t T, int64_t d, int64_t p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace bk
