@@ -25,6 +25,9 @@
 // Micro-kernel bodies are forced inline into each clone so they compile for its target.
 #define BK_ALWAYS_INLINE inline __attribute__((always_inline))
 
+// The 64-byte vectors only cross function boundaries inside always-inlined helpers.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace bk {
 namespace cpu {
 
@@ -106,22 +109,63 @@ inline float load(fp16 x) { return to_float(x); }
 inline float load(float x) { return x; }
 inline double load(double x) { return x; }
 
-// Gram tile edge (rows of one example). 16 floats is one AVX-512 register.
-constexpr int64_t kGram = 16;
-// Direct-norm micro-tile: kRowsD columns of a times kColsD columns of g.
+// One 64-byte SIMD register of A (16 floats or 8 doubles), through GCC's vector extensions:
+// the micro-kernels below say exactly which values live in registers, and each
+// multiversioned clone maps the vectors to its own instruction set.
+template <typename A>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(64)));
+};
+template <typename A>
+constexpr int64_t kLanes = 64 / sizeof(A);
+
+template <typename A>
+BK_ALWAYS_INLINE typename Simd<A>::V load_vec(const A* p) {
+  typename Simd<A>::V v;
+  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
+  return v;
+}
+
+template <typename A>
+BK_ALWAYS_INLINE double horizontal_sum(const typename Simd<A>::V& v) {
+  double total = 0;
+  for (int64_t i = 0; i < kLanes<A>; ++i) total += v[i];
+  return total;
+}
+
+// Gram tiles are kLanes x kLanes (one register per row); direct-norm micro-tiles are
+// kRowsD columns of a times kVecsD registers of columns of g.
+template <typename A>
+constexpr int64_t kGram = kLanes<A>;
 constexpr int64_t kRowsD = 4;
-constexpr int64_t kColsD = 32;
+constexpr int64_t kVecsD = 2;
+template <typename A>
+constexpr int64_t kColsD = kVecsD * kLanes<A>;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// dst[k * ld + t] = x[t, k] (transposed), zero for t in [T, ld).
+// dst[k * ld + t] = x[t, k] (transposed), zero for t in [T, ld). Done in 16 x 16 blocks so
+// that both the reads and the writes stay within a few cache lines at a time.
 template <typename scalar_t>
 void pack_transposed(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_t ld,
                      acc_t<scalar_t>* dst) {
+  constexpr int64_t blk = 16;
   for (int64_t k = 0; k < n; ++k) std::fill(dst + k * ld + T, dst + (k + 1) * ld, acc_t<scalar_t>(0));
-  for (int64_t t = 0; t < T; ++t) {
-    const scalar_t* row = x + t * stride_t;
-    for (int64_t k = 0; k < n; ++k) dst[k * ld + t] = load(row[k]);
+  for (int64_t t0 = 0; t0 < T; t0 += blk) {
+    const int64_t t1 = std::min(T, t0 + blk);
+    for (int64_t k0 = 0; k0 < n; k0 += blk) {
+      const int64_t k1 = std::min(n, k0 + blk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* row = x + t * stride_t;
+        for (int64_t k = k0; k < k1; ++k) dst[k * ld + t] = load(row[k]);
+      }
+    }
   }
 }
 
@@ -137,34 +181,32 @@ void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_
   }
 }
 
-// Sum over the kGram x kGram tile of <x_s, x_t> <y_s, y_t> for rows s in [s0, s0+kGram),
-// t in [t0, t0+kGram), with xt: [nx][ld] and yt: [ny][ld] transposed packs.
+// G[i] (a register) = <x_{s0+i}, x_{t0+j}> for j over the register's lanes, i < kGram,
+// from the transposed pack xt: [n][ld].
 template <typename A>
-BK_ALWAYS_INLINE double gram_product_tile_impl(const A* __restrict xt, int64_t nx, const A* __restrict yt,
-                                     int64_t ny, int64_t ld, int64_t s0, int64_t t0) {
-  A gx[kGram][kGram] = {};
-  A gy[kGram][kGram] = {};
-  for (int64_t k = 0; k < nx; ++k) {
+BK_ALWAYS_INLINE void gram_tile(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
+                                int64_t t0, typename Simd<A>::V (&G)[kGram<A>]) {
+  typename Simd<A>::V acc[kGram<A>] = {};
+  for (int64_t k = 0; k < n; ++k) {
     const A* row = xt + k * ld;
-    for (int64_t i = 0; i < kGram; ++i) {
-      const A v = row[s0 + i];
-      for (int64_t j = 0; j < kGram; ++j) gx[i][j] += v * row[t0 + j];
-    }
+    const typename Simd<A>::V cols = load_vec(row + t0);
+    for (int64_t i = 0; i < kGram<A>; ++i) acc[i] += row[s0 + i] * cols;
   }
-  for (int64_t k = 0; k < ny; ++k) {
-    const A* row = yt + k * ld;
-    for (int64_t i = 0; i < kGram; ++i) {
-      const A v = row[s0 + i];
-      for (int64_t j = 0; j < kGram; ++j) gy[i][j] += v * row[t0 + j];
-    }
-  }
-  double total = 0;
-  for (int64_t i = 0; i < kGram; ++i) {
-    A r = 0;
-    for (int64_t j = 0; j < kGram; ++j) r += gx[i][j] * gy[i][j];
-    total += r;
-  }
-  return total;
+  for (int64_t i = 0; i < kGram<A>; ++i) G[i] = acc[i];
+}
+
+// Sum over one Gram tile of <x_s, x_t> <y_s, y_t>, s in [s0, s0+kGram), t in [t0, t0+kGram),
+// with xt: [nx][ld] and yt: [ny][ld] transposed packs.
+template <typename A>
+BK_ALWAYS_INLINE double gram_product_tile_impl(const A* __restrict xt, int64_t nx,
+                                               const A* __restrict yt, int64_t ny, int64_t ld,
+                                               int64_t s0, int64_t t0) {
+  typename Simd<A>::V gx[kGram<A>], gy[kGram<A>];
+  gram_tile(xt, nx, ld, s0, t0, gx);
+  gram_tile(yt, ny, ld, s0, t0, gy);
+  typename Simd<A>::V column = {};
+  for (int64_t i = 0; i < kGram<A>; ++i) column += gx[i] * gy[i];
+  return horizontal_sum<A>(column);
 }
 
 BK_MULTIVERSION double gram_product_tile(const float* xt, int64_t nx, const float* yt, int64_t ny,
@@ -178,24 +220,22 @@ BK_MULTIVERSION double gram_product_tile(const double* xt, int64_t nx, const dou
 
 // Sum of squares of the kRowsD x kColsD block of x^T y at (j0, k0), x: [T][ldx], y: [T][ldy].
 template <typename A>
-BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx, const A* __restrict y,
-                                     int64_t ldy, int64_t T, int64_t j0, int64_t k0) {
-  A w[kRowsD][kColsD] = {};
+BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx,
+                                               const A* __restrict y, int64_t ldy, int64_t T,
+                                               int64_t j0, int64_t k0) {
+  typename Simd<A>::V w[kRowsD][kVecsD] = {};
   for (int64_t t = 0; t < T; ++t) {
     const A* xr = x + t * ldx + j0;
     const A* yr = y + t * ldy + k0;
-    for (int64_t i = 0; i < kRowsD; ++i) {
-      const A v = xr[i];
-      for (int64_t j = 0; j < kColsD; ++j) w[i][j] += v * yr[j];
-    }
+    typename Simd<A>::V cols[kVecsD];
+    for (int64_t v = 0; v < kVecsD; ++v) cols[v] = load_vec(yr + v * kLanes<A>);
+    for (int64_t i = 0; i < kRowsD; ++i)
+      for (int64_t v = 0; v < kVecsD; ++v) w[i][v] += xr[i] * cols[v];
   }
-  double total = 0;
-  for (int64_t i = 0; i < kRowsD; ++i) {
-    A r = 0;
-    for (int64_t j = 0; j < kColsD; ++j) r += w[i][j] * w[i][j];
-    total += r;
-  }
-  return total;
+  typename Simd<A>::V squares = {};
+  for (int64_t i = 0; i < kRowsD; ++i)
+    for (int64_t v = 0; v < kVecsD; ++v) squares += w[i][v] * w[i][v];
+  return horizontal_sum<A>(squares);
 }
 
 BK_MULTIVERSION double outer_square_tile(const float* x, int64_t ldx, const float* y, int64_t ldy,
@@ -244,8 +284,9 @@ template <typename scalar_t>
 void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                 int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
-  const int64_t ld = round_up(std::max<int64_t>(T, 1), kGram);
-  const int64_t nb = ld / kGram;
+  constexpr int64_t tile = kGram<A>;
+  const int64_t nb = round_up(std::max<int64_t>(T, 1), tile) / tile;
+  const int64_t ld = nb * tile;
   // Upper-triangular block pairs (s <= t), enumerated row by row.
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t s = 0; s < nb; ++s)
@@ -259,7 +300,7 @@ void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* o
       },
       [&](const A* w, int64_t item) {
         const auto [s, t] = pairs[item];
-        const double v = gram_product_tile(w, d, w + ld * d, p, ld, s * kGram, t * kGram);
+        const double v = gram_product_tile(w, d, w + ld * d, p, ld, s * tile, t * tile);
         return s == t ? v : 2 * v;  // off-diagonal blocks stand for their mirror image too
       });
 }
@@ -269,8 +310,8 @@ void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* 
                  int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
   const int64_t ldx = round_up(std::max<int64_t>(d, 1), kRowsD);
-  const int64_t ldy = round_up(std::max<int64_t>(p, 1), kColsD);
-  const int64_t n_j = ldx / kRowsD, n_k = ldy / kColsD;
+  const int64_t ldy = round_up(std::max<int64_t>(p, 1), kColsD<A>);
+  const int64_t n_j = ldx / kRowsD, n_k = ldy / kColsD<A>;
   const size_t ws = size_t(T) * size_t(ldx + ldy);
   for_each_example<A>(
       B, n_j * n_k, ws, out,
@@ -280,7 +321,7 @@ void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* 
       },
       [&](const A* w, int64_t item) {
         // Items run along k fastest so consecutive tiles reuse the same columns of a.
-        const int64_t j0 = (item / n_k) * kRowsD, k0 = (item % n_k) * kColsD;
+        const int64_t j0 = (item / n_k) * kRowsD, k0 = (item % n_k) * kColsD<A>;
         return outer_square_tile(w, ldx, w + T * ldx, ldy, T, j0, k0);
       });
 }

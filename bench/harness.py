@@ -1,0 +1,160 @@
+"""The one benchmark harness: timing, peak memory, progress bar, result rows.
+
+Timing: warm-up calls, then repeated timed calls (CUDA events on a GPU, perf_counter on the
+CPU); median, min and max are reported so the machine's noise is visible.
+Memory: extra peak memory of one call beyond what was resident before it. On the CPU that is
+the process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the call); on a GPU
+torch.cuda.max_memory_allocated.
+"""
+import csv
+import ctypes
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
+
+
+def _fix_malloc_threshold():
+    """Large blocks always come from mmap and go back to the OS when freed, so a call's
+    temporaries show up in the peak RSS instead of reusing memory freed by an earlier call."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 16)
+    except OSError:
+        pass
+
+
+_fix_malloc_threshold()
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory one call of fn() needs beyond what is resident before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def time_call(fn, device, warmup=3, min_runs=15, max_runs=200, budget_s=1.0):
+    """Seconds per call: (median, min, max) over at least min_runs timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() < deadline):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total, label):
+        self.total, self.done, self.label, self.start = total, 0, label, time.time()
+
+    def step(self, what):
+        self.done += 1
+        width = 30
+        filled = width * self.done // max(1, self.total)
+        elapsed = time.time() - self.start
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{self.done}/{self.total} {elapsed:5.0f}s {what[:50]:<50}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def context(device, command):
+    return {
+        "device": machine(device),
+        "commit": commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "command": command,
+    }
+
+
+def append_rows(name, rows):
+    """Appends rows (dicts with one set of keys) to bench/results/<name>.csv and .jsonl."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.csv")
+    fields = list(rows[0])
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(RESULTS, f"{name}.jsonl"), "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def table(rows, columns):
+    """A plain-text table of rows over the given columns."""
+    cells = [[str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""Per-example norm ops against stock PyTorch, sweeping T, d, p.
+
+Stock paths: the Gram matrices via bmm (what a plain ghost-norm implementation does, B*T*T
+memory) and the per-example gradients via einsum (B*d*p memory). The fused ops compute the
+same [B] norms tile by tile.
+"""
+import torch
+
+from bk_kernels import ops
+from bench import harness
+
+
+def stock_gram_bmm(a, g):
+    return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))
+
+
+def stock_einsum_grads(a, g):
+    return torch.einsum("btd,btp->bdp", a, g).square().sum((1, 2))
+
+
+def methods(device):
+    """name -> (function, the stock method it replaces)."""
+    found = {}
+    for backend in ops.available_backends(device):
+        if backend == "torch":
+            continue  # the chunked pure-PyTorch fallback; the stock paths below stand for it
+        found[f"bk ghost ({backend})"] = (lambda a, g, b=backend: ops.ghost_norm(a, g, backend=b), "stock gram bmm")
+        found[f"bk direct ({backend})"] = (lambda a, g, b=backend: ops.direct_norm(a, g, backend=b), "stock einsum grads")
+    found["stock gram bmm"] = (stock_gram_bmm, None)
+    found["stock einsum grads"] = (stock_einsum_grads, None)
+    return found
+
+
+def shapes(quick):
+    B = 8
+    Ts = [32, 128] if quick else [32, 128, 512]
+    dps = [(128, 128), (256, 1024)] if quick else [(128, 128), (256, 1024), (768, 768)]
+    return [(B, T, d, p) for T in Ts for d, p in dps]
+
+
+def run(device, dtype, quick, command):
+    if device.type == "cpu":
+        # Triton's interpreter is for tests, not timing.
+        found = {k: v for k, v in methods(device).items() if "triton" not in k}
+    else:
+        found = methods(device)
+    grid = shapes(quick)
+    progress = harness.Progress(len(grid) * len(found), f"norms {device.type}")
+    ctx = harness.context(device, command)
+    rows = []
+    for B, T, d, p in grid:
+        a = torch.randn(B, T, d, device=device, dtype=dtype)
+        g = torch.randn(B, T, p, device=device, dtype=dtype)
+        want = ops.direct_norm_ref(a, g)
+        medians = {}
+        for name, (fn, _) in found.items():
+            got = fn(a, g).double()
+            torch.testing.assert_close(got, want, rtol=1e-3 if dtype != torch.float64 else 1e-9, atol=0)
+            peak = harness.peak_extra_bytes(lambda: fn(a, g), device)
+            med, lo, hi = harness.time_call(lambda: fn(a, g), device, budget_s=0.5 if quick else 1.0)
+            medians[name] = med
+            rows.append(dict(ctx, op="norm", method=name, B=B, T=T, d=d, p=p, dtype=str(dtype).split(".")[1],
+                             median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4), max_ms=round(hi * 1e3, 4),
+                             peak_extra_mib=round(peak / 2**20, 3), vs_stock=""))
+            progress.step(f"{name} T={T} d={d} p={p}")
+        for row in rows[-len(found):]:
+            stock = found[row["method"]][1]
+            if stock:
+                row["vs_stock"] = round(medians[row["method"]] / medians[stock], 3)
+    return rows
+
+
+COLUMNS = ["method", "B", "T", "d", "p", "median_ms", "min_ms", "max_ms", "peak_extra_mib", "vs_stock"]

@@ -1,0 +1,162 @@
+"""ghost_norm and direct_norm on every backend that runs here, against float64 references.
+
+The independent reference is the per-example gradient itself (direct_norm_ref: one d x p
+matrix per example, float64); ghost_norm_ref (full Gram matrices) is checked against it too.
+"""
+import pytest
+import torch
+
+from bk_kernels import ops
+from python_tests.tolerances import FLOOR_LOWP, LOW_PRECISION, RATIO_LOWP, REL_TOL
+
+NORM_OPS = {"ghost_norm": ops.ghost_norm, "direct_norm": ops.direct_norm}
+
+# (B, T, d, p): B=0, B=1, T=1, odd T and d, p=1, a shape that crosses several tiles.
+SHAPES = [
+    (0, 5, 3, 2),
+    (1, 1, 1, 1),
+    (1, 37, 123, 1),
+    (3, 1, 123, 5),
+    (2, 37, 1, 70),
+    (3, 37, 123, 70),
+    (2, 130, 17, 9),
+]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "transposed", "sliced"]
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+
+
+def backend_params():
+    """(device, backend) pairs; GPU ones are listed (and skipped) even where no GPU exists."""
+    params = [pytest.param("cpu", name, id=f"cpu-{name}") for name in ops.available_backends("cpu")]
+    for name in ("cuda", "triton", "torch"):
+        params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=GPU))
+    return params
+
+
+def make_operand(B, T, n, dtype, device, layout):
+    """A [B, T, n] tensor in the given memory layout."""
+    if layout == "contiguous":
+        return torch.randn(B, T, n, device=device).to(dtype)
+    if layout == "transposed":  # batch is not the outer dimension
+        return torch.randn(T, B, n, device=device).to(dtype).transpose(0, 1)
+    # rows padded and the last dimension strided: exercises both stride paths
+    return torch.randn(B, T, 2 * n + 3, device=device).to(dtype)[..., 1 : 2 * n + 1 : 2]
+
+
+def eager_norm(name, a, g):
+    """What eager PyTorch computes in the inputs' own dtype (for the low-precision rule)."""
+    if name == "ghost_norm":
+        return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))
+    return (a.mT @ g).square().sum((1, 2))
+
+
+def assert_norms_close(name, out, a, g):
+    ref = ops.direct_norm_ref(a, g)  # per-example gradients from the same (rounded) inputs
+    assert out.shape == ref.shape
+    assert out.dtype == (torch.float64 if a.dtype == torch.float64 else torch.float32)
+    err = (out.double() - ref).abs()
+    if a.dtype in LOW_PRECISION:
+        eager_err = (eager_norm(name, a, g).double() - ref).abs()
+        bound = RATIO_LOWP * eager_err + FLOOR_LOWP * ref
+        assert (err <= bound).all(), f"error {err.tolist()} above {bound.tolist()}"
+    else:
+        rel = err / ref.clamp_min(torch.finfo(torch.float64).tiny)
+        assert rel.max().item() <= REL_TOL[a.dtype] if rel.numel() else True, rel
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}d{}p{}".format(*s))
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_norm_matches_float64_reference(name, shape, dtype, layout, device, backend):
+    B, T, d, p = shape
+    a = make_operand(B, T, d, dtype, device, layout)
+    g = make_operand(B, T, p, dtype, device, layout)
+    out = NORM_OPS[name](a, g, backend=backend)
+    assert out.device == a.device
+    assert_norms_close(name, out.cpu(), a.cpu(), g.cpu())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}d{}p{}".format(*s))
+def test_references_agree(shape):
+    B, T, d, p = shape
+    a, g = torch.randn(B, T, d, dtype=torch.float64), torch.randn(B, T, p, dtype=torch.float64)
+    torch.testing.assert_close(ops.ghost_norm_ref(a, g), ops.direct_norm_ref(a, g), rtol=1e-12, atol=0)
+
+
+def test_reference_is_the_per_example_gradient_norm():
+    """direct_norm_ref against autograd: one backward per example through a real linear layer."""
+    B, T, d, p = 3, 5, 4, 6
+    layer = torch.nn.Linear(d, p, bias=False, dtype=torch.float64)
+    x = torch.randn(B, T, d, dtype=torch.float64)
+    target = torch.randn(B, T, p, dtype=torch.float64)
+    want = []
+    for i in range(B):
+        layer.zero_grad()
+        ((layer(x[i]) - target[i]) ** 2).sum().backward()
+        want.append(layer.weight.grad.square().sum())
+    g = 2 * (layer(x) - target).detach()  # d loss / d output
+    torch.testing.assert_close(ops.direct_norm_ref(x, g), torch.stack(want), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_two_dimensional_inputs_are_one_position(name, device, backend):
+    a = torch.randn(4, 7, dtype=torch.float64, device=device)
+    g = torch.randn(4, 3, dtype=torch.float64, device=device)
+    want = a.square().sum(1) * g.square().sum(1)  # ||a g^T||^2 = ||a||^2 ||g||^2
+    torch.testing.assert_close(NORM_OPS[name](a, g, backend=backend), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_bad_inputs_raise_clear_errors(name):
+    op = NORM_OPS[name]
+    a, g = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="batch and position"):
+        op(a, g[:1])
+    with pytest.raises(ValueError, match="one dtype"):
+        op(a, g.double())
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        op(a.int(), g.int())
+    with pytest.raises(ValueError, match=r"\[B,T,d\]"):
+        op(a[None], g[None])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        op(a, g, backend="gpu")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        op(a, g, backend="cuda")
+    with pytest.raises(TypeError, match="must be tensors"):
+        op(a.numpy(), g)
+
+
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_dispatcher_op_checks_inputs_too(name):
+    """The C++ op checks what it is given even when called without the Python wrapper."""
+    op = getattr(torch.ops.bk, name)
+    with pytest.raises(RuntimeError, match="agree in batch"):
+        op(torch.randn(2, 3, 4), torch.randn(1, 3, 4))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(torch.randn(2, 3, 4), torch.randn(2, 3, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_opcheck(name, dtype, device):
+    op = getattr(torch.ops.bk, name).default
+    for B, T, d, p in [(3, 37, 12, 5), (0, 4, 3, 2), (1, 1, 1, 1)]:
+        a = torch.randn(B, T, d, device=device).to(dtype)
+        g = torch.randn(B, T, p, device=device).to(dtype)
+        torch.library.opcheck(op, (a, g))
+        torch.library.opcheck(op, (a.transpose(0, 1).contiguous().transpose(0, 1), g))
+
+
+def test_torch_compile_fullgraph_through_the_dispatcher_ops():
+    def both_norms(a, g):
+        return ops.ghost_norm(a, g, backend="cpu") + ops.direct_norm(a, g, backend="cpu")
+
+    compiled = torch.compile(both_norms, fullgraph=True)
+    a, g = torch.randn(3, 37, 12, dtype=torch.float64), torch.randn(3, 37, 5, dtype=torch.float64)
+    torch.testing.assert_close(compiled(a, g), 2 * ops.direct_norm_ref(a, g), rtol=1e-10, atol=0)
