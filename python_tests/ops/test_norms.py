@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bk_kernels import ops
-from python_tests.tolerances import FLOOR_LOWP, LOW_PRECISION, RATIO_LOWP, REL_TOL
+from python_tests.ops.norm_checks import LAYOUTS, assert_norms_close, make_operand
 
 NORM_OPS = {"ghost_norm": ops.ghost_norm, "direct_norm": ops.direct_norm}
 
@@ -22,7 +22,6 @@ SHAPES = [
     (2, 130, 17, 9),
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-LAYOUTS = ["contiguous", "transposed", "sliced"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
@@ -33,37 +32,6 @@ def backend_params():
     for name in ("cuda", "triton", "torch"):
         params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=GPU))
     return params
-
-
-def make_operand(B, T, n, dtype, device, layout):
-    """A [B, T, n] tensor in the given memory layout."""
-    if layout == "contiguous":
-        return torch.randn(B, T, n, device=device).to(dtype)
-    if layout == "transposed":  # batch is not the outer dimension
-        return torch.randn(T, B, n, device=device).to(dtype).transpose(0, 1)
-    # rows padded and the last dimension strided: exercises both stride paths
-    return torch.randn(B, T, 2 * n + 3, device=device).to(dtype)[..., 1 : 2 * n + 1 : 2]
-
-
-def eager_norm(name, a, g):
-    """What eager PyTorch computes in the inputs' own dtype (for the low-precision rule)."""
-    if name == "ghost_norm":
-        return ((a @ a.mT) * (g @ g.mT)).sum((1, 2))
-    return (a.mT @ g).square().sum((1, 2))
-
-
-def assert_norms_close(name, out, a, g):
-    ref = ops.direct_norm_ref(a, g)  # per-example gradients from the same (rounded) inputs
-    assert out.shape == ref.shape
-    assert out.dtype == (torch.float64 if a.dtype == torch.float64 else torch.float32)
-    err = (out.double() - ref).abs()
-    if a.dtype in LOW_PRECISION:
-        eager_err = (eager_norm(name, a, g).double() - ref).abs()
-        bound = RATIO_LOWP * eager_err + FLOOR_LOWP * ref
-        assert (err <= bound).all(), f"error {err.tolist()} above {bound.tolist()}"
-    else:
-        rel = err / ref.clamp_min(torch.finfo(torch.float64).tiny)
-        assert rel.max().item() <= REL_TOL[a.dtype] if rel.numel() else True, rel
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
