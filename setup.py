@@ -128,7 +128,7 @@ def extensions():
     limit_build_jobs()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
-    sources = ["csrc/extension.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", f'-DBK_VERSION="{read_version()}"']
     extra = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
     if not with_cuda:

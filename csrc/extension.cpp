@@ -15,12 +15,32 @@
 #define BK_CUDA_ARCHS ""
 #endif
 
+// Every op of the library, once. docs/OPS.md says what each computes; a:[B,T,d] is a layer's
+// input, g:[B,T,p] its output gradient, c:[B] the clip factors. Sums and norms come out in
+// float64 for float64 inputs, float32 otherwise; ops ending in _ accumulate into their
+// first arguments.
 TORCH_LIBRARY(bk, m) {
-  // out[b] = ||a_b^T g_b||_F^2 for a:[B,T,d], g:[B,T,p]: the squared norm of example b's
-  // weight gradient, from the layer input a and output gradient g. Float64 out for float64
-  // in, float32 otherwise.
+  // Per-example squared weight-gradient norms ||a_b^T g_b||_F^2.
   m.def("ghost_norm(Tensor a, Tensor g) -> Tensor");   // via Gram tiles, never B*T*T
   m.def("direct_norm(Tensor a, Tensor g) -> Tensor");  // via a_b^T g_b tiles, never B*d*p
+  // Clipped weighted sums: grad_weight [p,d] = sum_b c_b g_b^T a_b, grad_bias [p].
+  m.def("clipped_sum(Tensor a, Tensor g, Tensor c, bool bias) -> (Tensor, Tensor)");
+  m.def("clipped_sum_(Tensor(a!) grad_weight, Tensor(b!)? grad_bias, Tensor a, Tensor g, "
+        "Tensor c) -> ()");
+  // Embeddings: ids [B,T] (int32/int64), g [B,T,d].
+  m.def("embedding_norm(Tensor ids, Tensor g, int? padding_idx) -> Tensor");
+  m.def("embedding_clipped_sum(Tensor ids, Tensor g, Tensor c, int num_embeddings, "
+        "int? padding_idx, bool deterministic) -> Tensor");
+  m.def("embedding_clipped_sum_(Tensor(a!) grad_weight, Tensor ids, Tensor g, Tensor c, "
+        "int? padding_idx, bool deterministic) -> ()");
+  // Norm layers: per-example affine gradients and their squared norms, xhat/g [B,T,C].
+  m.def("norm_layer_grads(Tensor xhat, Tensor g, bool bias) -> (Tensor, Tensor, Tensor)");
+  // Gaussian noise and the 1/B scale in one pass: grad = (grad + std * z) * scale.
+  m.def("add_noise_(Tensor(a!) grad, float std, float scale, int seed, int offset) -> ()");
+  // Composites (csrc/composite.cpp), on every device.
+  m.def("clip_factors(Tensor sq_norms, float threshold, str clip_fn, float gamma) -> Tensor");
+  m.def("clipped_sum_layerwise(Tensor a, Tensor g, bool bias, float threshold, str clip_fn, "
+        "float gamma, str mode) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {
