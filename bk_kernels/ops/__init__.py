@@ -1,14 +1,28 @@
 """Kernels, one file per op. Every op takes `backend=`: "auto", "cpu", "cuda", "triton" or
-"torch" (chunked pure PyTorch), and has a pure-PyTorch float64 `<op>_ref` beside it."""
+"torch" (chunked pure PyTorch), and has a pure-PyTorch float64 `<op>_ref` beside it.
+docs/OPS.md lists the dispatcher ops (torch.ops.bk.*) behind them."""
 from ._backend import BACKENDS, available_backends
+from .clipped_sum import clipped_sum, clipped_sum_ref
+from .conv import conv_clipped_sum, conv_norm, conv_per_example_grads_ref
 from .direct_norm import direct_norm, direct_norm_ref
 from .ghost_norm import ghost_norm, ghost_norm_ref
+from .layerwise import clipped_sum_layerwise
+from .linear_norm import choose_mode, linear_norm, use_ghost
 
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "choose_mode",
+    "clipped_sum",
+    "clipped_sum_layerwise",
+    "clipped_sum_ref",
+    "conv_clipped_sum",
+    "conv_norm",
+    "conv_per_example_grads_ref",
     "direct_norm",
     "direct_norm_ref",
     "ghost_norm",
     "ghost_norm_ref",
+    "linear_norm",
+    "use_ghost",
 ]

@@ -6,6 +6,7 @@
 // Examples are spread over threads; with fewer examples than threads, the tiles of one
 // example are spread instead, so B=1 still uses every core.
 #include "cpu/norms_kernels.h"
+#include "cpu/simd.h"
 
 #include <algorithm>
 #include <cstring>
@@ -14,19 +15,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-
-// Compile the micro-kernels for AVX-512, AVX2+FMA and baseline x86-64, picked at load time,
-// so one wheel is both portable and fast.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define BK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BK_MULTIVERSION
-#endif
-// Micro-kernel bodies are forced inline into each clone so they compile for its target.
-#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// The 64-byte vectors only cross function boundaries inside always-inlined helpers.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace bk {
 namespace cpu {
@@ -101,43 +89,10 @@ int max_threads() {
 
 namespace {
 
+using namespace simd;
+
 template <typename scalar_t>
 using acc_t = out_t<scalar_t>;
-
-inline float load(bf16 x) { return to_float(x); }
-inline float load(fp16 x) { return to_float(x); }
-inline float load(float x) { return x; }
-inline double load(double x) { return x; }
-
-// One 64-byte SIMD register of A (16 floats or 8 doubles), through GCC's vector extensions:
-// the micro-kernels below say exactly which values live in registers, and each
-// multiversioned clone maps the vectors to its own instruction set.
-template <typename A>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-};
-template <typename A>
-constexpr int64_t kLanes = 64 / sizeof(A);
-
-template <typename A>
-BK_ALWAYS_INLINE typename Simd<A>::V load_vec(const A* p) {
-  typename Simd<A>::V v;
-  __builtin_memcpy(&v, p, sizeof(v));  // unaligned load
-  return v;
-}
-
-template <typename A>
-BK_ALWAYS_INLINE double horizontal_sum(const typename Simd<A>::V& v) {
-  double total = 0;
-  for (int64_t i = 0; i < kLanes<A>; ++i) total += v[i];
-  return total;
-}
 
 // Gram tiles are kLanes x kLanes (one register per row); direct-norm micro-tiles are
 // kRowsD columns of a times kVecsD registers of columns of g.
@@ -147,8 +102,6 @@ constexpr int64_t kRowsD = 4;
 constexpr int64_t kVecsD = 2;
 template <typename A>
 constexpr int64_t kColsD = kVecsD * kLanes<A>;
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // dst[k * ld + t] = x[t, k] (transposed), zero for t in [T, ld). Done in 16 x 16 blocks so
 // that both the reads and the writes stay within a few cache lines at a time.
@@ -185,11 +138,11 @@ void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_
 // from the transposed pack xt: [n][ld].
 template <typename A>
 BK_ALWAYS_INLINE void gram_tile(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
-                                int64_t t0, typename Simd<A>::V (&G)[kGram<A>]) {
-  typename Simd<A>::V acc[kGram<A>] = {};
+                                int64_t t0, Vec<A> (&G)[kGram<A>]) {
+  Vec<A> acc[kGram<A>] = {};
   for (int64_t k = 0; k < n; ++k) {
     const A* row = xt + k * ld;
-    const typename Simd<A>::V cols = load_vec(row + t0);
+    const Vec<A> cols = load_vec(row + t0);
     for (int64_t i = 0; i < kGram<A>; ++i) acc[i] += row[s0 + i] * cols;
   }
   for (int64_t i = 0; i < kGram<A>; ++i) G[i] = acc[i];
@@ -201,10 +154,10 @@ template <typename A>
 BK_ALWAYS_INLINE double gram_product_tile_impl(const A* __restrict xt, int64_t nx,
                                                const A* __restrict yt, int64_t ny, int64_t ld,
                                                int64_t s0, int64_t t0) {
-  typename Simd<A>::V gx[kGram<A>], gy[kGram<A>];
+  Vec<A> gx[kGram<A>], gy[kGram<A>];
   gram_tile(xt, nx, ld, s0, t0, gx);
   gram_tile(yt, ny, ld, s0, t0, gy);
-  typename Simd<A>::V column = {};
+  Vec<A> column = {};
   for (int64_t i = 0; i < kGram<A>; ++i) column += gx[i] * gy[i];
   return horizontal_sum<A>(column);
 }
@@ -223,16 +176,16 @@ template <typename A>
 BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx,
                                                const A* __restrict y, int64_t ldy, int64_t T,
                                                int64_t j0, int64_t k0) {
-  typename Simd<A>::V w[kRowsD][kVecsD] = {};
+  Vec<A> w[kRowsD][kVecsD] = {};
   for (int64_t t = 0; t < T; ++t) {
     const A* xr = x + t * ldx + j0;
     const A* yr = y + t * ldy + k0;
-    typename Simd<A>::V cols[kVecsD];
+    Vec<A> cols[kVecsD];
     for (int64_t v = 0; v < kVecsD; ++v) cols[v] = load_vec(yr + v * kLanes<A>);
     for (int64_t i = 0; i < kRowsD; ++i)
       for (int64_t v = 0; v < kVecsD; ++v) w[i][v] += xr[i] * cols[v];
   }
-  typename Simd<A>::V squares = {};
+  Vec<A> squares = {};
   for (int64_t i = 0; i < kRowsD; ++i)
     for (int64_t v = 0; v < kVecsD; ++v) squares += w[i][v] * w[i][v];
   return horizontal_sum<A>(squares);

@@ -1,0 +1,140 @@
+"""Convolutions (1d/2d/3d; stride, padding, dilation, groups, depthwise): per-example norms
+and clipped sums of the weight (and bias) gradient.
+
+A convolution is a linear layer on its input patches: example b's weight gradient for group r
+is g_{b,r}^T a_{b,r} with a the unfolded patches [L, C_in/groups * prod(k)] and g the output
+gradient [L, C_out/groups] over the L output positions.
+
+- Norms: the patches of one chunk of examples at a time are unfolded (a strided view, copied
+  to rows only for that chunk, so memory stays bounded whatever the batch) with the groups
+  folded into the batch dimension, then the ghost or direct norm kernel of the chosen backend
+  runs on them; ||G_b||^2 is the sum over groups.
+- Clipped sums: the weight gradient is linear in g, so sum_b c_b G_b is ONE convolution
+  weight-gradient call on c-scaled g (torch's own kernel: mkldnn/cuDNN), never per example.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._norm_common import accumulation_dtype, example_chunks
+from .linear_norm import choose_mode, linear_norm
+
+
+def _tuple(value, n, name):
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"conv: {name} must be an int or {n} ints, got {value}")
+    return value
+
+
+def _conv_args(x, g, kernel_size, stride, padding, dilation, groups):
+    n = x.dim() - 2
+    if n not in (1, 2, 3) or g.dim() != x.dim():
+        raise ValueError(f"conv: expected x [B, C_in, *spatial] and g [B, C_out, *spatial] with 1-3 "
+                         f"spatial dims, got {tuple(x.shape)} and {tuple(g.shape)}")
+    if x.shape[0] != g.shape[0]:
+        raise ValueError(f"conv: x and g must have one batch size, got {x.shape[0]} and {g.shape[0]}")
+    if x.dtype != g.dtype or x.device != g.device:
+        raise ValueError(f"conv: x and g must share dtype and device, got {x.dtype}/{x.device} and "
+                         f"{g.dtype}/{g.device}")
+    k, s, p, dl = (_tuple(v, n, name) for v, name in
+                   ((kernel_size, "kernel_size"), (stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    if x.shape[1] % groups or g.shape[1] % groups:
+        raise ValueError(f"conv: channels {x.shape[1]} -> {g.shape[1]} are not divisible by groups={groups}")
+    return k, s, p, dl
+
+
+def conv_patches(x, kernel_size, stride, padding, dilation):
+    """x [B, C, *S] -> a strided view [B, C, *O, *K] of every (zero-padded) patch."""
+    if any(padding):
+        x = F.pad(x, [side for pad in reversed(padding) for side in (pad, pad)])
+    n = len(kernel_size)
+    for i in range(n):
+        span = dilation[i] * (kernel_size[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    return x
+
+
+def _grouped_rows(x, g, groups, k, s, p, dl):
+    """(a [B*groups, L, C_in/groups * K], g [B*groups, L, C_out/groups]) for a chunk."""
+    B, C = x.shape[:2]
+    n = len(k)
+    patches = conv_patches(x, k, s, p, dl)  # [B, C, *O, *K]
+    out_sizes = patches.shape[2 : 2 + n]
+    if tuple(out_sizes) != tuple(g.shape[2:]):
+        raise ValueError(f"conv: g's spatial size {tuple(g.shape[2:])} does not match the output size "
+                         f"{tuple(out_sizes)} of these convolution arguments")
+    L = math.prod(out_sizes)
+    patches = patches.reshape(B, groups, C // groups, *out_sizes, *k)
+    # -> [B, groups, *O, C_g, *K]: positions before channels, then flatten.
+    order = [0, 1, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n)]
+    a_rows = patches.permute(order).reshape(B * groups, L, -1)
+    g_rows = g.reshape(B, groups, g.shape[1] // groups, L).transpose(2, 3).reshape(B * groups, L, -1)
+    return a_rows, g_rows
+
+
+def conv_norm(x, g, *, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False,
+              mode="auto", backend="auto"):
+    """[B] squared norms of each example's weight (+ bias) gradient of a convolution.
+
+    x: [B, C_in, *S] the layer input, g: [B, C_out, *O] its output gradient; the other
+    arguments are the layer's (padding as ints: pad the input beforehand for other modes).
+    """
+    k, s, p, dl = _conv_args(x, g, kernel_size, stride, padding, dilation, groups)
+    B = x.shape[0]
+    L = math.prod(g.shape[2:])
+    width = x.shape[1] // groups * math.prod(k)
+    method = choose_mode(mode, L, width, g.shape[1] // groups)
+    out = torch.zeros(B, dtype=accumulation_dtype(x.dtype), device=x.device)
+    for lo, hi in example_chunks(B, groups * L * (width + g.shape[1] // groups)):
+        a_rows, g_rows = _grouped_rows(x[lo:hi], g[lo:hi], groups, k, s, p, dl)
+        out[lo:hi] = linear_norm(a_rows, g_rows, mode=method, backend=backend).view(hi - lo, groups).sum(1)
+    if bias:
+        out += g.sum(tuple(range(2, g.dim())), dtype=out.dtype).square().sum(1)
+    return out
+
+
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def conv_clipped_sum(x, g, c, *, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=False,
+                     out=None):
+    """(grad_weight [*weight_shape], grad_bias [C_out] or None) = sum_b c_b (G_b, gb_b), in the
+    accumulation dtype; with `out` the sums are added into the given buffers and returned."""
+    n = x.dim() - 2
+    k, s, p, dl = _conv_args(x, g, weight_shape[2:], stride, padding, dilation, groups)
+    if not isinstance(c, torch.Tensor) or c.shape != (x.shape[0],):
+        raise ValueError(f"conv_clipped_sum: c must have shape [B] = [{x.shape[0]}]")
+    acc = accumulation_dtype(x.dtype)
+    scaled = g.to(acc) * c.to(acc).view(-1, *([1] * (g.dim() - 1)))
+    w = _WEIGHT_GRAD[n](x.to(acc), tuple(weight_shape), scaled, s, p, dl, groups)
+    b = scaled.sum((0, *range(2, g.dim()))) if bias else None
+    if out is None:
+        return w, b
+    out_w, out_b = out if isinstance(out, (tuple, list)) else (out, None)
+    out_w.add_(w)
+    if bias:
+        out_b.add_(b)
+    return out_w, out_b
+
+
+def conv_per_example_grads_ref(x, g, *, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+    """Reference: each example's weight gradient from its own backward, in float64.
+
+    x: [B, C_in, *S], g: [B, C_out, *O] -> [B, *weight_shape].
+    """
+    n = x.dim() - 2
+    k, s, p, dl = _conv_args(x, g, weight_shape[2:], stride, padding, dilation, groups)
+    grads = []
+    for b in range(x.shape[0]):
+        weight = torch.zeros(weight_shape, dtype=torch.float64, requires_grad=True)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+        y = conv(x[b : b + 1].double(), weight, None, s, p, dl, groups)
+        (grad,) = torch.autograd.grad(y, weight, g[b : b + 1].double())
+        grads.append(grad)
+    return torch.stack(grads) if grads else torch.zeros((0, *weight_shape), dtype=torch.float64)

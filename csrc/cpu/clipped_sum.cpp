@@ -1,0 +1,70 @@
+// CPU implementations of bk::clipped_sum and bk::clipped_sum_ for the torch dispatcher.
+#include "clipped_sum_common.h"
+#include "cpu/clipped_sum_kernels.h"
+
+namespace bk {
+namespace {
+
+template <typename scalar_t, typename kernel_scalar_t>
+void run(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, at::Tensor& w,
+         c10::optional<at::Tensor>& b) {
+  using A = cpu::out_t<kernel_scalar_t>;
+  static_assert(sizeof(scalar_t) == sizeof(kernel_scalar_t));
+  const auto* a_ptr = reinterpret_cast<const kernel_scalar_t*>(a.const_data_ptr<scalar_t>());
+  const auto* g_ptr = reinterpret_cast<const kernel_scalar_t*>(g.const_data_ptr<scalar_t>());
+  cpu::clipped_sum<kernel_scalar_t>({a_ptr, a.stride(0), a.stride(1)},
+                                    {g_ptr, g.stride(0), g.stride(1)}, c.const_data_ptr<A>(),
+                                    w.mutable_data_ptr<A>(), b ? b->mutable_data_ptr<A>() : nullptr,
+                                    a.size(0), a.size(1), a.size(2), g.size(2));
+}
+
+// Adds sum_b c_b g_b^T a_b into w (and sum_b c_b sum_t g_b,t into b), which hold the
+// accumulation dtype and are contiguous.
+void accumulate(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, at::Tensor& w,
+                c10::optional<at::Tensor> b) {
+  switch (a.scalar_type()) {
+    case at::kDouble: run<double, double>(a, g, c, w, b); break;
+    case at::kFloat: run<float, float>(a, g, c, w, b); break;
+    case at::kHalf: run<at::Half, cpu::fp16>(a, g, c, w, b); break;
+    case at::kBFloat16: run<at::BFloat16, cpu::bf16>(a, g, c, w, b); break;
+    default: TORCH_CHECK(false, "bk::clipped_sum: unsupported dtype ", a.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> clipped_sum_cpu(const at::Tensor& a_in, const at::Tensor& g_in,
+                                                   const at::Tensor& c_in, bool bias) {
+  const ClippedSumInputs in = prepare_clipped_sum(a_in, g_in, c_in, "bk::clipped_sum");
+  at::Tensor w = at::zeros({in.p, in.d}, in.c.options());
+  at::Tensor b = at::zeros({bias ? in.p : 0}, in.c.options());
+  accumulate(in.a, in.g, in.c, w, bias ? c10::optional<at::Tensor>(b) : c10::nullopt);
+  return {w, b};
+}
+
+void clipped_sum_cpu_(at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias,
+                      const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& c_in) {
+  const ClippedSumInputs in = prepare_clipped_sum(a_in, g_in, c_in, "bk::clipped_sum_");
+  check_clipped_sum_outputs(grad_weight, grad_bias, in, "bk::clipped_sum_");
+  // Accumulate straight into buffers of the accumulation dtype; others get the sum added once.
+  const bool direct_w = grad_weight.scalar_type() == in.c.scalar_type() && grad_weight.is_contiguous();
+  const bool direct_b = !grad_bias || (grad_bias->scalar_type() == in.c.scalar_type() &&
+                                       grad_bias->is_contiguous());
+  if (direct_w && direct_b) {
+    accumulate(in.a, in.g, in.c, grad_weight, grad_bias);
+    return;
+  }
+  at::Tensor w = at::zeros({in.p, in.d}, in.c.options());
+  c10::optional<at::Tensor> b;
+  if (grad_bias) b = at::zeros({in.p}, in.c.options());
+  accumulate(in.a, in.g, in.c, w, b);
+  grad_weight.add_(w);
+  if (grad_bias) grad_bias->add_(*b);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bk, CPU, m) {
+  m.impl("clipped_sum", &clipped_sum_cpu);
+  m.impl("clipped_sum_", &clipped_sum_cpu_);
+}
+
+}  // namespace bk

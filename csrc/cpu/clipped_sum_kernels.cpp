@@ -1,0 +1,179 @@
+// CPU kernel of the clipped weighted sum: C[p][d] += G^T diag(c) A over the B*T rows.
+//
+// A GEMM in the BLIS style, M = p, N = d, K = rows. C is cut into MC x NC tiles spread over
+// threads (and, when there are fewer tiles than threads, K is split too). For each tile, K
+// goes in KC-row blocks: the g rows are packed into MR-wide micro-panels (while their bias
+// sum is taken), the a rows into NR-wide micro-panels scaled by their example's c (so no
+// scaled copy of a exists), and an MR x NR register-blocked micro-kernel sweeps them.
+#include "cpu/clipped_sum_kernels.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/simd.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace bk {
+namespace cpu {
+namespace {
+
+using namespace simd;
+
+template <typename A>
+struct Blocking {
+  static constexpr int64_t MR = 6;                 // rows of C per micro-tile (broadcasts)
+  static constexpr int64_t NV = 2;                 // registers per micro-tile row
+  static constexpr int64_t NR = NV * kLanes<A>;    // columns of C per micro-tile
+  static constexpr int64_t KC = 256;               // rows of a/g per packed block
+  static constexpr int64_t MC = 16 * MR;           // rows of C per tile
+  static constexpr int64_t NC = 256 * 4 / sizeof(A) / NR * NR;  // columns of C per tile
+};
+
+// c_tile[MR][ldc] += sum_k ap[k][0..MR) (x) bp[k][0..NR)
+template <typename A>
+BK_ALWAYS_INLINE void micro_kernel_impl(const A* __restrict ap, const A* __restrict bp, int64_t kc,
+                                        A* __restrict c_tile, int64_t ldc) {
+  using Bk = Blocking<A>;
+  Vec<A> acc[Bk::MR][Bk::NV];
+  for (int64_t i = 0; i < Bk::MR; ++i)
+    for (int64_t v = 0; v < Bk::NV; ++v) acc[i][v] = load_vec(c_tile + i * ldc + v * kLanes<A>);
+  for (int64_t k = 0; k < kc; ++k) {
+    Vec<A> b[Bk::NV];
+    for (int64_t v = 0; v < Bk::NV; ++v) b[v] = load_vec(bp + k * Bk::NR + v * kLanes<A>);
+    for (int64_t i = 0; i < Bk::MR; ++i) {
+      const A x = ap[k * Bk::MR + i];
+      for (int64_t v = 0; v < Bk::NV; ++v) acc[i][v] += x * b[v];
+    }
+  }
+  for (int64_t i = 0; i < Bk::MR; ++i)
+    for (int64_t v = 0; v < Bk::NV; ++v) store_vec(c_tile + i * ldc + v * kLanes<A>, acc[i][v]);
+}
+
+BK_MULTIVERSION void micro_kernel(const float* ap, const float* bp, int64_t kc, float* c_tile,
+                                  int64_t ldc) {
+  micro_kernel_impl(ap, bp, kc, c_tile, ldc);
+}
+BK_MULTIVERSION void micro_kernel(const double* ap, const double* bp, int64_t kc, double* c_tile,
+                                  int64_t ldc) {
+  micro_kernel_impl(ap, bp, kc, c_tile, ldc);
+}
+
+// Where row r of the flattened [B*T] rows lives.
+struct RowCursor {
+  int64_t T;
+  int64_t b(int64_t r) const { return r / T; }
+  int64_t t(int64_t r) const { return r % T; }
+};
+
+// One work item: C rows [m0, m1), columns [n0, n1), K rows [k0, k1).
+template <typename scalar_t>
+void tile(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scalar_t>* c, int64_t T,
+          int64_t d, int64_t p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0,
+          int64_t k1, bool with_bias, out_t<scalar_t>* c_buf, out_t<scalar_t>* ap,
+          out_t<scalar_t>* bp, out_t<scalar_t>* bias_buf) {
+  using A = out_t<scalar_t>;
+  using Bk = Blocking<A>;
+  const int64_t mt = round_up(m1 - m0, Bk::MR), nt = round_up(n1 - n0, Bk::NR);
+  const RowCursor rows{T};
+  std::fill(c_buf, c_buf + mt * nt, A(0));
+  if (with_bias) std::fill(bias_buf, bias_buf + mt, A(0));
+  for (int64_t kb = k0; kb < k1; kb += Bk::KC) {
+    const int64_t kc = std::min(Bk::KC, k1 - kb);
+    // Pack g^T: micro-panel i holds ap[i][k][0..MR) = g[row k][m0 + i*MR + ..].
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = kb + k, b = rows.b(r);
+      const scalar_t* grow = g.ptr + b * g.stride_b + rows.t(r) * g.stride_t;
+      const A cb = c[b];
+      for (int64_t i = 0; i < mt; i += Bk::MR) {
+        A* dst = ap + i * kc + k * Bk::MR;
+        for (int64_t j = 0; j < Bk::MR; ++j) {
+          const int64_t m = m0 + i + j;
+          dst[j] = m < m1 ? load(grow[m]) : A(0);
+        }
+      }
+      if (with_bias)
+        for (int64_t m = m0; m < m1; ++m) bias_buf[m - m0] += cb * load(grow[m]);
+    }
+    // Pack diag(c) a: micro-panel j holds bp[j][k][0..NR) = c[b] * a[row k][n0 + j*NR + ..].
+    for (int64_t k = 0; k < kc; ++k) {
+      const int64_t r = kb + k, b = rows.b(r);
+      const scalar_t* arow = a.ptr + b * a.stride_b + rows.t(r) * a.stride_t;
+      const A cb = c[b];
+      for (int64_t j = 0; j < nt; j += Bk::NR) {
+        A* dst = bp + j * kc + k * Bk::NR;
+        const int64_t valid = std::min<int64_t>(Bk::NR, std::max<int64_t>(0, n1 - n0 - j));
+        for (int64_t q = 0; q < valid; ++q) dst[q] = cb * load(arow[n0 + j + q]);
+        for (int64_t q = valid; q < Bk::NR; ++q) dst[q] = A(0);
+      }
+    }
+    for (int64_t j = 0; j < nt; j += Bk::NR)
+      for (int64_t i = 0; i < mt; i += Bk::MR)
+        micro_kernel(ap + i * kc, bp + j * kc, kc, c_buf + i * nt + j, nt);
+  }
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void clipped_sum(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scalar_t>* c,
+                 out_t<scalar_t>* grad_weight, out_t<scalar_t>* grad_bias, int64_t B, int64_t T,
+                 int64_t d, int64_t p) {
+  using A = out_t<scalar_t>;
+  using Bk = Blocking<A>;
+  const int64_t K = B * T;
+  if (K == 0 || p == 0) return;
+  const int64_t m_tiles = (p + Bk::MC - 1) / Bk::MC;
+  const int64_t n_tiles = std::max<int64_t>(1, (d + Bk::NC - 1) / Bk::NC);  // d=0: bias only
+  const int64_t tiles = m_tiles * n_tiles;
+  // Split K when there are fewer tiles than threads, keeping each split at least a few blocks.
+  const int64_t splits =
+      std::max<int64_t>(1, std::min<int64_t>((max_threads() + tiles - 1) / tiles, K / (4 * Bk::KC)));
+  const int64_t k_step = round_up((K + splits - 1) / splits, Bk::KC);
+#pragma omp parallel
+  {
+    std::vector<A> c_buf(Bk::MC * Bk::NC), ap(Bk::MC * Bk::KC), bp(Bk::KC * Bk::NC), bias_buf(Bk::MC);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * splits; ++item) {
+      const int64_t tile_id = item / splits, split = item % splits;
+      const int64_t m0 = (tile_id / n_tiles) * Bk::MC, m1 = std::min(p, m0 + Bk::MC);
+      const int64_t n0 = (tile_id % n_tiles) * Bk::NC, n1 = std::min(d, n0 + Bk::NC);
+      const int64_t k0 = split * k_step, k1 = std::min(K, k0 + k_step);
+      if (k0 >= k1) continue;
+      // The bias rows belong to the tiles of the first column block.
+      const bool with_bias = grad_bias != nullptr && n0 == 0;
+      tile(a, g, c, T, d, p, m0, m1, n0, n1, k0, k1, with_bias, c_buf.data(), ap.data(), bp.data(),
+           bias_buf.data());
+      const int64_t nt = round_up(n1 - n0, Bk::NR);
+      auto add_result = [&] {
+        for (int64_t m = m0; m < m1; ++m) {
+          A* out = grad_weight + m * d;
+          const A* src = c_buf.data() + (m - m0) * nt;
+          for (int64_t n = n0; n < n1; ++n) out[n] += src[n - n0];
+        }
+        if (with_bias)
+          for (int64_t m = m0; m < m1; ++m) grad_bias[m] += bias_buf[m - m0];
+      };
+      if (splits == 1) {
+        add_result();  // tiles are disjoint
+      } else {
+#pragma omp critical(bk_clipped_sum_add)
+        add_result();
+      }
+    }
+  }
+}
+
+#define BK_INSTANTIATE(S)                                                                       \
+  template void clipped_sum<S>(Operand3d<S>, Operand3d<S>, const out_t<S>*, out_t<S>*, out_t<S>*, \
+                               int64_t, int64_t, int64_t, int64_t);
+BK_INSTANTIATE(float)
+BK_INSTANTIATE(double)
+BK_INSTANTIATE(bf16)
+BK_INSTANTIATE(fp16)
+#undef BK_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace bk

@@ -1,0 +1,168 @@
+"""clipped_sum (and its accumulating form) on every backend against float64 per-example
+gradients; clip_factors; the layer-wise fused path; the ghost/direct choice."""
+import sys
+
+import pytest
+import torch
+
+from bk_kernels import ops
+from bk_kernels.ops.clipped_sum import clipped_sum, clipped_sum_ref
+from bk_kernels.ops.layerwise import clipped_sum_layerwise
+from bk_kernels.ops.linear_norm import choose_mode, linear_norm, use_ghost
+from python_tests.ops.norm_checks import make_operand, skip_missing_triton
+from python_tests.ops.test_norms import DTYPES, SHAPES, backend_params
+from python_tests.tolerances import FLOOR_LOWP, LOW_PRECISION, RATIO_LOWP, REL_TOL
+
+
+def assert_sum_close(got, want, eager, dtype):
+    """Max error relative to the largest entry (sums of mixed signs); bf16/fp16 by the eager rule."""
+    if want.numel() == 0:
+        assert got.numel() == 0
+        return
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    if dtype in LOW_PRECISION:
+        eager_err = (eager.double() - want).abs().max().item()
+        assert err <= RATIO_LOWP * eager_err + FLOOR_LOWP * scale, (err, eager_err, scale)
+    else:
+        assert err <= REL_TOL[dtype] * max(scale, 1e-300), (err, scale)
+
+
+def eager_clipped_sum(a, g, c, bias):
+    """What eager PyTorch computes in the inputs' dtype: scale g, one matmul."""
+    gs = g * c.to(g.dtype)[:, None, None]
+    w = gs.flatten(0, 1).T @ a.flatten(0, 1)
+    return w, (gs.sum((0, 1)) if bias else None)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}d{}p{}".format(*s))
+@pytest.mark.parametrize("bias", [False, True])
+def test_clipped_sum_matches_float64_reference(bias, shape, dtype, layout, device, backend):
+    skip_missing_triton(backend, "triton_clipped_sum")
+    B, T, d, p = shape
+    a = make_operand(B, T, d, dtype, device, layout)
+    g = make_operand(B, T, p, dtype, device, layout)
+    c = torch.rand(B, device=device)
+    w, b = clipped_sum(a, g, c, bias=bias, backend=backend)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert w.dtype == acc and w.shape == (p, d) and w.device == a.device
+    want_w, want_b = clipped_sum_ref(a.cpu(), g.cpu(), c.cpu(), bias)
+    eager_w, eager_b = eager_clipped_sum(a.cpu(), g.cpu(), c.cpu(), bias)
+    assert_sum_close(w.cpu(), want_w, eager_w, dtype)
+    if bias:
+        assert b.dtype == acc and b.shape == (p,)
+        assert_sum_close(b.cpu(), want_b, eager_b, dtype)
+    else:
+        assert b is None
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_out_accumulates(device, backend, out_dtype):
+    """Two micro-batches into one buffer equal one batch of both (gradient accumulation)."""
+    skip_missing_triton(backend, "triton_clipped_sum")
+    a = torch.randn(5, 9, 13, dtype=torch.float64, device=device)
+    g = torch.randn(5, 9, 6, dtype=torch.float64, device=device)
+    c = torch.rand(5, dtype=torch.float64, device=device)
+    start_w = torch.randn(6, 13, dtype=torch.float64)
+    start_b = torch.randn(6, dtype=torch.float64)
+    out = (start_w.to(device, out_dtype, copy=True), start_b.to(device, out_dtype, copy=True))
+    a_in, g_in = a.to(torch.float32), g.to(torch.float32)
+    w, b = clipped_sum(a_in[:2], g_in[:2], c[:2], bias=True, out=out, backend=backend)
+    assert w is out[0] and b is out[1]
+    clipped_sum(a_in[2:], g_in[2:], c[2:], bias=True, out=out, backend=backend)
+    want_w, want_b = clipped_sum_ref(a_in, g_in, c, True)
+    tol = 1e-5 if out_dtype != torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out[0].double().cpu(), start_w + want_w.cpu(), rtol=tol, atol=tol)
+    torch.testing.assert_close(out[1].double().cpu(), start_b + want_b.cpu(), rtol=tol, atol=tol)
+
+
+def test_clipped_sum_bad_inputs():
+    a, g = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="c must be a tensor of shape"):
+        clipped_sum(a, g, torch.ones(3))
+    with pytest.raises(ValueError, match="out grad_weight must have shape"):
+        clipped_sum(a, g, torch.ones(2), out=torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="pair"):
+        clipped_sum(a, g, torch.ones(2), bias=True, out=torch.zeros(5, 4))
+    with pytest.raises(RuntimeError, match="c must have shape"):
+        torch.ops.bk.clipped_sum(a, g, torch.ones(3), False)
+    w = torch.zeros(5, 4)
+    with pytest.raises(RuntimeError, match="grad_weight must have shape"):
+        torch.ops.bk.clipped_sum_(torch.zeros(4, 5), None, a, g, torch.ones(2))
+    assert (w == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    a = torch.randn(3, 7, 5).to(dtype)
+    g = torch.randn(3, 7, 4).to(dtype)
+    c = torch.rand(3)
+    for bias in (False, True):
+        torch.library.opcheck(torch.ops.bk.clipped_sum.default, (a, g, c, bias))
+    w = torch.zeros(4, 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.library.opcheck(torch.ops.bk.clipped_sum_.default, (w, torch.zeros_like(w[:, 0]), a, g, c))
+    torch.library.opcheck(torch.ops.bk.clip_factors.default, (torch.rand(5), 1.0, "abadi", 0.01))
+    torch.library.opcheck(torch.ops.bk.clipped_sum_layerwise.default, (a, g, True, 1.0, "automatic", 0.01, "ghost"))
+
+
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic", "normalized"])
+def test_clip_factors_follow_the_contract(clip_fn):
+    norms = torch.tensor([0.0, 0.3, 1.0, 2.5, 40.0], dtype=torch.float64)
+    R, gamma = 1.5, 0.02
+    want = {"abadi": torch.clamp(R / (norms + 1e-6), max=1.0), "automatic": R / (norms + gamma),
+            "normalized": R / (norms + 1e-6)}[clip_fn]
+    torch.testing.assert_close(torch.ops.bk.clip_factors(norms.square(), R, clip_fn, gamma), want,
+                               rtol=1e-15, atol=0)
+
+
+def test_clip_factors_bad_arguments():
+    with pytest.raises(RuntimeError, match="clip_fn must be"):
+        torch.ops.bk.clip_factors(torch.ones(2), 1.0, "flat", 0.01)
+    with pytest.raises(RuntimeError, match="must be positive"):
+        torch.ops.bk.clip_factors(torch.ones(2), 0.0, "abadi", 0.01)
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic"])
+def test_layerwise_fused_path(device, backend, mode, clip_fn):
+    skip_missing_triton(backend, "triton_clipped_sum")
+    B, T, d, p = 4, 11, 9, 7
+    a = torch.randn(B, T, d, dtype=torch.float64, device=device)
+    g = torch.randn(B, T, p, dtype=torch.float64, device=device)
+    w, b, sq, c = clipped_sum_layerwise(a, g, bias=True, max_grad_norm=0.5, clip_fn=clip_fn, mode=mode,
+                                        backend=backend)
+    grads = torch.einsum("btp,btd->bpd", g, a).cpu()
+    bias_grads = g.sum(1).cpu()
+    want_sq = grads.square().sum((1, 2)) + bias_grads.square().sum(1)
+    torch.testing.assert_close(sq.cpu(), want_sq, rtol=1e-12, atol=0)
+    norms = want_sq.sqrt()
+    want_c = torch.clamp(0.5 / (norms + 1e-6), max=1) if clip_fn == "abadi" else 0.5 / (norms + 0.01)
+    torch.testing.assert_close(c.cpu(), want_c, rtol=1e-12, atol=0)
+    torch.testing.assert_close(w.cpu(), (want_c[:, None, None] * grads).sum(0), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(b.cpu(), (want_c[:, None] * bias_grads).sum(0), rtol=1e-12, atol=1e-14)
+
+
+def test_choice_follows_flops():
+    assert use_ghost(T=16, d=768, p=768)          # 16*1536 < 768*768
+    assert not use_ghost(T=1024, d=768, p=768)
+    assert not use_ghost(T=1, d=1, p=1)           # 1*2 > 1: direct for the tiniest layer
+    assert choose_mode("auto", 128, 768, 3072) == "ghost"
+    assert choose_mode("direct", 2, 768, 3072) == "direct"
+    with pytest.raises(ValueError, match="clipping_mode"):
+        choose_mode("fastest", 1, 1, 1)
+
+
+def test_choice_is_made_per_call(monkeypatch):
+    """The sequence length may change between batches: each call decides from its own shapes."""
+    calls = []
+    module = sys.modules["bk_kernels.ops.linear_norm"]  # the package exports a function of that name
+    monkeypatch.setattr(module, "ghost_norm", lambda a, g, backend: calls.append("ghost"))
+    monkeypatch.setattr(module, "direct_norm", lambda a, g, backend: calls.append("direct"))
+    linear_norm(torch.randn(2, 4, 64), torch.randn(2, 4, 64))
+    linear_norm(torch.randn(2, 400, 64), torch.randn(2, 400, 64))
+    assert calls == ["ghost", "direct"]

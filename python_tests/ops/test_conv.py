@@ -1,0 +1,82 @@
+"""Convolution norms and clipped sums against per-example gradients (one backward each)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bk_kernels.ops import conv
+from python_tests.ops.test_norms import backend_params
+
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# (spatial dims, layer arguments, input shape, out channels)
+CASES = [
+    (1, dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=1), (3, 4, 17), 6),
+    (1, dict(kernel_size=5, stride=1, padding=0, dilation=2, groups=1), (1, 3, 37), 5),
+    (2, dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1), groups=2), (2, 4, 9, 8), 6),
+    (2, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=4), (2, 4, 7, 7), 8),  # depthwise, x2
+    (2, dict(kernel_size=1, stride=1, padding=0, dilation=1, groups=1), (0, 3, 5, 5), 4),  # B = 0
+    (3, dict(kernel_size=2, stride=1, padding=(0, 1, 0), dilation=1, groups=1), (2, 3, 4, 5, 3), 2),
+]
+
+
+def make_case(n, kw, x_shape, c_out, dtype):
+    x = torch.randn(x_shape, dtype=torch.float64)
+    k = kw["kernel_size"]
+    k = (k,) * n if isinstance(k, int) else k
+    weight_shape = (c_out, x_shape[1] // kw["groups"], *k)
+    y = CONV[n](x, torch.randn(weight_shape, dtype=torch.float64), None, kw["stride"], kw["padding"],
+                kw["dilation"], kw["groups"])
+    g = torch.randn_like(y)
+    return x.to(dtype), g.to(dtype), weight_shape
+
+
+def layer_args(kw):
+    return {k: v for k, v in kw.items() if k != "kernel_size"}
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[2]}")
+def test_conv_norm_matches_per_example_gradients(case, dtype, mode, device, backend):
+    n, kw, x_shape, c_out = case
+    x, g, weight_shape = make_case(n, kw, x_shape, c_out, dtype)
+    grads = conv.conv_per_example_grads_ref(x, g, weight_shape=weight_shape, **layer_args(kw))
+    want = grads.flatten(1).square().sum(1) + g.double().sum(tuple(range(2, g.dim()))).square().sum(1)
+    got = conv.conv_norm(x.to(device), g.to(device), bias=True, mode=mode, backend=backend, **kw)
+    assert got.shape == (x_shape[0],) and got.device.type == device
+    rel = (got.cpu().double() - want).abs() / want.clamp_min(1e-300)
+    assert (rel <= (1e-10 if dtype == torch.float64 else 1e-5)).all(), rel
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[2]}")
+def test_conv_clipped_sum_matches_per_example_gradients(case, dtype, device):
+    n, kw, x_shape, c_out = case
+    x, g, weight_shape = make_case(n, kw, x_shape, c_out, dtype)
+    c = torch.rand(x_shape[0], dtype=torch.float64)
+    grads = conv.conv_per_example_grads_ref(x, g, weight_shape=weight_shape, **layer_args(kw))
+    want_w = (c.view(-1, *[1] * (n + 2)) * grads).sum(0)
+    want_b = (c[:, None] * g.double().sum(tuple(range(2, g.dim())))).sum(0)
+    out = (torch.ones(weight_shape, dtype=torch.float64, device=device),
+           torch.ones(c_out, dtype=torch.float64, device=device))
+    w, b = conv.conv_clipped_sum(x.to(device), g.to(device), c.to(device), weight_shape=weight_shape,
+                                 bias=True, out=out, **layer_args(kw))
+    assert w is out[0] and b is out[1]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]  # bf16: fp32 accumulation
+    scale = max(want_w.abs().max().item(), 1.0)
+    torch.testing.assert_close(w.cpu() - 1, want_w, rtol=0, atol=tol * scale)
+    torch.testing.assert_close(b.cpu() - 1, want_b, rtol=0, atol=tol * max(want_b.abs().max().item(), 1.0))
+
+
+def test_conv_bad_arguments():
+    x, g = torch.randn(2, 4, 9), torch.randn(2, 6, 7)
+    with pytest.raises(ValueError, match="does not match the output size"):
+        conv.conv_norm(x, g, kernel_size=2)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        conv.conv_norm(x, g, kernel_size=3, groups=3)
+    with pytest.raises(ValueError, match="kernel_size must be"):
+        conv.conv_norm(x, g, kernel_size=(3, 3))
+    with pytest.raises(ValueError, match="one batch size"):
+        conv.conv_norm(x, g[:1], kernel_size=3)
