@@ -37,13 +37,15 @@ def assert_norms_close(name, out, a, g):
     assert out.shape == ref.shape
     assert out.dtype == (torch.float64 if a.dtype == torch.float64 else torch.float32)
     err = (out.double() - ref).abs()
-    if a.dtype in LOW_PRECISION:
-        eager_err = (eager_norm(name, a, g).double() - ref).abs()
-        bound = RATIO_LOWP * eager_err + FLOOR_LOWP * ref
-        assert (err <= bound).all(), f"error {err.tolist()} above {bound.tolist()}"
+    if a.dtype == torch.float64:
+        bound = REL_TOL[a.dtype] * ref
     else:
-        rel = err / ref.clamp_min(torch.finfo(torch.float64).tiny)
-        assert rel.max().item() <= REL_TOL[a.dtype] if rel.numel() else True, rel
+        eager_err = (eager_norm(name, a, g).double() - ref).abs()
+        if a.dtype in LOW_PRECISION:
+            bound = RATIO_LOWP * eager_err + FLOOR_LOWP * ref
+        else:  # float32; sums that cancel: no worse than eager float32
+            bound = torch.maximum(REL_TOL[a.dtype] * ref, RATIO_LOWP * eager_err)
+    assert (err <= bound).all(), f"error {err.tolist()} above {bound.tolist()} (reference {ref.tolist()})"
 
 
 def skip_missing_triton(backend, module):
