@@ -9,6 +9,7 @@
 #include "cpu/simd.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -171,6 +172,54 @@ BK_MULTIVERSION double gram_product_tile(const double* xt, int64_t nx, const dou
   return gram_product_tile_impl(xt, nx, yt, ny, ld, s0, t0);
 }
 
+// Row-major variant for wide layers, with no transposed pack: the Gram tile of kRowsG x kRowsG
+// rows is formed as dot products vectorised along the features, then reduced across lanes.
+// x rows s, t start at x + s * ldx (n features), and likewise for y.
+constexpr int64_t kRowsG = 4;
+
+template <typename A>
+BK_ALWAYS_INLINE void gram_rows(const A* __restrict x, int64_t ldx, int64_t n, int64_t s0, int64_t t0,
+                                double (&G)[kRowsG][kRowsG]) {
+  Vec<A> acc[kRowsG][kRowsG] = {};
+  const int64_t full = n / kLanes<A> * kLanes<A>;
+  for (int64_t k = 0; k < full; k += kLanes<A>) {
+    Vec<A> xs[kRowsG], xt[kRowsG];
+    for (int64_t i = 0; i < kRowsG; ++i) {
+      xs[i] = load_vec(x + (s0 + i) * ldx + k);
+      xt[i] = load_vec(x + (t0 + i) * ldx + k);
+    }
+    for (int64_t i = 0; i < kRowsG; ++i)
+      for (int64_t j = 0; j < kRowsG; ++j) acc[i][j] += xs[i] * xt[j];
+  }
+  for (int64_t i = 0; i < kRowsG; ++i)
+    for (int64_t j = 0; j < kRowsG; ++j) {
+      A tail = 0;  // the features past the last whole register
+      for (int64_t k = full; k < n; ++k) tail += x[(s0 + i) * ldx + k] * x[(t0 + j) * ldx + k];
+      G[i][j] = horizontal_sum<A>(acc[i][j]) + double(tail);
+    }
+}
+
+template <typename A>
+BK_ALWAYS_INLINE double gram_product_rows_impl(const A* x, int64_t ldx, int64_t nx, const A* y,
+                                               int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
+  double gx[kRowsG][kRowsG], gy[kRowsG][kRowsG];
+  gram_rows(x, ldx, nx, s0, t0, gx);
+  gram_rows(y, ldy, ny, s0, t0, gy);
+  double total = 0;
+  for (int64_t i = 0; i < kRowsG; ++i)
+    for (int64_t j = 0; j < kRowsG; ++j) total += gx[i][j] * gy[i][j];
+  return total;
+}
+
+BK_MULTIVERSION double gram_product_rows(const float* x, int64_t ldx, int64_t nx, const float* y,
+                                         int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
+  return gram_product_rows_impl(x, ldx, nx, y, ldy, ny, s0, t0);
+}
+BK_MULTIVERSION double gram_product_rows(const double* x, int64_t ldx, int64_t nx, const double* y,
+                                         int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
+  return gram_product_rows_impl(x, ldx, nx, y, ldy, ny, s0, t0);
+}
+
 // Sum of squares of the kRowsD x kColsD block of x^T y at (j0, k0), x: [T][ldx], y: [T][ldy].
 template <typename A>
 BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx,
@@ -233,13 +282,26 @@ void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* o
 
 }  // namespace
 
+// Layers much wider than long take the row-major Gram kernel (fed by a plain row copy); the
+// others the transposed pack, whose micro-kernel needs no reductions across lanes but whose
+// pack costs about as much as the Gram work when T is small. The split was measured with
+// bench/run.py on this project's 2-core AVX-512 machine (README).
+inline bool ghost_rows_kernel(int64_t T, int64_t d, int64_t p) {
+  static const int64_t ratio = [] {
+    const char* env = std::getenv("BK_GHOST_ROWS_RATIO");  // for benchmarking the split
+    return env ? std::atoll(env) : int64_t(8);
+  }();
+  return std::min(d, p) >= ratio * T;
+}
+
 template <typename scalar_t>
 void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                 int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
-  constexpr int64_t tile = kGram<A>;
+  const bool rows = ghost_rows_kernel(T, d, p);
+  const int64_t tile = rows ? kRowsG : kGram<A>;
   const int64_t nb = round_up(std::max<int64_t>(T, 1), tile) / tile;
-  const int64_t ld = nb * tile;
+  const int64_t ld = nb * tile;  // positions, zero-padded to whole tiles
   // Upper-triangular block pairs (s <= t), enumerated row by row.
   std::vector<std::pair<int64_t, int64_t>> pairs;
   for (int64_t s = 0; s < nb; ++s)
@@ -248,12 +310,21 @@ void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* o
   for_each_example<A>(
       B, int64_t(pairs.size()), ws, out,
       [&](int64_t b, A* w) {
-        pack_transposed(a.ptr + b * a.stride_b, a.stride_t, T, d, ld, w);
-        pack_transposed(g.ptr + b * g.stride_b, g.stride_t, T, p, ld, w + ld * d);
+        if (rows) {  // [ld][d] then [ld][p], rows past T zero
+          pack_rows(a.ptr + b * a.stride_b, a.stride_t, T, d, d, w);
+          std::fill(w + T * d, w + ld * d, A(0));
+          A* wg = w + ld * d;
+          pack_rows(g.ptr + b * g.stride_b, g.stride_t, T, p, p, wg);
+          std::fill(wg + T * p, wg + ld * p, A(0));
+        } else {  // [d][ld] then [p][ld]
+          pack_transposed(a.ptr + b * a.stride_b, a.stride_t, T, d, ld, w);
+          pack_transposed(g.ptr + b * g.stride_b, g.stride_t, T, p, ld, w + ld * d);
+        }
       },
       [&](const A* w, int64_t item) {
         const auto [s, t] = pairs[item];
-        const double v = gram_product_tile(w, d, w + ld * d, p, ld, s * tile, t * tile);
+        const double v = rows ? gram_product_rows(w, d, d, w + ld * d, p, p, s * tile, t * tile)
+                              : gram_product_tile(w, d, w + ld * d, p, ld, s * tile, t * tile);
         return s == t ? v : 2 * v;  // off-diagonal blocks stand for their mirror image too
       });
 }

@@ -20,6 +20,7 @@ SHAPES = [
     (2, 37, 1, 70),
     (3, 37, 123, 70),
     (2, 130, 17, 9),
+    (2, 5, 123, 70),  # much wider than long: the CPU ghost norm's row-major kernel
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
