@@ -12,9 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import harness, norms  # noqa: E402
+from bench import clipped_sum, harness, norm_choice, norms  # noqa: E402
 
-SCENARIOS = {"norms": norms}
+SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice}
 
 
 def main():
