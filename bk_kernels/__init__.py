@@ -17,7 +17,9 @@ except ImportError as err:  # fail loudly, saying how to fix it
         "only, BK_CUDA=1 to require the CUDA kernels."
     ) from err
 
-from . import ops  # noqa: E402
+from . import nn, ops  # noqa: E402
+from .convert import UnsupportedModuleError, convert  # noqa: E402
+from .engine import PrivacyEngine  # noqa: E402
 
 
 def build_info():
@@ -26,4 +28,4 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["PrivacyEngine", "UnsupportedModuleError", "__version__", "build_info", "convert", "nn", "ops"]

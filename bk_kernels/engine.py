@@ -1,0 +1,330 @@
+"""PrivacyEngine: per-example clipping, noise and the 1/B scale around any torch optimizer.
+
+Flow of one step (DESIGN.md):
+1. forward as usual through bk.nn layers;
+2. loss.backward(): every bk layer hands the engine one "use" per trainable parameter and the
+   use's per-example squared norm is computed right there; the layer returns no weight
+   gradient;
+3. when the backward is over (an autograd callback), the clip factors C_b of every clipping
+   unit follow from the summed norms, and each parameter's clipped sum sum_b C_b G_b is ADDED
+   into p.grad (so several backwards before one step accumulate);
+4. optimizer.step(): Gaussian noise N(0, (sigma R)^2) is added to every trainable parameter's
+   summed gradient and the result divided by the logical batch size, then the optimizer steps.
+"""
+import math
+import os
+from collections import defaultdict
+
+import torch
+
+from . import ops
+from .convert import UnsupportedModuleError
+from .nn._core import BKLayer
+from .nn._uses import DenseUse, LinearUse, UnsupportedSharingError
+from .ops.linear_norm import MODES
+
+CLIPPING_FNS = ("abadi", "automatic", "normalized")
+LOSS_REDUCTIONS = ("mean", "sum")
+# A direct-mode linear layer keeps its per-example gradients when they fit this many
+# elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
+DENSE_DIRECT_BUDGET = 1 << 24
+
+
+class PrivacyEngine:
+    def __init__(self, model, *, batch_size, sample_size, epochs=None, steps=None, target_epsilon=None,
+                 noise_multiplier=None, target_delta=None, max_grad_norm=1.0, clipping_fn="abadi",
+                 clipping_style="all-layer", clipping_mode="auto", backend="auto", loss_reduction="mean",
+                 accountant="rdp", gamma=0.01, seed=None):
+        _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(sample_size, "sample_size")
+        if batch_size > sample_size:
+            raise ValueError(f"PrivacyEngine: batch_size ({batch_size}) exceeds sample_size ({sample_size})")
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ValueError("PrivacyEngine: give exactly one of target_epsilon and noise_multiplier")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"PrivacyEngine: max_grad_norm must be a positive number, got {max_grad_norm!r}")
+        if clipping_fn not in CLIPPING_FNS:
+            raise ValueError(f"PrivacyEngine: clipping_fn must be one of {CLIPPING_FNS}, got {clipping_fn!r}")
+        if clipping_fn == "automatic" and not (gamma > 0):
+            raise ValueError(f"PrivacyEngine: automatic clipping needs gamma > 0, got {gamma!r}")
+        if clipping_mode not in MODES:
+            raise ValueError(f"PrivacyEngine: clipping_mode must be one of {MODES}, got {clipping_mode!r}")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"PrivacyEngine: backend must be one of {ops.BACKENDS}, got {backend!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"PrivacyEngine: loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"PrivacyEngine: noise_multiplier must be >= 0, got {noise_multiplier!r}")
+        if target_epsilon is not None:
+            raise NotImplementedError("PrivacyEngine: target_epsilon (noise calibration by privacy accounting) "
+                                      "is not implemented yet; pass noise_multiplier")
+
+        self.model = model
+        self.batch_size, self.sample_size = batch_size, sample_size
+        self.epochs, self.planned_steps = epochs, steps
+        self.noise_multiplier = float(noise_multiplier)
+        self.target_delta = target_delta if target_delta is not None else 1.0 / sample_size ** 1.1
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping_fn, self.gamma = clipping_fn, float(gamma)
+        self.clipping_style, self.clipping_mode = clipping_style, clipping_mode
+        self.backend, self.loss_reduction, self.accountant = backend, loss_reduction, accountant
+
+        self._params, self._names, self._owners = self._trainable_parameters(model)
+        self._units = self._clipping_units(clipping_style)  # list of lists of params
+        self._unit_of = {id(p): i for i, unit in enumerate(self._units) for p in unit}
+        self._threshold = self.max_grad_norm / math.sqrt(len(self._units))
+        self._shared = {id(p) for p in self._params if len(self._owners[id(p)]) > 1}
+
+        self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self._noise_offset = 0
+        self.steps = 0
+        self._optimizer, self._original_step, self._original_zero_grad = None, None, None
+        self._reset_backward_state()
+        self._ready_for_step = False
+        self._hooks = []
+        self._attach_to_modules()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _trainable_parameters(self, model):
+        """(params in model order, name of each (first name for tied), bk modules owning each)."""
+        names, owners = {}, defaultdict(list)
+        params = []
+        for name, p in model.named_parameters():  # tied parameters appear once, by their first name
+            if p.requires_grad:
+                names[id(p)] = name
+                params.append(p)
+        if not params:
+            raise ValueError("PrivacyEngine: the model has no trainable parameters")
+        for path, module in model.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                if id(p) in names and module not in owners[id(p)]:
+                    owners[id(p)].append(module)
+        not_bk = []
+        for p in params:
+            bad = [m for m in owners[id(p)] if not isinstance(m, BKLayer)]
+            if bad or not owners[id(p)]:
+                not_bk.append(f"  {names[id(p)]} (in {', '.join(type(m).__name__ for m in bad) or 'no module'})")
+        if not_bk:
+            raise UnsupportedModuleError(
+                "PrivacyEngine: these trainable parameters are not owned by bk layers, so they could not be "
+                "clipped per example; call bk.convert(model) first, or freeze them:\n" + "\n".join(not_bk))
+        return params, names, owners
+
+    def _clipping_units(self, style):
+        if style == "all-layer":
+            return [list(self._params)]
+        if style == "layer-wise":
+            # Each bk module with trainable parameters is a unit; modules sharing a parameter merge.
+            unit_id = {}
+            groups = []
+            for p in self._params:
+                mods = self._owners[id(p)]
+                found = {unit_id[id(m)] for m in mods if id(m) in unit_id}
+                if not found:
+                    groups.append({"params": [], "modules": set()})
+                    found = {len(groups) - 1}
+                target = min(found)
+                for other in sorted(found - {target}):  # merge units joined by this parameter
+                    groups[target]["params"] += groups[other]["params"]
+                    groups[target]["modules"] |= groups[other]["modules"]
+                    for m in groups[other]["modules"]:
+                        unit_id[m] = target
+                    groups[other] = None
+                groups[target]["params"].append(p)
+                for m in mods:
+                    groups[target]["modules"].add(id(m))
+                    unit_id[id(m)] = target
+            return [g["params"] for g in groups if g is not None]
+        if isinstance(style, (list, tuple)) and style and all(isinstance(g, (list, tuple)) for g in style):
+            by_name = {self._names[id(p)]: p for p in self._params}
+            seen, units = set(), []
+            for group in style:
+                unit = []
+                for name in group:
+                    if name not in by_name:
+                        raise ValueError(f"PrivacyEngine: clipping group names {name!r}, which is not a trainable "
+                                         f"parameter (tied parameters go by their first name)")
+                    if name in seen:
+                        raise ValueError(f"PrivacyEngine: parameter {name!r} is in more than one clipping group")
+                    seen.add(name)
+                    unit.append(by_name[name])
+                if not unit:
+                    raise ValueError("PrivacyEngine: a clipping group is empty")
+                units.append(unit)
+            missing = [n for n in by_name if n not in seen]
+            if missing:
+                raise ValueError(f"PrivacyEngine: clipping groups must cover every trainable parameter; missing {missing}")
+            return units
+        raise ValueError("PrivacyEngine: clipping_style must be 'all-layer', 'layer-wise' or a list of groups of "
+                         f"parameter names, got {style!r}")
+
+    def _attach_to_modules(self):
+        for module in self.model.modules():
+            if isinstance(module, BKLayer):
+                module._bk_engine = self
+                module._bk_calls = 0
+        for p in self._params:
+            self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
+
+    @staticmethod
+    def _make_guard(name):
+        def guard(grad):
+            if grad is None:  # a bk layer's backward returned no weight gradient: as it should
+                return grad
+            raise RuntimeError(
+                f"PrivacyEngine: parameter {name!r} received an ordinary (non-private) gradient: it is used "
+                "outside its bk layer's forward. Use it only through bk layers, or freeze it.")
+        return guard
+
+    # ---------------------------------------------------------------- optimizer
+
+    def attach(self, optimizer):
+        """Makes `optimizer` private: its step() adds noise and divides by batch_size first."""
+        if self._optimizer is not None:
+            raise RuntimeError("PrivacyEngine: already attached to an optimizer; detach() it first")
+        known = {id(p) for p in self._params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in known:
+                    raise ValueError("PrivacyEngine: the optimizer holds a trainable parameter that is not part "
+                                     "of the model given to the engine")
+        self._optimizer = optimizer
+        self._original_step = optimizer.step
+        self._original_zero_grad = optimizer.zero_grad
+        engine = self
+
+        def step(*args, **kwargs):
+            engine._privatize()
+            return engine._original_step(*args, **kwargs)
+
+        def zero_grad(*args, **kwargs):
+            engine._reset_backward_state()
+            engine._ready_for_step = False
+            return engine._original_zero_grad(*args, **kwargs)
+
+        optimizer.step, optimizer.zero_grad = step, zero_grad
+        return optimizer
+
+    def detach(self):
+        """Restores the optimizer and the modules to non-private training."""
+        if self._optimizer is not None:
+            del self._optimizer.step, self._optimizer.zero_grad  # back to the class's methods
+            self._optimizer = None
+        for module in self.model.modules():
+            if isinstance(module, BKLayer):
+                module._bk_engine = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # ---------------------------------------------------------------- backward
+
+    def _reset_backward_state(self):
+        self._uses = defaultdict(list)        # id(param) -> [use]
+        self._self_norms = defaultdict(list)  # id(param) -> [[B] squared norm of each use]
+        self._recorders = {}
+        self._callback_queued = False
+
+    def _record(self, module, uses):
+        """Called by a bk layer's backward with [(param, use)]."""
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._callback_queued = True
+        for p, use in uses:
+            use = self._maybe_dense(use)
+            self._uses[id(p)].append(use)
+            self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
+            self._recorders.setdefault(id(p), module)
+
+    def _maybe_dense(self, use):
+        """Direct-mode linear layers whose per-example gradients are small keep them."""
+        if not isinstance(use, LinearUse) or use.rows is not None:
+            return use
+        B, T, d = use.a.shape
+        p = use.g.shape[2]
+        if ops.choose_mode(self.clipping_mode, T, d, p) != "direct" or B * d * p > DENSE_DIRECT_BUDGET:
+            return use
+        acc = torch.float64 if use.a.dtype == torch.float64 else torch.float32
+        grads = torch.einsum("btp,btd->bpd", use.g.to(acc), use.a.to(acc))
+        return DenseUse(grads.transpose(1, 2) if use.transposed else grads)
+
+    def _finish_backward(self):
+        """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
+        uses, self_norms, recorders = self._uses, self._self_norms, self._recorders
+        self._reset_backward_state()
+        for module in self.model.modules():
+            if isinstance(module, BKLayer):
+                module._bk_calls = 0
+        if not uses:
+            return
+        batches = {id_p: {u.batch for u in us} for id_p, us in uses.items()}
+        B = max(b for bs in batches.values() for b in bs)
+        for id_p, bs in batches.items():
+            if bs != {B}:
+                module = recorders[id_p]
+                raise RuntimeError(
+                    f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) saw an input with batch "
+                    f"size {min(bs)} while the batch has {B} examples: its input is broadcast over the batch, so "
+                    "per-example gradients cannot be told apart. Give it one row per example (for Hugging Face "
+                    "GPT-2, pass position_ids of shape [B, T]).")
+        sq = None
+        unit_sq = {}
+        for id_p, us in uses.items():
+            total = sum(self_norms[id_p])
+            for i in range(len(us)):
+                for j in range(i + 1, len(us)):
+                    try:
+                        total = total + 2 * us[i].cross(us[j])
+                    except UnsupportedSharingError as err:
+                        raise RuntimeError(f"PrivacyEngine: parameter {self._names[id_p]!r} is used several times in "
+                                           f"one forward in a way not supported yet ({err})") from None
+            u = self._unit_of[id_p]
+            unit_sq[u] = total if u not in unit_sq else unit_sq[u] + total
+        scale = float(B) if self.loss_reduction == "mean" else 1.0  # per-example grad = scale * seen grad
+        for u in unit_sq:
+            unit_sq[u] = unit_sq[u].double() * scale ** 2
+            if not torch.isfinite(unit_sq[u]).all():
+                raise FloatingPointError(
+                    "PrivacyEngine: non-finite per-example gradient norms (the loss diverged?); no gradient was "
+                    "recorded and no privacy budget was spent")
+        factors = {u: torch.ops.bk.clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
+                   for u, s in unit_sq.items()}
+        by_id = {id(p): p for p in self._params}
+        for id_p, us in uses.items():
+            p = by_id[id_p]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            c = factors[self._unit_of[id_p]]
+            for use in us:
+                use.add_clipped(p.grad, c.to(p.device), self.backend)
+        self._ready_for_step = True
+
+    def _module_path(self, module):
+        for path, m in self.model.named_modules():
+            if m is module:
+                return path or "<model>"
+        return "?"
+
+    # ---------------------------------------------------------------- step
+
+    def _privatize(self):
+        if not self._ready_for_step:
+            raise RuntimeError("PrivacyEngine: optimizer.step() without a backward since the last step: no "
+                               "parameter moved, no noise was added and no privacy budget was spent")
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if std == 0:
+                p.grad.div_(self.batch_size)
+            else:
+                ops.add_noise_(p.grad, std, 1.0 / self.batch_size, self._seed, self._noise_offset, backend=self.backend)
+                self._noise_offset += (p.numel() + 3) // 4 * 4
+        self.steps += 1
+        self._ready_for_step = False
+
+
+def _check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"PrivacyEngine: {name} must be a positive int, got {value!r}")

@@ -1,0 +1,25 @@
+"""Drop-in layers: subclasses of the torch originals (same constructor, parameters and
+state_dict) whose backward book-keeps for the privacy engine instead of forming weight
+gradients. bk.convert(model) swaps them in place."""
+from ._core import BKLayer
+from .attention import MultiheadAttention
+from .conv import Conv1d, Conv2d, Conv3d
+from .embedding import Embedding
+from .linear import Linear
+from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
+
+__all__ = [
+    "BKLayer",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "Embedding",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "Linear",
+    "MultiheadAttention",
+    "RMSNorm",
+]

@@ -1,0 +1,83 @@
+"""bk.nn.MultiheadAttention: torch.nn.MultiheadAttention with its projections on the BK path.
+
+Same constructor, parameters and state_dict keys. The q/k/v projections use in_proj_weight
+through the BK linear map (one use for self-attention; three uses of disjoint row blocks
+when query, key and value differ), out_proj is a bk.nn.Linear, and the attention itself is
+ordinary autograd (it has no parameters).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._core import BKLayer
+from .linear import linear_with
+
+
+def attention_unsupported_reason(module):
+    if not module._qkv_same_embed_dim:
+        return "kdim/vdim different from embed_dim (separate q/k/v projection weights)"
+    if module.bias_k is not None:
+        return "add_bias_kv=True"
+    if module.add_zero_attn:
+        return "add_zero_attn=True"
+    return None
+
+
+def _float_mask(mask, dtype):
+    if mask is None or mask.is_floating_point():
+        return mask if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+class MultiheadAttention(BKLayer, torch.nn.MultiheadAttention):
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        reason = attention_unsupported_reason(self)
+        if reason:
+            raise NotImplementedError(f"bk.nn.MultiheadAttention does not support {reason}")
+        self_attention = query is key and key is value
+        unbatched = query.dim() == 2
+        if unbatched:  # [L, E] -> [1, L, E]
+            to_examples_first = lambda t: t.unsqueeze(0)  # noqa: E731
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:  # [N, L, E] already
+            to_examples_first = lambda t: t  # noqa: E731
+        else:  # [L, N, E] -> [N, L, E]
+            to_examples_first = lambda t: t.transpose(0, 1)  # noqa: E731
+        E, H = self.embed_dim, self.num_heads
+        W, b = self.in_proj_weight, self.in_proj_bias
+        if self_attention:
+            q, k, v = linear_with(self, to_examples_first(query), W, b).chunk(3, dim=-1)
+        else:
+            q = linear_with(self, to_examples_first(query), W, b, rows=slice(0, E))
+            k = linear_with(self, to_examples_first(key), W, b, rows=slice(E, 2 * E))
+            v = linear_with(self, to_examples_first(value), W, b, rows=slice(2 * E, 3 * E))
+        N, L, S = q.shape[0], q.shape[1], k.shape[1]
+        heads = lambda t, n: t.reshape(N, n, H, E // H).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q, L), heads(k, S), heads(v, S)
+        mask = _float_mask(attn_mask, q.dtype)
+        if mask is not None:
+            mask = mask.view(1, 1, L, S) if mask.dim() == 2 else mask.view(N, H, L, S)
+        elif is_causal:
+            mask = torch.full((L, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1).view(1, 1, L, S)
+        kpm = _float_mask(key_padding_mask, q.dtype)
+        if kpm is not None:
+            kpm = kpm.view(N, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(E // H)
+        if mask is not None:
+            scores = scores + mask
+        weights = F.softmax(scores, dim=-1)
+        attended = F.dropout(weights, p=self.dropout, training=self.training) @ v  # [N, H, L, Dh]
+        out = self.out_proj(attended.transpose(1, 2).reshape(N, L, E))  # [N, L, E]
+        if unbatched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        if average_attn_weights:
+            weights = weights.mean(1)
+        return out, (weights.squeeze(0) if unbatched else weights)

@@ -1,0 +1,72 @@
+"""bk.nn Conv1d, Conv2d, Conv3d (stride, padding and its modes, dilation, groups)."""
+import torch
+import torch.nn.functional as F
+
+from ._core import BKLayer
+from ._uses import ConvUse, DenseUse
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _ConvFn(torch.autograd.Function):
+    """y = conv(x, weight, bias) with x already padded (padding 0 here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.layer, ctx.bias = layer, bias
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # none for frozen weights
+        ctx.x_shape = x.shape
+        n = x.dim() - 2
+        return _CONV[n](x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, bias = ctx.layer, ctx.bias
+        n = g.dim() - 2
+        # convolution_backward reads only the shape of x when it need not form grad_weight.
+        x_or_shape = x if x is not None else g.new_empty(()).expand(ctx.x_shape)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                g, x_or_shape, weight, None, list(layer.stride), [0] * n, list(layer.dilation), False, [0] * n,
+                layer.groups, [True, False, False])[0]
+        uses = []
+        if x is not None:
+            uses.append((weight, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
+        if bias is not None and bias.requires_grad:
+            uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim()))))))
+        if layer._bk_hand_off(uses):
+            return grad_x, None, None, None
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, x_or_shape, weight, [weight.shape[0]] if bias is not None else None, list(layer.stride), [0] * n,
+            list(layer.dilation), False, [0] * n, layer.groups,
+            [False, x is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b, None
+
+
+class _ConvMixin(BKLayer):
+    def _bk_padded(self, x):
+        """The input with the layer's padding applied (any padding_mode, 'same' included)."""
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+
+    def forward(self, x):
+        self._bk_count_call()
+        unbatched = x.dim() == len(self.kernel_size) + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = _ConvFn.apply(self._bk_padded(x), self.weight, self.bias, self)
+        return y.squeeze(0) if unbatched else y
+
+
+class Conv1d(_ConvMixin, torch.nn.Conv1d):
+    pass
+
+
+class Conv2d(_ConvMixin, torch.nn.Conv2d):
+    pass
+
+
+class Conv3d(_ConvMixin, torch.nn.Conv3d):
+    pass

@@ -1,0 +1,93 @@
+"""bk.nn.Linear, and Hugging Face GPT-2's Conv1D (a linear layer stored [in, out]) on the
+same path."""
+import torch
+import torch.nn.functional as F
+
+from ._core import BKLayer, examples_first
+from ._uses import DenseUse, LinearUse
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b, W = weight (or weight^T when `transposed`, GPT-2's Conv1D layout).
+
+    rows: use only weight[rows] and bias[rows] (a block of a larger parameter, as attention's
+    q/k/v blocks of in_proj_weight); the engine is told which block.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, transposed, rows):
+        ctx.layer, ctx.transposed, ctx.bias, ctx.rows = layer, transposed, bias, rows
+        # Frozen weights (bias-only fine-tuning) keep no activation.
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        w = weight[rows] if rows is not None else weight
+        b = bias[rows] if rows is not None and bias is not None else bias
+        return F.linear(x, w.T if transposed else w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, transposed, bias, rows = ctx.layer, ctx.transposed, ctx.bias, ctx.rows
+        w = weight[rows] if rows is not None else weight
+        grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
+        bias_grads = None
+        if bias is not None and bias.requires_grad:
+            bias_grads = examples_first(g).sum(1)  # [B, p]
+            if rows is not None:  # place the block inside the whole bias
+                bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
+                    1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
+        uses = []
+        if x is not None:
+            uses.append((weight, LinearUse(examples_first(x), examples_first(g), transposed=transposed, rows=rows)))
+        if bias_grads is not None:
+            uses.append((bias, DenseUse(bias_grads)))
+        if layer._bk_hand_off(uses):
+            return grad_x, None, None, None, None, None
+        # No engine: the ordinary gradients.
+        grad_w = grad_b = None
+        if x is not None and ctx.needs_input_grad[1]:
+            gw = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            gw = gw.T if transposed else gw
+            grad_w = gw if rows is None else weight.new_zeros(weight.shape).index_copy_(
+                0, torch.arange(rows.start, rows.stop, device=g.device), gw)
+        if bias_grads is not None and ctx.needs_input_grad[2]:
+            grad_b = bias_grads.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class Linear(BKLayer, torch.nn.Linear):
+    """torch.nn.Linear whose backward book-keeps for the privacy engine."""
+
+    def forward(self, x):
+        self._bk_count_call()
+        return _LinearFn.apply(x, self.weight, self.bias, self, False, None)
+
+
+def linear_with(layer, x, weight, bias, rows=None):
+    """The BK linear map x weight[rows]^T + bias[rows], parameters owned by `layer`."""
+    layer._bk_count_call()
+    return _LinearFn.apply(x, weight, bias, layer, False, rows)
+
+
+class _GPT2Conv1DMixin(BKLayer):
+    """Forward of transformers' Conv1D (weight [nx, nf]: y = x @ W + b) on the BK path; the
+    Parameter keeps its [in, out] layout."""
+
+    def forward(self, x):
+        self._bk_count_call()
+        return _LinearFn.apply(x, self.weight, self.bias, self, True, None)
+
+
+_CONV1D_CLASSES = {}
+
+
+def is_gpt2_conv1d(module):
+    """Detects transformers' Conv1D without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+
+
+def gpt2_conv1d_class(cls):
+    """The bk subclass of transformers' Conv1D class `cls` (made once, on first use)."""
+    if cls not in _CONV1D_CLASSES:
+        _CONV1D_CLASSES[cls] = type("Conv1D", (_GPT2Conv1DMixin, cls), {"__module__": __name__})
+    return _CONV1D_CLASSES[cls]
