@@ -1,0 +1,174 @@
+"""Whole models after bk.convert: one private step equals the per-example reference (float64,
+one backward per example), for every clipping style and backend that runs here."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests.model_reference import assert_updates_close, expected_update, per_example_grads, private_update
+
+DT = torch.float64
+BACKENDS = [b for b in bk.ops.available_backends("cpu")]
+
+
+def units_for(model, style):
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if style == "all-layer":
+        return [names]
+    if style == "layer-wise":  # one unit per module owning parameters (no sharing in these models)
+        owners = {}
+        for n in names:
+            owners.setdefault(n.rsplit(".", 1)[0], []).append(n)
+        return list(owners.values())
+    return style
+
+
+def check_model(model, example_loss, inputs, *, style, backend, clip_fn="abadi", R=0.7, batch_size=None,
+                mode="auto", units=None):
+    B = len(next(iter(inputs.values())))
+    batch_size = batch_size or B + 2  # the logical batch size differs from the actual one
+    grads = per_example_grads(model, example_loss, inputs)
+    want = expected_update(grads, units or units_for(model, style), R, clip_fn, batch_size)
+    batch_loss = lambda m, x: example_loss(m, x).mean()  # noqa: E731  (loss_reduction="mean")
+    got, _ = private_update(model, batch_loss, inputs, batch_size, max_grad_norm=R, clipping_fn=clip_fn,
+                            clipping_style=style, backend=backend, clipping_mode=mode)
+    assert_updates_close(got, want)
+
+
+def classification_loss(model, batch):
+    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+STYLES = ["all-layer", "layer-wise"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+def test_mlp(style, backend, mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 5)).to(DT)
+    inputs = {"x": torch.randn(6, 7, dtype=DT), "y": torch.randint(0, 5, (6,))}
+    check_model(model, classification_loss, inputs, style=style, backend=backend, mode=mode)
+
+
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic", "normalized"])
+def test_clipping_functions(clip_fn):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    inputs = {"x": torch.randn(5, 5, dtype=DT), "y": torch.randint(0, 3, (5,))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu", clip_fn=clip_fn, R=0.3)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm1 = nn.GroupNorm(2, 8)
+        self.depthwise = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        self.norm2 = nn.GroupNorm(4, 8)
+        self.conv1d = nn.Conv1d(8, 4, 2, dilation=2, padding_mode="reflect", padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.norm1(self.conv1(x)))
+        x = F.relu(self.norm2(self.depthwise(x)))
+        x = self.conv1d(x.flatten(2))
+        return self.head(x.mean(2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+def test_cnn_with_group_norm_and_depthwise_conv(style, backend):
+    torch.manual_seed(2)
+    model = SmallCNN().to(DT)
+    inputs = {"x": torch.randn(4, 3, 8, 8, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    check_model(model, classification_loss, inputs, style=style, backend=backend)
+
+
+class LlamaBlock(nn.Module):
+    """RMSNorm, causal attention from separate q/k/v/o linears, a SwiGLU MLP, tied embeddings."""
+
+    def __init__(self, vocab=23, d=16, heads=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norm1, self.norm2, self.norm_out = nn.RMSNorm(d), nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, 2 * d, bias=False), nn.Linear(d, 2 * d, bias=False)
+        self.down = nn.Linear(2 * d, d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self.heads = heads
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        h = self.norm1(x)
+        B, T, d = h.shape
+        split = lambda t: t.view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731
+        att = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(B, T, d))
+        h = self.norm2(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.lm_head(self.norm_out(x))
+
+
+def lm_loss(model, batch):
+    logits = model(batch["ids"])
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["ids"][:, 1:].flatten(), reduction="none").view(
+        len(batch["ids"]), -1).mean(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+def test_llama_block_with_rmsnorm_and_tied_embeddings(style, backend):
+    torch.manual_seed(3)
+    model = LlamaBlock().to(DT)
+    inputs = {"ids": torch.randint(0, 23, (3, 9))}
+    units = None
+    if style == "layer-wise":  # modules sharing a parameter form one unit
+        names = [n for n, p in model.named_parameters()]
+        units = [[n] for n in names if n != "embed.weight"] + [["embed.weight"]]
+    check_model(model, lm_loss, inputs, style=style, backend=backend, units=units)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_transformer(style, backend, batch_first):
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, dropout=0.0,
+                                       batch_first=batch_first, dtype=DT)
+    head = nn.Linear(16, 3, dtype=DT)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.head = layer, head
+
+        def forward(self, x):
+            y = self.layer(x if batch_first else x.transpose(0, 1))
+            y = y if batch_first else y.transpose(0, 1)
+            return self.head(y.mean(1))
+
+    model = Model()
+    inputs = {"x": torch.randn(4, 5, 16, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    check_model(model, classification_loss, inputs, style=style, backend=backend)
+
+
+def test_cross_attention_uses_disjoint_blocks_of_in_proj():
+    torch.manual_seed(5)
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, dtype=DT)
+            self.head = nn.Linear(8, 2, dtype=DT)
+
+        def forward(self, x):
+            q, kv = x[:, :3], x[:, 3:]
+            out, _ = self.attn(q, kv, kv, need_weights=False)
+            return self.head(out.mean(1))
+
+    inputs = {"x": torch.randn(3, 7, 8, dtype=DT), "y": torch.randint(0, 2, (3,))}
+    check_model(Cross(), classification_loss, inputs, style="all-layer", backend="cpu")
