@@ -5,9 +5,11 @@ from ._backend import BACKENDS, available_backends
 from .clipped_sum import clipped_sum, clipped_sum_ref
 from .conv import conv_clipped_sum, conv_norm, conv_per_example_grads_ref
 from .direct_norm import direct_norm, direct_norm_ref
+from .embedding import embedding_clipped_sum, embedding_clipped_sum_ref, embedding_norm, embedding_norm_ref
 from .ghost_norm import ghost_norm, ghost_norm_ref
 from .layerwise import clipped_sum_layerwise
 from .linear_norm import choose_mode, linear_norm, use_ghost
+from .norm_layer import norm_layer_grads, norm_layer_grads_ref
 
 __all__ = [
     "BACKENDS",
@@ -21,8 +23,14 @@ __all__ = [
     "conv_per_example_grads_ref",
     "direct_norm",
     "direct_norm_ref",
+    "embedding_clipped_sum",
+    "embedding_clipped_sum_ref",
+    "embedding_norm",
+    "embedding_norm_ref",
     "ghost_norm",
     "ghost_norm_ref",
     "linear_norm",
+    "norm_layer_grads",
+    "norm_layer_grads_ref",
     "use_ghost",
 ]
