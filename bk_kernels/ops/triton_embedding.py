@@ -20,10 +20,11 @@ zero rows). Padding positions (``x_t == padding_idx``) get no gradient.
   ``deterministic=False``: every (row block, d block) program scales its rows of ``g`` and
   ``tl.atomic_add``s them into ``out[id]``; the fp32 summation order varies run to run on a
   GPU. ``deterministic=True``: the rows are sorted by (id, row) with a stable
-  ``torch.sort`` of the flattened ids (outside the kernel), and one program per (sorted
-  position, d block) whose position starts a run of equal ids owns that id: it sums the run
-  in sorted order and stores the result (no atomics), so the result is bitwise reproducible.
-  Programs at other positions exit at once; the grid has no data-dependent size (no sync).
+  ``torch.sort`` of the flattened ids (outside the kernel); the sorted position that starts a
+  run of equal ids owns that id, and the program of that position's block of ``BLOCK_S``
+  positions (and of one d block) sums the run in sorted order and stores the result (no
+  atomics), so the result is bitwise reproducible. The grid depends only on ``B*T`` and
+  ``d`` (no device sync for the number of distinct ids).
 
 Ids may be int32 or int64, ``g`` and ``ids`` any strides. Accumulation and outputs are
 float32 (float64 for float64 ``g``); fp16/bf16 ``g`` tiles are upcast in registers (for the
@@ -209,47 +210,51 @@ def _embedding_segment_kernel(
     T,
     D,
     V,
+    ROWS,
     stride_gb,
     stride_gt,
     stride_gd,
     stride_c,
     pad: tl.int64,
+    BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr,
 ):
-    """Grid (ROWS, cdiv(D, BLOCK_D)) over the rows sorted by (id, row). The program at sorted
-    position i owns id v = sorted_ids[i] if i starts its run: it sums c_b g_r over the run
+    """Grid (cdiv(ROWS, BLOCK_S), cdiv(D, BLOCK_D)) over the rows sorted by (id, row). Sorted
+    position i owns id v = sorted_ids[i] if i starts its run; the program of positions
+    [s0, s0 + BLOCK_S) visits them in turn and, for each owner, sums c_b g_r over the run
     [i, ends[i]) in sorted order, BLOCK_R rows at a time into a [BLOCK_R, BLOCK_D] register
     tile reduced once at the end (a fixed order), and stores out[v, dblk]."""
     acc_ty = out_ptr.dtype.element_ty
-    i = tl.program_id(0).to(tl.int64)
-    v = tl.load(sorted_ids_ptr + i).to(tl.int64)
-    prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=0).to(tl.int64)
-    owner = ((i == 0) | (prev != v)) & (v >= 0) & (v < V)
-    if HAS_PAD:
-        owner = owner & (v != pad)
-    if owner:
-        end = tl.load(ends_ptr + i)
-        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        d64 = offs_d.to(tl.int64)
-        offs_r = tl.arange(0, BLOCK_R)
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc_ty)
-        for j0 in range(i, end, BLOCK_R):
-            j = j0 + offs_r
-            mask_j = j < end
-            r = tl.load(perm_ptr + j, mask=mask_j, other=0)
-            b = r // T
-            t = r - b * T
-            cb = tl.load(c_ptr + b * stride_c, mask=mask_j, other=0.0).to(acc_ty)
-            x = tl.load(
-                g_ptr + b[:, None] * stride_gb + t[:, None] * stride_gt + d64[None, :] * stride_gd,
-                mask=mask_j[:, None] & mask_d[None, :],
-                other=0.0,
-            )
-            acc += x.to(acc_ty) * cb[:, None]
-        tl.store(out_ptr + v * D + d64, tl.sum(acc, axis=0), mask=mask_d)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    d64 = offs_d.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    s0 = tl.program_id(0).to(tl.int64) * BLOCK_S
+    for i in range(s0, tl.minimum(s0 + BLOCK_S, ROWS)):
+        v = tl.load(sorted_ids_ptr + i).to(tl.int64)
+        prev = tl.load(sorted_ids_ptr + i - 1, mask=i > 0, other=0).to(tl.int64)
+        owner = ((i == 0) | (prev != v)) & (v >= 0) & (v < V)
+        if HAS_PAD:
+            owner = owner & (v != pad)
+        if owner:
+            end = tl.load(ends_ptr + i)
+            acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=acc_ty)
+            for j0 in range(i, end, BLOCK_R):
+                j = j0 + offs_r
+                mask_j = j < end
+                r = tl.load(perm_ptr + j, mask=mask_j, other=0)
+                b = r // T
+                t = r - b * T
+                cb = tl.load(c_ptr + b * stride_c, mask=mask_j, other=0.0).to(acc_ty)
+                x = tl.load(
+                    g_ptr + b[:, None] * stride_gb + t[:, None] * stride_gt + d64[None, :] * stride_gd,
+                    mask=mask_j[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                acc += x.to(acc_ty) * cb[:, None]
+            tl.store(out_ptr + v * D + d64, tl.sum(acc, axis=0), mask=mask_d)
 
 
 # ---------------------------------------------------------------------------
@@ -259,16 +264,16 @@ def _embedding_segment_kernel(
 # GPU (H100, sm_90) tiles at num_warps=4. Registers per thread from ptxas (triton 3.8), no
 # spills (asserted in test_triton_aot.py):
 #   norm fp32 64/16: 128, fp16/bf16 64/16: 142/157 (wgmma), fp64 32/32: 69 (fp32 64/32 spills)
-#   scatter 16/64: 64-71      segment 16/64: 96     (32/128 tiles reach 255 registers)
+#   scatter 16/64: 64-71   segment 16/16/64: 92-126   (32/128 tiles reach 255 registers)
 _GPU_NORM = {"BLOCK_T": 64, "BLOCK_K": 16}
 _GPU_NORM_FP64 = {"BLOCK_T": 32, "BLOCK_K": 32}
 _GPU_SCATTER = {"BLOCK_R": 16, "BLOCK_D": 64}
-_GPU_SEGMENT = {"BLOCK_R": 16, "BLOCK_D": 64}
+_GPU_SEGMENT = {"BLOCK_S": 16, "BLOCK_R": 16, "BLOCK_D": 64}
 _GPU_NUM_WARPS = 4
 # Interpreter: big tiles (cost is per program and per op).
 _CPU_NORM = {"BLOCK_T": 128, "BLOCK_K": 128}
 _CPU_SCATTER = {"BLOCK_R": 128, "BLOCK_D": 256}
-_CPU_SEGMENT = {"BLOCK_R": 64, "BLOCK_D": 256}
+_CPU_SEGMENT = {"BLOCK_S": 32, "BLOCK_R": 64, "BLOCK_D": 256}
 
 _MAX_ROWS = 2**31 - 1 - 4096
 
@@ -288,8 +293,10 @@ def _sum_config(g: torch.Tensor, rows: int, D: int, deterministic: bool) -> dict
     else:
         caps = _CPU_SCATTER if interp else _GPU_SCATTER
     # no tl.dot here: blocks may be smaller than 16
-    return {"BLOCK_R": min(caps["BLOCK_R"], triton.next_power_of_2(max(rows, 1))),
-            "BLOCK_D": min(caps["BLOCK_D"], triton.next_power_of_2(max(D, 1)))}
+    cfg = dict(caps)
+    cfg["BLOCK_R"] = min(caps["BLOCK_R"], triton.next_power_of_2(max(rows, 1)))
+    cfg["BLOCK_D"] = min(caps["BLOCK_D"], triton.next_power_of_2(max(D, 1)))
+    return cfg
 
 
 # ---------------------------------------------------------------------------
@@ -395,14 +402,14 @@ def _launch_sum(ids, g, c, num_embeddings: int, padding_idx, deterministic: bool
     # ids in row order, so the order of the sums does not depend on the sort's internals.
     sorted_ids, perm = torch.sort(ids.reshape(-1), stable=True)
     ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each id's run
-    grid = (rows, nd)
-    _check_grid(_SUM_OP, grid[0])
+    grid = (triton.cdiv(rows, cfg["BLOCK_S"]), nd)
     torch.library.wrap_triton(_embedding_segment_kernel)[grid](
         sorted_ids, perm, ends, g, c, out,
-        T, D, V,
+        T, D, V, rows,
         g.stride(0), g.stride(1), g.stride(2),
         c.stride(0),
         pad,
+        BLOCK_S=cfg["BLOCK_S"],
         BLOCK_R=cfg["BLOCK_R"],
         BLOCK_D=cfg["BLOCK_D"],
         HAS_PAD=has_pad,
@@ -528,7 +535,7 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
                         _GPU_NORM_FP64 if dtype == torch.float64 else _GPU_NORM,
                         _GPU_SCATTER, _GPU_SEGMENT),
             "small": (torch.int32, False, {"BLOCK_T": _MIN_BLOCK, "BLOCK_K": _MIN_BLOCK},
-                      {"BLOCK_R": 16, "BLOCK_D": 16}, {"BLOCK_R": 4, "BLOCK_D": 16}),
+                      {"BLOCK_R": 16, "BLOCK_D": 16}, {"BLOCK_S": 4, "BLOCK_R": 4, "BLOCK_D": 16}),
         }
         for cname, (id_dtype, has_pad, norm_cfg, scatter_cfg, segment_cfg) in variants.items():
             ids_ptr = _ID_PTR[id_dtype]
@@ -549,7 +556,7 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
             cx = dict(segment_cfg, HAS_PAD=has_pad)
             sig = _sig(segment_k, {"sorted_ids_ptr": ids_ptr, "perm_ptr": "*i64", "ends_ptr": "*i64",
                                    "g_ptr": ptr, "c_ptr": acc_ptr, "out_ptr": acc_ptr},
-                       {"T": "i32", "D": "i32", "V": "i32", "stride_gb": i64, "stride_gt": i64,
-                        "stride_gd": i64, "stride_c": i64, "pad": i64}, cx)
+                       {"T": "i32", "D": "i32", "V": "i32", "ROWS": "i32", "stride_gb": i64,
+                        "stride_gt": i64, "stride_gd": i64, "stride_c": i64, "pad": i64}, cx)
             specs.append((f"embedding_segment_{tag}_{cname}", segment_k, sig, cx))
     return specs

@@ -66,7 +66,7 @@ def _box_muller(wa, wb):
 @triton.jit(do_not_specialize=["N", "seed", "q0", "r0"])
 def _add_noise_kernel(
     x_ptr,
-    N,
+    N: tl.int64,
     std: tl.float64,
     scale: tl.float64,
     seed: tl.int64,
@@ -104,8 +104,9 @@ def _launch(x: torch.Tensor, std: float, scale: float, seed: int, offset: int,
     """x contiguous, numel > 0."""
     n = x.numel()
     if block_q is None:
-        block_q = _CPU_BLOCK_Q if _is_interpreter(x.device) else _GPU_BLOCK_Q
-        block_q = min(block_q, max(16, triton.next_power_of_2(triton.cdiv(n + 3, 4))))
+        block_q = _GPU_BLOCK_Q
+        if _is_interpreter(x.device):  # one program for up to 2^16 elements, no huge tiles
+            block_q = min(_CPU_BLOCK_Q, max(16, triton.next_power_of_2(triton.cdiv(n + 3, 4))))
     q0, r0 = divmod(offset, 4)
     grid = (triton.cdiv(n + r0, 4 * block_q),)
     _check_grid(_OP, grid[0])

@@ -277,7 +277,7 @@ def test_embedding_clipped_sum_small_tiles(deterministic):
     ids = make_ids(B, T, V, torch.int64, "transposed")
     g = make_operand(B, T, d, torch.float64, DEVICE, "sliced")
     c = clip_factors(B, torch.float64)
-    cfg = {"BLOCK_R": 4, "BLOCK_D": 8}
+    cfg = {"BLOCK_S": 8, "BLOCK_R": 4, "BLOCK_D": 8}  # BLOCK_S: the scatter kernel ignores it
     out = temb._launch_sum(ids, g, c, V, -1, deterministic, cfg)
     ref, absref = embedding_sum_ref(ids, g, c, V, V - 1)
     assert_close(out, ref, absref, torch.float64)
@@ -453,11 +453,12 @@ def draw(n, seed, offset, dtype=torch.float32):
 
 
 def assert_noise_matches(z, seed, offset):
-    want, r = noise_ref(z.numel(), seed, offset)
+    want, _ = noise_ref(z.numel(), seed, offset)
     err = (z.double() - want).abs()
-    # fp32 log/sqrt/cos/sin: a few ulp of |z|; on a GPU an approximate log adds an absolute
-    # ~2^-22 to ln(u1), i.e. up to ~1e-7 / r to z where r is tiny.
-    bound = 1e-5 * (1 + want.abs()) + 2e-7 / r.clamp_min(1e-3)
+    # The uniforms are bit-exact; fp32 log/sqrt/cos/sin (numpy in the interpreter, libdevice
+    # and sqrt.approx on a GPU) cost a few ulp of r = |z| <= 6.7, and cos/sin of a few ulp of
+    # theta <= 2 pi: well inside 1e-5 (1 + |z|).
+    bound = 1e-5 * (1 + want.abs())
     assert (err <= bound).all(), f"worst |dz| = {err.max().item():.3g}"
 
 
