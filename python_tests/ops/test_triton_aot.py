@@ -6,8 +6,8 @@ and test_triton_ops.py (in the interpreter without a GPU; conftest.py switches i
 import importlib
 import json
 import os
-import re
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +69,7 @@ def data_ptr_type(signature):
         if key in signature:
             return signature[key]
     raise KeyError(signature)
+
 
 # Compiling needs a process where triton.language was imported WITHOUT
 # TRITON_INTERPRET=1: in interpreter mode triton's own @jit helpers (tl.cdiv, tl.sum,

@@ -469,6 +469,15 @@ def test_noise_follows_the_counter_layout(seed, offset):
     assert_noise_matches(draw(4099, seed, offset), seed, offset)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 2**33 + 1])
+def test_noise_many_programs(offset):
+    """16 Philox blocks (64 elements) per program: program boundaries, with the offset's
+    lane shift r0 = offset % 4 moving the first program's elements."""
+    x = torch.zeros(1001, device=DEVICE)
+    tnoise._launch(x, 1.0, 1.0, 31, offset, block_q=16)
+    assert_noise_matches(x.cpu(), 31, offset)
+
+
 def test_noise_statistics():
     """Mean, variance, tails and lag-1 correlation of 2^20 draws within 5 sigma of N(0,1)."""
     n = 2**20
