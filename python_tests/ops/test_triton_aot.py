@@ -1,10 +1,13 @@
-"""Triton norm kernels: AOT compilation for sm_90 (no GPU needed), tiny tiles, the pair-index
+"""Triton kernels: AOT compilation for sm_90 of every kernel of every Triton module (no GPU
+needed), with PTX and ptxas checks; and, for the norm kernels, tiny tiles, the pair-index
 mapping, schema and fake tensors. Accuracy over shapes, dtypes and layouts is in test_norms.py
-(the triton backend, in the interpreter without a GPU; conftest.py switches it on).
+and test_triton_ops.py (in the interpreter without a GPU; conftest.py switches it on).
 """
+import importlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +19,13 @@ import triton
 from bk_kernels.ops import triton_norms as tn
 from python_tests.ops.norm_checks import assert_norms_close
 
-_MODULE = "bk_kernels.ops.triton_norms"
+_MODULES = [
+    "bk_kernels.ops.triton_norms",
+    "bk_kernels.ops.triton_clipped_sum",
+    "bk_kernels.ops.triton_embedding",
+    "bk_kernels.ops.triton_norm_layer",
+    "bk_kernels.ops.triton_noise",
+]
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -37,30 +46,55 @@ def randn(*shape, dtype, seed):
 # AOT compilation for sm_90
 # ---------------------------------------------------------------------------
 
-SPECS = tn.aot_compile_specs()
+SPECS = [spec for m in _MODULES for spec in importlib.import_module(m).aot_compile_specs()]
 SPEC_NAMES = [name for name, *_ in SPECS]
+DATA_PTRS = {"*fp32", "*fp64", "*fp16", "*bf16"}
+
+# What each kernel's PTX must show: tl.dot (tensor cores for fp16/bf16), atomics.
+KERNELS = {
+    "_ghost_norm_kernel": {"dot": True, "atomic": True},
+    "_direct_norm_kernel": {"dot": True, "atomic": True},
+    "_clipped_sum_kernel": {"dot": True, "atomic": True},
+    "_embedding_norm_kernel": {"dot": True, "atomic": True},
+    "_embedding_scatter_kernel": {"dot": False, "atomic": True},
+    "_embedding_segment_kernel": {"dot": False, "atomic": False},
+    "_norm_layer_grads_kernel": {"dot": False, "atomic": True},
+    "_add_noise_kernel": {"dot": False, "atomic": False},
+}
+
+
+def data_ptr_type(signature):
+    """The floating-point data type of a spec: that of its activation/gradient tensor."""
+    for key in ("a_ptr", "g_ptr", "x_ptr"):
+        if key in signature:
+            return signature[key]
+    raise KeyError(signature)
+
 
 # Compiling needs a process where triton.language was imported WITHOUT
 # TRITON_INTERPRET=1: in interpreter mode triton's own @jit helpers (tl.cdiv, tl.sum,
 # ...) are InterpretedFunctions and the code generator cannot lower calls to them. So
 # every spec is compiled in a subprocess with TRITON_INTERPRET removed from its env.
+# TRITON_DUMP_PTXAS_LOG=1 makes triton print ptxas -v (registers, spills) to stdout.
 _AOT_SCRIPT = r"""
-import importlib, json, sys, time, traceback
-name, out = sys.argv[1:3]
-mod = importlib.import_module(name)
+import contextlib, importlib, io, json, sys, time, traceback
+out, names = sys.argv[1], sys.argv[2:]
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 results = {}
-for spec_name, kernel, signature, constexprs in mod.aot_compile_specs():
-    t0 = time.time()
-    try:
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        c = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-        results[spec_name] = {"ok": True, "ptx": c.asm["ptx"], "cubin_bytes": len(c.asm["cubin"]),
-                              "a_ptr": signature["a_ptr"], "seconds": time.time() - t0}
-    except Exception:
-        results[spec_name] = {"ok": False, "error": traceback.format_exc()}
+for name in names:
+    for spec_name, kernel, signature, constexprs in importlib.import_module(name).aot_compile_specs():
+        t0 = time.time()
+        log = io.StringIO()
+        try:
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            with contextlib.redirect_stdout(log):
+                c = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+            results[spec_name] = {"ok": True, "ptx": c.asm["ptx"], "cubin_bytes": len(c.asm["cubin"]),
+                                  "ptxas_log": log.getvalue(), "seconds": time.time() - t0}
+        except Exception:
+            results[spec_name] = {"ok": False, "error": traceback.format_exc() + log.getvalue()}
 with open(out, "w") as f:
     json.dump(results, f)
 """
@@ -90,10 +124,11 @@ def aot_results(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(_ptxas_env())
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")  # fresh cache: really run every stage
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
     out = tmp / "results.json"
     proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, _MODULE, str(out)],
+        [sys.executable, "-c", _AOT_SCRIPT, str(out), *_MODULES],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"AOT subprocess failed:\n{proc.stdout}\n{proc.stderr}"
@@ -101,10 +136,8 @@ def aot_results(tmp_path_factory):
 
 
 def test_specs_cover_every_kernel_and_dtype():
-    kernels = {"_ghost_norm_kernel", "_direct_norm_kernel"}
-    ptr = {"*fp32", "*fp64", "*fp16", "*bf16"}
-    seen = {(k.__name__, sig["a_ptr"]) for _, k, sig, _ in SPECS}
-    assert seen == {(k, p) for k in kernels for p in ptr}
+    seen = {(k.__name__, data_ptr_type(sig)) for _, k, sig, _ in SPECS}
+    assert seen == {(k, p) for k in KERNELS for p in DATA_PTRS}
     assert len(set(SPEC_NAMES)) == len(SPECS)
     for name, kernel, sig, constexprs in SPECS:
         assert isinstance(kernel, triton.runtime.jit.JITFunction), name
@@ -112,23 +145,45 @@ def test_specs_cover_every_kernel_and_dtype():
         assert {k for k, v in sig.items() if v == "constexpr"} == set(constexprs), name
 
 
+SPEC_BY_NAME = {name: (kernel, sig, constexprs) for name, kernel, sig, constexprs in SPECS}
+
+
+def ptxas_usage(log):
+    """(registers, spill store bytes, spill load bytes) from a ptxas -v log."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert regs and spills, f"no ptxas -v report in:\n{log}"
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_aot_compile_sm90(name, aot_results):
     res = aot_results[name]
     assert res["ok"], f"{name} failed to compile for sm_90:\n{res['error']}"
     assert res["cubin_bytes"] > 0, name
+    kernel, sig, _ = SPEC_BY_NAME[name]
+    traits = KERNELS[kernel.__name__]
     ptx = res["ptx"]
     assert ".target sm_90" in ptx, name
-    assert "atom.global" in ptx, name
-    a_ty = res["a_ptr"]
-    if a_ty == "*fp32":
+    assert ("atom.global" in ptx) == traits["atomic"], name
+    ty = data_ptr_type(sig)
+    acc = ".f64" if ty == "*fp64" else ".f32"
+    if traits["atomic"]:
+        assert f".add{acc}" in ptx, name
+    if ty == "*fp32":
         assert "tf32" not in ptx, f"{name}: fp32 must use IEEE dots, not TF32"
-        assert ".add.f32" in ptx, name
-    elif a_ty == "*fp64":
-        assert ".f64" in ptx and ".add.f64" in ptx, name
-    else:
+    if traits["dot"] and ty in ("*fp16", "*bf16"):
         assert "mma" in ptx, f"{name}: fp16/bf16 dots should use tensor cores"
-        assert ".add.f32" in ptx, name
+    if traits["dot"] and ty == "*fp64":
+        assert ".f64" in ptx, name
+    if not traits["dot"]:
+        assert "mma" not in ptx, name
+    if not traits["atomic"]:
+        assert "st.global" in ptx, name
+    if kernel.__name__ == "_add_noise_kernel":
+        assert "mul.hi.u32" in ptx, f"{name}: Philox needs 32-bit mulhi"
+    regs, spill_st, spill_ld = ptxas_usage(res["ptxas_log"])
+    assert spill_st == 0 and spill_ld == 0, f"{name}: {regs} registers, spills {spill_st}/{spill_ld} bytes"
 
 
 # ---------------------------------------------------------------------------
