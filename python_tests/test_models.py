@@ -134,26 +134,49 @@ def test_llama_block_with_rmsnorm_and_tied_embeddings(style, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_attention_transformer(style, backend, batch_first):
+def test_multihead_attention_transformer(style, backend):
     torch.manual_seed(4)
-    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, dropout=0.0,
-                                       batch_first=batch_first, dtype=DT)
-    head = nn.Linear(16, 3, dtype=DT)
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer, self.head = layer, head
+            self.layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, dropout=0.0,
+                                                    batch_first=True, dtype=DT)
+            self.head = nn.Linear(16, 3, dtype=DT)
+
+        def forward(self, x, padding):
+            return self.head(self.layer(x, src_key_padding_mask=padding).mean(1))
+
+    padding = torch.zeros(4, 5, dtype=torch.bool)
+    padding[0, -1] = True  # a padded position in the first example
+    inputs = {"x": torch.randn(4, 5, 16, dtype=DT), "padding": padding, "y": torch.randint(0, 3, (4,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"], b["padding"]), b["y"], reduction="none")  # noqa: E731
+    check_model(Model(), loss, inputs, style=style, backend=backend)
+
+
+def test_sequence_first_attention_outside_transformer_layers():
+    """nn.MultiheadAttention with batch_first=False is fine: it handles its own layout."""
+    torch.manual_seed(6)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, dtype=DT)  # [L, N, E]
+            self.head = nn.Linear(8, 2, dtype=DT)
 
         def forward(self, x):
-            y = self.layer(x if batch_first else x.transpose(0, 1))
-            y = y if batch_first else y.transpose(0, 1)
-            return self.head(y.mean(1))
+            seq_first = x.transpose(0, 1)
+            out, _ = self.attn(seq_first, seq_first, seq_first, attn_mask=torch.ones(5, 5).triu(1).bool())
+            return self.head(out.mean(0))
 
-    model = Model()
-    inputs = {"x": torch.randn(4, 5, 16, dtype=DT), "y": torch.randint(0, 3, (4,))}
-    check_model(model, classification_loss, inputs, style=style, backend=backend)
+    inputs = {"x": torch.randn(3, 5, 8, dtype=DT), "y": torch.randint(0, 2, (3,))}
+    check_model(Model(), classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+def test_sequence_first_transformer_layers_are_refused():
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, batch_first=False)
+    with pytest.raises(bk.UnsupportedModuleError, match="batch_first=True"):
+        bk.convert(nn.Sequential(layer))
 
 
 def test_cross_attention_uses_disjoint_blocks_of_in_proj():

@@ -1,0 +1,146 @@
+"""Hugging Face models (tiny configs, no downloads) and a cross-check against Opacus."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests.test_models import BACKENDS, check_model
+
+transformers = pytest.importorskip("transformers")
+DT = torch.float64
+
+
+def tiny_gpt2():
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(DT)
+
+
+def gpt2_loss(model, batch):
+    ids = batch["ids"]
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    logits = model(input_ids=ids, position_ids=positions).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        len(ids), -1).mean(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_gpt2_with_tied_embeddings(style, backend):
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    inputs = {"ids": torch.randint(0, 40, (3, 7))}
+    units = None
+    if style == "layer-wise":  # wte and lm_head share their weight: one unit
+        by_module = {}
+        for name, p in model.named_parameters():
+            by_module.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        units = list(by_module.values())
+    check_model(model, gpt2_loss, inputs, style=style, backend=backend, units=units)
+
+
+def test_gpt2_conversion_keeps_parameters_and_state_dict():
+    model = tiny_gpt2()
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    assert bk.convert(model) is model
+    assert {n: p for n, p in model.named_parameters()} == params  # the same Parameter objects
+    assert list(model.state_dict()) == keys
+    c_attn = model.transformer.h[0].attn.c_attn
+    assert isinstance(c_attn, bk.nn.BKLayer) and isinstance(c_attn, transformers.pytorch_utils.Conv1D)
+    assert c_attn.weight.shape == (16, 48)  # still [in, out]
+    bk.convert(model)  # idempotent
+    assert {n: p for n, p in model.named_parameters()} == params
+
+
+def test_gpt2_without_position_ids_is_refused_not_trained_wrong():
+    """HF GPT-2 looks positions up with ids of shape [1, T] when position_ids is not given."""
+    model = bk.convert(tiny_gpt2())
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=0.0)
+    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.randint(0, 40, (3, 7))
+    with pytest.raises(RuntimeError, match="broadcast over the batch"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert engine.steps == 0
+
+
+def bert_loss(model, batch):
+    ids = batch["ids"]
+    positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)
+    logits = model(input_ids=ids, position_ids=positions, token_type_ids=torch.zeros_like(ids)).logits
+    return F.cross_entropy(logits, batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bert(backend):
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=24, max_position_embeddings=16, type_vocab_size=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    torch.manual_seed(1)
+    model = transformers.BertForSequenceClassification(config).to(DT)
+    inputs = {"ids": torch.randint(0, 30, (3, 6)), "y": torch.randint(0, 3, (3,))}
+    check_model(model, bert_loss, inputs, style="all-layer", backend=backend)
+
+
+class TinyViT(nn.Module):
+    """Patch embedding by Conv2d; class token and positions as Embeddings (one row per example)."""
+
+    def __init__(self, d=16, patches=4, classes=3):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, kernel_size=4, stride=4)
+        self.cls = nn.Embedding(1, d)
+        self.pos = nn.Embedding(patches + 1, d)
+        self.blocks = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(d, 2, dim_feedforward=2 * d, dropout=0.0, batch_first=True,
+                                       norm_first=True), num_layers=2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, images):
+        B = images.shape[0]
+        x = self.patch(images).flatten(2).transpose(1, 2)  # [B, patches, d]
+        zeros = torch.zeros(B, 1, dtype=torch.long)
+        x = torch.cat([self.cls(zeros), x], 1)
+        x = x + self.pos(torch.arange(x.shape[1]).expand(B, -1))
+        return self.head(self.norm(self.blocks(x)[:, 0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_small_vit(style, backend):
+    torch.manual_seed(2)
+    model = TinyViT().to(DT)
+    inputs = {"x": torch.randn(3, 3, 8, 8, dtype=DT), "y": torch.randint(0, 3, (3,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, inputs, style=style, backend=backend)
+
+
+def test_agrees_with_opacus_hooks_mode():
+    """Opacus 1.6 (hooks, flat clipping, no noise) and bk take the same step on a CNN."""
+    opacus = pytest.importorskip("opacus")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 3, (6,))
+    R, batch_size = 0.5, 8
+
+    ours = bk.convert(copy.deepcopy(model)).double()
+    engine = bk.PrivacyEngine(ours, batch_size=batch_size, sample_size=80, noise_multiplier=0.0, max_grad_norm=R)
+    opt = engine.attach(torch.optim.SGD(ours.parameters(), lr=1.0))
+    F.cross_entropy(ours(x.double()), y).backward()
+    opt.step()
+
+    theirs = opacus.GradSampleModule(copy.deepcopy(model).double())  # the hooks implementation
+    dp_opt = opacus.optimizers.DPOptimizer(torch.optim.SGD(theirs.parameters(), lr=1.0), noise_multiplier=0.0,
+                                           max_grad_norm=R, expected_batch_size=batch_size)
+    F.cross_entropy(theirs(x.double()), y).backward()
+    dp_opt.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs._module.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
