@@ -135,41 +135,28 @@ void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_
   }
 }
 
-// G[i] (a register) = <x_{s0+i}, x_{t0+j}> for j over the register's lanes, i < kGram,
-// from the transposed pack xt: [n][ld].
+// acc[i][j] += <x_{s0+i}, x_{t0+j}> over the n features of the transposed pack xt: [n][ld],
+// for one kGram x kGram Gram tile (one register per row of the tile).
 template <typename A>
-BK_ALWAYS_INLINE void gram_tile(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
-                                int64_t t0, Vec<A> (&G)[kGram<A>]) {
-  Vec<A> acc[kGram<A>] = {};
+BK_ALWAYS_INLINE void gram_tile_acc_impl(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
+                                         int64_t t0, A* __restrict acc) {
+  Vec<A> rows[kGram<A>];
+  for (int64_t i = 0; i < kGram<A>; ++i) rows[i] = load_vec(acc + i * kGram<A>);
   for (int64_t k = 0; k < n; ++k) {
     const A* row = xt + k * ld;
     const Vec<A> cols = load_vec(row + t0);
-    for (int64_t i = 0; i < kGram<A>; ++i) acc[i] += row[s0 + i] * cols;
+    for (int64_t i = 0; i < kGram<A>; ++i) rows[i] += row[s0 + i] * cols;
   }
-  for (int64_t i = 0; i < kGram<A>; ++i) G[i] = acc[i];
+  for (int64_t i = 0; i < kGram<A>; ++i) store_vec(acc + i * kGram<A>, rows[i]);
 }
 
-// Sum over one Gram tile of <x_s, x_t> <y_s, y_t>, s in [s0, s0+kGram), t in [t0, t0+kGram),
-// with xt: [nx][ld] and yt: [ny][ld] transposed packs.
-template <typename A>
-BK_ALWAYS_INLINE double gram_product_tile_impl(const A* __restrict xt, int64_t nx,
-                                               const A* __restrict yt, int64_t ny, int64_t ld,
-                                               int64_t s0, int64_t t0) {
-  Vec<A> gx[kGram<A>], gy[kGram<A>];
-  gram_tile(xt, nx, ld, s0, t0, gx);
-  gram_tile(yt, ny, ld, s0, t0, gy);
-  Vec<A> column = {};
-  for (int64_t i = 0; i < kGram<A>; ++i) column += gx[i] * gy[i];
-  return horizontal_sum<A>(column);
+BK_MULTIVERSION void gram_tile_acc(const float* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0,
+                                   float* acc) {
+  gram_tile_acc_impl(xt, n, ld, s0, t0, acc);
 }
-
-BK_MULTIVERSION double gram_product_tile(const float* xt, int64_t nx, const float* yt, int64_t ny,
-                                         int64_t ld, int64_t s0, int64_t t0) {
-  return gram_product_tile_impl(xt, nx, yt, ny, ld, s0, t0);
-}
-BK_MULTIVERSION double gram_product_tile(const double* xt, int64_t nx, const double* yt,
-                                         int64_t ny, int64_t ld, int64_t s0, int64_t t0) {
-  return gram_product_tile_impl(xt, nx, yt, ny, ld, s0, t0);
+BK_MULTIVERSION void gram_tile_acc(const double* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0,
+                                   double* acc) {
+  gram_tile_acc_impl(xt, n, ld, s0, t0, acc);
 }
 
 // Row-major variant for wide layers, with no transposed pack: the Gram tile of kRowsG x kRowsG
@@ -294,39 +281,112 @@ inline bool ghost_rows_kernel(int64_t T, int64_t d, int64_t p) {
   return std::min(d, p) >= ratio * T;
 }
 
+// The transposed path keeps every Gram tile of an example (about T*T values per thread: a
+// T x T Gram per thread, never per example of the batch) so that it can sweep the features
+// in cache-sized chunks; past this many values it takes the row-major path instead.
+constexpr int64_t kMaxGramValues = int64_t(1) << 23;
+// Features per chunk of the transposed pack.
+constexpr int64_t kFeatureChunk = 128;
+
+// Upper-triangular block pairs (s <= t) of nb blocks, row by row.
+inline std::vector<std::pair<int64_t, int64_t>> block_pairs(int64_t nb) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t s = 0; s < nb; ++s)
+    for (int64_t t = s; t < nb; ++t) pairs.emplace_back(s, t);
+  return pairs;
+}
+
+template <typename scalar_t>
+void ghost_norm_rows(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
+                     int64_t T, int64_t d, int64_t p) {
+  using A = acc_t<scalar_t>;
+  const int64_t nb = round_up(std::max<int64_t>(T, 1), kRowsG) / kRowsG;
+  const int64_t ld = nb * kRowsG;  // positions, zero-padded to whole tiles
+  const auto pairs = block_pairs(nb);
+  const size_t ws = size_t(ld) * size_t(d + p);
+  for_each_example<A>(
+      B, int64_t(pairs.size()), ws, out,
+      [&](int64_t b, A* w) {  // [ld][d] then [ld][p], rows past T zero
+        pack_rows(a.ptr + b * a.stride_b, a.stride_t, T, d, d, w);
+        std::fill(w + T * d, w + ld * d, A(0));
+        A* wg = w + ld * d;
+        pack_rows(g.ptr + b * g.stride_b, g.stride_t, T, p, p, wg);
+        std::fill(wg + T * p, wg + ld * p, A(0));
+      },
+      [&](const A* w, int64_t item) {
+        const auto [s, t] = pairs[item];
+        const double v = gram_product_rows(w, d, d, w + ld * d, p, p, s * kRowsG, t * kRowsG);
+        return s == t ? v : 2 * v;  // off-diagonal blocks stand for their mirror image too
+      });
+}
+
+// Transposed path: for each example, the features of a (then g) are packed kFeatureChunk at a
+// time as [chunk][positions] and every Gram tile accumulates over the chunk while it is in
+// cache; then the two sets of tiles are multiplied and summed.
+template <typename scalar_t>
+void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out,
+                           int64_t B, int64_t T, int64_t d, int64_t p) {
+  using A = acc_t<scalar_t>;
+  constexpr int64_t tile = kGram<A>, tile2 = tile * tile;
+  const int64_t nb = round_up(std::max<int64_t>(T, 1), tile) / tile;
+  const int64_t ld = nb * tile;
+  const auto pairs = block_pairs(nb);
+  const int64_t n_pairs = int64_t(pairs.size());
+  // One example: Gram tiles of a into ga, of g into gg, then sum_pairs w * <ga, gg>.
+  auto example = [&](int64_t b, A* pack, A* ga, A* gg, bool parallel_tiles) {
+    std::fill(ga, ga + n_pairs * tile2, A(0));
+    std::fill(gg, gg + n_pairs * tile2, A(0));
+    const Operand3d<scalar_t> operands[2] = {a, g};
+    const int64_t widths[2] = {d, p};
+    A* grams[2] = {ga, gg};
+    for (int which = 0; which < 2; ++which) {
+      const Operand3d<scalar_t>& x = operands[which];
+      for (int64_t k0 = 0; k0 < widths[which]; k0 += kFeatureChunk) {
+        const int64_t kc = std::min(kFeatureChunk, widths[which] - k0);
+        pack_transposed(x.ptr + b * x.stride_b + k0, x.stride_t, T, kc, ld, pack);
+        A* gram = grams[which];
+#pragma omp parallel for schedule(static) if (parallel_tiles)
+        for (int64_t item = 0; item < n_pairs; ++item)
+          gram_tile_acc(pack, kc, ld, pairs[item].first * tile, pairs[item].second * tile,
+                        gram + item * tile2);
+      }
+    }
+    double total = 0;
+    for (int64_t item = 0; item < n_pairs; ++item) {
+      A r = 0;
+      const A* x = ga + item * tile2;
+      const A* y = gg + item * tile2;
+      for (int64_t e = 0; e < tile2; ++e) r += x[e] * y[e];
+      total += pairs[item].first == pairs[item].second ? double(r) : 2 * double(r);
+    }
+    return total;
+  };
+  const size_t pack_size = size_t(kFeatureChunk) * size_t(ld), gram_size = size_t(n_pairs * tile2);
+  if (B >= max_threads()) {
+#pragma omp parallel
+    {
+      std::vector<A> pack(pack_size), ga(gram_size), gg(gram_size);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < B; ++b)
+        out[b] = out_t<scalar_t>(example(b, pack.data(), ga.data(), gg.data(), false));
+    }
+  } else {
+    std::vector<A> pack(pack_size), ga(gram_size), gg(gram_size);
+    for (int64_t b = 0; b < B; ++b)
+      out[b] = out_t<scalar_t>(example(b, pack.data(), ga.data(), gg.data(), true));
+  }
+}
+
 template <typename scalar_t>
 void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                 int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
-  const bool rows = ghost_rows_kernel(T, d, p);
-  const int64_t tile = rows ? kRowsG : kGram<A>;
-  const int64_t nb = round_up(std::max<int64_t>(T, 1), tile) / tile;
-  const int64_t ld = nb * tile;  // positions, zero-padded to whole tiles
-  // Upper-triangular block pairs (s <= t), enumerated row by row.
-  std::vector<std::pair<int64_t, int64_t>> pairs;
-  for (int64_t s = 0; s < nb; ++s)
-    for (int64_t t = s; t < nb; ++t) pairs.emplace_back(s, t);
-  const size_t ws = size_t(ld) * size_t(d + p);
-  for_each_example<A>(
-      B, int64_t(pairs.size()), ws, out,
-      [&](int64_t b, A* w) {
-        if (rows) {  // [ld][d] then [ld][p], rows past T zero
-          pack_rows(a.ptr + b * a.stride_b, a.stride_t, T, d, d, w);
-          std::fill(w + T * d, w + ld * d, A(0));
-          A* wg = w + ld * d;
-          pack_rows(g.ptr + b * g.stride_b, g.stride_t, T, p, p, wg);
-          std::fill(wg + T * p, wg + ld * p, A(0));
-        } else {  // [d][ld] then [p][ld]
-          pack_transposed(a.ptr + b * a.stride_b, a.stride_t, T, d, ld, w);
-          pack_transposed(g.ptr + b * g.stride_b, g.stride_t, T, p, ld, w + ld * d);
-        }
-      },
-      [&](const A* w, int64_t item) {
-        const auto [s, t] = pairs[item];
-        const double v = rows ? gram_product_rows(w, d, d, w + ld * d, p, p, s * tile, t * tile)
-                              : gram_product_tile(w, d, w + ld * d, p, ld, s * tile, t * tile);
-        return s == t ? v : 2 * v;  // off-diagonal blocks stand for their mirror image too
-      });
+  const int64_t nb = round_up(std::max<int64_t>(T, 1), kGram<A>) / kGram<A>;
+  const int64_t gram_values = nb * (nb + 1) / 2 * kGram<A> * kGram<A>;
+  if (ghost_rows_kernel(T, d, p) || gram_values > kMaxGramValues)
+    ghost_norm_rows(a, g, out, B, T, d, p);
+  else
+    ghost_norm_transposed(a, g, out, B, T, d, p);
 }
 
 template <typename scalar_t>
