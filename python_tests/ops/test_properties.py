@@ -64,3 +64,49 @@ def test_clipped_sum(case, backend, bias):
     assert_sum_close(w, want_w, eager_w, dtype)
     if bias:
         assert_sum_close(b, want_b, eager_b, dtype)
+
+
+@st.composite
+def embedding_case(draw):
+    B, T = draw(st.integers(0, 4)), draw(st.integers(1, 40))
+    d, V = draw(st.integers(1, 24)), draw(st.integers(1, 12))
+    dtype = draw(DTYPES)
+    layout = draw(st.sampled_from(["contiguous", "strided", "sliced"]))
+    padding_idx = draw(st.one_of(st.none(), st.integers(0, V - 1)))
+    return B, T, d, V, dtype, layout, padding_idx, draw(st.integers(0, 2**31 - 1))
+
+
+@SETTINGS
+@given(case=embedding_case(), backend=backends_here(), deterministic=st.booleans())
+def test_embedding_ops(case, backend, deterministic):
+    from python_tests.ops.test_embedding import assert_norms_close as assert_embedding_norms_close
+    from python_tests.ops.test_embedding import assert_sums_close, make_inputs
+
+    B, T, d, V, dtype, layout, padding_idx, seed = case
+    ids, g = make_inputs(B, T, d, V, dtype, "cpu", layout, seed=seed)
+    assert_embedding_norms_close(ops.embedding_norm(ids, g, padding_idx, backend=backend), ids, g, padding_idx)
+    c = torch.rand(B, generator=torch.Generator().manual_seed(seed))
+    start = torch.randn(V, d)
+    got = ops.embedding_clipped_sum(ids, g, c, padding_idx=padding_idx, out=start.clone(),
+                                    deterministic=deterministic, backend=backend)
+    assert_sums_close(got, start, ids, g, c, padding_idx)
+
+
+@st.composite
+def norm_layer_case(draw):
+    B, T, C = draw(st.integers(0, 4)), draw(st.integers(1, 40)), draw(st.integers(1, 48))
+    layout = draw(st.sampled_from(["contiguous", "channel_major", "transposed", "sliced", "expanded"]))
+    return B, T, C, draw(DTYPES), layout, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+
+
+@SETTINGS
+@given(case=norm_layer_case(), backend=backends_here())
+def test_norm_layer_grads(case, backend):
+    from python_tests.ops.test_norm_layer import assert_grads_close
+    from python_tests.ops.test_norm_layer import make_operand as make_norm_operand
+
+    B, T, C, dtype, layout, bias, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    xhat = make_norm_operand(B, T, C, dtype, "cpu", layout, gen)
+    g = make_norm_operand(B, T, C, dtype, "cpu", layout, gen)
+    assert_grads_close(ops.norm_layer_grads(xhat, g, bias, backend=backend), xhat, g, bias)
