@@ -1,0 +1,182 @@
+"""PrivacyEngine and bk.convert: arguments, bad input (clear errors, nothing changed), noise,
+accumulation over several backwards, and the plumbing around the optimizer."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+
+DT = torch.float64
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT)
+
+
+def make(model=None, **kwargs):
+    model = bk.convert(model or mlp())
+    args = dict(batch_size=4, sample_size=100, noise_multiplier=0.0, max_grad_norm=1.0)
+    args.update(kwargs)
+    engine = bk.PrivacyEngine(model, **args)
+    return model, engine, engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+
+
+def data(B=4):
+    return torch.randn(B, 4, dtype=DT), torch.randint(0, 3, (B,))
+
+
+def test_convert_names_every_unsupported_module_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.LSTM(4, 4), nn.Linear(4, 2))
+    with pytest.raises(bk.UnsupportedModuleError) as err:
+        bk.convert(model)
+    text = str(err.value)
+    assert "1 (BatchNorm1d)" in text and "GroupNorm" in text and "2 (LSTM)" in text
+    assert type(model[0]) is nn.Linear and type(model[3]) is nn.Linear  # nothing swapped
+
+
+def test_frozen_unsupported_modules_are_left_alone():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4).requires_grad_(False), nn.Linear(4, 2))
+    bk.convert(model)
+    assert isinstance(model[0], bk.nn.Linear) and type(model[1]) is nn.BatchNorm1d
+
+
+def test_parameters_outside_bk_layers_are_refused():
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    with pytest.raises(bk.UnsupportedModuleError, match="Raw"):
+        bk.convert(Raw())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(noise_multiplier=None), "exactly one of target_epsilon and noise_multiplier"),
+    (dict(target_epsilon=3.0), "exactly one of"),
+    (dict(max_grad_norm=0.0), "max_grad_norm must be a positive"),
+    (dict(clipping_fn="soft"), "clipping_fn must be one of"),
+    (dict(clipping_style="per-sample"), "clipping_style must be"),
+    (dict(clipping_style=[["0.weight"]]), "must cover every trainable parameter"),
+    (dict(clipping_style=[["0.weight", "nope"]]), "not a trainable parameter"),
+    (dict(clipping_mode="fast"), "clipping_mode must be one of"),
+    (dict(backend="gpu"), "backend must be one of"),
+    (dict(loss_reduction="none"), "loss_reduction must be one of"),
+    (dict(batch_size=0), "batch_size must be a positive int"),
+    (dict(batch_size=200), "exceeds sample_size"),
+    (dict(noise_multiplier=-1.0), "noise_multiplier must be >= 0"),
+])
+def test_bad_engine_arguments(kwargs, match):
+    model = bk.convert(mlp())
+    args = dict(batch_size=4, sample_size=100, noise_multiplier=0.0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        bk.PrivacyEngine(model, **args)
+
+
+def test_engine_refuses_an_unconverted_model():
+    with pytest.raises(bk.UnsupportedModuleError, match="bk.convert"):
+        bk.PrivacyEngine(mlp(), batch_size=4, sample_size=100, noise_multiplier=1.0)
+
+
+def test_step_without_backward_moves_nothing():
+    model, engine, opt = make()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert engine.steps == 0
+
+
+def test_non_finite_norms_refused_before_anything_moves():
+    model, engine, opt = make()
+    x, y = data()
+    x[1, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+
+
+def test_ordinary_gradient_to_a_bk_parameter_is_refused():
+    model, engine, opt = make()
+    x, y = data()
+    loss = F.cross_entropy(model(x), y) + model[0].weight.sum()  # the weight used outside its layer
+    with pytest.raises(RuntimeError, match="non-private"):
+        loss.backward()
+
+
+def test_noise_has_the_promised_scale():
+    model = bk.convert(nn.Sequential(nn.Linear(300, 400)).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=8, sample_size=800, noise_multiplier=1.3, max_grad_norm=0.5, seed=7)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    x = torch.zeros(3, 300, dtype=DT)  # zero input and zero loss gradient: the step is pure noise
+    before = model[0].weight.detach().clone()
+    (model(x).sum() * 0).backward()
+    opt.step()
+    moved = (model[0].weight.detach() - before).flatten()
+    want_std = 1.3 * 0.5 / 8
+    n = moved.numel()
+    assert abs(moved.std().item() / want_std - 1) < 5 * math.sqrt(1 / (2 * n))
+    assert abs(moved.mean().item()) < 5 * want_std / math.sqrt(n)
+
+
+def test_seeded_noise_reproduces_and_differs_across_steps():
+    def run(seed):
+        torch.manual_seed(0)
+        model, engine, opt = make(mlp(), noise_multiplier=1.0, seed=seed)
+        steps = []
+        for _ in range(2):
+            before = [p.detach().clone() for p in model.parameters()]
+            x, y = data()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            steps.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        return steps
+
+    a, b = run(11), run(11)
+    assert all(torch.equal(u, v) for s, t in zip(a, b) for u, v in zip(s, t))
+    c = run(12)
+    assert not torch.equal(a[0][0], c[0][0])
+
+
+def test_two_backwards_accumulate_before_one_step():
+    torch.manual_seed(1)
+    x, y = data(6)
+    model_a, _, opt_a = make(mlp(), batch_size=6)
+    opt_a.zero_grad()
+    F.cross_entropy(model_a(x[:3]), y[:3], reduction="sum").backward()
+    F.cross_entropy(model_a(x[3:]), y[3:], reduction="sum").backward()
+    model_b, _, opt_b = make(mlp(), batch_size=6, loss_reduction="sum")
+    opt_b.zero_grad()
+    F.cross_entropy(model_b(x), y, reduction="sum").backward()
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_detach_restores_ordinary_training():
+    model, engine, opt = make()
+    engine.detach()
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()  # the optimizer's own step again
+    assert "step" not in vars(opt)
+
+
+def test_zero_grad_discards_a_pending_backward():
+    model, engine, opt = make()
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
