@@ -12,26 +12,20 @@
 #include <omp.h>
 #endif
 
+#include "tests/test_util.h"
 #include "cpu/embedding_kernels.h"
 #include "cpu/lowp.h"
 #include "cpu/norm_layer_kernels.h"
 
 using namespace bk::cpu;
+using bk::test::as_double;
+using bk::test::from_double;
 
 namespace {
 
 int failures = 0;
 
-inline double as_double(float x) { return x; }
-inline double as_double(double x) { return x; }
-inline double as_double(bf16 x) { return to_float(x); }
-inline double as_double(fp16 x) { return to_float(x); }
 
-template <typename S> S from_double(double x);
-template <> float from_double<float>(double x) { return float(x); }
-template <> double from_double<double>(double x) { return x; }
-template <> bf16 from_double<bf16>(double x) { return to_bf16(float(x)); }
-template <> fp16 from_double<fp16>(double x) { return to_fp16(float(x)); }
 
 void set_threads(int n) {
 #ifdef _OPENMP
