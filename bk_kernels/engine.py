@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from . import ops
+from . import accounting, ops
 from .convert import UnsupportedModuleError
 from .nn._core import BKLayer
 from .nn._uses import DenseUse, LinearUse, UnsupportedSharingError
@@ -55,9 +55,21 @@ class PrivacyEngine:
             raise ValueError(f"PrivacyEngine: loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         if noise_multiplier is not None and not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"PrivacyEngine: noise_multiplier must be >= 0, got {noise_multiplier!r}")
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(f"PrivacyEngine: accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
+        if target_delta is not None and not 0 < target_delta < 1:
+            raise ValueError(f"PrivacyEngine: target_delta must lie in (0, 1), got {target_delta!r}")
+        self.sample_rate = batch_size / sample_size
         if target_epsilon is not None:
-            raise NotImplementedError("PrivacyEngine: target_epsilon (noise calibration by privacy accounting) "
-                                      "is not implemented yet; pass noise_multiplier")
+            if (epochs is None) == (steps is None):
+                raise ValueError("PrivacyEngine: with target_epsilon, give exactly one of epochs and steps")
+            planned = steps if steps is not None else math.ceil(epochs * sample_size / batch_size)
+            delta = target_delta if target_delta is not None else 1.0 / sample_size ** 1.1
+            try:
+                noise_multiplier = accounting.calibrate_noise_multiplier(target_epsilon, self.sample_rate, planned,
+                                                                         delta, accountant)
+            except ValueError as err:
+                raise ValueError(f"PrivacyEngine: {err}") from None
 
         self.model = model
         self.batch_size, self.sample_size = batch_size, sample_size
@@ -305,6 +317,13 @@ class PrivacyEngine:
             if m is module:
                 return path or "<model>"
         return "?"
+
+    # ---------------------------------------------------------------- accounting
+
+    def epsilon(self, delta=None):
+        """The epsilon spent by the steps taken so far, at `delta` (default target_delta)."""
+        return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps,
+                                  self.target_delta if delta is None else delta, self.accountant)
 
     # ---------------------------------------------------------------- step
 

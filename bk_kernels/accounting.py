@@ -1,0 +1,73 @@
+"""Privacy accounting for the Poisson-subsampled Gaussian mechanism, with Google's
+dp-accounting library: RDP (Renyi DP, Mironov et al.) or PLD (privacy loss distributions).
+
+Each private step samples every example independently with rate q = batch_size / sample_size
+(bk_kernels.data.poisson_loader does that) and adds Gaussian noise of std sigma * R to the sum
+of gradients clipped to R: a PoissonSampled(q, Gaussian(sigma)) event, composed once per step.
+"""
+import functools
+import math
+
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+ACCOUNTANTS = ("rdp", "pld")
+
+
+def _accountant(name):
+    if name == "rdp":
+        return rdp_privacy_accountant.RdpAccountant()
+    if name == "pld":
+        return pld_privacy_accountant.PLDAccountant()
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+
+
+def epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp"):
+    """The epsilon spent by `steps` steps at `delta`."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"the sampling rate must lie in (0, 1], got {sample_rate!r}")
+    acc = _accountant(accountant)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
+    acc.compose(dp_event.SelfComposedDpEvent(event, int(steps)))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp", rel_tol=0.01):
+    """The smallest noise multiplier (to within rel_tol) whose epsilon after `steps` steps is at
+    most target_epsilon: the spent epsilon lands in [(1 - rel_tol) * target, target]."""
+    if not (isinstance(target_epsilon, (int, float)) and math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ValueError(f"target_epsilon must be a positive number, got {target_epsilon!r}")
+    if steps <= 0:
+        raise ValueError(f"calibrating the noise needs the number of steps (> 0), got {steps!r}")
+    eps = functools.lru_cache(maxsize=None)(lambda sigma: epsilon(sigma, sample_rate, steps, delta, accountant))
+    if accountant == "pld":
+        # PLD is tighter than RDP and far slower to evaluate: start from RDP's answer.
+        hi = calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, "rdp", rel_tol)
+    else:
+        hi = 1.0
+    while eps(hi) > target_epsilon:
+        hi *= 2
+        if hi > 1e4:
+            raise ValueError(f"target_epsilon={target_epsilon} cannot be reached at delta={delta} with "
+                             f"{steps} steps at sampling rate {sample_rate}: even noise_multiplier=1e4 spends "
+                             f"more; raise the target or delta, or take fewer or smaller steps")
+    lo = hi / 2
+    while lo > 1e-3 and eps(lo) <= target_epsilon:
+        hi, lo = lo, lo / 2
+    # Now eps(lo) > target >= eps(hi) (or lo is tiny): bisect until eps(hi) is within rel_tol.
+    while True:
+        spent = eps(hi)
+        if spent >= (1 - rel_tol) * target_epsilon or hi - lo < 1e-9 * hi:
+            return hi
+        mid = (lo + hi) / 2
+        if eps(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
