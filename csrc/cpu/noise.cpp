@@ -27,13 +27,14 @@ void run(const at::Tensor& t, double std, double scale, int64_t seed, int64_t of
 void add_noise_cpu(const at::Tensor& grad, double std, double scale, int64_t seed, int64_t offset) {
   constexpr const char* op = "bk::add_noise_";
   const auto dtype = grad.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
               op, ": grad must be float32, float64, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(std::isfinite(std) && std >= 0, op, ": std must be finite and >= 0, got ", std);
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   TORCH_CHECK(offset >= 0, op, ": offset (the first Philox counter) must be >= 0, got ", offset);
-  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - grad.numel(), op, ": offset ", offset,
-              " + numel ", grad.numel(), " overflows int64");
+  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - grad.numel(), op, ": offset ",
+              offset, " + numel ", grad.numel(), " overflows int64");
   TORCH_CHECK(at::has_internal_overlap(grad) != at::MemOverlap::Yes, op,
               ": grad has elements sharing memory (e.g. an expanded tensor); in-place noise needs "
               "distinct elements");

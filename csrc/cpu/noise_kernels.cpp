@@ -29,7 +29,8 @@
 #define BK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define BK_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 // Simple element loops, vectorized by GCC for each target.
-#define BK_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define BK_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define BK_MULTIVERSION
 #endif
@@ -71,7 +72,8 @@ BK_ALWAYS_INLINE Vec<32>::U64 mul_even(Vec<32>::U32 a, Vec<32>::U32 b) {
   return (Vec<32>::U64)__builtin_ia32_pmuludq256((__v8si)a, (__v8si)b);
 }
 BK_ALWAYS_INLINE Vec<64>::U64 mul_even(Vec<64>::U32 a, Vec<64>::U32 b) {
-  return (Vec<64>::U64)__builtin_ia32_pmuludq512_mask((__v16si)a, (__v16si)b, (__v8di){}, (__mmask8)-1);
+  return (Vec<64>::U64)__builtin_ia32_pmuludq512_mask((__v16si)a, (__v16si)b, (__v8di){},
+                                                      (__mmask8)-1);
 }
 #else
 #define BK_MUL_EVEN(VB)                                                                 \
@@ -217,7 +219,8 @@ struct Noise {
     const float c_hi = 0x1.92p-30f, c_lo = 0x1.fb5444p-42f;
     const F32 x = to_f32(r_hi) * c_hi + (to_f32(r - r_hi) * c_hi + to_f32(r) * c_lo);
     const F32 z = x * x;
-    const F32 sin_x = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
+    const F32 sin_x =
+        ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
     const F32 cos_x =
         ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
         0.5f * z + 1.0f;
@@ -243,7 +246,8 @@ struct Noise {
     for (int i = 0; i < kBlocks; ++i) index[i] = (i % 2) * kBlocks + half * (kBlocks / 2) + i / 2;
 #ifdef __clang__  // no __builtin_shuffle; untested
     F32 r;
-    for (int i = 0; i < kBlocks; ++i) r[i] = index[i] < kBlocks ? a[index[i]] : b[index[i] - kBlocks];
+    for (int i = 0; i < kBlocks; ++i)
+      r[i] = index[i] < kBlocks ? a[index[i]] : b[index[i] - kBlocks];
     return r;
 #else
     return __builtin_shuffle(a, b, index);
@@ -251,7 +255,8 @@ struct Noise {
   }
 
   // out[4 k + j] = the normal of counter 4 q + j, q the k-th block of `counters`.
-  static BK_ALWAYS_INLINE void group_normals(const Counters& counters, const uint32_t key[2], float* out) {
+  static BK_ALWAYS_INLINE void group_normals(const Counters& counters, const uint32_t key[2],
+                                             float* out) {
     U32 x[4];
     philox(counters, key, x);
     F32 z0, z1, z2, z3;
@@ -273,8 +278,9 @@ struct Noise {
     using C = decltype(load(scalar_t{}));
     const C sd = C(sd_in), scale = C(scale_in);
     const int64_t groups = (n + head + kGroup - 1) / kGroup;
-    const int64_t g_begin = c_begin * (kChunkBlocks / kBlocks);
-    const int64_t g_end = c_end * (kChunkBlocks / kBlocks) < groups ? c_end * (kChunkBlocks / kBlocks) : groups;
+    constexpr int64_t kGroupsPerChunk = kChunkBlocks / kBlocks;
+    const int64_t g_begin = c_begin * kGroupsPerChunk;
+    const int64_t g_end = c_end * kGroupsPerChunk < groups ? c_end * kGroupsPerChunk : groups;
     alignas(64) float z[kGroup];
     Counters counters(q_first + uint64_t(g_begin) * kBlocks);
     for (int64_t g = g_begin; g < g_end; ++g, counters.advance()) {
@@ -285,7 +291,10 @@ struct Noise {
         for (int j = 0; j < kGroup; ++j) store(out[j], (load(out[j]) + sd * C(z[j])) * scale);
       } else {  // the first or the last group
         const int64_t lo = base < 0 ? -base : 0, hi = n - base < kGroup ? n - base : kGroup;
-        for (int64_t j = lo; j < hi; ++j) store(grad[base + j], (load(grad[base + j]) + sd * C(z[j])) * scale);
+        for (int64_t j = lo; j < hi; ++j) {
+          scalar_t& out = grad[base + j];
+          store(out, (load(out) + sd * C(z[j])) * scale);
+        }
       }
     }
   }
@@ -313,10 +322,12 @@ struct Noise {
     for (int64_t i = i0; i < n && i < i0 + kBlocks; ++i) out[i] = v[i - i0];
   }
   static BK_ALWAYS_INLINE void log_array(const uint32_t* w, int64_t n, float* out) {
-    for (int64_t i0 = 0; i0 < n; i0 += kBlocks) store_lanes(log_u1(load_lanes<U32>(w, n, i0)), n, i0, out);
+    for (int64_t i0 = 0; i0 < n; i0 += kBlocks)
+      store_lanes(log_u1(load_lanes<U32>(w, n, i0)), n, i0, out);
   }
   static BK_ALWAYS_INLINE void sqrt_array(const float* x, int64_t n, float* out) {
-    for (int64_t i0 = 0; i0 < n; i0 += kBlocks) store_lanes(sqrt(load_lanes<F32>(x, n, i0)), n, i0, out);
+    for (int64_t i0 = 0; i0 < n; i0 += kBlocks)
+      store_lanes(sqrt(load_lanes<F32>(x, n, i0)), n, i0, out);
   }
   static BK_ALWAYS_INLINE void sincos_array(const uint32_t* w, int64_t n, float* c, float* s) {
     for (int64_t i0 = 0; i0 < n; i0 += kBlocks) {
@@ -387,20 +398,25 @@ struct Noise {
 
 // The entry points of each instruction set. On x86-64 the AVX-512 and AVX2 ones only run
 // where the CPU has them (best_isa()); elsewhere only the base one exists (16-byte vectors).
-#define BK_NOISE_ENTRIES(TARGET, SUFFIX, VB)                                                        \
-  template <typename scalar_t>                                                                     \
-  TARGET void chunks_##SUFFIX(scalar_t* grad, int64_t n, int64_t head, uint64_t q_first,           \
-                              const uint32_t key[2], double sd, double scale, int64_t c_begin,     \
-                              int64_t c_end) {                                                     \
-    Noise<VB>::chunks(grad, n, head, q_first, key, sd, scale, c_begin, c_end);                     \
-  }                                                                                                \
-  TARGET void philox_##SUFFIX(uint64_t q0, int64_t nblocks, const uint32_t key[2], uint32_t* out) { \
-    Noise<VB>::philox_array(q0, nblocks, key, out);                                                \
-  }                                                                                                \
-  TARGET void log_##SUFFIX(const uint32_t* w, int64_t n, float* out) { Noise<VB>::log_array(w, n, out); } \
-  TARGET void sqrt_##SUFFIX(const float* x, int64_t n, float* out) { Noise<VB>::sqrt_array(x, n, out); }  \
-  TARGET void sincos_##SUFFIX(const uint32_t* w, int64_t n, float* c, float* s) {                  \
-    Noise<VB>::sincos_array(w, n, c, s);                                                           \
+#define BK_NOISE_ENTRIES(TARGET, SUFFIX, VB)                                                  \
+  template <typename scalar_t>                                                               \
+  TARGET void chunks_##SUFFIX(scalar_t* grad, int64_t n, int64_t head, uint64_t q_first,     \
+                              const uint32_t key[2], double sd, double scale,                \
+                              int64_t c_begin, int64_t c_end) {                              \
+    Noise<VB>::chunks(grad, n, head, q_first, key, sd, scale, c_begin, c_end);               \
+  }                                                                                          \
+  TARGET void philox_##SUFFIX(uint64_t q0, int64_t nblocks, const uint32_t key[2],           \
+                              uint32_t* out) {                                               \
+    Noise<VB>::philox_array(q0, nblocks, key, out);                                          \
+  }                                                                                          \
+  TARGET void log_##SUFFIX(const uint32_t* w, int64_t n, float* out) {                       \
+    Noise<VB>::log_array(w, n, out);                                                         \
+  }                                                                                          \
+  TARGET void sqrt_##SUFFIX(const float* x, int64_t n, float* out) {                         \
+    Noise<VB>::sqrt_array(x, n, out);                                                        \
+  }                                                                                          \
+  TARGET void sincos_##SUFFIX(const uint32_t* w, int64_t n, float* c, float* s) {            \
+    Noise<VB>::sincos_array(w, n, c, s);                                                     \
   }
 BK_NOISE_ENTRIES(, base, 16)
 #ifdef BK_NOISE_X86
@@ -409,8 +425,10 @@ BK_NOISE_ENTRIES(BK_TARGET_AVX512, avx512, 64)
 #endif
 #undef BK_NOISE_ENTRIES
 
-#define BK_SCALE_RANGE(S) \
-  BK_MULTIVERSION void scale_range(S* grad, int64_t b, int64_t e, double s) { Noise<16>::scale(grad, b, e, s); }
+#define BK_SCALE_RANGE(S)                                                  \
+  BK_MULTIVERSION void scale_range(S* grad, int64_t b, int64_t e, double s) { \
+    Noise<16>::scale(grad, b, e, s);                                          \
+  }
 BK_SCALE_RANGE(float)
 BK_SCALE_RANGE(double)
 BK_SCALE_RANGE(bf16)
