@@ -12,10 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import clipped_sum, embedding, harness, models, norm_choice, norms  # noqa: E402
+from bench import clipped_sum, embedding, harness, models, noise, norm_choice, norms  # noqa: E402
 
 SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice, "embedding": embedding,
-             "models": models}
+             "noise": noise, "models": models}
 
 
 def main():

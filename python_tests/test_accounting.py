@@ -58,7 +58,7 @@ def test_engine_reports_what_its_steps_spent():
     assert engine.steps == 3
     want = independent_epsilon(engine.noise_multiplier, 10 / 500, 3, engine.target_delta, "rdp")
     assert engine.epsilon() == pytest.approx(want, rel=0.01)
-    assert engine.epsilon(delta=1e-3) < engine.epsilon()
+    assert engine.epsilon(delta=1e-2) < engine.epsilon()  # a larger delta buys a smaller epsilon
     # The planned 2 epochs = 100 steps spend (just under) the target.
     assert accounting.epsilon(engine.noise_multiplier, 10 / 500, 100, engine.target_delta) <= 4.0
 

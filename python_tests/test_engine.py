@@ -152,7 +152,7 @@ def test_seeded_noise_reproduces_and_differs_across_steps():
 def test_two_backwards_accumulate_before_one_step():
     torch.manual_seed(1)
     x, y = data(6)
-    model_a, _, opt_a = make(mlp(), batch_size=6)
+    model_a, _, opt_a = make(mlp(), batch_size=6, loss_reduction="sum")
     opt_a.zero_grad()
     F.cross_entropy(model_a(x[:3]), y[:3], reduction="sum").backward()
     F.cross_entropy(model_a(x[3:]), y[3:], reduction="sum").backward()
