@@ -85,3 +85,12 @@ def run(device, dtype, quick, command):
 
 
 COLUMNS = ["method", "n", "median_ms", "min_ms", "max_ms", "ns_per_elem", "peak_extra_mib", "vs_stock", "vs_normal"]
+
+
+if __name__ == "__main__":  # standalone, without saving: python -m bench.noise [--quick]
+    import sys
+
+    cmd = " ".join(["python -m bench.noise"] + sys.argv[1:])
+    result = run(torch.device("cpu"), torch.float32, "--quick" in sys.argv, cmd)
+    print(f"\nnoise on {result[0]['device']}, commit {result[0]['commit']}, torch {result[0]['torch']}\n`{cmd}`")
+    print(harness.table(result, COLUMNS))
