@@ -421,6 +421,7 @@ BK_NOISE_ENTRIES(BK_TARGET_AVX512, avx512, 64)
 #endif
 #undef BK_NOISE_ENTRIES
 
+// std == 0: only the element loads and stores (no vectors of ours), vectorized by GCC per clone.
 #define BK_SCALE_RANGE(S)                                                  \
   BK_MULTIVERSION void scale_range(S* grad, int64_t b, int64_t e, double s) { \
     Noise<16>::scale(grad, b, e, s);                                          \
