@@ -28,8 +28,10 @@ def methods(device):
     for backend in _backend.available_backends(device):
         if backend == "torch":
             continue  # the float64 reference, chunked; the stock paths stand for pure PyTorch
-        if backend == "triton" and (device.type == "cpu" or not hasattr(torch.ops.bk, "add_noise_triton")):
+        if backend == "triton" and device.type == "cpu":
             continue  # Triton's interpreter is for tests, not timing
+        if backend == "triton" and not hasattr(torch.ops.bk, "add_noise_triton"):
+            continue  # not built yet
         found[f"bk add_noise_ ({backend})"] = (
             lambda g, off, b=backend: add_noise_(g, STD, SCALE, SEED, off, backend=b), True)
     found["stock randn_like+add_+mul_"] = (stock_noise, False)
@@ -73,15 +75,27 @@ def run(device, dtype, quick, command):
             med, lo, hi = harness.time_call(call, device, budget_s=0.5 if quick else 1.0)
             medians[name] = med
             rows.append(dict(ctx, op="noise", method=name, n=n, dtype=str(dtype).split(".")[1],
-                             median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4), max_ms=round(hi * 1e3, 4),
-                             ns_per_elem=round(med / n * 1e9, 3), peak_extra_mib=round(peak / 2**20, 3),
-                             vs_stock="", vs_normal=""))
+                             median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4),
+                             max_ms=round(hi * 1e3, 4), ns_per_elem=round(med / n * 1e9, 3),
+                             peak_extra_mib=round(peak / 2**20, 3), vs_stock="", vs_normal=""))
             progress.step(f"{name} n={n}")
         for row in rows[-len(found):]:
             if row["method"].startswith("bk"):
-                row["vs_stock"] = round(medians[row["method"]] / medians["stock randn_like+add_+mul_"], 3)
-                row["vs_normal"] = round(medians[row["method"]] / medians["stock normal_ only"], 3)
+                ours = medians[row["method"]]
+                row["vs_stock"] = round(ours / medians["stock randn_like+add_+mul_"], 3)
+                row["vs_normal"] = round(ours / medians["stock normal_ only"], 3)
     return rows
 
 
-COLUMNS = ["method", "n", "median_ms", "min_ms", "max_ms", "ns_per_elem", "peak_extra_mib", "vs_stock", "vs_normal"]
+COLUMNS = ["method", "n", "median_ms", "min_ms", "max_ms", "ns_per_elem", "peak_extra_mib", "vs_stock",
+           "vs_normal"]
+
+
+if __name__ == "__main__":  # standalone, without saving: python -m bench.noise [--quick]
+    import sys
+
+    cmd = " ".join(["python -m bench.noise"] + sys.argv[1:])
+    result = run(torch.device("cpu"), torch.float32, "--quick" in sys.argv, cmd)
+    ctx = result[0]
+    print(f"\nnoise on {ctx['device']}, commit {ctx['commit']}, torch {ctx['torch']}\n`{cmd}`")
+    print(harness.table(result, COLUMNS))

@@ -34,10 +34,11 @@ def add_noise_(grad, std, scale, seed, offset, *, backend="auto"):
     std, scale, seed, offset = _check(grad, std, scale, seed, offset)
     backend = _backend.resolve(backend, grad.device, "add_noise_")
     if backend in ("cpu", "cuda"):
-        torch.ops.bk.add_noise_(grad, std, scale, seed, offset)
+        torch.ops.bk.add_noise_.default(grad, std, scale, seed, offset)
     elif backend == "triton":
         if not hasattr(torch.ops.bk, "add_noise_triton"):
-            raise NotImplementedError("add_noise_: the Triton kernel (torch.ops.bk.add_noise_triton) is not available")
+            raise NotImplementedError(
+                "add_noise_: the Triton kernel (torch.ops.bk.add_noise_triton) is not available")
         torch.ops.bk.add_noise_triton(grad, std, scale, seed, offset)
     else:
         _add_noise_torch(grad, std, scale, seed, offset)
@@ -49,7 +50,8 @@ def _check(grad, std, scale, seed, offset):
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"add_noise_: grad must be a tensor, got {type(grad).__name__}")
     if grad.dtype not in _FLOATING:
-        raise ValueError(f"add_noise_: grad must be float32, float64, float16 or bfloat16, got {grad.dtype}")
+        raise ValueError(
+            f"add_noise_: grad must be float32, float64, float16 or bfloat16, got {grad.dtype}")
     std, scale = float(std), float(scale)
     if not (math.isfinite(std) and std >= 0):
         raise ValueError(f"add_noise_: std must be finite and >= 0, got {std}")
@@ -58,7 +60,8 @@ def _check(grad, std, scale, seed, offset):
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
         raise ValueError(f"add_noise_: seed must be an int in [-2^63, 2^64), got {seed!r}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"add_noise_: offset (the first Philox counter) must be an int >= 0, got {offset!r}")
+        raise ValueError(
+            f"add_noise_: offset (the first Philox counter) must be an int >= 0, got {offset!r}")
     if offset > _INT64_MAX - grad.numel():
         raise ValueError(f"add_noise_: offset {offset} + numel {grad.numel()} overflows int64")
     seed = seed - 2**64 if seed >= 2**63 else seed  # the same 64 bits, as the op's int64

@@ -19,10 +19,6 @@
 
 #include <cstring>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BK_NOISE_X86 1
 #include <immintrin.h>
@@ -425,6 +421,7 @@ BK_NOISE_ENTRIES(BK_TARGET_AVX512, avx512, 64)
 #endif
 #undef BK_NOISE_ENTRIES
 
+// std == 0: only the element loads and stores (no vectors of ours), vectorized by GCC per clone.
 #define BK_SCALE_RANGE(S)                                                  \
   BK_MULTIVERSION void scale_range(S* grad, int64_t b, int64_t e, double s) { \
     Noise<16>::scale(grad, b, e, s);                                          \
@@ -435,29 +432,27 @@ BK_SCALE_RANGE(bf16)
 BK_SCALE_RANGE(fp16)
 #undef BK_SCALE_RANGE
 
-// Runs body(begin, end) over [0, items) split into contiguous ranges, one per thread, each
-// thread getting at least min_per_thread items.
+// Runs body(begin, end) over [0, items) in pieces of `piece` items, on at most num_threads
+// threads with at least min_per_thread items each. Pieces are handed out dynamically, so a
+// thread that starts late (a busy machine) does not hold the others up.
 template <typename Body>
-void parallel_ranges(int64_t items, int64_t min_per_thread, int num_threads, Body body) {
+void parallel_ranges(int64_t items, int64_t piece, int64_t min_per_thread, int num_threads,
+                     Body body) {
   int64_t threads = items / min_per_thread;
   if (threads > num_threads) threads = num_threads;
   if (threads <= 1) {
     body(int64_t(0), items);
     return;
   }
-#pragma omp parallel num_threads(int(threads))
-  {
-#ifdef _OPENMP
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-    const int64_t t = 0, nt = 1;
-#endif
-    body(items * t / nt, items * (t + 1) / nt);
-  }
+  const int64_t pieces = (items + piece - 1) / piece;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(int(threads))
+  for (int64_t p = 0; p < pieces; ++p) body(p * piece, p + 1 < pieces ? (p + 1) * piece : items);
 }
 
-// A thread gets at least this many chunks (8192 elements, a few microseconds of work), so
-// small tensors do not pay for starting threads.
+// Work per thread and per piece handed out, in chunks of 64 counters: a piece is 4096
+// elements (a few microseconds), and a thread gets at least two pieces, so small tensors do
+// not pay for starting threads.
+constexpr int64_t kChunksPerPiece = 64;
 constexpr int64_t kMinChunksPerThread = 128;
 
 }  // namespace
@@ -466,9 +461,16 @@ Isa best_isa() {
 #ifdef BK_NOISE_X86
   static const Isa best = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return Isa::avx512;
-    if (__builtin_cpu_supports("x86-64-v3")) return Isa::avx2;
-    return Isa::base;
+#if __GNUC__ >= 12  // the ISA levels the code is compiled for
+    const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+#else
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512cd");
+#endif
+    return v4 ? Isa::avx512 : v3 ? Isa::avx2 : Isa::base;
   }();
   return best;
 #else
@@ -533,16 +535,17 @@ template <typename scalar_t>
 void add_noise_isa(Isa isa, scalar_t* grad, int64_t n, double sd, double scale, uint64_t seed,
                    uint64_t offset, int num_threads) {
   if (n <= 0) return;
+  constexpr int64_t kChunk = 4 * kChunkBlocks;  // counters per chunk
   if (sd == 0) {
-    parallel_ranges(n, kMinChunksPerThread * kChunkBlocks * 4, num_threads,
+    parallel_ranges(n, kChunksPerPiece * kChunk, kMinChunksPerThread * kChunk, num_threads,
                     [&](int64_t b, int64_t e) { scale_range(grad, b, e, scale); });
     return;
   }
   const uint32_t key[2] = {uint32_t(seed), uint32_t(seed >> 32)};
   const int64_t head = int64_t(offset % 4);  // counters of the first block before element 0
   const uint64_t q_first = offset / 4;
-  const int64_t chunks = (n + head + 4 * kChunkBlocks - 1) / (4 * kChunkBlocks);
-  parallel_ranges(chunks, kMinChunksPerThread, num_threads, [&](int64_t b, int64_t e) {
+  const int64_t chunks = (n + head + kChunk - 1) / kChunk;
+  parallel_ranges(chunks, kChunksPerPiece, kMinChunksPerThread, num_threads, [&](int64_t b, int64_t e) {
     BK_NOISE_DISPATCH(isa, chunks, grad, n, head, q_first, key, sd, scale, b, e);
   });
 }
