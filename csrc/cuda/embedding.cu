@@ -34,8 +34,9 @@ struct Mat {
   int64_t stride_t;
 };
 
-// One (id, row) pair; key is the id mapped to an unsigned of the same order.
-struct Item {
+// One (id, row) pair; key is the id mapped to an unsigned of the same order. 16-byte aligned:
+// one vector load or store.
+struct alignas(16) Item {
   unsigned long long key;
   unsigned int row;
   unsigned int unused;
