@@ -17,12 +17,13 @@
 // global loads are issued into registers before the current step's math (register double
 // buffering), so their latency is hidden behind it.
 //  - f32, f64 (and f16/bf16 without tensor cores): SIMT, 16x16 threads, each accumulating a
-//    TM x TN register tile at rows ty + 16i, columns tx + 16j (conflict-free shared reads).
+//    TM x TN register tile at rows ty + 16i, columns tx + 16j (conflict-free shared reads):
+//    f32 128 x 128 tiles (8 x 8 per thread) when p, d >= 128, else 64 x 64; f64 64 x 64.
 //    Plain FP32/FP64 FMAs, never TF32.
 //  - f16/bf16 on sm_80+: wmma 16x16x16 with fp32 accumulators; 8 warps as 2 (rows) x 4
-//    (columns), each holding WM x WN fragments (64 x 128 tiles, 64 x 64 when d < 128). The scaled g is rounded to the input dtype
-//    for the tensor cores (as an eager `(c*g)^T a` in that dtype would); the bias uses the
-//    unrounded fp32 values.
+//    (columns), each holding WM x WN fragments: 64 x 128 tiles (64 x 64 when d < 128).
+//    The scaled g is rounded to the input dtype for the tensor cores (as an eager
+//    `(c*g)^T a` in that dtype would); the bias sums the unrounded fp32 values.
 // Every kernel fits in 128 registers, so two 256-thread blocks share a multiprocessor.
 // Loads are scalar (rows may be arbitrarily strided and pointers only element-aligned).
 #include "cuda/clipped_sum_cuda.h"
