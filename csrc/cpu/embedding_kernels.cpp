@@ -105,20 +105,21 @@ void embedding_norm(Ids2d<id_t> ids, Operand3d<scalar_t> g, out_t<scalar_t>* out
       const int64_t* ord = order.data() + b * T;
       const uint8_t* starts = new_run.data() + b * T;
       double total = 0;
-      for (int64_t i = 0, j; i < kept[b]; i = j) {
-        for (j = i + 1; j < kept[b] && !starts[j]; ++j) {
-        }
+      for (int64_t i = 0; i < kept[b];) {
+        int64_t j = i + 1;  // positions ord[i .. j) share one id
+        while (j < kept[b] && !starts[j]) ++j;
         const scalar_t* first = base + ord[i] * g.stride_t;
         if (j == i + 1) {  // an id seen once (the common case): its row's own square norm
           total += sum_squares_of_row<A>(first, n);
-          continue;
+        } else {
+          for (int64_t k = 0; k < n; ++k) run_sum[k] = load(first[k]);
+          for (int64_t r = i + 1; r < j; ++r) {
+            const scalar_t* row = base + ord[r] * g.stride_t;
+            for (int64_t k = 0; k < n; ++k) run_sum[k] += load(row[k]);
+          }
+          total += sum_squares(run_sum.data(), n);
         }
-        for (int64_t k = 0; k < n; ++k) run_sum[k] = load(first[k]);
-        for (int64_t r = i + 1; r < j; ++r) {
-          const scalar_t* row = base + ord[r] * g.stride_t;
-          for (int64_t k = 0; k < n; ++k) run_sum[k] += load(row[k]);
-        }
-        total += sum_squares(run_sum.data(), n);
+        i = j;
       }
       partial[item] = total;
     }
