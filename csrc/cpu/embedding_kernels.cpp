@@ -25,6 +25,8 @@ using acc_t = out_t<scalar_t>;
 
 // Columns per work item: a multiple of the widest vector, a few rows of g per cache line run.
 constexpr int64_t kBlock = 128;
+// Below this many elements of g, threads cost more than they save: one thread does it all.
+constexpr int64_t kParallelMin = int64_t(1) << 15;
 // Lanes of the partial sums of squares (so that the compiler keeps them in vector registers).
 constexpr int64_t kLanes = 16;
 
@@ -73,7 +75,7 @@ void embedding_norm(Ids2d<id_t> ids, Operand3d<scalar_t> g, out_t<scalar_t>* out
   std::vector<int64_t> order(static_cast<size_t>(B * T));
   std::vector<uint8_t> new_run(static_cast<size_t>(B * T));
   std::vector<int64_t> kept(static_cast<size_t>(B));
-#pragma omp parallel
+#pragma omp parallel if (B * T * d >= kParallelMin)
   {
     std::vector<std::pair<int64_t, int64_t>> keys;
 #pragma omp for schedule(dynamic, 1)
@@ -94,7 +96,7 @@ void embedding_norm(Ids2d<id_t> ids, Operand3d<scalar_t> g, out_t<scalar_t>* out
   // 2. Per (example, column block): the square-summed run sums of its columns.
   const int64_t n_blocks = std::max<int64_t>(1, ceil_div(d, kBlock));
   std::vector<double> partial(size_t(B * n_blocks), 0.0);
-#pragma omp parallel
+#pragma omp parallel if (B * T * d >= kParallelMin)
   {
     std::vector<A> run_sum(kBlock);
 #pragma omp for schedule(dynamic, 1)
@@ -105,20 +107,21 @@ void embedding_norm(Ids2d<id_t> ids, Operand3d<scalar_t> g, out_t<scalar_t>* out
       const int64_t* ord = order.data() + b * T;
       const uint8_t* starts = new_run.data() + b * T;
       double total = 0;
-      for (int64_t i = 0, j; i < kept[b]; i = j) {
-        for (j = i + 1; j < kept[b] && !starts[j]; ++j) {
-        }
+      for (int64_t i = 0; i < kept[b];) {
+        int64_t j = i + 1;  // positions ord[i .. j) share one id
+        while (j < kept[b] && !starts[j]) ++j;
         const scalar_t* first = base + ord[i] * g.stride_t;
         if (j == i + 1) {  // an id seen once (the common case): its row's own square norm
           total += sum_squares_of_row<A>(first, n);
-          continue;
+        } else {
+          for (int64_t k = 0; k < n; ++k) run_sum[k] = load(first[k]);
+          for (int64_t r = i + 1; r < j; ++r) {
+            const scalar_t* row = base + ord[r] * g.stride_t;
+            for (int64_t k = 0; k < n; ++k) run_sum[k] += load(row[k]);
+          }
+          total += sum_squares(run_sum.data(), n);
         }
-        for (int64_t k = 0; k < n; ++k) run_sum[k] = load(first[k]);
-        for (int64_t r = i + 1; r < j; ++r) {
-          const scalar_t* row = base + ord[r] * g.stride_t;
-          for (int64_t k = 0; k < n; ++k) run_sum[k] += load(row[k]);
-        }
-        total += sum_squares(run_sum.data(), n);
+        i = j;
       }
       partial[item] = total;
     }
@@ -190,7 +193,7 @@ void embedding_clipped_sum(const EmbeddingSegments& segs, Operand3d<scalar_t> g,
   using S = std::conditional_t<std::is_same_v<weight_t, double>, double, A>;
   const int64_t n_blocks = ceil_div(d, kBlock);
   const int64_t n_items = segs.count * n_blocks;
-#pragma omp parallel
+#pragma omp parallel if (segs.starts[segs.count] * d >= kParallelMin)
   {
     std::vector<A> acc(kBlock);
 #pragma omp for schedule(dynamic, 4)

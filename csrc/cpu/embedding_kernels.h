@@ -29,8 +29,8 @@ struct Padding {
 
 // out[b] = sum_{s,t} [ids_s = ids_t, not padding] <g_s, g_t> = ||example b's weight grad||^2.
 // g: [B, T, d] with its last dimension contiguous. Per example: sort (id, t) pairs, sum g over
-// each run of equal ids, square-sum the run sums: O(T log T + T d), workspace O(B T + d) per
-// thread. The summation order is fixed, so the result does not depend on the thread count.
+// each run of equal ids, square-sum the run sums: O(T log T + T d); extra memory O(B T).
+// The summation order is fixed, so the result does not depend on the thread count.
 template <typename id_t, typename scalar_t>
 void embedding_norm(Ids2d<id_t> ids, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                     int64_t T, int64_t d, Padding padding);

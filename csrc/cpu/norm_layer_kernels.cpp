@@ -25,6 +25,9 @@ constexpr int64_t kColChannels = 8;
 constexpr int64_t kLanes = 16;
 constexpr int64_t kColPositions = 64 * kLanes;
 
+// Below this many elements, threads cost more than they save: one thread does it all.
+constexpr int64_t kParallelMin = int64_t(1) << 15;
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Channels [c0, c0 + n) of example b, position by position. Contig: stride_c == 1 for both.
@@ -117,7 +120,7 @@ void run(Strided3d<scalar_t> x, Strided3d<scalar_t> g, out_t<scalar_t>* gw, out_
   const int64_t block = channel_major ? kColChannels : kRowChannels;
   const int64_t n_blocks = std::max<int64_t>(1, ceil_div(C, block));
   std::vector<double> partial(size_t(B * n_blocks), 0.0);
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (B * T * C >= kParallelMin)
   for (int64_t item = 0; item < B * n_blocks; ++item) {
     const int64_t b = item / n_blocks, c0 = (item % n_blocks) * block;
     const int64_t n = std::min(block, C - c0);

@@ -213,6 +213,8 @@ void check_embedding_all(const char* name, double tol) {
       {1, 64, 8, 3, 0, 3},    {5, 3, 0, 4, -1, 0},
       // V far above 8 * B * T: the comparison-sort path of embedding_segments
       {2, 7, 19, 100000, 5, 1},
+      // large enough for the kernels to use threads (the thread-count checks mean something)
+      {8, 64, 300, 3, 1, 0},
   };
   for (const auto& e : cases) check_embedding<I, S>(name, e, tol);
 }
@@ -323,7 +325,8 @@ void check_norm_layer(const char* name, double tol, int64_t B, int64_t T, int64_
 template <typename S>
 void check_norm_layer_all(const char* name, double tol) {
   const int64_t shapes[][3] = {{0, 4, 3}, {1, 1, 1},    {2, 0, 5},    {3, 37, 123},
-                               {2, 1, 300}, {1, 2000, 5}, {4, 130, 17}, {2, 5, 0}};
+                               {2, 1, 300}, {1, 2000, 5}, {4, 130, 17}, {2, 5, 0},
+                               {4, 300, 77}};  // the last one large enough for threads
   for (const auto& s : shapes)
     for (int xl = 0; xl < 3; ++xl)
       for (int gl = 0; gl < 3; ++gl)

@@ -233,7 +233,8 @@ def test_opcheck(dtype, device):
         ids, g = make_inputs(B, T, d, V, dtype, device, "contiguous")
         c = torch.rand(B, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         torch.library.opcheck(torch.ops.bk.embedding_norm.default, (ids, g, padding_idx))
-        torch.library.opcheck(torch.ops.bk.embedding_norm.default, (ids.int(), g.transpose(0, 1).contiguous().transpose(0, 1), padding_idx))
+        batch_inner = g.transpose(0, 1).contiguous().transpose(0, 1)
+        torch.library.opcheck(torch.ops.bk.embedding_norm.default, (ids.int(), batch_inner, padding_idx))
         for det in (False, True):
             torch.library.opcheck(torch.ops.bk.embedding_clipped_sum.default, (ids, g, c, V, padding_idx, det))
             for out_dtype in (torch.float32, dtype):
