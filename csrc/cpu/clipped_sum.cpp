@@ -6,8 +6,8 @@ namespace bk {
 namespace {
 
 template <typename scalar_t, typename kernel_scalar_t>
-void run(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, at::Tensor& w,
-         c10::optional<at::Tensor>& b) {
+void run(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, const at::Tensor& w,
+         const c10::optional<at::Tensor>& b) {
   using A = cpu::out_t<kernel_scalar_t>;
   static_assert(sizeof(scalar_t) == sizeof(kernel_scalar_t));
   const auto* a_ptr = reinterpret_cast<const kernel_scalar_t*>(a.const_data_ptr<scalar_t>());
@@ -20,8 +20,8 @@ void run(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, at::Tens
 
 // Adds sum_b c_b g_b^T a_b into w (and sum_b c_b sum_t g_b,t into b), which hold the
 // accumulation dtype and are contiguous.
-void accumulate(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, at::Tensor& w,
-                c10::optional<at::Tensor> b) {
+void accumulate(const at::Tensor& a, const at::Tensor& g, const at::Tensor& c, const at::Tensor& w,
+                const c10::optional<at::Tensor>& b) {
   switch (a.scalar_type()) {
     case at::kDouble: run<double, double>(a, g, c, w, b); break;
     case at::kFloat: run<float, float>(a, g, c, w, b); break;
@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> clipped_sum_cpu(const at::Tensor& a_in, const
   return {w, b};
 }
 
-void clipped_sum_cpu_(at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias,
+// Mutable arguments as const references: the signature every backend registers must match.
+void clipped_sum_cpu_(const at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias,
                       const at::Tensor& a_in, const at::Tensor& g_in, const at::Tensor& c_in) {
   const ClippedSumInputs in = prepare_clipped_sum(a_in, g_in, c_in, "bk::clipped_sum_");
   check_clipped_sum_outputs(grad_weight, grad_bias, in, "bk::clipped_sum_");
