@@ -42,7 +42,8 @@ def test_cuda_kernels_are_built_when_nvcc_is_present():
 
 
 def test_ops_are_registered_with_the_dispatcher():
-    for name in ("ghost_norm", "direct_norm"):
+    for name in ("ghost_norm", "direct_norm", "clipped_sum", "clipped_sum_", "embedding_norm",
+                 "embedding_clipped_sum", "embedding_clipped_sum_", "norm_layer_grads", "add_noise_"):
         op = getattr(torch.ops.bk, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
         if bk_kernels.build_info()["cuda"]:

@@ -134,7 +134,10 @@ void clipped_sum(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scala
   const int64_t k_step = round_up((K + splits - 1) / splits, Bk::KC);
 #pragma omp parallel
   {
-    std::vector<A> c_buf(Bk::MC * Bk::NC), ap(Bk::MC * Bk::KC), bp(Bk::KC * Bk::NC), bias_buf(Bk::MC);
+    A* const c_buf = scratch<A, 0>(Bk::MC * Bk::NC);
+    A* const ap = scratch<A, 1>(Bk::MC * Bk::KC);
+    A* const bp = scratch<A, 2>(Bk::KC * Bk::NC);
+    A* const bias_buf = scratch<A, 3>(Bk::MC);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * splits; ++item) {
       const int64_t tile_id = item / splits, split = item % splits;
@@ -144,13 +147,12 @@ void clipped_sum(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scala
       if (k0 >= k1) continue;
       // The bias rows belong to the tiles of the first column block.
       const bool with_bias = grad_bias != nullptr && n0 == 0;
-      tile(a, g, c, T, d, p, m0, m1, n0, n1, k0, k1, with_bias, c_buf.data(), ap.data(), bp.data(),
-           bias_buf.data());
+      tile(a, g, c, T, d, p, m0, m1, n0, n1, k0, k1, with_bias, c_buf, ap, bp, bias_buf);
       const int64_t nt = round_up(n1 - n0, Bk::NR);
       auto add_result = [&] {
         for (int64_t m = m0; m < m1; ++m) {
           A* out = grad_weight + m * d;
-          const A* src = c_buf.data() + (m - m0) * nt;
+          const A* src = c_buf + (m - m0) * nt;
           for (int64_t n = n0; n < n1; ++n) out[n] += src[n - n0];
         }
         if (with_bias)

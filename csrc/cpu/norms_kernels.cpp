@@ -245,21 +245,21 @@ void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* o
   if (B >= max_threads()) {
 #pragma omp parallel
     {
-      std::vector<Acc> ws(workspace_elems);
+      Acc* const ws = scratch<Acc>(workspace_elems);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < B; ++b) {
-        pack(b, ws.data());
+        pack(b, ws);
         double total = 0;
-        for (int64_t item = 0; item < n_items; ++item) total += tile(ws.data(), item);
+        for (int64_t item = 0; item < n_items; ++item) total += tile(ws, item);
         out[b] = Out(total);
       }
     }
   } else {
-    std::vector<Acc> ws(workspace_elems);
+    Acc* const ws = scratch<Acc>(workspace_elems);
     for (int64_t b = 0; b < B; ++b) {
-      pack(b, ws.data());
+      pack(b, ws);
       double total = 0;
-      const Acc* packed = ws.data();
+      const Acc* packed = ws;
 #pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
       for (int64_t item = 0; item < n_items; ++item) total += tile(packed, item);
       out[b] = Out(total);
@@ -365,22 +365,38 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
   if (B >= max_threads()) {
 #pragma omp parallel
     {
-      std::vector<A> pack(pack_size), ga(gram_size), gg(gram_size);
+      A *const pack = scratch<A, 0>(pack_size), *const ga = scratch<A, 1>(gram_size),
+              *const gg = scratch<A, 2>(gram_size);
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < B; ++b)
-        out[b] = out_t<scalar_t>(example(b, pack.data(), ga.data(), gg.data(), false));
+      for (int64_t b = 0; b < B; ++b) out[b] = out_t<scalar_t>(example(b, pack, ga, gg, false));
     }
   } else {
-    std::vector<A> pack(pack_size), ga(gram_size), gg(gram_size);
-    for (int64_t b = 0; b < B; ++b)
-      out[b] = out_t<scalar_t>(example(b, pack.data(), ga.data(), gg.data(), true));
+    A *const pack = scratch<A, 0>(pack_size), *const ga = scratch<A, 1>(gram_size),
+            *const gg = scratch<A, 2>(gram_size);
+    for (int64_t b = 0; b < B; ++b) out[b] = out_t<scalar_t>(example(b, pack, ga, gg, true));
   }
+}
+
+// T = 1 (a linear layer on [B, d] inputs): ||a_b g_b^T||^2 = ||a_b||^2 ||g_b||^2, no tiles.
+template <typename scalar_t>
+void one_position_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
+                       int64_t d, int64_t p) {
+  using A = acc_t<scalar_t>;
+  auto square_sum = [](const scalar_t* x, int64_t n) {
+    A total = 0;
+    for (int64_t k = 0; k < n; ++k) total += load(x[k]) * load(x[k]);
+    return double(total);
+  };
+#pragma omp parallel for schedule(static) if (B * (d + p) > (1 << 15))
+  for (int64_t b = 0; b < B; ++b)
+    out[b] = out_t<scalar_t>(square_sum(a.ptr + b * a.stride_b, d) * square_sum(g.ptr + b * g.stride_b, p));
 }
 
 template <typename scalar_t>
 void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                 int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
+  if (T == 1) return one_position_norm(a, g, out, B, d, p);
   const int64_t nb = round_up(std::max<int64_t>(T, 1), kGram<A>) / kGram<A>;
   const int64_t gram_values = nb * (nb + 1) / 2 * kGram<A> * kGram<A>;
   if (ghost_rows_kernel(T, d, p) || gram_values > kMaxGramValues)
@@ -393,6 +409,7 @@ template <typename scalar_t>
 void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                  int64_t T, int64_t d, int64_t p) {
   using A = acc_t<scalar_t>;
+  if (T == 1) return one_position_norm(a, g, out, B, d, p);
   const int64_t ldx = round_up(std::max<int64_t>(d, 1), kRowsD);
   const int64_t ldy = round_up(std::max<int64_t>(p, 1), kColsD<A>);
   const int64_t n_j = ldx / kRowsD, n_k = ldy / kColsD<A>;

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu/norms_kernels.h"
 
@@ -66,6 +67,16 @@ inline float load(float x) { return x; }
 inline double load(double x) { return x; }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// A per-thread scratch buffer of at least n elements that lives as long as the thread, so a
+// kernel called every step does not map (and page-fault in) fresh memory each call. `slot`
+// tells apart buffers used at the same time. Contents are unspecified.
+template <typename A, int slot = 0>
+A* scratch(size_t n) {
+  thread_local std::vector<A> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
 
 }  // namespace simd
 }  // namespace cpu
