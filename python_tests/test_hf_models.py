@@ -80,14 +80,15 @@ def bert_loss(model, batch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bert(backend):
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
+def test_bert(style, backend):
     config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=24, max_position_embeddings=16, type_vocab_size=2,
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
     torch.manual_seed(1)
     model = transformers.BertForSequenceClassification(config).to(DT)
     inputs = {"ids": torch.randint(0, 30, (3, 6)), "y": torch.randint(0, 3, (3,))}
-    check_model(model, bert_loss, inputs, style="all-layer", backend=backend)
+    check_model(model, bert_loss, inputs, style=style, backend=backend)
 
 
 class TinyViT(nn.Module):

@@ -1,5 +1,7 @@
 """Whole models after bk.convert: one private step equals the per-example reference (float64,
 one backward per example), for every clipping style and backend that runs here."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -195,3 +197,61 @@ def test_cross_attention_uses_disjoint_blocks_of_in_proj():
 
     inputs = {"x": torch.randn(3, 7, 8, dtype=DT), "y": torch.randint(0, 2, (3,))}
     check_model(Cross(), classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+def test_groups_of_parameter_names_are_clipping_units():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).to(DT)
+    groups = [["0.weight", "0.bias", "4.bias"], ["2.weight", "2.bias"], ["4.weight"]]
+    inputs = {"x": torch.randn(5, 5, dtype=DT), "y": torch.randint(0, 3, (5,))}
+    check_model(model, classification_loss, inputs, style=groups, backend="cpu", units=groups, R=0.4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_on_inputs_with_more_than_three_dims(backend):
+    """Positions are every dim between the batch and the features: [B, H, W, d]."""
+    torch.manual_seed(8)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix, self.head = nn.Linear(3, 5, dtype=DT), nn.Linear(5, 2, dtype=DT)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mix(x)).mean((1, 2)))
+
+    inputs = {"x": torch.randn(4, 3, 2, 3, dtype=DT), "y": torch.randint(0, 2, (4,))}
+    check_model(Model(), classification_loss, inputs, style="layer-wise", backend=backend)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+def test_tied_weights_at_every_length_and_mode(mode):
+    """The ghost/direct choice is made per call from T (here it flips between T=3 and T=12), and
+    a tied weight's cross terms hold whichever form each use takes."""
+    torch.manual_seed(9)
+    model = LlamaBlock().to(DT)
+    for T in (3, 12):
+        inputs = {"ids": torch.randint(0, 23, (2, T))}
+        check_model(model, lm_loss, inputs, style="all-layer", backend="cpu", mode=mode)
+
+
+def test_one_engine_across_sequence_lengths():
+    """Two steps of one engine at different T equal two reference steps."""
+    torch.manual_seed(10)
+    reference = LlamaBlock().to(DT)
+    model = bk.convert(copy.deepcopy(reference))
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=0.0, max_grad_norm=0.5)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
+    units = [[n for n, _ in reference.named_parameters()]]
+    for T in (4, 15):
+        inputs = {"ids": torch.randint(0, 23, (2, T))}
+        want = expected_update(per_example_grads(reference, lm_loss, inputs), units, 0.5, "abadi", 3)
+        with torch.no_grad():
+            for name, p in reference.named_parameters():
+                p += want[name]
+        opt.zero_grad()
+        lm_loss(model, inputs).mean().backward()
+        opt.step()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)

@@ -38,10 +38,20 @@ class DenseUse:
         return self.grads
 
     def cross(self, other):
+        mine = self.grads
+        if isinstance(other, LinearUse) and other.rows is None:
+            # <G, g^T a> = sum_t g_t . (G a_t), G in the parameter's layout
+            weight = mine.transpose(1, 2) if other.transposed else mine  # [B, p, d]
+            return torch.einsum("bpd,btd,btp->b", weight, other.a.to(mine.dtype), other.g.to(mine.dtype))
+        if isinstance(other, EmbeddingUse):
+            # <G, E> = sum_t [ids_t valid] G[ids_t] . g_t
+            ids = other.ids.long()
+            picked = mine.gather(1, ids[:, :, None].expand(-1, -1, mine.shape[2]))  # [B, T, d]
+            return ((picked * other.g.to(mine.dtype)).sum(2) * other._mask(ids)).sum(1)
         theirs = other.per_example()
         if theirs is None:
             raise UnsupportedSharingError(f"cross term between {type(self).__name__} and {type(other).__name__}")
-        return (self.grads.flatten(1) * theirs.to(self.grads.dtype).flatten(1)).sum(1)
+        return (mine.flatten(1) * theirs.to(mine.dtype).flatten(1)).sum(1)
 
     def add_clipped(self, grad, c, backend):
         grad.add_(torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1).to(grad.dtype))
@@ -128,6 +138,8 @@ class EmbeddingUse:
                 picked = gl.gather(2, ids[:, None, :].expand(-1, gl.shape[1], -1))  # [b, T_l, T_e]
                 return ((a @ ge.mT) * picked * self._mask(ids)[:, None, :]).sum((1, 2))
             return _chunked_cross(self, other, pair, first=("ids", "g"), second=("a", "g"))
+        if isinstance(other, DenseUse):
+            return other.cross(self)
         raise UnsupportedSharingError(f"cross term between an embedding use and {type(other).__name__}")
 
     def add_clipped(self, grad, c, backend):

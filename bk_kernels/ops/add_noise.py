@@ -36,9 +36,8 @@ def add_noise_(grad, std, scale, seed, offset, *, backend="auto"):
     if backend in ("cpu", "cuda"):
         torch.ops.bk.add_noise_.default(grad, std, scale, seed, offset)
     elif backend == "triton":
-        if not hasattr(torch.ops.bk, "add_noise_triton"):
-            raise NotImplementedError(
-                "add_noise_: the Triton kernel (torch.ops.bk.add_noise_triton) is not available")
+        from . import triton_noise  # noqa: F401  (registers torch.ops.bk.add_noise_triton)
+
         torch.ops.bk.add_noise_triton(grad, std, scale, seed, offset)
     else:
         _add_noise_torch(grad, std, scale, seed, offset)

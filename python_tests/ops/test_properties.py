@@ -110,3 +110,20 @@ def test_norm_layer_grads(case, backend):
     xhat = make_norm_operand(B, T, C, dtype, "cpu", layout, gen)
     g = make_norm_operand(B, T, C, dtype, "cpu", layout, gen)
     assert_grads_close(ops.norm_layer_grads(xhat, g, bias, backend=backend), xhat, g, bias)
+
+
+@SETTINGS
+@given(n=st.integers(0, 5000), dtype=DTYPES, std=st.sampled_from([0.0, 0.3, 2.0]),
+       offset=st.integers(0, 2**40).map(lambda o: o // 4 * 4), seed=st.integers(-2**63, 2**63 - 1),
+       backend=backends_here())
+def test_add_noise(n, dtype, std, offset, seed, backend):
+    """The fused noise equals the float64 Philox reference, whatever the size, dtype and counters."""
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    want = ops.add_noise_ref(grad, std, 0.25, seed, offset)
+    got = grad.clone()
+    ops.add_noise_(got, std, 0.25, seed, offset, backend=backend)
+    # The noise is drawn in float32 (its log/cos good to ~1e-5 relative even in the tails), then
+    # the sum rounded once into grad's dtype.
+    z = ((want.double() / 0.25 - grad.double()) / std) if std else torch.zeros(n, dtype=torch.float64)
+    bound = 2e-5 * std * 0.25 * (1 + z.abs()) + torch.finfo(dtype).eps * want.double().abs()
+    assert ((got.double() - want.double()).abs() <= bound).all()
