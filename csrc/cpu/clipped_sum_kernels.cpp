@@ -68,12 +68,12 @@ struct RowCursor {
   int64_t t(int64_t r) const { return r % T; }
 };
 
-// One work item: C rows [m0, m1), columns [n0, n1), K rows [k0, k1).
+// One work item: C rows [m0, m1) (up to kGroup blocks of MC), columns [n0, n1), K rows
+// [k0, k1). Each KC-row block of diag(c) a is packed once and serves every MC block of rows.
 template <typename scalar_t>
 void tile(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scalar_t>* c, int64_t T,
-          int64_t d, int64_t p, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0,
-          int64_t k1, bool with_bias, out_t<scalar_t>* c_buf, out_t<scalar_t>* ap,
-          out_t<scalar_t>* bp, out_t<scalar_t>* bias_buf) {
+          int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t k0, int64_t k1, bool with_bias,
+          out_t<scalar_t>* c_buf, out_t<scalar_t>* ap, out_t<scalar_t>* bp, out_t<scalar_t>* bias_buf) {
   using A = out_t<scalar_t>;
   using Bk = Blocking<A>;
   const int64_t mt = round_up(m1 - m0, Bk::MR), nt = round_up(n1 - n0, Bk::NR);
@@ -82,36 +82,38 @@ void tile(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scalar_t>* c
   if (with_bias) std::fill(bias_buf, bias_buf + mt, A(0));
   for (int64_t kb = k0; kb < k1; kb += Bk::KC) {
     const int64_t kc = std::min(Bk::KC, k1 - kb);
-    // Pack g^T: micro-panel i holds ap[i][k][0..MR) = g[row k][m0 + i*MR + ..].
-    for (int64_t k = 0; k < kc; ++k) {
-      const int64_t r = kb + k, b = rows.b(r);
-      const scalar_t* grow = g.ptr + b * g.stride_b + rows.t(r) * g.stride_t;
-      const A cb = c[b];
-      for (int64_t i = 0; i < mt; i += Bk::MR) {
-        A* dst = ap + i * kc + k * Bk::MR;
-        for (int64_t j = 0; j < Bk::MR; ++j) {
-          const int64_t m = m0 + i + j;
-          dst[j] = m < m1 ? load(grow[m]) : A(0);
-        }
-      }
-      if (with_bias)
-        for (int64_t m = m0; m < m1; ++m) bias_buf[m - m0] += cb * load(grow[m]);
-    }
     // Pack diag(c) a: micro-panel j holds bp[j][k][0..NR) = c[b] * a[row k][n0 + j*NR + ..].
     for (int64_t k = 0; k < kc; ++k) {
       const int64_t r = kb + k, b = rows.b(r);
-      const scalar_t* arow = a.ptr + b * a.stride_b + rows.t(r) * a.stride_t;
+      const scalar_t* arow = a.ptr + b * a.stride_b + rows.t(r) * a.stride_t + n0;
       const A cb = c[b];
       for (int64_t j = 0; j < nt; j += Bk::NR) {
         A* dst = bp + j * kc + k * Bk::NR;
-        const int64_t valid = std::min<int64_t>(Bk::NR, std::max<int64_t>(0, n1 - n0 - j));
-        for (int64_t q = 0; q < valid; ++q) dst[q] = cb * load(arow[n0 + j + q]);
+        const int64_t valid = std::min<int64_t>(Bk::NR, n1 - n0 - j);
+        for (int64_t q = 0; q < valid; ++q) dst[q] = cb * load(arow[j + q]);
         for (int64_t q = valid; q < Bk::NR; ++q) dst[q] = A(0);
       }
     }
-    for (int64_t j = 0; j < nt; j += Bk::NR)
-      for (int64_t i = 0; i < mt; i += Bk::MR)
-        micro_kernel(ap + i * kc, bp + j * kc, kc, c_buf + i * nt + j, nt);
+    for (int64_t mb = 0; mb < mt; mb += Bk::MC) {  // one MC block of rows of C at a time
+      const int64_t mbt = std::min(Bk::MC, mt - mb);
+      // Pack g^T: micro-panel i holds ap[i][k][0..MR) = g[row k][m0 + mb + i*MR + ..].
+      for (int64_t k = 0; k < kc; ++k) {
+        const int64_t r = kb + k, b = rows.b(r);
+        const scalar_t* grow = g.ptr + b * g.stride_b + rows.t(r) * g.stride_t + m0 + mb;
+        const int64_t valid = std::min(mbt, m1 - m0 - mb);
+        for (int64_t i = 0; i < mbt; i += Bk::MR) {
+          A* dst = ap + i * kc + k * Bk::MR;
+          for (int64_t j = 0; j < Bk::MR; ++j) dst[j] = i + j < valid ? load(grow[i + j]) : A(0);
+        }
+        if (with_bias) {
+          const A cb = c[b];
+          for (int64_t m = 0; m < valid; ++m) bias_buf[mb + m] += cb * load(grow[m]);
+        }
+      }
+      for (int64_t j = 0; j < nt; j += Bk::NR)
+        for (int64_t i = 0; i < mbt; i += Bk::MR)
+          micro_kernel(ap + i * kc, bp + j * kc, kc, c_buf + (mb + i) * nt + j, nt);
+    }
   }
 }
 
@@ -125,29 +127,35 @@ void clipped_sum(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scala
   using Bk = Blocking<A>;
   const int64_t K = B * T;
   if (K == 0 || p == 0) return;
-  const int64_t m_tiles = (p + Bk::MC - 1) / Bk::MC;
+  // Work items span up to kMaxGroup blocks of MC rows, so that a packed block of a serves
+  // several; fewer when that would leave threads idle. With fewer than two items per
+  // thread, K is split too (partial sums added under a lock), keeping splits >= 2 KC rows.
+  constexpr int64_t kMaxGroup = 4;
+  const int64_t threads = max_threads();
+  const int64_t m_blocks = (p + Bk::MC - 1) / Bk::MC;
   const int64_t n_tiles = std::max<int64_t>(1, (d + Bk::NC - 1) / Bk::NC);  // d=0: bias only
+  const int64_t kGroup = std::clamp<int64_t>(m_blocks * n_tiles / (2 * threads), 1, kMaxGroup);
+  const int64_t m_tiles = (m_blocks + kGroup - 1) / kGroup;
   const int64_t tiles = m_tiles * n_tiles;
-  // Split K when there are fewer tiles than threads, keeping each split at least a few blocks.
-  const int64_t splits =
-      std::max<int64_t>(1, std::min<int64_t>((max_threads() + tiles - 1) / tiles, K / (4 * Bk::KC)));
+  const int64_t splits = std::max<int64_t>(
+      1, std::min<int64_t>((2 * threads + tiles - 1) / tiles, K / (2 * Bk::KC)));
   const int64_t k_step = round_up((K + splits - 1) / splits, Bk::KC);
 #pragma omp parallel
   {
-    A* const c_buf = scratch<A, 0>(Bk::MC * Bk::NC);
+    A* const c_buf = scratch<A, 0>(kGroup * Bk::MC * Bk::NC);
     A* const ap = scratch<A, 1>(Bk::MC * Bk::KC);
     A* const bp = scratch<A, 2>(Bk::KC * Bk::NC);
-    A* const bias_buf = scratch<A, 3>(Bk::MC);
+    A* const bias_buf = scratch<A, 3>(kGroup * Bk::MC);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * splits; ++item) {
       const int64_t tile_id = item / splits, split = item % splits;
-      const int64_t m0 = (tile_id / n_tiles) * Bk::MC, m1 = std::min(p, m0 + Bk::MC);
+      const int64_t m0 = (tile_id / n_tiles) * kGroup * Bk::MC, m1 = std::min(p, m0 + kGroup * Bk::MC);
       const int64_t n0 = (tile_id % n_tiles) * Bk::NC, n1 = std::min(d, n0 + Bk::NC);
       const int64_t k0 = split * k_step, k1 = std::min(K, k0 + k_step);
       if (k0 >= k1) continue;
       // The bias rows belong to the tiles of the first column block.
       const bool with_bias = grad_bias != nullptr && n0 == 0;
-      tile(a, g, c, T, d, p, m0, m1, n0, n1, k0, k1, with_bias, c_buf, ap, bp, bias_buf);
+      tile(a, g, c, T, m0, m1, n0, n1, k0, k1, with_bias, c_buf, ap, bp, bias_buf);
       const int64_t nt = round_up(n1 - n0, Bk::NR);
       auto add_result = [&] {
         for (int64_t m = m0; m < m1; ++m) {
