@@ -175,7 +175,6 @@ class PrivacyEngine:
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = self
-                module._bk_calls = 0
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
 
@@ -265,9 +264,6 @@ class PrivacyEngine:
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
         uses, self_norms, recorders = self._uses, self._self_norms, self._recorders
         self._reset_backward_state()
-        for module in self.model.modules():
-            if isinstance(module, BKLayer):
-                module._bk_calls = 0
         if not uses:
             return
         batches = {id_p: {u.batch for u in us} for id_p, us in uses.items()}
@@ -280,7 +276,6 @@ class PrivacyEngine:
                     f"size {min(bs)} while the batch has {B} examples: its input is broadcast over the batch, so "
                     "per-example gradients cannot be told apart. Give it one row per example (for Hugging Face "
                     "GPT-2, pass position_ids of shape [B, T]).")
-        sq = None
         unit_sq = {}
         for id_p, us in uses.items():
             total = sum(self_norms[id_p])

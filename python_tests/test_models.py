@@ -242,7 +242,6 @@ def test_one_engine_across_sequence_lengths():
     model = bk.convert(copy.deepcopy(reference))
     engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=0.0, max_grad_norm=0.5)
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=1.0)
     units = [[n for n, _ in reference.named_parameters()]]
     for T in (4, 15):
         inputs = {"ids": torch.randint(0, 23, (2, T))}

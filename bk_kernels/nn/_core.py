@@ -8,21 +8,14 @@ and evaluates like the original.
 """
 import math
 
-import torch
-
 
 class BKLayer:
     """Mixin of the bk.nn layers. The engine sets `_bk_engine` while it is attached."""
 
     _bk_engine = None
-    _bk_calls = 0  # forward calls since the engine last finished a backward
 
     def _bk_trainable(self, param):
         return param is not None and param.requires_grad
-
-    def _bk_count_call(self):
-        if self._bk_engine is not None and torch.is_grad_enabled():
-            self._bk_calls += 1
 
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""

@@ -52,7 +52,6 @@ class _ConvMixin(BKLayer):
         return F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
 
     def forward(self, x):
-        self._bk_count_call()
         unbatched = x.dim() == len(self.kernel_size) + 1
         if unbatched:
             x = x.unsqueeze(0)

@@ -94,7 +94,6 @@ class _LastDimsNorm(BKLayer):
 
 class LayerNorm(_LastDimsNorm, torch.nn.LayerNorm):
     def forward(self, x):
-        self._bk_count_call()
         return _AffineNormFn.apply(x, self.weight, self.bias, self)
 
 
@@ -105,7 +104,6 @@ class RMSNorm(_LastDimsNorm, torch.nn.RMSNorm):
         return self.eps if self.eps is not None else torch.finfo(x.dtype).eps
 
     def forward(self, x):
-        self._bk_count_call()
         return _AffineNormFn.apply(x, self.weight, None, self)
 
 
@@ -144,7 +142,6 @@ class _ChannelGroupNorm(BKLayer):
 
 class GroupNorm(_ChannelGroupNorm, torch.nn.GroupNorm):
     def forward(self, x):
-        self._bk_count_call()
         return _AffineNormFn.apply(x, self.weight, self.bias, self)
 
 
@@ -158,7 +155,6 @@ class _InstanceNormMixin(_ChannelGroupNorm):
         return x.unsqueeze(0) if x.dim() == self._get_no_batch_dim() else x
 
     def forward(self, x):
-        self._bk_count_call()
         y = _AffineNormFn.apply(x, self.weight, self.bias, self)
         return y.squeeze(0) if x.dim() == self._get_no_batch_dim() else y
 

@@ -5,7 +5,6 @@ import sys
 import pytest
 import torch
 
-from bk_kernels import ops
 from bk_kernels.ops.clipped_sum import clipped_sum, clipped_sum_ref
 from bk_kernels.ops.layerwise import clipped_sum_layerwise
 from bk_kernels.ops.linear_norm import choose_mode, linear_norm, use_ghost
