@@ -54,9 +54,11 @@ from .triton_norms import (
     _check_launchable,
     _clamp_block,
     _dtype_tag,
+    _gram_tile,
     _is_interpreter,
     _kernels_interpreted,
     _out_dtype,
+    _pair_blocks,
 )
 
 __all__ = ["embedding_norm_triton", "embedding_clipped_sum_triton", "aot_compile_specs"]
@@ -103,12 +105,7 @@ def _embedding_norm_kernel(
     pid = tl.program_id(0)
     b = pid // num_pairs
     pair = (pid - b * num_pairs).to(tl.int64)
-    # Invert pair = tb (tb + 1) / 2 + sb, 0 <= sb <= tb: float sqrt, then an exact +-1 fix
-    # (the same mapping as the ghost-norm kernel, tested there).
-    tb = ((tl.sqrt((8 * pair + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
-    tb = tl.where(tb * (tb + 1) // 2 > pair, tb - 1, tb)
-    tb = tl.where((tb + 1) * (tb + 2) // 2 <= pair, tb + 1, tb)
-    sb = pair - tb * (tb + 1) // 2
+    sb, tb = _pair_blocks(pair)  # the ghost-norm kernel's mapping, tested there
 
     b64 = b.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
@@ -128,26 +125,8 @@ def _embedding_norm_kernel(
 
     if tl.sum(match.to(tl.int32)) > 0:  # most tile pairs of a long text share no id
         g_base = g_ptr + b64 * stride_gb
-        offs_k = tl.arange(0, BLOCK_K)
-        gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty)
-        for k0 in range(0, D, BLOCK_K):
-            k = k0 + offs_k
-            mk = k < D
-            k64 = k.to(tl.int64)
-            x = tl.load(
-                g_base + rs64[:, None] * stride_gt + k64[None, :] * stride_gd,
-                mask=mask_s[:, None] & mk[None, :],
-                other=0.0,
-            )
-            y = tl.load(
-                g_base + k64[:, None] * stride_gd + rt64[None, :] * stride_gt,
-                mask=mk[:, None] & mask_t[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                x = x.to(acc_ty)
-                y = y.to(acc_ty)
-            gram = tl.dot(x, y, gram, input_precision="ieee")
+        gram = _gram_tile(g_base, rs64, rt64, mask_s, mask_t, D, stride_gt, stride_gd,
+                          tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_K, UPCAST)
         val = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)
         factor = tl.where(sb == tb, 1.0, 2.0).to(acc_ty)
         tl.atomic_add(out_ptr + b, val * factor)

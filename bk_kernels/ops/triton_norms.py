@@ -51,6 +51,39 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _pair_blocks(pair):
+    """(sb, tb) with pair = tb (tb + 1) / 2 + sb, 0 <= sb <= tb: an upper-triangular block pair.
+
+    Inverted with a float sqrt (an approximate one on the GPU), then the rounding error, at
+    most +-1 for any pair index below 2^31, is fixed with exact integer arithmetic.
+    """
+    tb = ((tl.sqrt((8 * pair + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
+    tb = tl.where(tb * (tb + 1) // 2 > pair, tb - 1, tb)
+    tb = tl.where((tb + 1) * (tb + 2) // 2 <= pair, tb + 1, tb)
+    return pair - tb * (tb + 1) // 2, tb
+
+
+@triton.jit
+def _gram_tile(base, rs64, rt64, mask_s, mask_t, K, stride_t, stride_k, gram,
+               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """gram + X[rows_s, :] @ X[rows_t, :]^T over the K features of X (rows at stride_t)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        mk = k < K
+        k64 = k.to(tl.int64)
+        x = tl.load(base + rs64[:, None] * stride_t + k64[None, :] * stride_k,
+                    mask=mask_s[:, None] & mk[None, :], other=0.0)
+        y = tl.load(base + k64[:, None] * stride_k + rt64[None, :] * stride_t,
+                    mask=mk[:, None] & mask_t[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(gram.dtype)
+            y = y.to(gram.dtype)
+        gram = tl.dot(x, y, gram, input_precision="ieee")
+    return gram
+
+
+@triton.jit
 def _ghost_norm_kernel(
     a_ptr,
     g_ptr,
@@ -83,13 +116,7 @@ def _ghost_norm_kernel(
     pid = tl.program_id(0)
     b = pid // num_pairs
     pair = (pid - b * num_pairs).to(tl.int64)
-    # pair = tb * (tb + 1) / 2 + sb with 0 <= sb <= tb. Invert with a float sqrt (an
-    # approximate one on the GPU) and fix the rounding error, at most +-1 for any
-    # pair index below 2^31, with exact integer arithmetic.
-    tb = ((tl.sqrt((8 * pair + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
-    tb = tl.where(tb * (tb + 1) // 2 > pair, tb - 1, tb)
-    tb = tl.where((tb + 1) * (tb + 2) // 2 <= pair, tb + 1, tb)
-    sb = pair - tb * (tb + 1) // 2
+    sb, tb = _pair_blocks(pair)
 
     b64 = b.to(tl.int64)
     a_base = a_ptr + b64 * stride_ab
@@ -103,49 +130,11 @@ def _ghost_norm_kernel(
     rs64 = rows_s.to(tl.int64)
     rt64 = rows_t.to(tl.int64)
 
-    # Gram tile of a: [BLOCK_T, BLOCK_T] = A[rows_s, :] @ A[rows_t, :]^T
-    offs_ka = tl.arange(0, BLOCK_KA)
-    gram_a = tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty)
-    for k0 in range(0, D, BLOCK_KA):
-        ka = k0 + offs_ka
-        mka = ka < D
-        ka64 = ka.to(tl.int64)
-        x = tl.load(
-            a_base + rs64[:, None] * stride_at + ka64[None, :] * stride_ad,
-            mask=mask_s[:, None] & mka[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            a_base + ka64[:, None] * stride_ad + rt64[None, :] * stride_at,
-            mask=mka[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(acc_ty)
-            y = y.to(acc_ty)
-        gram_a = tl.dot(x, y, gram_a, input_precision="ieee")
-
-    # Gram tile of g: [BLOCK_T, BLOCK_T] = G[rows_s, :] @ G[rows_t, :]^T
-    offs_kg = tl.arange(0, BLOCK_KG)
-    gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty)
-    for k0 in range(0, P, BLOCK_KG):
-        kg = k0 + offs_kg
-        mkg = kg < P
-        kg64 = kg.to(tl.int64)
-        x = tl.load(
-            g_base + rs64[:, None] * stride_gt + kg64[None, :] * stride_gp,
-            mask=mask_s[:, None] & mkg[None, :],
-            other=0.0,
-        )
-        y = tl.load(
-            g_base + kg64[:, None] * stride_gp + rt64[None, :] * stride_gt,
-            mask=mkg[:, None] & mask_t[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            x = x.to(acc_ty)
-            y = y.to(acc_ty)
-        gram_g = tl.dot(x, y, gram_g, input_precision="ieee")
+    # Gram tiles [BLOCK_T, BLOCK_T] of a (over d) and of g (over p).
+    gram_a = _gram_tile(a_base, rs64, rt64, mask_s, mask_t, D, stride_at, stride_ad,
+                        tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_KA, UPCAST)
+    gram_g = _gram_tile(g_base, rs64, rt64, mask_s, mask_t, P, stride_gt, stride_gp,
+                        tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_KG, UPCAST)
 
     val = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     # Off-diagonal block pairs stand for both (S, T) and (T, S).
