@@ -254,3 +254,23 @@ def test_one_engine_across_sequence_lengths():
         opt.step()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_bias_only_fine_tuning_keeps_no_activations():
+    """BiTFiT: frozen weights, trainable biases. The update is exact and the linear layers save
+    no input for their frozen weights."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(False)
+    inputs = {"x": torch.randn(4, 6, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+    converted = bk.convert(copy.deepcopy(model))
+    bk.PrivacyEngine(converted, batch_size=4, sample_size=40, noise_multiplier=0.0)
+    params = {id(p) for p in converted.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        x = inputs["x"].requires_grad_(False)
+        converted[2](converted[0](x))  # the two bk linears alone, no activation function
+    assert all(id(t) in params for t in saved), [tuple(t.shape) for t in saved if id(t) not in params]
