@@ -25,10 +25,11 @@ venv: $(DEPS)
 build: $(DEPS)
 	$(PY) -m pip install --no-build-isolation -e .
 
-ctest:
-	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
-	cmake --build $(CMAKE_BUILD) -j 2
-	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+# cmake and ctest come from the pinned PyPI package, so a machine needs no system cmake.
+ctest: $(DEPS)
+	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release
+	$(VENV)/bin/cmake --build $(CMAKE_BUILD) -j 2
+	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 pytest: build
 	$(PY) -m pytest -q python_tests
