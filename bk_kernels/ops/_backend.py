@@ -1,4 +1,5 @@
 """Which implementation an op call runs on: one rule, shared by every op."""
+import functools
 import os
 
 import torch
@@ -8,6 +9,7 @@ from .. import _C
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 
+@functools.cache  # fixed for the life of the process; asked on every op call on a GPU
 def cuda_compiled():
     return bool(_C.build_info()["cuda"])
 

@@ -54,11 +54,11 @@ from .triton_norms import (
     _check_launchable,
     _clamp_block,
     _dtype_tag,
+    _example_and_pair,
     _gram_tile,
     _is_interpreter,
     _kernels_interpreted,
     _out_dtype,
-    _pair_blocks,
 )
 
 __all__ = ["embedding_norm_triton", "embedding_clipped_sum_triton", "aot_compile_specs"]
@@ -99,13 +99,7 @@ def _embedding_norm_kernel(
     b-major as in triton_norms._ghost_norm_kernel. Sums the Gram tile G_s G_t^T where the
     ids agree (and are not padding); off-diagonal pairs count twice."""
     acc_ty = out_ptr.dtype.element_ty
-    num_tb = tl.cdiv(T, BLOCK_T)
-    num_pairs = num_tb * (num_tb + 1) // 2
-
-    pid = tl.program_id(0)
-    b = pid // num_pairs
-    pair = (pid - b * num_pairs).to(tl.int64)
-    sb, tb = _pair_blocks(pair)  # the ghost-norm kernel's mapping, tested there
+    b, sb, tb = _example_and_pair(T, BLOCK_T)  # the ghost-norm kernel's mapping, tested there
 
     b64 = b.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)

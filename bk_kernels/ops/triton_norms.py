@@ -51,6 +51,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _example_and_pair(T, BLOCK_T: tl.constexpr):
+    """(b, sb, tb) of this program in a 1-D grid of B * NT (NT + 1) / 2 programs, b-major,
+    NT = cdiv(T, BLOCK_T): example b and its upper-triangular block pair sb <= tb."""
+    num_tb = tl.cdiv(T, BLOCK_T)
+    num_pairs = num_tb * (num_tb + 1) // 2
+    pid = tl.program_id(0)
+    b = pid // num_pairs
+    sb, tb = _pair_blocks((pid - b * num_pairs).to(tl.int64))
+    return b, sb, tb
+
+
+@triton.jit
 def _pair_blocks(pair):
     """(sb, tb) with pair = tb (tb + 1) / 2 + sb, 0 <= sb <= tb: an upper-triangular block pair.
 
@@ -110,13 +122,7 @@ def _ghost_norm_kernel(
     off-diagonal pairs and atomically adds it into out[b].
     """
     acc_ty = out_ptr.dtype.element_ty
-    num_tb = tl.cdiv(T, BLOCK_T)
-    num_pairs = num_tb * (num_tb + 1) // 2
-
-    pid = tl.program_id(0)
-    b = pid // num_pairs
-    pair = (pid - b * num_pairs).to(tl.int64)
-    sb, tb = _pair_blocks(pair)
+    b, sb, tb = _example_and_pair(T, BLOCK_T)
 
     b64 = b.to(tl.int64)
     a_base = a_ptr + b64 * stride_ab
