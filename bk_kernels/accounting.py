@@ -25,17 +25,27 @@ def _accountant(name):
 
 def epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp"):
     """The epsilon spent by `steps` steps at `delta`."""
+    return epsilon_of_history([[noise_multiplier, sample_rate, steps]], delta, accountant)
+
+
+def epsilon_of_history(history, delta, accountant="rdp"):
+    """The epsilon spent by the composition of [noise_multiplier, sample_rate, steps] segments."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
-    if not 0 < sample_rate <= 1:
-        raise ValueError(f"the sampling rate must lie in (0, 1], got {sample_rate!r}")
     acc = _accountant(accountant)
-    if steps == 0:
+    events = []
+    for noise_multiplier, sample_rate, steps in history:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"the sampling rate must lie in (0, 1], got {sample_rate!r}")
+        if steps == 0:
+            continue
+        if noise_multiplier == 0:
+            return math.inf
+        event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
+        events.append(dp_event.SelfComposedDpEvent(event, int(steps)))
+    if not events:
         return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    event = dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
-    acc.compose(dp_event.SelfComposedDpEvent(event, int(steps)))
+    acc.compose(dp_event.ComposedDpEvent(events))
     return float(acc.get_epsilon(delta))
 
 

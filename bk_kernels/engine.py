@@ -13,6 +13,7 @@ Flow of one step (DESIGN.md):
 """
 import math
 import os
+import types
 from collections import defaultdict
 
 import torch
@@ -90,9 +91,12 @@ class PrivacyEngine:
         self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._noise_offset = 0
         self.steps = 0
-        self._optimizer, self._original_step, self._original_zero_grad = None, None, None
+        self.skipped_steps = 0  # fp16 steps a GradScaler skipped for overflow (counted as spent)
+        self._history = []      # [[noise_multiplier, sample_rate, steps]] segments, for the accountant
+        self._optimizer, self._grad_scaler = None, None
         self._reset_backward_state()
         self._ready_for_step = False
+        self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._hooks = []
         self._attach_to_modules()
 
@@ -190,38 +194,65 @@ class PrivacyEngine:
 
     # ---------------------------------------------------------------- optimizer
 
-    def attach(self, optimizer):
-        """Makes `optimizer` private: its step() adds noise and divides by batch_size first."""
+    def attach(self, optimizer, *, grad_scaler=None):
+        """Makes `optimizer` private: its step() adds noise and divides by batch_size first.
+
+        grad_scaler: the torch.amp.GradScaler of an fp16 run (scaler.scale(loss).backward()):
+        the engine removes its scale before clipping (see _finish_backward).
+        """
         if self._optimizer is not None:
             raise RuntimeError("PrivacyEngine: already attached to an optimizer; detach() it first")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(f"PrivacyEngine: grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+        self._check_optimizer_params(optimizer)
+        if not self._hooks:  # detach() had released the modules too
+            self._attach_to_modules()
+        engine = self
+        saved = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
+        original_step, original_zero_grad = optimizer.step, optimizer.zero_grad
+
+        # Bound methods (not plain functions), so that an LR scheduler made after attach can wrap
+        # them like the class's own; once detached they pass straight through.
+        def step(opt, *args, **kwargs):
+            if engine._optimizer is opt:
+                engine._privatize()
+            return original_step(*args, **kwargs)
+
+        def zero_grad(opt, *args, **kwargs):
+            if engine._optimizer is opt:
+                engine._zero_grad()
+            return original_zero_grad(*args, **kwargs)
+
+        if getattr(original_step, "_wrapped_by_lr_sched", False):  # an LR scheduler made before attach
+            step._wrapped_by_lr_sched = True  # ... still counts our step as the optimizer's
+        optimizer.step = types.MethodType(step, optimizer)
+        optimizer.zero_grad = types.MethodType(zero_grad, optimizer)
+        self._optimizer, self._grad_scaler = optimizer, grad_scaler
+        self._installed = {"step": optimizer.step, "zero_grad": optimizer.zero_grad}
+        self._saved_methods = saved
+        return optimizer
+
+    def _check_optimizer_params(self, optimizer):
         known = {id(p) for p in self._params}
-        for group in optimizer.param_groups:
+        for i, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 if p.requires_grad and id(p) not in known:
-                    raise ValueError("PrivacyEngine: the optimizer holds a trainable parameter that is not part "
-                                     "of the model given to the engine")
-        self._optimizer = optimizer
-        self._original_step = optimizer.step
-        self._original_zero_grad = optimizer.zero_grad
-        engine = self
-
-        def step(*args, **kwargs):
-            engine._privatize()
-            return engine._original_step(*args, **kwargs)
-
-        def zero_grad(*args, **kwargs):
-            engine._reset_backward_state()
-            engine._ready_for_step = False
-            return engine._original_zero_grad(*args, **kwargs)
-
-        optimizer.step, optimizer.zero_grad = step, zero_grad
-        return optimizer
+                    raise ValueError(
+                        f"PrivacyEngine: the optimizer's param group {i} holds a trainable parameter of shape "
+                        f"{tuple(p.shape)} that is not part of the model given to the engine, so it would be "
+                        "trained without clipping or noise")
 
     def detach(self):
         """Restores the optimizer and the modules to non-private training."""
         if self._optimizer is not None:
-            del self._optimizer.step, self._optimizer.zero_grad  # back to the class's methods
-            self._optimizer = None
+            opt = self._optimizer
+            for name, installed in self._installed.items():
+                if opt.__dict__.get(name) is installed:  # else something wrapped ours: it passes through
+                    if self._saved_methods[name] is None:
+                        del opt.__dict__[name]  # back to the class's method
+                    else:
+                        setattr(opt, name, self._saved_methods[name])
+            self._optimizer, self._grad_scaler = None, None
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = None
@@ -288,13 +319,20 @@ class PrivacyEngine:
                                            f"one forward in a way not supported yet ({err})") from None
             u = self._unit_of[id_p]
             unit_sq[u] = total if u not in unit_sq else unit_sq[u] + total
-        scale = float(B) if self.loss_reduction == "mean" else 1.0  # per-example grad = scale * seen grad
+        # Per-example gradient = (batch size for a mean loss) / (GradScaler's scale) * the one seen here.
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        seen_to_true = scale / self._loss_scale()
         for u in unit_sq:
-            unit_sq[u] = unit_sq[u].double() * scale ** 2
+            unit_sq[u] = unit_sq[u].double() * seen_to_true ** 2
             if not torch.isfinite(unit_sq[u]).all():
+                if self._grad_scaler is not None:
+                    self._overflowed()
+                    return
                 raise FloatingPointError(
                     "PrivacyEngine: non-finite per-example gradient norms (the loss diverged?); no gradient was "
                     "recorded and no privacy budget was spent")
+        # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
+        # unscale_ removes before the step (and its finiteness check still sees them).
         factors = {u: torch.ops.bk.clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
                    for u, s in unit_sq.items()}
         by_id = {id(p): p for p in self._params}
@@ -307,6 +345,22 @@ class PrivacyEngine:
                 use.add_clipped(p.grad, c.to(p.device), self.backend)
         self._ready_for_step = True
 
+    def _loss_scale(self):
+        if self._grad_scaler is None or not self._grad_scaler.is_enabled():
+            return 1.0
+        return float(self._grad_scaler.get_scale())
+
+    def _overflowed(self):
+        """fp16 overflow under a GradScaler: poison every gradient so that scaler.step() skips the
+        step and scaler.update() lowers the scale, as in ordinary mixed-precision training."""
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.full_like(p, math.nan)
+            else:
+                p.grad.fill_(math.nan)
+        self._overflow = True
+        self._ready_for_step = False
+
     def _module_path(self, module):
         for path, m in self.model.named_modules():
             if m is module:
@@ -316,16 +370,28 @@ class PrivacyEngine:
     # ---------------------------------------------------------------- accounting
 
     def epsilon(self, delta=None):
-        """The epsilon spent by the steps taken so far, at `delta` (default target_delta)."""
-        return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps,
-                                  self.target_delta if delta is None else delta, self.accountant)
+        """The epsilon spent by the steps taken so far (and any a GradScaler skipped), at `delta`
+        (default target_delta)."""
+        return accounting.epsilon_of_history(self._history, self.target_delta if delta is None else delta,
+                                             self.accountant)
+
+    def _spend(self):
+        """One Poisson-subsampled Gaussian step into the accountant's history."""
+        if self._history and self._history[-1][:2] == [self.noise_multiplier, self.sample_rate]:
+            self._history[-1][2] += 1
+        else:
+            self._history.append([self.noise_multiplier, self.sample_rate, 1])
 
     # ---------------------------------------------------------------- step
 
     def _privatize(self):
+        if self._overflow:
+            raise RuntimeError("PrivacyEngine: the last backward overflowed in fp16 (non-finite per-example norms "
+                               "under the GradScaler): step with scaler.step(optimizer), which skips it")
         if not self._ready_for_step:
             raise RuntimeError("PrivacyEngine: optimizer.step() without a backward since the last step: no "
                                "parameter moved, no noise was added and no privacy budget was spent")
+        self._check_optimizer_params(self._optimizer)  # param groups may have been added since attach
         std = self.noise_multiplier * self.max_grad_norm
         for p in self._params:
             if p.grad is None:
@@ -334,9 +400,61 @@ class PrivacyEngine:
                 p.grad.div_(self.batch_size)
             else:
                 ops.add_noise_(p.grad, std, 1.0 / self.batch_size, self._seed, self._noise_offset, backend=self.backend)
+                # Philox draws 4 normals per counter: each parameter starts on a fresh counter, so no
+                # two coordinates of any step share a draw.
                 self._noise_offset += (p.numel() + 3) // 4 * 4
         self.steps += 1
+        self._spend()
         self._ready_for_step = False
+
+    def _zero_grad(self):
+        """Called by the optimizer's zero_grad: drops a pending backward; a step that the
+        GradScaler skipped for overflow is counted as spent (its batch was sampled and used)."""
+        if self._overflow:
+            self.skipped_steps += 1
+            self._spend()
+            self._overflow = False
+        self._reset_backward_state()
+        self._ready_for_step = False
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self):
+        """What a resumed run needs to continue exactly: steps, the accountant's history, the noise
+        generator's seed and position. Save it with the model's and the optimizer's state_dict.
+
+        It holds the noise seed (secure mode included): whoever has it and the released model can
+        recompute the noise, so keep checkpoints as private as the training data.
+        """
+        return {"version": 1, "steps": self.steps, "skipped_steps": self.skipped_steps,
+                "history": [list(h) for h in self._history], "noise_seed": self._seed,
+                "noise_offset": self._noise_offset, "parameters": self._parameter_signature()}
+
+    def load_state_dict(self, state):
+        """Continues the run saved by state_dict(). Validates everything before changing anything.
+        Later steps are accounted with this engine's noise_multiplier and sampling rate."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("PrivacyEngine.load_state_dict: not a state_dict() of this engine (version 1)")
+        keys = {"steps", "skipped_steps", "history", "noise_seed", "noise_offset", "parameters"}
+        if set(state) - {"version"} != keys:
+            raise ValueError(f"PrivacyEngine.load_state_dict: expected keys {sorted(keys)}, got {sorted(state)}")
+        if [tuple(x) for x in state["parameters"]] != self._parameter_signature():
+            raise ValueError("PrivacyEngine.load_state_dict: the checkpoint's trainable parameters (names and "
+                             "shapes) differ from this model's")
+        history = [list(h) for h in state["history"]]
+        for h in history:
+            if not (len(h) == 3 and h[0] >= 0 and 0 < h[1] <= 1 and isinstance(h[2], int) and h[2] > 0):
+                raise ValueError(f"PrivacyEngine.load_state_dict: bad accountant history entry {h!r}")
+        if sum(h[2] for h in history) != state["steps"] + state["skipped_steps"]:
+            raise ValueError("PrivacyEngine.load_state_dict: the accountant history does not add up to the steps")
+        self.steps, self.skipped_steps = int(state["steps"]), int(state["skipped_steps"])
+        self._history = history
+        self._seed, self._noise_offset = int(state["noise_seed"]), int(state["noise_offset"])
+        self._reset_backward_state()
+        self._ready_for_step = False
+
+    def _parameter_signature(self):
+        return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
 
 
 def _check_positive_int(value, name):

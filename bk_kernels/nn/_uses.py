@@ -25,7 +25,7 @@ class DenseUse:
     direct-mode linear layers)."""
 
     def __init__(self, grads):
-        self.grads = grads
+        self.grads = grads.to(accumulation_dtype(grads.dtype))  # 16-bit squares overflow (fp16) or round
 
     @property
     def batch(self):

@@ -2,7 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from ._core import BKLayer
+from ..ops._norm_common import accumulation_dtype
+from ._core import BKLayer, autocast_input
 from ._uses import ConvUse, DenseUse
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -14,6 +15,7 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         ctx.layer, ctx.bias = layer, bias
+        x = autocast_input(x)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # none for frozen weights
         ctx.x_shape = x.shape
         n = x.dim() - 2
@@ -29,17 +31,17 @@ class _ConvFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                g, x_or_shape, weight, None, list(layer.stride), [0] * n, list(layer.dilation), False, [0] * n,
+                g, x_or_shape, weight.to(g.dtype), None, list(layer.stride), [0] * n, list(layer.dilation), False, [0] * n,
                 layer.groups, [True, False, False])[0]
         uses = []
         if x is not None:
             uses.append((weight, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
         if bias is not None and bias.requires_grad:
-            uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim()))))))
+            uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype)))))
         if layer._bk_hand_off(uses):
             return grad_x, None, None, None
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, x_or_shape, weight, [weight.shape[0]] if bias is not None else None, list(layer.stride), [0] * n,
+            g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride), [0] * n,
             list(layer.dilation), False, [0] * n, layer.groups,
             [False, x is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]])
         return grad_x, grad_w, grad_b, None

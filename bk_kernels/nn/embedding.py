@@ -1,5 +1,7 @@
 """bk.nn.Embedding: its per-example gradient norm from the ids alone (no one-hot), its clipped
 sum by scaled scatter-add."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,8 @@ class _EmbeddingFn(torch.autograd.Function):
         if ids is None:
             return None, None, None
         d = g.shape[-1]
-        ids2 = ids.reshape(1, -1) if ids.dim() <= 1 else ids.reshape(ids.shape[0], -1)
+        # [examples, lookups per example]; sizes spelled out so a batch of 0 examples reshapes too
+        ids2 = ids.reshape(1, ids.numel()) if ids.dim() <= 1 else ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
         g3 = g.reshape(ids2.shape[0], ids2.shape[1], d)
         use = EmbeddingUse(ids2, g3, ctx.num_weights, layer.padding_idx)
         if layer._bk_hand_off([(layer.weight, use)]):

@@ -3,7 +3,8 @@ same path."""
 import torch
 import torch.nn.functional as F
 
-from ._core import BKLayer, examples_first
+from ..ops._norm_common import accumulation_dtype
+from ._core import BKLayer, autocast_input, examples_first
 from ._uses import DenseUse, LinearUse
 
 
@@ -17,6 +18,7 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, transposed, rows):
         ctx.layer, ctx.transposed, ctx.bias, ctx.rows = layer, transposed, bias, rows
+        x = autocast_input(x)
         # Frozen weights (bias-only fine-tuning) keep no activation.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         w = weight[rows] if rows is not None else weight
@@ -28,10 +30,11 @@ class _LinearFn(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         layer, transposed, bias, rows = ctx.layer, ctx.transposed, ctx.bias, ctx.rows
         w = weight[rows] if rows is not None else weight
+        w = w.to(g.dtype)  # under autocast g is 16-bit while the weight is float32
         grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
         bias_grads = None
         if bias is not None and bias.requires_grad:
-            bias_grads = examples_first(g).sum(1)  # [B, p]
+            bias_grads = examples_first(g).sum(1, dtype=accumulation_dtype(g.dtype))  # [B, p]
             if rows is not None:  # place the block inside the whole bias
                 bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)

@@ -4,6 +4,8 @@ Their per-example parameter gradients are small ([B, C]): the backward forms the
 (ops.norm_layer_grads: sum_t xhat*g and sum_t g) and keeps only those, not xhat or g.
 Normalisation is computed in float32 for 16-bit inputs (as torch does) and float64 for float64.
 """
+import math
+
 import torch
 
 from .. import ops
@@ -76,7 +78,7 @@ class _LastDimsNorm(BKLayer):
         dims = self._bk_dims(x)
         if self._bk_centered:
             mean = x.mean(dims, keepdim=True)
-            var = x.var(dims, unbiased=False, keepdim=True)
+            var = (x - mean).square().mean(dims, keepdim=True)  # two-pass; var() warns on 0 examples
             rstd = torch.rsqrt(var + self._bk_eps(x))
             return (x - mean) * rstd, rstd
         rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + self._bk_eps(x))
@@ -118,18 +120,20 @@ class _ChannelGroupNorm(BKLayer):
 
     def _bk_normalize(self, x):
         x = self._bk_batched(x)
-        N, C = x.shape[:2]
-        grouped = x.reshape(N, self._bk_groups(), -1)
+        grouped = self._bk_grouped(x)
         mean = grouped.mean(2, keepdim=True)
-        var = grouped.var(2, unbiased=False, keepdim=True)
+        var = (grouped - mean).square().mean(2, keepdim=True)  # two-pass; var() warns on 0 examples
         rstd = torch.rsqrt(var + self.eps)
         return ((grouped - mean) * rstd).view(x.shape), rstd
 
     def _bk_normalize_backward(self, xhat, rstd, g_xhat):
-        N = xhat.shape[0]
-        shape = xhat.shape
-        grouped = lambda t: t.reshape(N, self._bk_groups(), -1)  # noqa: E731
-        return _standardize_backward(grouped(xhat), rstd, grouped(g_xhat), (2,), True).view(shape)
+        grouped = self._bk_grouped
+        return _standardize_backward(grouped(xhat), rstd, grouped(g_xhat), (2,), True).view(xhat.shape)
+
+    def _bk_grouped(self, t):
+        # [N, G, C/G * positions]; sizes spelled out (no -1) so that a batch of 0 examples reshapes too
+        G = self._bk_groups()
+        return t.reshape(t.shape[0], G, t.shape[1] // G * math.prod(t.shape[2:]))
 
     def _bk_broadcast(self, param, x):
         x = self._bk_batched(x)
@@ -137,7 +141,7 @@ class _ChannelGroupNorm(BKLayer):
 
     def _bk_channels_last(self, t):
         t = self._bk_batched(t)
-        return t.reshape(t.shape[0], t.shape[1], -1).transpose(1, 2)  # [N, positions, C], a view
+        return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])).transpose(1, 2)  # [N, positions, C], a view
 
 
 class GroupNorm(_ChannelGroupNorm, torch.nn.GroupNorm):
