@@ -19,21 +19,15 @@
 
 #include <cstring>
 
+#include "cpu/simd.h"  // BK_MULTIVERSION, BK_ALWAYS_INLINE
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define BK_NOISE_X86 1
 #include <immintrin.h>
+// One body per instruction set, each at its native vector width (see above).
 #define BK_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define BK_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-// Simple element loops, vectorized by GCC for each target.
-#define BK_MULTIVERSION \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BK_MULTIVERSION
 #endif
-#define BK_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// Vectors only cross function boundaries inside always-inlined helpers.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace bk {
 namespace cpu {

@@ -20,7 +20,7 @@
 // No torch headers here on purpose (see norms_cuda.h). Half types are converted with
 // explicit intrinsics so the file builds with -D__CUDA_NO_HALF_CONVERSIONS__ and friends.
 
-#include "norms_cuda.h"
+#include "cuda/norms_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+
+#include "cuda/common.cuh"  // widen, zero, block_sum
 
 namespace bk {
 namespace cuda {
@@ -100,22 +102,6 @@ constexpr int kWmmaLd = kWmmaChunk + 8;
 static_assert(kWmmaLd % 8 == 0, "wmma ldm must be a multiple of 8 for 16-bit types");
 static_assert(kTile + 8 == kWmmaLd, "direct kernel reuses kWmmaLd for its 64-wide tiles");
 
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename scalar_t>
-__device__ __forceinline__ scalar_t zero_value();
-template <>
-__device__ __forceinline__ __half zero_value<__half>() {
-  return __ushort_as_half(static_cast<unsigned short>(0));
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>() {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(0));
-}
-
 // One [B, rows, n] operand with a typed pointer.
 template <typename scalar_t>
 struct Mat {
@@ -124,24 +110,7 @@ struct Mat {
   int64_t stride_t;
 };
 
-// Sum of `v` over the block; the result is valid in thread 0. `red` is a shared buffer of
-// >= 32 entries. Must be called by all threads; ends with a barrier so it can be reused.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* red) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? red[lane] : acc_t(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  __syncthreads();
-  return v;
-}
+using dev::block_sum;
 
 // Linear index q over the upper triangle (I <= J) of an n x n block grid, enumerated
 // column by column: q = J*(J+1)/2 + I.
@@ -182,8 +151,8 @@ __device__ __forceinline__ void gram_tile_simt(const scalar_t* __restrict__ X, i
       const int64_t k = k0 + kk;
       acc_t vs = acc_t(0), vt = acc_t(0);
       if (k < n) {
-        if (rowS + r < rows) vs = to_acc(X[(rowS + r) * stride_t + k]);
-        if (rowT + r < rows) vt = to_acc(X[(rowT + r) * stride_t + k]);
+        if (rowS + r < rows) vs = dev::widen(X[(rowS + r) * stride_t + k]);
+        if (rowT + r < rows) vt = dev::widen(X[(rowT + r) * stride_t + k]);
       }
       sS[kk][r] = vs;
       sT[kk][r] = vt;
@@ -258,7 +227,7 @@ __device__ __forceinline__ void gram_tile_wmma(const scalar_t* __restrict__ X, i
   const int warp = threadIdx.x >> 5;
   const int fr = warp / 2;                    // fragment row of the 64x64 tile
   const int fc0 = (warp % 2) * kFragsPerWarp;  // first fragment column
-  const scalar_t zero = zero_value<scalar_t>();
+  const scalar_t zero = dev::zero<scalar_t>();
 #pragma unroll
   for (int c = 0; c < kFragsPerWarp; ++c) wmma::fill_fragment(acc[c], 0.0f);
 
@@ -368,8 +337,8 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t t = t0 + tt;
           acc_t va = acc_t(0), vg = acc_t(0);
           if (t < rows) {
-            if (j0 + cc < d) va = to_acc(A[t * a.stride_t + j0 + cc]);
-            if (k0 + cc < p) vg = to_acc(G[t * g.stride_t + k0 + cc]);
+            if (j0 + cc < d) va = dev::widen(A[t * a.stride_t + j0 + cc]);
+            if (k0 + cc < p) vg = dev::widen(G[t * g.stride_t + k0 + cc]);
           }
           sA[tt][cc] = va;
           sG[tt][cc] = vg;
@@ -423,7 +392,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x >> 5;
   const int fr = warp / 2;                    // fragment row (j direction)
   const int fc0 = (warp % 2) * kFragsPerWarp;  // first fragment column (k direction)
-  const scalar_t zero = zero_value<scalar_t>();
+  const scalar_t zero = dev::zero<scalar_t>();
 
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     const scalar_t* __restrict__ A = a.ptr + b * a.stride_b;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/noise_kernels.h"
+#include "test_util.h"
 
 using namespace bk::cpu;
 
@@ -34,20 +35,7 @@ double ulp_of(double x, double floor = std::numeric_limits<float>::min()) {
 // --- Philox ---------------------------------------------------------------------------------
 
 void test_philox_known_answers() {
-  struct Kat {
-    uint32_t ctr[4], key[2], want[4];
-  };
-  // Random123 kat_vectors, philox4x32 with 10 rounds.
-  const Kat kats[] = {
-      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
-      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
-       {0xffffffff, 0xffffffff},
-       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
-      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
-       {0xa4093822, 0x299f31d0},
-       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
-  };
-  for (const Kat& k : kats) {
+  for (const bk::test::PhiloxKat& k : bk::test::kPhiloxKats) {
     uint32_t out[4];
     philox4x32_10(k.ctr, k.key, out);
     if (std::memcmp(out, k.want, sizeof(out)) != 0) {

@@ -9,20 +9,11 @@
 
 #include "cpu/norms_kernels.h"
 #include "cuda/norms_cuda.h"
+#include "cuda_check.h"
 
 namespace {
 
 int failures = 0;
-
-#define CHECK_CUDA(call)                                                          \
-  do {                                                                            \
-    cudaError_t err_ = (call);                                                    \
-    if (err_ != cudaSuccess) {                                                    \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, \
-                  __LINE__);                                                      \
-      std::exit(1);                                                               \
-    }                                                                             \
-  } while (0)
 
 template <typename S>
 void check(bk::cuda::DType dtype, const char* name, double tol, int64_t B, int64_t T, int64_t d,

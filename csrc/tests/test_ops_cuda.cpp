@@ -20,6 +20,8 @@
 #include "cuda/embedding_cuda.h"
 #include "cuda/noise_cuda.h"
 #include "cuda/norm_layer_cuda.h"
+#include "cuda_check.h"
+#include "test_util.h"
 
 namespace {
 
@@ -28,16 +30,6 @@ using bk::cpu::fp16;
 namespace kc = bk::cuda;
 
 int failures = 0;
-
-#define CHECK_CUDA(call)                                                          \
-  do {                                                                            \
-    cudaError_t err_ = (call);                                                    \
-    if (err_ != cudaSuccess) {                                                    \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(err_), __FILE__, \
-                  __LINE__);                                                      \
-      std::exit(1);                                                               \
-    }                                                                             \
-  } while (0)
 
 // Counts a failure; prints the first few of each test case.
 struct Case {
@@ -470,19 +462,7 @@ void philox_ref(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]) {
 // The reference itself against Random123's known-answer vectors (philox4x32, 10 rounds).
 void test_philox_reference() {
   Case cs("philox4x32_10 known answers");
-  struct Kat {
-    uint32_t ctr[4], key[2], want[4];
-  };
-  const Kat kats[] = {
-      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8}},
-      {{0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff},
-       {0xffffffff, 0xffffffff},
-       {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd}},
-      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
-       {0xa4093822, 0x299f31d0},
-       {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1}},
-  };
-  for (const Kat& k : kats) {
+  for (const bk::test::PhiloxKat& k : bk::test::kPhiloxKats) {
     uint32_t out[4];
     philox_ref(k.ctr, k.key, out);
     cs.expect(std::memcmp(out, k.want, sizeof(out)) == 0, "got %08x %08x %08x %08x", out[0], out[1],
