@@ -111,7 +111,8 @@ def _repeated(g):
     ("last example never sampled", lambda g: _poisson(g, torch.cat([torch.full((N - 1,), Q, dtype=DT),
                                                                    torch.zeros(1, dtype=DT)])),
      "an example's inclusion count"),
-    ("rates 0.8q / 1.2q, right on average", lambda g: _poisson(g, Q * torch.tensor([0.8, 1.2], dtype=DT).repeat(N // 2)),
+    ("rates 0.8q / 1.2q, right on average",
+     lambda g: _poisson(g, Q * torch.tensor([0.8, 1.2], dtype=DT).repeat(N // 2)),
      "spread of the inclusion counts"),
     ("each batch twice in a row", _repeated, "correlation between consecutive batches"),
 ])
@@ -310,7 +311,8 @@ def test_micro_batches_cover_the_batch_in_order_with_views():
 
 def test_micro_batches_keep_the_structure():
     Pair = namedtuple("Pair", "x y")
-    batch = {"a": torch.arange(7), "b": (torch.zeros(7, 2), [torch.ones(7, 1, 1)]), "p": Pair(torch.arange(7), torch.arange(7))}
+    batch = {"a": torch.arange(7), "b": (torch.zeros(7, 2), [torch.ones(7, 1, 1)]),
+             "p": Pair(torch.arange(7), torch.arange(7))}
     chunks = list(data.micro_batches(batch, 3))
     assert len(chunks) == 3
     for c, (lo, hi) in zip(chunks, [(0, 3), (3, 6), (6, 7)]):
@@ -370,7 +372,8 @@ def test_micro_batched_step_equals_the_whole_batch_step(reduction):
     loss = (lambda out, t: F.cross_entropy(out, t, reduction=reduction))
     for noise in (0.0, 1.0):
         whole, micro = bk.convert(copy.deepcopy(base)), bk.convert(copy.deepcopy(base))
-        (e_whole, o_whole), (e_micro, o_micro) = _engine(whole, reduction, noise, 8), _engine(micro, reduction, noise, 8)
+        e_whole, o_whole = _engine(whole, reduction, noise, 8)
+        e_micro, o_micro = _engine(micro, reduction, noise, 8)
         loss(whole(x), y).backward()
         o_whole.step()
         n_chunks = 0
