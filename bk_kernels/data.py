@@ -72,10 +72,9 @@ def poisson_loader(dataset, sample_rate=None, batch_size=None, *, generator=None
 
     One epoch (one pass of `for batch in loader`, and len(loader)) is round(1/q) steps; each step
     draws a fresh, independent sample, so an example may appear in several batches of an epoch or
-    in none. The number of steps is fixed, not random, as the accountant counts it. To train for E
-    epochs of this loader, plan PrivacyEngine(steps=E * len(loader), ...): its epochs=E plans
-    ceil(E * N / batch_size) steps, which can differ by a few (engine.epsilon() counts the steps
-    actually taken either way).
+    in none. The number of steps is fixed, not random, as the accountant counts it.
+    PrivacyEngine(epochs=E, ...) plans E * round(N / batch_size) steps: E epochs of this loader
+    (engine.epsilon() counts the steps actually taken either way).
 
     Empty batches happen (probability (1-q)^N) and are yielded, not skipped, with the structure,
     dtypes and trailing shapes of a real batch and a first dimension of 0 (built by collating

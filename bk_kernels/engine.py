@@ -64,7 +64,8 @@ class PrivacyEngine:
         if target_epsilon is not None:
             if (epochs is None) == (steps is None):
                 raise ValueError("PrivacyEngine: with target_epsilon, give exactly one of epochs and steps")
-            planned = steps if steps is not None else math.ceil(epochs * sample_size / batch_size)
+            # An epoch of bk.data.poisson_loader is round(1/q) steps.
+            planned = steps if steps is not None else epochs * max(1, round(sample_size / batch_size))
             delta = target_delta if target_delta is not None else 1.0 / sample_size ** 1.1
             try:
                 noise_multiplier = accounting.calibrate_noise_multiplier(target_epsilon, self.sample_rate, planned,

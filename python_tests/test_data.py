@@ -390,3 +390,14 @@ def test_micro_batched_step_equals_the_whole_batch_step(reduction):
                 assert _rel(pm.detach() - pb.detach(), w) < 1e-9
         if noise > 0:
             assert e_micro.epsilon() == e_whole.epsilon() == accounting.epsilon(1.0, 0.08, 1, e_whole.target_delta)
+
+
+def test_engine_epochs_plan_as_many_steps_as_epochs_of_the_loader():
+    """N / batch_size = 2.6: an epoch of the loader is round(2.6) = 3 steps, and epochs=3 must
+    calibrate the noise for 9 steps (ceil(3 * 2.6) = 8 would overshoot the target)."""
+    loader = data.poisson_loader(TensorDataset(torch.zeros(26, 1)), batch_size=10, seed=0)
+    model = bk.convert(nn.Linear(1, 1))
+    engine = bk.PrivacyEngine(model, batch_size=10, sample_size=26, epochs=3, target_epsilon=5.0)
+    assert 3 * len(loader) == 9
+    spent = accounting.epsilon(engine.noise_multiplier, 10 / 26, 9, engine.target_delta)
+    assert 0.99 * 5.0 <= spent <= 5.0
