@@ -5,7 +5,9 @@ Each private step samples every example independently with rate q = batch_size /
 (bk_kernels.data.poisson_loader does that) and adds Gaussian noise of std sigma * R to the sum
 of gradients clipped to R: a PoissonSampled(q, Gaussian(sigma)) event, composed once per step.
 """
+import contextlib
 import functools
+import logging
 import math
 
 from dp_accounting import dp_event
@@ -13,6 +15,19 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 ACCOUNTANTS = ("rdp", "pld")
+
+
+@contextlib.contextmanager
+def _quiet_orders():
+    """dp-accounting logs a warning for every RDP order whose series does not converge (it drops
+    that order, and the epsilon stays valid); calibration probes small noise where that is common."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _accountant(name):
@@ -45,8 +60,9 @@ def epsilon_of_history(history, delta, accountant="rdp"):
         events.append(dp_event.SelfComposedDpEvent(event, int(steps)))
     if not events:
         return 0.0
-    acc.compose(dp_event.ComposedDpEvent(events))
-    return float(acc.get_epsilon(delta))
+    with _quiet_orders():
+        acc.compose(dp_event.ComposedDpEvent(events))
+        return float(acc.get_epsilon(delta))
 
 
 def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp", rel_tol=0.01):
