@@ -19,12 +19,12 @@ from collections import defaultdict
 import torch
 
 from . import accounting, ops
+from .clipping import CLIPPING_FNS, clip_factors
 from .convert import UnsupportedModuleError
 from .nn._core import BKLayer
 from .nn._uses import DenseUse, LinearUse, UnsupportedSharingError
 from .ops.linear_norm import MODES
 
-CLIPPING_FNS = ("abadi", "automatic", "normalized")
 LOSS_REDUCTIONS = ("mean", "sum")
 # A direct-mode linear layer keeps its per-example gradients when they fit this many
 # elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
@@ -334,7 +334,7 @@ class PrivacyEngine:
                     "recorded and no privacy budget was spent")
         # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
         # unscale_ removes before the step (and its finiteness check still sees them).
-        factors = {u: torch.ops.bk.clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
+        factors = {u: clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
                    for u, s in unit_sq.items()}
         by_id = {id(p): p for p in self._params}
         for id_p, us in uses.items():

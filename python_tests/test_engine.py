@@ -180,3 +180,25 @@ def test_zero_grad_discards_a_pending_backward():
     opt.zero_grad()
     with pytest.raises(RuntimeError, match="without a backward"):
         opt.step()
+
+
+@pytest.mark.parametrize("clip_fn", bk.clipping.CLIPPING_FNS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [0, 1, 7])
+def test_clipping_rule_matches_its_reference(clip_fn, dtype, B):
+    sq = (torch.rand(B, dtype=dtype) * 4) ** 2
+    if B:
+        sq[0] = 0.0  # a zero gradient: abadi keeps it, the others scale it by R / (eps or gamma)
+    got = bk.clipping.clip_factors(sq, 0.7, clip_fn, 0.05)
+    want = bk.clipping.clip_factors_ref(sq.double(), 0.7, clip_fn, 0.05)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def test_clipping_rule_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="clipping_fn must be one of"):
+        bk.clipping.clip_factors(torch.ones(2), 1.0, "soft")
+    with pytest.raises(ValueError, match="max_grad_norm must be a positive"):
+        bk.clipping.clip_factors(torch.ones(2), -1.0)
+    with pytest.raises(ValueError, match="1-d floating-point"):
+        bk.clipping.clip_factors(torch.ones(2, 2), 1.0)
