@@ -176,9 +176,47 @@ void clipped_sum(Operand3d<scalar_t> a, Operand3d<scalar_t> g, const out_t<scala
   }
 }
 
+template <typename scalar_t>
+void direct_norm_gemm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
+                      int64_t T, int64_t d, int64_t p) {
+  using A = out_t<scalar_t>;
+  using Bk = Blocking<A>;
+  const int64_t m_tiles = std::max<int64_t>(1, (p + Bk::MC - 1) / Bk::MC);
+  const int64_t n_tiles = std::max<int64_t>(1, (d + Bk::NC - 1) / Bk::NC);
+  const int64_t per_example = m_tiles * n_tiles;
+  std::vector<double> partial(size_t(B * per_example), 0.0);  // summed in order: deterministic
+  const std::vector<A> ones(size_t(B), A(1));
+#pragma omp parallel
+  {
+    A* const c_buf = scratch<A, 0>(Bk::MC * Bk::NC);
+    A* const ap = scratch<A, 1>(Bk::MC * Bk::KC);
+    A* const bp = scratch<A, 2>(Bk::KC * Bk::NC);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < B * per_example; ++item) {
+      const int64_t b = item / per_example, t_id = item % per_example;
+      const int64_t m0 = (t_id / n_tiles) * Bk::MC, m1 = std::min(p, m0 + Bk::MC);
+      const int64_t n0 = (t_id % n_tiles) * Bk::NC, n1 = std::min(d, n0 + Bk::NC);
+      if (m0 >= m1 || n0 >= n1 || T == 0) continue;
+      tile(a, g, ones.data(), T, m0, m1, n0, n1, b * T, (b + 1) * T, false, c_buf, ap, bp, nullptr);
+      // The padding of the tile is zero (zero-filled packs), so the whole buffer can be summed.
+      const int64_t n = round_up(m1 - m0, Bk::MR) * round_up(n1 - n0, Bk::NR);
+      double total = 0;
+      for (int64_t e = 0; e < n; ++e) total += double(c_buf[e]) * double(c_buf[e]);
+      partial[size_t(item)] = total;
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    double total = 0;
+    for (int64_t i = 0; i < per_example; ++i) total += partial[size_t(b * per_example + i)];
+    out[b] = out_t<scalar_t>(total);
+  }
+}
+
 #define BK_INSTANTIATE(S)                                                                       \
   template void clipped_sum<S>(Operand3d<S>, Operand3d<S>, const out_t<S>*, out_t<S>*, out_t<S>*, \
-                               int64_t, int64_t, int64_t, int64_t);
+                               int64_t, int64_t, int64_t, int64_t);                         \
+  template void direct_norm_gemm<S>(Operand3d<S>, Operand3d<S>, out_t<S>*, int64_t, int64_t,    \
+                                    int64_t, int64_t);
 BK_INSTANTIATE(float)
 BK_INSTANTIATE(double)
 BK_INSTANTIATE(bf16)

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "tests/test_util.h"
+#include "cpu/clipped_sum_kernels.h"  // direct_norm_gemm
 #include "cpu/norms_kernels.h"
 
 using namespace bk::cpu;
@@ -46,24 +47,26 @@ void check(const char* dtype, double tol, int64_t B, int64_t T, int64_t d, int64
   for (auto& x : g_buf) x = from_double<S>(normal(rng));
   Operand3d<S> a{a_buf.data(), a_sb, a_st}, g{g_buf.data(), g_sb, g_st};
   using O = out_t<S>;
-  std::vector<O> ghost(B + 1, O(-1)), direct(B + 1, O(-1));
+  std::vector<O> ghost(B + 1, O(-1)), direct(B + 1, O(-1)), gemm(B + 1, O(-1));
   ghost_norm<S>(a, g, ghost.data(), B, T, d, p);
   direct_norm<S>(a, g, direct.data(), B, T, d, p);
+  direct_norm_gemm<S>(a, g, gemm.data(), B, T, d, p);  // direct_norm's path for long, wide layers
   for (int64_t b = 0; b < B; ++b) {
     const double want = naive_norm(a, g, b, T, d, p);
     const double scale = std::max(want, 1e-300);
     const double e_ghost = std::fabs(ghost[b] - want) / scale;
     const double e_direct = std::fabs(direct[b] - want) / scale;
-    if (!(e_ghost <= tol) || !(e_direct <= tol)) {
+    const double e_gemm = std::fabs(gemm[b] - want) / scale;
+    if (!(e_ghost <= tol) || !(e_direct <= tol) || !(e_gemm <= tol)) {
       std::printf("FAIL %s B=%lld T=%lld d=%lld p=%lld pad=%lld b=%lld: want %.17g ghost %.17g "
-                  "direct %.17g\n",
+                  "direct %.17g direct by gemm %.17g\n",
                   dtype, (long long)B, (long long)T, (long long)d, (long long)p, (long long)pad,
-                  (long long)b, want, double(ghost[b]), double(direct[b]));
+                  (long long)b, want, double(ghost[b]), double(direct[b]), double(gemm[b]));
       ++failures;
     }
   }
   // Nothing past out[B-1] is written.
-  if (ghost[B] != O(-1) || direct[B] != O(-1)) {
+  if (ghost[B] != O(-1) || direct[B] != O(-1) || gemm[B] != O(-1)) {
     std::printf("FAIL %s wrote past the end of out (B=%lld)\n", dtype, (long long)B);
     ++failures;
   }
@@ -73,7 +76,8 @@ template <typename S>
 void check_all(const char* dtype, double tol) {
   const int64_t shapes[][4] = {{0, 5, 3, 2},   {1, 1, 1, 1},   {1, 37, 123, 1}, {3, 1, 123, 5},
                                {2, 37, 1, 70}, {5, 16, 16, 32}, {4, 33, 7, 33}, {1, 70, 40, 9},
-                               {3, 0, 4, 4},   {2, 3, 0, 4}};
+                               {3, 0, 4, 4},   {2, 3, 0, 4},
+                               {2, 300, 270, 200}};  // several KC, MC and NC blocks of the GEMM
   for (const auto& s : shapes)
     for (int64_t pad : {0, 5}) check<S>(dtype, tol, s[0], s[1], s[2], s[3], pad);
 }
