@@ -432,3 +432,48 @@ def test_copies_of_an_attached_model_are_not_attached():
         with pytest.raises(RuntimeError, match="without a backward"):
             opt.step()  # the original's engine saw no backward
     assert model[0]._bk_engine is engine
+
+
+class ConvAttentionNet(nn.Module):
+    """Conv2d, GroupNorm, MultiheadAttention, LayerNorm and Linear in one model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.attn, self.ln = nn.MultiheadAttention(8, 2, batch_first=True), nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.gn(self.conv(x))).flatten(2).transpose(1, 2)  # [B, 36 positions, 8]
+        h = self.ln(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(h.mean(1))
+
+
+def test_autocast_bf16_through_conv_group_norm_and_attention():
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 4, (5,))
+
+    def make(dtype):
+        torch.manual_seed(0)
+        return ConvAttentionNet().to(dtype)
+
+    def loss(m, batch):
+        return F.cross_entropy(m(batch["x"].to(next(m.parameters()).dtype)).float(), batch["y"], reduction="none")
+
+    def reference(model, autocast=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            grads = per_example_grads(model, loss, {"x": x, "y": y})
+        grads = [{n: g.double() for n, g in gr.items()} for gr in grads]
+        names = [n for n, _ in model.named_parameters()]
+        return {n: -d for n, d in expected_update(grads, [names], 0.3, "abadi", 7).items()}
+
+    model = bk.convert(make(torch.float32))
+    engine = bk.PrivacyEngine(model, batch_size=7, sample_size=70, noise_multiplier=0.0, max_grad_norm=0.3)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch_loss = loss(model, {"x": x, "y": y}).mean()
+    batch_loss.backward()
+    opt.step()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g.dtype == torch.float32 for g in got.values())
+    assert_within_eager_error(got, reference(make(DT)), reference(make(torch.float32), autocast=True))
