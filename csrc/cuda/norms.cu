@@ -449,15 +449,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------
 
 // Tensor cores for f16/bf16 need sm_80 (bf16 wmma) and can be disabled for testing.
-bool use_wmma() {
-  const char* env = std::getenv("BK_NORMS_DISABLE_WMMA");
-  if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major >= 8;
-}
+bool use_wmma() { return tensor_cores_enabled(); }
 
 dim3 make_grid(int64_t nx, int64_t B) {
   return dim3(static_cast<unsigned>(std::min(nx, kMaxGridX)),

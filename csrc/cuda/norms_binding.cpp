@@ -3,21 +3,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/binding_common.h"  // kernel_dtype
 #include "cuda/norms_cuda.h"
 #include "norms_common.h"
 
 namespace bk {
 namespace {
 
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::f32;
-    case at::kDouble: return cuda::DType::f64;
-    case at::kHalf: return cuda::DType::f16;
-    case at::kBFloat16: return cuda::DType::bf16;
-    default: TORCH_CHECK(false, "bk: unsupported dtype ", t);
-  }
-}
+using cuda_binding::kernel_dtype;
 
 using Launcher = cudaError_t (*)(cuda::DType, cuda::Operand3d, cuda::Operand3d, void*, int64_t,
                                  int64_t, int64_t, int64_t, cudaStream_t);
