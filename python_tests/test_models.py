@@ -274,3 +274,25 @@ def test_bias_only_fine_tuning_keeps_no_activations():
         x = inputs["x"].requires_grad_(False)
         converted[2](converted[0](x))  # the two bk linears alone, no activation function
     assert all(id(t) in params for t in saved), [tuple(t.shape) for t in saved if id(t) not in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_of_one_id_per_example(backend):
+    """1-D ids [B] (user or class ids) are B examples of one lookup each, on their own and in
+    front of the layers that read the [B, d] output as B examples."""
+    class Recommender(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.users, self.items = nn.Embedding(7, 5), nn.Embedding(9, 5)
+            self.out = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.out(self.users(x[:, 0]) * self.items(x[:, 1]))
+
+    torch.manual_seed(3)
+    inputs = {"x": torch.stack([torch.randint(0, 7, (6,)), torch.randint(0, 9, (6,))], 1),
+              "y": torch.randint(0, 2, (6,))}
+    check_model(Recommender().to(DT), classification_loss, inputs, style="all-layer", backend=backend)
+    only_embedding = nn.Sequential(nn.Embedding(7, 2)).to(DT)
+    check_model(only_embedding, lambda m, b: F.cross_entropy(m(b["x"][:, 0]), b["y"], reduction="none"), inputs,
+                style="all-layer", backend=backend)

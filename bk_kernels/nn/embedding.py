@@ -24,8 +24,13 @@ class _EmbeddingFn(torch.autograd.Function):
         if ids is None:
             return None, None, None
         d = g.shape[-1]
-        # [examples, lookups per example]; sizes spelled out so a batch of 0 examples reshapes too
-        ids2 = ids.reshape(1, ids.numel()) if ids.dim() <= 1 else ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
+        # [examples, lookups per example]. 1-D ids [N] are N examples of one lookup each (user or
+        # class ids), as the [N, d] output reads to the layers after it. Sizes spelled out so that
+        # a batch of 0 examples reshapes too.
+        if ids.dim() <= 1:
+            ids2 = ids.reshape(ids.numel(), 1)
+        else:
+            ids2 = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
         g3 = g.reshape(ids2.shape[0], ids2.shape[1], d)
         use = EmbeddingUse(ids2, g3, ctx.num_weights, layer.padding_idx)
         if layer._bk_hand_off([(layer.weight, use)]):
