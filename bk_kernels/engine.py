@@ -339,11 +339,14 @@ class PrivacyEngine:
         by_id = {id(p): p for p in self._params}
         for id_p, us in uses.items():
             p = by_id[id_p]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            c = factors[self._unit_of[id_p]]
+            c = factors[self._unit_of[id_p]].to(p.device)
             for use in us:
-                use.add_clipped(p.grad, c.to(p.device), self.backend)
+                if p.grad is None:  # the first sum writes the gradient (no zero fill to add into)
+                    fresh = use.clipped(c, self.backend)
+                    p.grad = fresh.to(p.dtype) if fresh is not None else torch.zeros_like(p)
+                    if fresh is not None:
+                        continue
+                use.add_clipped(p.grad, c, self.backend)
         self._ready_for_step = True
 
     def _loss_scale(self):

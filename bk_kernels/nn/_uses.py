@@ -7,7 +7,10 @@ per-example gradients themselves. The engine asks each use for
   sq_norm()       [B] ||G_b||^2,
   cross(other)    [B] <G_b, G'_b> with another use of the same parameter (tied weights,
                   a layer called twice), computed from the kept factors (cross-Gram), and
-  add_clipped(grad, c)   grad += sum_b c_b G_b.
+  add_clipped(grad, c)   grad += sum_b c_b G_b, and
+  clipped(c)             a new tensor sum_b c_b G_b in the parameter's layout (or None where
+                         only add_clipped applies): the first use of a parameter writes its
+                         gradient instead of zero-filling one and adding to it.
 All in the accumulation dtype (float64 for float64, float32 otherwise).
 """
 import torch
@@ -53,8 +56,11 @@ class DenseUse:
             raise UnsupportedSharingError(f"cross term between {type(self).__name__} and {type(other).__name__}")
         return (mine.flatten(1) * theirs.to(mine.dtype).flatten(1)).sum(1)
 
+    def clipped(self, c, backend):
+        return torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1)
+
     def add_clipped(self, grad, c, backend):
-        grad.add_(torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1).to(grad.dtype))
+        grad.add_(self.clipped(c, backend).to(grad.dtype))
 
 
 class LinearUse:
@@ -97,6 +103,11 @@ class LinearUse:
         if isinstance(other, DenseUse):
             return other.cross(self)
         raise UnsupportedSharingError(f"cross term between a linear use and {type(other).__name__}")
+
+    def clipped(self, c, backend):
+        if self.rows is not None or self.transposed:  # a block, or the [d, p] layout: add into zeros
+            return None
+        return ops.clipped_sum(self.a, self.g, c, backend=backend)[0]
 
     def add_clipped(self, grad, c, backend):
         target = grad[self.rows] if self.rows is not None else grad
@@ -142,6 +153,9 @@ class EmbeddingUse:
             return other.cross(self)
         raise UnsupportedSharingError(f"cross term between an embedding use and {type(other).__name__}")
 
+    def clipped(self, c, backend):
+        return ops.embedding_clipped_sum(self.ids, self.g, c, self.V, padding_idx=self.padding_idx, backend=backend)
+
     def add_clipped(self, grad, c, backend):
         ops.embedding_clipped_sum(self.ids, self.g, c, padding_idx=self.padding_idx, out=grad, backend=backend)
 
@@ -167,6 +181,9 @@ class ConvUse:
 
     def cross(self, other):
         raise UnsupportedSharingError("a convolution weight shared with another use")
+
+    def clipped(self, c, backend):
+        return ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, **self.args)[0]
 
     def add_clipped(self, grad, c, backend):
         ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, out=grad, **self.args)
