@@ -123,6 +123,35 @@ class Progress:
             sys.stderr.write("\n")
 
 
+class _Bar:
+    """tqdm's interface over Progress, where tqdm is not installed."""
+
+    def __init__(self, total, label):
+        self._p, self._what = Progress(total, label), ""
+
+    def update(self, n=1):
+        for _ in range(n):
+            self._p.step(self._what)
+
+    def set_postfix_str(self, what):
+        self._what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress(total, label):
+    """A progress bar (tqdm when installed) to use as `with progress(n, label) as bar: bar.update()`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Bar(total, label)
+    return tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+
 def context(device, command):
     return {
         "device": machine(device),
