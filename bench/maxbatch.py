@@ -21,7 +21,7 @@ def search(model, sizes, method, device, dtype, budget, cap=None):
     probes = []
 
     def fits(B):
-        got = models.step_memory(model, dict(sizes, B=B), method, device, dtype)
+        got = models.step_memory(model, dict(sizes, B=B), method, device, dtype, steps=1)
         gc.collect()
         if got is None:
             raise workloads.Unsupported(method)

@@ -216,6 +216,13 @@ def _opacus(w, sigma, seed, mode, fresh, check):
         if not ModuleValidator.is_valid(model):
             errors = ModuleValidator.validate(model, strict=False)
             raise Unsupported(f"Opacus ModuleValidator: {str(errors[0]).splitlines()[0]}")
+    note = ""
+    if mode == "ghost" and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # Opacus ghost clipping refuses tied weights ("Parameter tying is not supported"): it
+        # trains a copy whose LM head has its own weight (same values; one more [V, d] matrix).
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        note = "lm_head untied: Opacus ghost does not support tied weights"
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     dataset = torch.utils.data.TensorDataset(*w.inputs, w.targets)
     loader = torch.utils.data.DataLoader(dataset, batch_size=w.B)
@@ -247,6 +254,7 @@ def _opacus(w, sigma, seed, mode, fresh, check):
             w.loss(gsm).backward()
             dp_opt.step()
 
+    step.note = note
     if not check:
         return gsm, step
     try:
