@@ -32,8 +32,9 @@ SECTIONS = {
                 "mem_ratio", "note"]),
     "max_batch": ("Largest batch within a memory budget",
                   "Per method, the batch size doubles while the step memory (as above) fits the budget, then "
-                  "bisects to within 1/16; `probes` lists B:MiB.",
-                  ["config", "T", "method", "budget_gib", "max_batch", "capped", "probes", "status"]),
+                  "bisects to within 1/16, up to a largest batch tried (`capped`); `est_max_batch` extends the "
+                  "two largest fitting probes linearly to the budget; `probes` lists B:MiB.",
+                  ["config", "T", "method", "budget_gib", "max_batch", "capped", "est_max_batch", "probes", "status"]),
     "norms": ("Per-example norms",
               "Fused ghost / direct norm kernels against the stock paths (Gram matrices by bmm; per-example "
               "gradients by einsum); `peak_extra_mib` is what one call needs beyond its inputs.",
@@ -77,7 +78,7 @@ def latest(name):
 
 
 def _step(results, device):
-    return {(r["config"], r["method"]): r for r in results.get(f"models_{device}", [])}
+    return {(r["config"], r["method"]): r for r in results.get(f"models_{device}", []) if "config" in r}
 
 
 def _ms(row):

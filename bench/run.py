@@ -40,8 +40,9 @@ def main():
     parser.add_argument("--all-methods", action="store_true",
                         help="models: also the baselines left out for time (vmap and Opacus hooks at GPT-2 T=512)")
     parser.add_argument("--no-memory", action="store_true", help="models: skip the per-method memory subprocesses")
-    parser.add_argument("--memory-budget", type=float, default=2.0,
-                        help="max_batch: GiB a training step may add over the model and data (default 2)")
+    parser.add_argument("--memory-budget", type=float,
+                        help="max_batch: GiB a training step may add over the model and data (default: 2 on the "
+                             "CPU, 90%% of the free memory on a GPU)")
     parser.add_argument("--no-save", action="store_true", help="do not append to bench/results/")
     parser.add_argument("--no-plots", action="store_true", help="do not draw bench/results/*.png")
     args = parser.parse_args()
