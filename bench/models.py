@@ -4,9 +4,9 @@ Opacus hooks, Opacus ghost clipping and BK, on an MLP, a CNN, GPT-2 and a ViT.
 Timing: each method gets its own copy of the model and optimizer; after warm-up, every round
 runs one step of each method in turn (interleaved, so the machine's drift hits all alike), and
 the per-round ratio to the non-private step is reported (median, min, max over rounds). A
-method whose step takes more than SLOW times the non-private one is timed in fewer rounds
-(the row says how many).
-Memory: each method runs in its OWN subprocess (python -m bench.models --memory ...): the peak
+baseline (vmap, Opacus) whose step takes more than SLOW times the non-private one (2 times, where one round of
+all methods would exceed ROUND_BUDGET_S) is timed in 3 rounds (the row says how many).
+Memory: each method runs in its OWN subprocess (python -m bench.models --child ...): the peak
 memory two steps add over what is resident once the model and data are built (CPU: peak RSS,
 VmHWM reset through /proc/self/clear_refs, else ru_maxrss; GPU: max_memory_allocated), and its
 ratio to the non-private step's.
@@ -25,7 +25,9 @@ import torch
 
 from bench import harness, workloads
 
-SLOW = 15.0  # methods slower than this many non-private steps get SLOW_ROUNDS rounds
+SLOW = 15.0  # methods slower than this many non-private steps get 3 rounds (--quick: 2)
+BASELINES = ("vmap", "opacus hooks", "opacus ghost")  # only these get fewer rounds: never bk
+ROUND_BUDGET_S = 8.0  # ... and those slower than 2x, when one round of every method takes longer
 
 # name -> (model builder, sizes); the GPU sizes are GPT-2 small (124M) and medium (355M).
 CONFIGS = {
@@ -181,9 +183,12 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                 status[m] = "ok" + (f" ({steps[m].note})" if getattr(steps[m], "note", "") else "")
             except workloads.Unsupported as err:
                 status[m] = f"unsupported: {err}"
-        # Warm-up, which also sorts out the slow methods.
+        # Warm-up, which also sorts out the slow methods: SLOW x non-private, or only 2x where a
+        # round of every method would take more than ROUND_BUDGET_S (GPT-2 on the CPU).
         warm = {m: [timed(fn, device) for _ in range(warmup)][-1] for m, fn in steps.items()}
-        n_rounds = {m: slow_rounds if warm[m] > SLOW * warm["non-private"] else rounds for m in steps}
+        slow = SLOW if sum(warm.values()) <= ROUND_BUDGET_S else 2.0
+        n_rounds = {m: slow_rounds if m in BASELINES and warm[m] > slow * warm["non-private"] else rounds
+                    for m in steps}
         total = sum(n_rounds.values())
         times = {m: [] for m in steps}
         with harness.progress(total, f"steps {config}") as bar:

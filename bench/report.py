@@ -24,8 +24,8 @@ SECTIONS = {
                "clip, sum, noise), Opacus 1.6 hooks and ghost clipping, and bk (`bk.convert` + "
                "`bk.PrivacyEngine`): Abadi clipping of the whole gradient to R=1, noise multiplier 1.0, SGD, "
                "noise included. Rounds interleave one step of each method; `ratio` is the median per-round "
-               "time over non-private (min and max beside it); methods slower than 15x non-private get 3 "
-               "rounds. `mem_mib`: what two steps add to the peak memory over the built model and data, "
+               "time over non-private (min and max beside it); baselines slower than 15x non-private (2x where "
+               "a round of all methods takes over 8 s) get 3 rounds. `mem_mib`: what two steps add to the peak memory over the built model and data, "
                "each method in its own process (CPU: peak RSS; GPU: max_memory_allocated); `mem_ratio`: over "
                "non-private's.",
                ["config", "B", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max", "mem_mib",
@@ -68,13 +68,25 @@ PLOT_FILES = [("steps", "Step time and memory relative to non-private"),
 
 
 def latest(name):
-    """The rows of the last run appended to bench/results/<name>.jsonl (one date), or []."""
+    """The latest rows of bench/results/<name>.jsonl: the last run's, or for the per-model
+    scenarios (rows with a `config`) the newest row of each (config, method), so that runs of
+    single models (--config) add up; in the order of their first appearance."""
     path = os.path.join(harness.RESULTS, f"{name}.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["date"] == rows[-1]["date"] and r["command"] == rows[-1]["command"]] if rows else []
+    if not rows:
+        return []
+    if "config" not in rows[-1]:
+        return [r for r in rows if r["date"] == rows[-1]["date"] and r["command"] == rows[-1]["command"]]
+    newest = {}
+    for r in rows:
+        if "config" in r:
+            newest.pop((r["config"], r["method"]), None)
+            newest[(r["config"], r["method"])] = r
+    order = list(dict.fromkeys(r["config"] for r in newest.values()))
+    return sorted(newest.values(), key=lambda r: order.index(r["config"]))
 
 
 def _step(results, device):
@@ -145,7 +157,7 @@ def _note(row):
     return "" if status == "ok" else status[:90]
 
 
-def section(results):
+def section(results, note=""):
     parts = [BEGIN, "",
              "`make bench` runs `python bench/run.py` (flags: `--quick`, `--scenario NAME`, `--config MODEL`, "
              "`--memory-budget GIB`, `--device cpu|cuda`, `--dtype ...`, `--all-methods`; see `--help`): every "
@@ -154,6 +166,8 @@ def section(results):
              "`bench/results/*.csv|jsonl` and draws the plots below; `python bench/report.py` then writes this "
              "section from the latest rows. Timings are medians after warm-up (min and max beside them, to show "
              "the machine's noise)."]
+    if note:
+        parts += ["", f"**Note:** {note}"]
     checks = targets(results)
     if checks:
         parts += ["", "**Targets** (issue 6; ratios from one run, noise included):", "",
@@ -170,16 +184,14 @@ def section(results):
     for key, rows in results.items():
         scenario, device = key.rsplit("_", 1)
         title, text, columns = SECTIONS[scenario]
-        ctx = rows[0]
+        runs = list(dict.fromkeys((r["command"], r["commit"], r["date"], r["device"], r["torch"]) for r in rows))
         for r in rows:
             r.setdefault("note", _note(r))
-        medians = ""
-        if scenario == "models":
-            medians = " Per-round ratios are the median over rounds."
-        parts += ["", f"**{title}** ({device}). {text}{medians}", "",
-                  f"Run: `{ctx['command']}` at commit {ctx['commit']}, {ctx['date']}, {ctx['device']}, "
-                  f"torch {ctx['torch']}.", "", "```", harness.table(rows, [c for c in columns if c in rows[0]]),
-                  "```"]
+        parts += ["", f"**{title}** ({device}). {text}", ""]
+        parts += [f"Run: `{command}` at commit {commit}, {date}, {machine}, torch {torch}." + (
+                  f" Rows: {', '.join(sorted({r['config'] for r in rows if r['date'] == date}))}."
+                  if len(runs) > 1 else "") for command, commit, date, machine, torch in runs]
+        parts += ["", "```", harness.table(rows, [c for c in columns if c in rows[0]]), "```"]
     parts += ["", END]
     return "\n".join(parts)
 
@@ -209,6 +221,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print", action="store_true", help="print the section; write nothing")
     parser.add_argument("--no-plots", action="store_true", help="do not redraw the plots")
+    parser.add_argument("--note", default="", help="a sentence put under the heading (e.g. how quiet the machine was)")
     args = parser.parse_args()
     results = load_latest()
     if not results:
@@ -217,7 +230,7 @@ def main():
         from bench import plots
 
         plots.draw(results)
-    text = section(results)
+    text = section(results, args.note)
     if args.print:
         print(text)
         print("\n" + summary(results))
