@@ -1,5 +1,5 @@
 # make test   set up .venv, build the extension, run the C++ tests (ctest) and pytest
-# make bench  set up .venv, build the extension, run the benchmarks
+# make bench  set up .venv, build the extension, run the benchmarks (then: python bench/report.py)
 # make wheel  a wheel in dist/
 PYTHON ?= python3
 VENV   := .venv

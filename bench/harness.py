@@ -106,12 +106,25 @@ def commit():
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """A progress bar on stderr: tqdm's when installed, else a one-line bar of its own."""
 
     def __init__(self, total, label):
         self.total, self.done, self.label, self.start = total, 0, label, time.time()
+        try:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self._tqdm = None
 
     def step(self, what):
+        if self._tqdm is not None:
+            self._tqdm.set_postfix_str(what[:50], refresh=False)
+            self._tqdm.update(1)
+            self.done += 1
+            if self.done == self.total:
+                self._tqdm.close()
+            return
         self.done += 1
         width = 30
         filled = width * self.done // max(1, self.total)
@@ -121,6 +134,36 @@ class Progress:
         sys.stderr.flush()
         if self.done == self.total:
             sys.stderr.write("\n")
+
+
+class _Bar:
+    """tqdm's interface over Progress, where tqdm is not installed."""
+
+    def __init__(self, total, label):
+        self._p, self._what = Progress(total, label), ""
+        self._p._tqdm = None
+
+    def update(self, n=1):
+        for _ in range(n):
+            self._p.step(self._what)
+
+    def set_postfix_str(self, what):
+        self._what = what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def progress(total, label):
+    """A progress bar (tqdm when installed) to use as `with progress(n, label) as bar: bar.update()`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Bar(total, label)
+    return tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True, leave=True)
 
 
 def context(device, command):
@@ -138,11 +181,19 @@ def append_rows(name, rows):
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.csv")
     fields = list(rows[0])
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
+    old_rows, old_fields = [], None
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            old_fields = next(csv.reader(f), None)
+    if old_fields is not None and old_fields != fields:  # the columns changed: rewrite with both
+        with open(path, newline="") as f:
+            old_rows = list(csv.DictReader(f))
+        fields = list(dict.fromkeys(old_fields + fields))
+    with open(path, "w" if old_rows or old_fields is None else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        if old_rows or old_fields is None:
             writer.writeheader()
+            writer.writerows(old_rows)
         writer.writerows(rows)
     with open(os.path.join(RESULTS, f"{name}.jsonl"), "a") as f:
         for row in rows:

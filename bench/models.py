@@ -1,106 +1,242 @@
-"""Whole training steps: non-private autograd against BK (and, where installed, Opacus).
+"""Whole training steps: non-private autograd, naive per-example gradients (torch.func vmap),
+Opacus hooks, Opacus ghost clipping and BK, on an MLP, a CNN, GPT-2 and a ViT.
 
-Each method gets its own copy of the model and optimizer; after warm-up, every round runs one
-step of each method in turn (interleaved, so the machine's drift hits all alike), and the
-per-round ratio to the non-private step is reported (median, min, max over rounds).
+Timing: each method gets its own copy of the model and optimizer; after warm-up, every round
+runs one step of each method in turn (interleaved, so the machine's drift hits all alike), and
+the per-round ratio to the non-private step is reported (median, min, max over rounds). A
+baseline (vmap, Opacus) whose step takes more than SLOW times the non-private one (2 times, where one round of
+all methods would exceed ROUND_BUDGET_S) is timed in 3 rounds (the row says how many).
+Memory: each method runs in its OWN subprocess (python -m bench.models --child ...): the peak
+memory two steps add over what is resident once the model and data are built (CPU: peak RSS,
+VmHWM reset through /proc/self/clear_refs, else ru_maxrss; GPU: max_memory_allocated), and its
+ratio to the non-private step's.
 """
-import copy
+import gc
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-import bk_kernels as bk
-from bench import harness
+from bench import harness, workloads
 
+SLOW = 15.0  # methods slower than this many non-private steps get 3 rounds (--quick: 2)
+BASELINES = ("vmap", "opacus hooks", "opacus ghost")  # only these get fewer rounds: never bk
+ROUND_BUDGET_S = 8.0  # ... and those slower than 2x, when one round of every method takes longer
 
-def gpt2(layers=4, width=256, T=128, B=8, vocab=50257):
-    import transformers
-
-    config = transformers.GPT2Config(vocab_size=vocab, n_positions=max(T, 128), n_embd=width, n_layer=layers,
-                                     n_head=width // 64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    ids = torch.randint(0, vocab, (B, T))
-    positions = torch.arange(T).expand(B, -1)
-
-    def loss_fn(m):
-        logits = m(input_ids=ids, position_ids=positions).logits
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-
-    return model, loss_fn, dict(model="gpt2", layers=layers, width=width, T=T, B=B)
-
-
-def mlp(B=256, width=512, depth=3, classes=10):
-    torch.manual_seed(0)
-    layers = [nn.Linear(784, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(width, classes))
-    x, y = torch.randn(B, 784), torch.randint(0, classes, (B,))
-    return model, (lambda m: F.cross_entropy(m(x), y)), dict(model="mlp", layers=depth, width=width, T=1, B=B)
+# name -> (model builder, sizes); the GPU sizes are GPT-2 small (124M) and medium (355M).
+CONFIGS = {
+    "mlp": ("mlp", dict(B=256)),
+    "cnn": ("cnn", dict(B=64)),
+    "gpt2": ("gpt2", dict(B=8, T=128)),
+    "gpt2-T512": ("gpt2", dict(B=8, T=512)),
+    "vit": ("vit", dict(B=32)),
+    "gpt2-124m": ("gpt2", dict(B=8, T=512, layers=12, width=768)),
+    "gpt2-355m": ("gpt2", dict(B=8, T=512, layers=24, width=1024)),
+}
+CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512"]
+GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m"]
+# Baselines left out of the default CPU suite for time (--all-methods runs them): at T=512 one
+# step of either takes ~20 s on 2 cores; the T=128 rows show how they compare.
+SKIP = {"gpt2-T512": {m: "slow baseline on the CPU (~20 s a step); shown at T=128; --all-methods runs it"
+                      for m in ("vmap", "opacus hooks")}}
+QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64)}
 
 
-def make_steps(model, loss_fn, B, backends, sigma=1.0):
-    """name -> a function taking one training step."""
-    steps = {}
-    plain = copy.deepcopy(model)
-    opt = torch.optim.SGD(plain.parameters(), lr=1e-3)
-
-    def non_private():
-        opt.zero_grad()
-        loss_fn(plain).backward()
-        opt.step()
-
-    steps["non-private"] = non_private
-    for backend in backends:
-        private = bk.convert(copy.deepcopy(model))
-        engine = bk.PrivacyEngine(private, batch_size=B, sample_size=100 * B, noise_multiplier=sigma,
-                                  max_grad_norm=1.0, backend=backend, seed=0)
-        popt = engine.attach(torch.optim.SGD(private.parameters(), lr=1e-3))
-
-        def bk_step(m=private, o=popt):
-            o.zero_grad()
-            loss_fn(m).backward()
-            o.step()
-
-        steps[f"bk ({backend})"] = bk_step
-    return steps
+def sizes_of(config, quick):
+    model, sizes = CONFIGS[config]
+    if quick:
+        sizes = dict(sizes, **QUICK.get(config, {}))
+    return model, sizes
 
 
-SCENARIOS = {"gpt2": gpt2, "mlp": mlp}
+def timed(fn, device):
+    """Seconds one call of fn takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def run(device, dtype, quick, command, names=("mlp", "gpt2")):
-    if device.type != "cpu":
-        raise NotImplementedError("models scenario: GPU runs are not written yet")
-    backends = ["cpu"]
+# ---------------------------------------------------------------- memory, in a subprocess
+
+def _rss_kib():
+    return harness._status_kib("VmRSS")
+
+
+# Tiny versions of the models: a non-private step on one loads the libraries' lazy state
+# (oneDNN primitives, thread pools, the autograd engine) before the measured steps.
+TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
+        "vit": dict(B=2, width=32, layers=1, heads=2, size=8), "gpt2": dict(B=2, T=8, layers=1, width=32, vocab=53)}
+_warmed = set()
+
+
+def _warm_process(model, device, dtype):
+    if (model, str(device), dtype) in _warmed:
+        return
+    w = workloads.build(model, device, dtype, **TINY[model])
+    step = workloads.make_step(w, "non-private", fresh=False, check=False)[1]
+    step()
+    step()
+    del w, step
+    gc.collect()
+    _warmed.add((model, str(device), dtype))
+
+
+def step_memory(model, sizes, method, device, dtype, steps=2):
+    """Bytes the training steps add over what is resident after building model, data and
+    method (this process only; call it in a fresh one). None when unsupported."""
+    _warm_process(model, device, dtype)
+    w = workloads.build(model, device, dtype, **sizes)
+    try:
+        _, step = workloads.make_step(w, method, fresh=False, check=False)
+    except workloads.Unsupported:
+        return None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _rss_kib()
+        for _ in range(steps):
+            step()
+        return max(0, harness._status_kib("VmHWM") - before) * 1024
+    except OSError:  # no clear_refs: ru_maxrss, which also holds any earlier peak of the build
+        before = _rss_kib()
+        for _ in range(steps):
+            step()
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def _child(args):
+    """Entry point of the subprocess: prints one JSON line."""
+    device, dtype = torch.device(args["device"]), getattr(torch, args["dtype"])
+    if "budget" in args:
+        from bench import maxbatch
+
+        result = maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
+                                 args.get("cap"))
+    else:
+        result = step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
+    print("RESULT " + json.dumps(result))
+
+
+def in_subprocess(timeout=1800, **args):
+    """Runs _child(args) in a fresh python; its result, or an error string."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [harness.ROOT, os.environ.get("PYTHONPATH")])))
+    env.setdefault("TQDM_DISABLE", "1")
+    try:
+        done = subprocess.run([sys.executable, "-m", "bench.models", "--child", json.dumps(args)], cwd=harness.ROOT,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"error: subprocess timed out after {timeout} s"
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"error: subprocess exited {done.returncode}: {tail[:200]}"
+
+
+# ---------------------------------------------------------------- the scenario
+
+def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, warmup=None, all_methods=False):
+    configs = configs or (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
+    if quick:
+        configs = [c for c in configs if c in QUICK] or configs
+    methods = workloads.method_names(device)
+    rounds = rounds or (3 if quick else 15)
+    warmup = warmup or (1 if quick else 2)
+    slow_rounds = min(rounds, 2 if quick else 3)
+    warnings.filterwarnings("ignore", module="opacus")  # e.g. "secure RNG turned off"
     ctx = harness.context(device, command)
+    dname = str(dtype).split(".")[1]
     rows = []
-    warmup, rounds = (1, 5) if quick else (2, 15)
-    for name in names:
-        model, loss_fn, shape = SCENARIOS[name]()
-        steps = make_steps(model, loss_fn, shape["B"], backends)
-        progress = harness.Progress((warmup + rounds) * len(steps), f"steps {name}")
-        times = {k: [] for k in steps}
-        for r in range(warmup + rounds):
-            for k, fn in steps.items():
-                t0 = time.perf_counter()
-                fn()
-                if r >= warmup:
-                    times[k].append(time.perf_counter() - t0)
-                progress.step(f"{name} round {r} {k}")
-        for k in steps:
-            ratios = [t / base for t, base in zip(times[k], times["non-private"])]
-            rows.append(dict(ctx, scenario="step", **shape, method=k, dtype="float32",
-                             median_ms=round(statistics.median(times[k]) * 1e3, 2),
-                             min_ms=round(min(times[k]) * 1e3, 2), max_ms=round(max(times[k]) * 1e3, 2),
-                             ratio=round(statistics.median(ratios), 3), ratio_min=round(min(ratios), 3),
-                             ratio_max=round(max(ratios), 3)))
+    for config in configs:
+        model, sizes = sizes_of(config, quick)
+        w = workloads.build(model, device, dtype, **sizes)
+        shape = dict(w.shape, params=workloads.param_count(w.model))
+        steps, status = {}, {}
+        for m in methods:
+            if device.type == "cpu" and m in SKIP.get(config, ()) and not all_methods:
+                status[m] = f"skipped: {SKIP[config][m]}"
+                continue
+            try:
+                steps[m] = workloads.make_step(w, m)[1]
+                status[m] = "ok" + (f" ({steps[m].note})" if getattr(steps[m], "note", "") else "")
+            except workloads.Unsupported as err:
+                status[m] = f"unsupported: {err}"
+        # Warm-up, which also sorts out the slow methods: SLOW x non-private, or only 2x where a
+        # round of every method would take more than ROUND_BUDGET_S (GPT-2 on the CPU).
+        warm = {m: [timed(fn, device) for _ in range(warmup)][-1] for m, fn in steps.items()}
+        slow = SLOW if sum(warm.values()) <= ROUND_BUDGET_S else 2.0
+        n_rounds = {m: slow_rounds if m in BASELINES and warm[m] > slow * warm["non-private"] else rounds
+                    for m in steps}
+        total = sum(n_rounds.values())
+        times = {m: [] for m in steps}
+        with harness.progress(total, f"steps {config}") as bar:
+            for r in range(rounds):
+                for m, fn in steps.items():
+                    if r < n_rounds[m]:
+                        times[m].append(timed(fn, device))
+                        bar.update(1)
+                        bar.set_postfix_str(f"round {r} {m}")
+        mem = {}
+        if memory:
+            with harness.progress(len(methods), f"memory {config}") as bar:
+                for m in methods:
+                    if status[m].startswith("ok"):
+                        mem[m] = in_subprocess(model=model, sizes=sizes, method=m, device=str(device), dtype=dname,
+                                               steps=1 if sizes.get("T", 1) >= 512 else 2)
+                    bar.update(1)
+        del steps, w
+        gc.collect()
+        base_mem = mem.get("non-private")
+        for m in methods:
+            row = dict(ctx, scenario="step", config=config, **shape, method=m, dtype=dname,
+                       status=status[m], rounds=0, median_ms="", min_ms="", max_ms="", ratio="", ratio_min="",
+                       ratio_max="", mem_mib="", mem_ratio="")
+            if m in times:
+                base = times["non-private"]
+                ratios = [t / b for t, b in zip(times[m], base)]
+                row.update(rounds=len(times[m]), median_ms=round(statistics.median(times[m]) * 1e3, 2),
+                           min_ms=round(min(times[m]) * 1e3, 2), max_ms=round(max(times[m]) * 1e3, 2),
+                           ratio=round(statistics.median(ratios), 3), ratio_min=round(min(ratios), 3),
+                           ratio_max=round(max(ratios), 3))
+            got = mem.get(m)
+            if isinstance(got, (int, float)):
+                row["mem_mib"] = round(got / 2**20, 1)
+                if isinstance(base_mem, (int, float)) and base_mem > 0:
+                    row["mem_ratio"] = round(got / base_mem, 3)
+            elif isinstance(got, str):
+                row["mem_mib"] = got
+            rows.append(row)
     return rows
 
 
-COLUMNS = ["model", "layers", "width", "T", "B", "method", "median_ms", "min_ms", "max_ms", "ratio", "ratio_min",
-           "ratio_max"]
+COLUMNS = ["config", "layers", "width", "T", "B", "method", "rounds", "median_ms", "min_ms", "max_ms", "ratio",
+           "ratio_min", "ratio_max", "mem_mib", "mem_ratio", "status"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _child(json.loads(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m bench.models --child JSON (the scenario runs from bench/run.py)")

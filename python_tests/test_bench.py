@@ -1,0 +1,111 @@
+"""The benchmark code paths on tiny shapes, in process: every model with every method, and the
+private methods' updates against each other (noise 0, float64), so the baselines that bk is
+timed against compute the same clipped step."""
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import harness, maxbatch, models, workloads  # noqa: E402
+
+CPU = torch.device("cpu")
+TINY = {
+    "mlp": dict(B=6, width=16, d_in=12),
+    "cnn": dict(B=3, width=4, size=8),
+    "vit": dict(B=3, width=32, layers=1, heads=2, size=8, patch=4),
+    "gpt2": dict(B=3, T=8, layers=1, width=32, vocab=53),
+}
+
+
+def _flat_update(module, before):
+    """The parameter change, in the order of `before`'s names (Opacus wraps the model as _module)."""
+    after = {name.removeprefix("_module."): p.detach() for name, p in module.named_parameters()}
+    return torch.cat([(after[n] - b).flatten() for n, b in before.items()])
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_method_steps(name):
+    """Each method runs two steps on each model."""
+    w = workloads.build(name, CPU, torch.float32, **TINY[name])
+    ran = []
+    for method in workloads.method_names(CPU):
+        module, step = workloads.make_step(w, method)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        step()
+        step()
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+        assert any(not torch.equal(before[n], p) for n, p in module.named_parameters()), f"{method} did not move"
+        ran.append(method)
+    assert {"non-private", "vmap", "opacus hooks", "opacus ghost", "bk (cpu)"} <= set(ran)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
+def test_private_methods_agree_without_noise(name):
+    """sigma = 0, float64: one step of vmap, Opacus (hooks, ghost) and bk give one update."""
+    w = workloads.build(name, CPU, torch.float64, **TINY[name])
+    before = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    updates = {}
+    for method in workloads.method_names(CPU)[1:]:
+        if name == "gpt2" and method == "opacus ghost":
+            continue  # it trains an untied copy of GPT-2: another model
+        module, step = workloads.make_step(w, method, sigma=0.0, check=False)
+        step()
+        updates[method] = _flat_update(module, before)
+    want = updates.pop("vmap")
+    assert want.abs().max() > 0
+    expected = {"opacus hooks", "bk (cpu)"} | ({"opacus ghost"} if name != "gpt2" else set())
+    assert expected <= set(updates)
+    # Clipping must be active, or the check would not see a wrong clip factor.
+    w_np = workloads.make_step(w, "non-private", sigma=0.0)
+    w_np[1]()
+    assert not torch.allclose(_flat_update(w_np[0], before), want, rtol=1e-3)
+    for method, got in updates.items():
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * want.abs().max().item(), msg=method)
+
+
+def test_vit_bk_matches_vmap():
+    """The ViT through bk's MultiheadAttention against torch.func (Opacus renames the attention's
+    weights, so its update is compared through the model's outputs in the step test only)."""
+    w = workloads.build("vit", CPU, torch.float64, **TINY["vit"])
+    before = {n: p.detach().clone() for n, p in w.model.named_parameters()}
+    got = {}
+    for method in ("vmap", "bk (cpu)"):
+        module, step = workloads.make_step(w, method, sigma=0.0, check=False)
+        step()
+        got[method] = _flat_update(module, before)
+    torch.testing.assert_close(got["bk (cpu)"], got["vmap"], rtol=1e-9, atol=1e-12 * got["vmap"].abs().max().item())
+
+
+def test_models_scenario_rows(monkeypatch):
+    """The scenario itself: interleaved rounds, ratios and the row layout (memory off)."""
+    monkeypatch.setitem(models.CONFIGS, "tiny-mlp", ("mlp", TINY["mlp"]))
+    monkeypatch.setitem(models.CONFIGS, "tiny-gpt2", ("gpt2", TINY["gpt2"]))
+    rows = models.run(CPU, torch.float32, False, "test", configs=["tiny-mlp", "tiny-gpt2"], memory=False,
+                      rounds=2, warmup=1)
+    by = {(r["config"], r["method"]): r for r in rows}
+    assert by[("tiny-mlp", "non-private")]["ratio"] == 1.0
+    assert by[("tiny-mlp", "bk (cpu)")]["rounds"] == 2 and by[("tiny-mlp", "bk (cpu)")]["median_ms"] > 0
+    assert by[("tiny-gpt2", "opacus ghost")]["status"] .startswith("ok (lm_head untied")
+    assert set(models.COLUMNS) <= set(rows[0])
+    harness.table(rows, models.COLUMNS)
+
+
+def test_step_memory_and_max_batch():
+    """Step memory in this process (CPU RSS) grows with the batch; the search finds a batch."""
+    small = models.step_memory("mlp", dict(TINY["mlp"], B=64, width=256), "non-private", CPU, torch.float32)
+    big = models.step_memory("mlp", dict(TINY["mlp"], B=4096, width=256), "non-private", CPU, torch.float32)
+    assert 0 <= small < big
+    found = maxbatch.search("mlp", dict(TINY["mlp"], B=64, width=256), "bk (cpu)", CPU, torch.float32,
+                            budget=big, cap=1 << 14)
+    assert found["max_batch"] >= 64 and found["probes"]
