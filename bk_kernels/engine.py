@@ -22,11 +22,11 @@ from . import accounting, ops
 from .clipping import CLIPPING_FNS, clip_factors
 from .convert import UnsupportedModuleError
 from .nn._core import BKLayer
-from .nn._uses import DenseUse, LinearUse, UnsupportedSharingError
+from .nn._uses import ConvUse, DenseUse, LinearUse, UnsupportedSharingError
 from .ops.linear_norm import MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
-# A direct-mode linear layer keeps its per-example gradients when they fit this many
+# A direct-mode linear or conv layer keeps its per-example gradients when they fit this many
 # elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
 DENSE_DIRECT_BUDGET = 1 << 24
 
@@ -281,7 +281,9 @@ class PrivacyEngine:
             self._recorders.setdefault(id(p), module)
 
     def _maybe_dense(self, use):
-        """Direct-mode linear layers whose per-example gradients are small keep them."""
+        """Direct-mode linear and conv layers whose per-example gradients are small keep them."""
+        if isinstance(use, ConvUse):
+            return self._maybe_dense_conv(use)
         if not isinstance(use, LinearUse) or use.rows is not None:
             return use
         B, T, d = use.a.shape
@@ -291,6 +293,18 @@ class PrivacyEngine:
         acc = torch.float64 if use.a.dtype == torch.float64 else torch.float32
         grads = torch.einsum("btp,btd->bpd", use.g.to(acc), use.a.to(acc))
         return DenseUse(grads.transpose(1, 2) if use.transposed else grads)
+
+    def _maybe_dense_conv(self, use):
+        """A convolution's per-example gradients come from one weight-gradient call with the batch
+        folded into the groups: cheaper than unfolding its patches for the direct norm, and the
+        clipped sum is then a weighted sum instead of a second weight-gradient call."""
+        B, groups = use.batch, use.args["groups"]
+        C_out, width = use.weight_shape[0], math.prod(use.weight_shape[1:])
+        L = math.prod(use.g.shape[2:])
+        if ops.choose_mode(self.clipping_mode, L, width, C_out // groups) != "direct" or \
+                B * C_out * width > DENSE_DIRECT_BUDGET:
+            return use
+        return DenseUse(ops.conv_per_example_grads(use.x, use.g, weight_shape=use.weight_shape, **use.args))
 
     def _finish_backward(self):
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""

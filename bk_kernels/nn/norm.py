@@ -20,8 +20,9 @@ class _AffineNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         ctx.layer, ctx.weight, ctx.bias = layer, weight, bias
-        xhat, rstd = layer._bk_normalize(x.to(accumulation_dtype(x.dtype)))
-        ctx.save_for_backward(xhat, rstd)
+        xa = x.to(accumulation_dtype(x.dtype))
+        xhat, stats = layer._bk_normalize(xa)
+        ctx.save_for_backward(xa, *stats)  # the input and its statistics; xhat is rebuilt in the backward
         y = xhat * layer._bk_broadcast(weight, x) if weight is not None else xhat
         if bias is not None:
             y = y + layer._bk_broadcast(bias, x)
@@ -30,13 +31,14 @@ class _AffineNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        xhat, rstd = ctx.saved_tensors
+        xa, *stats = ctx.saved_tensors
         layer, weight, bias = ctx.layer, ctx.weight, ctx.bias
-        g = g.to(xhat.dtype)
+        g = g.to(xa.dtype)
+        xhat = layer._bk_xhat(xa, stats)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g_xhat = g * layer._bk_broadcast(weight, g) if weight is not None else g
-            grad_x = layer._bk_normalize_backward(xhat, rstd, g_xhat).to(ctx.in_dtype).reshape(ctx.x_shape)
+            w = weight.to(xa.dtype) if weight is not None else None
+            grad_x = layer._bk_grad_input(g, xa, xhat, stats, w).to(ctx.in_dtype).reshape(ctx.x_shape)
         trainable_w = weight is not None and weight.requires_grad
         trainable_b = bias is not None and bias.requires_grad
         if not (trainable_w or trainable_b):
@@ -75,17 +77,22 @@ class _LastDimsNorm(BKLayer):
         return self.eps
 
     def _bk_normalize(self, x):
-        dims = self._bk_dims(x)
+        """(xhat, stats): torch's fused layer norm for LayerNorm; RMSNorm in plain ops."""
         if self._bk_centered:
-            mean = x.mean(dims, keepdim=True)
-            var = (x - mean).square().mean(dims, keepdim=True)  # two-pass; var() warns on 0 examples
-            rstd = torch.rsqrt(var + self._bk_eps(x))
-            return (x - mean) * rstd, rstd
-        rstd = torch.rsqrt(x.square().mean(dims, keepdim=True) + self._bk_eps(x))
-        return x * rstd, rstd
+            xhat, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, None, None, self._bk_eps(x))
+            return xhat, (mean, rstd)
+        rstd = torch.rsqrt(x.square().mean(self._bk_dims(x), keepdim=True) + self._bk_eps(x))
+        return x * rstd, (rstd,)
 
-    def _bk_normalize_backward(self, xhat, rstd, g_xhat):
-        return _standardize_backward(xhat, rstd, g_xhat, self._bk_dims(xhat), self._bk_centered)
+    def _bk_xhat(self, x, stats):
+        return (x - stats[0]) * stats[1] if self._bk_centered else x * stats[0]
+
+    def _bk_grad_input(self, g, x, xhat, stats, weight):
+        if self._bk_centered:
+            return torch.ops.aten.native_layer_norm_backward(g, x, self.normalized_shape, stats[0], stats[1], weight,
+                                                             None, [True, False, False])[0]
+        g_xhat = g * weight if weight is not None else g
+        return _standardize_backward(xhat, stats[0], g_xhat, self._bk_dims(xhat), False)
 
     def _bk_broadcast(self, param, x):
         return param.to(x.dtype) if x.is_floating_point() else param
@@ -118,17 +125,24 @@ class _ChannelGroupNorm(BKLayer):
     def _bk_batched(self, x):
         return x
 
-    def _bk_normalize(self, x):
-        x = self._bk_batched(x)
-        grouped = self._bk_grouped(x)
-        mean = grouped.mean(2, keepdim=True)
-        var = (grouped - mean).square().mean(2, keepdim=True)  # two-pass; var() warns on 0 examples
-        rstd = torch.rsqrt(var + self.eps)
-        return ((grouped - mean) * rstd).view(x.shape), rstd
+    def _bk_sizes(self, x):
+        return x.shape[0], x.shape[1], math.prod(x.shape[2:]), self._bk_groups()
 
-    def _bk_normalize_backward(self, xhat, rstd, g_xhat):
-        grouped = self._bk_grouped
-        return _standardize_backward(grouped(xhat), rstd, grouped(g_xhat), (2,), True).view(xhat.shape)
+    def _bk_normalize(self, x):
+        """(xhat, (mean, rstd) [N, G]) by torch's fused group norm."""
+        x = self._bk_batched(x)
+        xhat, mean, rstd = torch.native_group_norm(x, None, None, *self._bk_sizes(x), self.eps)
+        return xhat, (mean, rstd)
+
+    def _bk_xhat(self, x, stats):
+        x = self._bk_batched(x)
+        mean, rstd = stats
+        return ((self._bk_grouped(x) - mean[..., None]) * rstd[..., None]).view(x.shape)
+
+    def _bk_grad_input(self, g, x, xhat, stats, weight):
+        x, g = self._bk_batched(x), self._bk_batched(g)
+        return torch.ops.aten.native_group_norm_backward(g.contiguous(), x, *stats, weight, *self._bk_sizes(x),
+                                                         [True, False, False])[0]
 
     def _bk_grouped(self, t):
         # [N, G, C/G * positions]; sizes spelled out (no -1) so that a batch of 0 examples reshapes too

@@ -4,7 +4,7 @@ docs/OPS.md lists the dispatcher ops (torch.ops.bk.*) behind them."""
 from ._backend import BACKENDS, available_backends
 from .add_noise import add_noise_, add_noise_ref
 from .clipped_sum import clipped_sum, clipped_sum_ref
-from .conv import conv_clipped_sum, conv_norm, conv_per_example_grads_ref
+from .conv import conv_clipped_sum, conv_norm, conv_per_example_grads, conv_per_example_grads_ref
 from .direct_norm import direct_norm, direct_norm_ref
 from .embedding import embedding_clipped_sum, embedding_clipped_sum_ref, embedding_norm, embedding_norm_ref
 from .ghost_norm import ghost_norm, ghost_norm_ref
@@ -23,6 +23,7 @@ __all__ = [
     "clipped_sum_ref",
     "conv_clipped_sum",
     "conv_norm",
+    "conv_per_example_grads",
     "conv_per_example_grads_ref",
     "direct_norm",
     "direct_norm_ref",

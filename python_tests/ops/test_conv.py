@@ -80,3 +80,21 @@ def test_conv_bad_arguments():
         conv.conv_norm(x, g, kernel_size=(3, 3))
     with pytest.raises(ValueError, match="one batch size"):
         conv.conv_norm(x, g[:1], kernel_size=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[2]}")
+def test_conv_per_example_grads_batched_by_groups(case, dtype):
+    """One weight-gradient call with the batch folded into the groups gives every example's own
+    gradient (the engine keeps them for small direct-mode conv layers)."""
+    n, kw, x_shape, c_out = case
+    x, g, weight_shape = make_case(n, kw, x_shape, c_out, dtype)
+    if dtype == torch.float64:  # a non-contiguous x and g too
+        x, g = x.transpose(0, 1).contiguous().transpose(0, 1), g.transpose(0, 1).contiguous().transpose(0, 1)
+    want = conv.conv_per_example_grads_ref(x, g, weight_shape=weight_shape, **layer_args(kw))
+    got = conv.conv_per_example_grads(x, g, weight_shape=weight_shape, **layer_args(kw))
+    assert got.shape == (x_shape[0], *weight_shape) and got.dtype == (torch.float64 if dtype == torch.float64
+                                                                         else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]  # bf16: fp32 accumulation
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
