@@ -61,6 +61,20 @@ def peak_extra_bytes(fn, device):
     return max(0, _status_kib("VmHWM") - before) * 1024
 
 
+def timed(fn, device):
+    """Seconds one call of fn takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def time_call(fn, device, warmup=3, min_runs=15, max_runs=200, budget_s=1.0):
     """Seconds per call: (median, min, max) over at least min_runs timed calls."""
     for _ in range(warmup):
@@ -68,17 +82,7 @@ def time_call(fn, device, warmup=3, min_runs=15, max_runs=200, budget_s=1.0):
     times = []
     deadline = time.perf_counter() + budget_s
     while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() < deadline):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(timed(fn, device))
     return statistics.median(times), min(times), max(times)
 
 

@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
@@ -56,20 +55,6 @@ def sizes_of(config, quick):
     if quick:
         sizes = dict(sizes, **QUICK.get(config, {}))
     return model, sizes
-
-
-def timed(fn, device):
-    """Seconds one call of fn takes (CUDA events on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- memory, in a subprocess
@@ -188,7 +173,7 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                 status[m] = f"unsupported: {err}"
         # Warm-up, which also sorts out the slow methods: SLOW x non-private, or only 2x where a
         # round of every method would take more than ROUND_BUDGET_S (GPT-2 on the CPU).
-        warm = {m: [timed(fn, device) for _ in range(warmup)][-1] for m, fn in steps.items()}
+        warm = {m: [harness.timed(fn, device) for _ in range(warmup)][-1] for m, fn in steps.items()}
         slow = SLOW if sum(warm.values()) <= ROUND_BUDGET_S else 2.0
         n_rounds = {m: slow_rounds if m in BASELINES and warm[m] > slow * warm["non-private"] else rounds
                     for m in steps}
@@ -198,7 +183,7 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
             for r in range(rounds):
                 for m, fn in steps.items():
                     if r < n_rounds[m]:
-                        times[m].append(timed(fn, device))
+                        times[m].append(harness.timed(fn, device))
                         bar.update(1)
                         bar.set_postfix_str(f"round {r} {m}")
         mem = {}
