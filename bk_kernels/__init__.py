@@ -28,5 +28,5 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["PrivacyEngine", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping", "convert", "data", "nn",
-           "ops"]
+__all__ = ["PrivacyEngine", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
+           "convert", "data", "nn", "ops"]

@@ -204,7 +204,8 @@ class PrivacyEngine:
         if self._optimizer is not None:
             raise RuntimeError("PrivacyEngine: already attached to an optimizer; detach() it first")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise TypeError(f"PrivacyEngine: grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+            raise TypeError("PrivacyEngine: grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
         self._check_optimizer_params(optimizer)
         if not self._hooks:  # detach() had released the modules too
             self._attach_to_modules()

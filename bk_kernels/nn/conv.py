@@ -31,8 +31,8 @@ class _ConvFn(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                g, x_or_shape, weight.to(g.dtype), None, list(layer.stride), [0] * n, list(layer.dilation), False, [0] * n,
-                layer.groups, [True, False, False])[0]
+                g, x_or_shape, weight.to(g.dtype), None, list(layer.stride), [0] * n, list(layer.dilation), False,
+                [0] * n, layer.groups, [True, False, False])[0]
         uses = []
         if x is not None:
             uses.append((weight, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
@@ -41,8 +41,8 @@ class _ConvFn(torch.autograd.Function):
         if layer._bk_hand_off(uses):
             return grad_x, None, None, None
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride), [0] * n,
-            list(layer.dilation), False, [0] * n, layer.groups,
+            g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride),
+            [0] * n, list(layer.dilation), False, [0] * n, layer.groups,
             [False, x is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]])
         return grad_x, grad_w, grad_b, None
 
