@@ -57,12 +57,10 @@ class _AffineNormFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _standardize_backward(xhat, rstd, g_xhat, dims, centered):
-    """d loss / d x for xhat = (x - mean) * rstd (centered) or x * rstd, over `dims`."""
-    inner = g_xhat - xhat * (g_xhat * xhat).mean(dims, keepdim=True)
-    if centered:
-        inner = inner - g_xhat.mean(dims, keepdim=True)
-    return rstd * inner
+def _rms_backward(xhat, rstd, g_xhat, dims):
+    """d loss / d x for xhat = x * rstd, rstd = 1 / rms(x) over `dims` (RMSNorm; the centered
+    norms use torch's fused backward)."""
+    return rstd * (g_xhat - xhat * (g_xhat * xhat).mean(dims, keepdim=True))
 
 
 class _LastDimsNorm(BKLayer):
@@ -92,7 +90,7 @@ class _LastDimsNorm(BKLayer):
             return torch.ops.aten.native_layer_norm_backward(g, x, self.normalized_shape, stats[0], stats[1], weight,
                                                              None, [True, False, False])[0]
         g_xhat = g * weight if weight is not None else g
-        return _standardize_backward(xhat, stats[0], g_xhat, self._bk_dims(xhat), False)
+        return _rms_backward(xhat, stats[0], g_xhat, self._bk_dims(xhat))
 
     def _bk_broadcast(self, param, x):
         return param.to(x.dtype) if x.is_floating_point() else param
