@@ -17,7 +17,7 @@ except ImportError as err:  # fail loudly, saying how to fix it
         "only, BK_CUDA=1 to require the CUDA kernels."
     ) from err
 
-from . import accounting, clipping, data, nn, ops  # noqa: E402
+from . import accounting, clipping, data, distributed, nn, ops  # noqa: E402
 from .convert import UnsupportedModuleError, convert  # noqa: E402
 from .engine import PrivacyEngine  # noqa: E402
 
@@ -29,4 +29,4 @@ def build_info():
 
 
 __all__ = ["PrivacyEngine", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
-           "convert", "data", "nn", "ops"]
+           "convert", "data", "distributed", "nn", "ops"]

@@ -95,45 +95,52 @@ def poisson_loader(dataset, sample_rate=None, batch_size=None, *, generator=None
     Returns a PoissonDataLoader (a torch DataLoader) with attributes sample_rate and
     expected_batch_size.
     """
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"poisson_loader: Poisson sampling needs a map-style dataset (with __len__ and "
-                        f"__getitem__), got {type(dataset).__name__}")
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("poisson_loader: the dataset is empty")
-    if (sample_rate is None) == (batch_size is None):
-        raise ValueError("poisson_loader: give exactly one of sample_rate and batch_size")
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"poisson_loader: batch_size (the expected batch size) must be a positive int, "
-                             f"got {batch_size!r}")
-        if batch_size > n:
-            raise ValueError(f"poisson_loader: batch_size ({batch_size}) exceeds the dataset size ({n})")
-        sample_rate = batch_size / n  # the same float PrivacyEngine computes as batch_size / sample_size
-    elif (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float))
-          or not 0 < sample_rate <= 1):  # also refuses nan
-        raise ValueError(f"poisson_loader: sample_rate must lie in (0, 1], got {sample_rate!r}")
-    sample_rate = float(sample_rate)
-    bad = [k for k in _RESERVED if k in loader_kwargs]
-    if bad:
-        raise ValueError(f"poisson_loader: {', '.join(bad)} cannot be given: the Poisson batch sampler decides "
-                         "the batches")
-    if generator is not None and seed is not None:
-        raise ValueError("poisson_loader: give at most one of generator and seed")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"poisson_loader: generator must be a torch.Generator, got {type(generator).__name__} "
-                            "(pass an int as seed=)")
-        if generator.device.type != "cpu":
-            raise ValueError(f"poisson_loader: generator must be a CPU generator, got one on {generator.device}")
-    else:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"poisson_loader: seed must be an int, got {seed!r}")
-        generator = torch.Generator()
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    n, sample_rate, generator = _check_loader_args("poisson_loader", dataset, sample_rate, batch_size, generator,
+                                                   seed, loader_kwargs)
     steps = max(1, round(1 / sample_rate))
     return PoissonDataLoader(dataset, sample_rate, steps, generator, collate_fn or default_collate,
                              num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
+
+
+def _check_loader_args(caller, dataset, sample_rate, batch_size, generator, seed, loader_kwargs):
+    """Validates poisson_loader's arguments; returns (len(dataset), q, a CPU generator)."""
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"{caller}: Poisson sampling needs a map-style dataset (with __len__ and "
+                        f"__getitem__), got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{caller}: the dataset is empty")
+    if (sample_rate is None) == (batch_size is None):
+        raise ValueError(f"{caller}: give exactly one of sample_rate and batch_size")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"{caller}: batch_size (the expected batch size) must be a positive int, "
+                             f"got {batch_size!r}")
+        if batch_size > n:
+            raise ValueError(f"{caller}: batch_size ({batch_size}) exceeds the dataset size ({n})")
+        sample_rate = batch_size / n  # the same float PrivacyEngine computes as batch_size / sample_size
+    elif (isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float))
+          or not 0 < sample_rate <= 1):  # also refuses nan
+        raise ValueError(f"{caller}: sample_rate must lie in (0, 1], got {sample_rate!r}")
+    sample_rate = float(sample_rate)
+    bad = [k for k in _RESERVED if k in loader_kwargs]
+    if bad:
+        raise ValueError(f"{caller}: {', '.join(bad)} cannot be given: the Poisson batch sampler decides "
+                         "the batches")
+    if generator is not None and seed is not None:
+        raise ValueError(f"{caller}: give at most one of generator and seed")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"{caller}: generator must be a torch.Generator, got {type(generator).__name__} "
+                            "(pass an int as seed=)")
+        if generator.device.type != "cpu":
+            raise ValueError(f"{caller}: generator must be a CPU generator, got one on {generator.device}")
+    else:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"{caller}: seed must be an int, got {seed!r}")
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return n, sample_rate, generator
 
 
 class _EmptySafeCollate:

@@ -36,6 +36,11 @@ class PrivacyEngine:
                  noise_multiplier=None, target_delta=None, max_grad_norm=1.0, clipping_fn="abadi",
                  clipping_style="all-layer", clipping_mode="auto", backend="auto", loss_reduction="mean",
                  accountant="rdp", gamma=0.01, seed=None):
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            raise TypeError(
+                f"PrivacyEngine: the model is wrapped in {type(model).__name__}, which averages the ordinary "
+                "gradients that bk layers never produce. Give the unwrapped module; for data-parallel training "
+                "use bk.distributed.DistributedPrivacyEngine, which sums the clipped gradients across ranks")
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(sample_size, "sample_size")
         if batch_size > sample_size:
@@ -404,6 +409,13 @@ class PrivacyEngine:
     # ---------------------------------------------------------------- step
 
     def _privatize(self):
+        self._check_ready_to_step()
+        self._noise_and_scale(add_noise=True)
+        self.steps += 1
+        self._spend()
+        self._ready_for_step = False
+
+    def _check_ready_to_step(self):
         if self._overflow:
             raise RuntimeError("PrivacyEngine: the last backward overflowed in fp16 (non-finite per-example norms "
                                "under the GradScaler): step with scaler.step(optimizer), which skips it")
@@ -411,20 +423,24 @@ class PrivacyEngine:
             raise RuntimeError("PrivacyEngine: optimizer.step() without a backward since the last step: no "
                                "parameter moved, no noise was added and no privacy budget was spent")
         self._check_optimizer_params(self._optimizer)  # param groups may have been added since attach
+
+    def _noise_and_scale(self, add_noise):
+        """p.grad <- (p.grad + N(0, (sigma R)^2)) / batch_size for every trainable parameter; without
+        add_noise only the division (the noise offset advances either way)."""
         std = self.noise_multiplier * self.max_grad_norm
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             if std == 0:
                 p.grad.div_(self.batch_size)
-            else:
+                continue
+            if add_noise:
                 ops.add_noise_(p.grad, std, 1.0 / self.batch_size, self._seed, self._noise_offset, backend=self.backend)
-                # Philox draws 4 normals per counter: each parameter starts on a fresh counter, so no
-                # two coordinates of any step share a draw.
-                self._noise_offset += (p.numel() + 3) // 4 * 4
-        self.steps += 1
-        self._spend()
-        self._ready_for_step = False
+            else:
+                p.grad.div_(self.batch_size)
+            # Philox draws 4 normals per counter: each parameter starts on a fresh counter, so no
+            # two coordinates of any step share a draw.
+            self._noise_offset += (p.numel() + 3) // 4 * 4
 
     def _zero_grad(self):
         """Called by the optimizer's zero_grad: drops a pending backward; a step that the

@@ -32,3 +32,18 @@ def test_gpt2_example_runs_under_bf16_autocast():
     epsilon = private_gpt2.main(["--layers", "1", "--width", "64", "--seq-len", "16", "--samples", "100",
                                  "--batch-size", "5", "--steps", "2", "--epsilon", "8", "--seed", "0"])
     assert 0 < epsilon <= 8.0
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    """Two gloo processes started by torchrun, as the example's docstring says to run it."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          os.path.join(root, "examples", "private_ddp.py"), *SMALL[:6], "--epochs", "3",
+                          "--seed", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert "ranks agree: True" in lines
+    accuracy, epsilon = (float(w.rstrip(",")) for w in lines[-2].split()[4::3])
+    assert accuracy > 0.3 and 0.99 * 3.0 <= epsilon <= 3.0

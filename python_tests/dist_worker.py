@@ -1,0 +1,96 @@
+"""One rank of a test_distributed.py scenario (gloo on the CPU), run as
+`python -m python_tests.dist_worker SCENARIO RANK WORLD INIT_FILE OUT_DIR`.
+It writes what the test checks to OUT_DIR/rank{RANK}.pt."""
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+
+DT = torch.float64
+GLOBAL_BATCH = 8
+
+
+def model_of_rank(rank):
+    # Each rank builds a DIFFERENT model: the engine must start every rank from rank 0's.
+    torch.manual_seed(100 + rank)
+    return bk.convert(nn.Sequential(nn.Embedding(11, 6), nn.LayerNorm(6), nn.Flatten(), nn.Linear(18, 5),
+                                    nn.Tanh(), nn.Linear(5, 3)).to(DT))
+
+
+def data(step):
+    """The global batch of a step: 7 examples, then 2 (rank 2's share is empty at world 3)."""
+    gen = torch.Generator().manual_seed(step)
+    n = 7 if step == 0 else 2
+    return torch.randint(0, 11, (n, 3), generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def shard(batch, rank, world):
+    return [t[rank::world] if world > 1 else t for t in batch]
+
+
+def train(model, opt, rank, world, steps=2):
+    for step in range(steps):
+        x, y = shard(data(step), rank, world)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def engine_kwargs(noise):
+    return dict(batch_size=GLOBAL_BATCH, sample_size=80, noise_multiplier=noise, max_grad_norm=0.3, seed=1234)
+
+
+def main(scenario, rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    model = model_of_rank(rank)
+    if scenario in ("exact", "noise"):
+        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(1.0 if scenario == "noise" else 0.0))
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+        out["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
+        train(model, opt, rank, world)
+        out["state"] = model.state_dict()
+        out["epsilon"] = engine.epsilon()
+        out["engine"] = engine.state_dict()
+    elif scenario == "not-ready":
+        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(1.0))
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        x, y = shard(data(0), rank, world)
+        if rank == 0:  # rank 1 forgets its backward
+            F.cross_entropy(model(x), y).backward()
+        try:
+            opt.step()
+            out["error"] = None
+        except RuntimeError as err:
+            out["error"] = str(err)
+        out["unchanged"] = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        out["epsilon"], out["steps"] = engine.epsilon(), engine.steps
+    elif scenario == "refusals":
+        errors = {}
+        for name, make in {
+            "ddp": lambda: bk.PrivacyEngine(nn.parallel.DistributedDataParallel(model), **engine_kwargs(1.0)),
+            "mismatch": lambda: bk.distributed.DistributedPrivacyEngine(model, **dict(engine_kwargs(1.0),
+                                                                                   max_grad_norm=0.3 + rank)),
+            "scaler": lambda: bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(1.0)).attach(
+                torch.optim.SGD(model.parameters(), lr=1.0), grad_scaler=torch.amp.GradScaler("cpu")),
+        }.items():
+            try:
+                make()
+                errors[name] = None
+            except (TypeError, ValueError) as err:
+                errors[name] = str(err)
+        out["errors"] = errors
+    else:
+        raise ValueError(scenario)
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
