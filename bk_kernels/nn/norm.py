@@ -21,11 +21,9 @@ class _AffineNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer):
         ctx.layer, ctx.weight, ctx.bias = layer, weight, bias
         xa = x.to(accumulation_dtype(x.dtype))
-        xhat, stats = layer._bk_normalize(xa)
+        cast = lambda t: t.to(xa.dtype) if t is not None else None  # noqa: E731
+        y, stats = layer._bk_normalize(xa, cast(weight), cast(bias))  # the affine map fused in where torch has it
         ctx.save_for_backward(xa, *stats)  # the input and its statistics; xhat is rebuilt in the backward
-        y = xhat * layer._bk_broadcast(weight, x) if weight is not None else xhat
-        if bias is not None:
-            y = y + layer._bk_broadcast(bias, x)
         ctx.in_dtype, ctx.x_shape = x.dtype, x.shape
         return y.to(x.dtype)
 
@@ -34,17 +32,16 @@ class _AffineNormFn(torch.autograd.Function):
         xa, *stats = ctx.saved_tensors
         layer, weight, bias = ctx.layer, ctx.weight, ctx.bias
         g = g.to(xa.dtype)
-        xhat = layer._bk_xhat(xa, stats)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight.to(xa.dtype) if weight is not None else None
-            grad_x = layer._bk_grad_input(g, xa, xhat, stats, w).to(ctx.in_dtype).reshape(ctx.x_shape)
+            grad_x = layer._bk_grad_input(g, xa, stats, w).to(ctx.in_dtype).reshape(ctx.x_shape)
         trainable_w = weight is not None and weight.requires_grad
         trainable_b = bias is not None and bias.requires_grad
         if not (trainable_w or trainable_b):
             return grad_x, None, None, None
-        gw, gb, _ = ops.norm_layer_grads(layer._bk_channels_last(xhat), layer._bk_channels_last(g), trainable_b,
-                                         backend=layer._bk_engine.backend if layer._bk_engine else "auto")
+        gw, gb = layer._bk_param_grads(g, xa, stats, trainable_b,
+                                       backend=layer._bk_engine.backend if layer._bk_engine else "auto")
         uses = []
         if trainable_w:
             uses.append((weight, DenseUse(gw.view(-1, *weight.shape))))
@@ -74,29 +71,31 @@ class _LastDimsNorm(BKLayer):
     def _bk_eps(self, x):
         return self.eps
 
-    def _bk_normalize(self, x):
-        """(xhat, stats): torch's fused layer norm for LayerNorm; RMSNorm in plain ops."""
+    def _bk_normalize(self, x, weight, bias):
+        """(y, stats): torch's fused layer norm (affine included) for LayerNorm; RMSNorm in plain ops."""
         if self._bk_centered:
-            xhat, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, None, None, self._bk_eps(x))
-            return xhat, (mean, rstd)
+            y, mean, rstd = torch.native_layer_norm(x, self.normalized_shape, weight, bias, self._bk_eps(x))
+            return y, (mean, rstd)
         rstd = torch.rsqrt(x.square().mean(self._bk_dims(x), keepdim=True) + self._bk_eps(x))
-        return x * rstd, (rstd,)
+        y = x * rstd
+        return (y * weight if weight is not None else y), (rstd,)
 
     def _bk_xhat(self, x, stats):
         return (x - stats[0]) * stats[1] if self._bk_centered else x * stats[0]
 
-    def _bk_grad_input(self, g, x, xhat, stats, weight):
+    def _bk_grad_input(self, g, x, stats, weight):
         if self._bk_centered:
             return torch.ops.aten.native_layer_norm_backward(g, x, self.normalized_shape, stats[0], stats[1], weight,
                                                              None, [True, False, False])[0]
         g_xhat = g * weight if weight is not None else g
-        return _rms_backward(xhat, stats[0], g_xhat, self._bk_dims(xhat))
+        return _rms_backward(self._bk_xhat(x, stats), stats[0], g_xhat, self._bk_dims(x))
 
-    def _bk_broadcast(self, param, x):
-        return param.to(x.dtype) if x.is_floating_point() else param
-
-    def _bk_channels_last(self, t):
-        return examples_first(t, features_dims=len(self.normalized_shape))
+    def _bk_param_grads(self, g, x, stats, bias, backend):
+        """Per-example (gw, gb) [B, C]: sum_t xhat * g and sum_t g over each example's rows
+        (the statistics vary from row to row, so xhat is rebuilt)."""
+        cl = lambda t: examples_first(t, features_dims=len(self.normalized_shape))  # noqa: E731
+        gw, gb, _ = ops.norm_layer_grads(cl(self._bk_xhat(x, stats)), cl(g), bias, backend=backend)
+        return gw, gb
 
 
 class LayerNorm(_LastDimsNorm, torch.nn.LayerNorm):
@@ -126,34 +125,27 @@ class _ChannelGroupNorm(BKLayer):
     def _bk_sizes(self, x):
         return x.shape[0], x.shape[1], math.prod(x.shape[2:]), self._bk_groups()
 
-    def _bk_normalize(self, x):
-        """(xhat, (mean, rstd) [N, G]) by torch's fused group norm."""
-        x = self._bk_batched(x)
-        xhat, mean, rstd = torch.native_group_norm(x, None, None, *self._bk_sizes(x), self.eps)
-        return xhat, (mean, rstd)
+    def _bk_normalize(self, x, weight, bias):
+        """(y, (mean, rstd) [N, G]) by torch's fused group norm, affine included."""
+        bx = self._bk_batched(x)
+        y, mean, rstd = torch.native_group_norm(bx, weight, bias, *self._bk_sizes(bx), self.eps)
+        return y.view(x.shape), (mean, rstd)
 
-    def _bk_xhat(self, x, stats):
-        x = self._bk_batched(x)
-        mean, rstd = stats
-        return ((self._bk_grouped(x) - mean[..., None]) * rstd[..., None]).view(x.shape)
-
-    def _bk_grad_input(self, g, x, xhat, stats, weight):
+    def _bk_grad_input(self, g, x, stats, weight):
         x, g = self._bk_batched(x), self._bk_batched(g)
         return torch.ops.aten.native_group_norm_backward(g.contiguous(), x, *stats, weight, *self._bk_sizes(x),
                                                          [True, False, False])[0]
 
-    def _bk_grouped(self, t):
-        # [N, G, C/G * positions]; sizes spelled out (no -1) so that a batch of 0 examples reshapes too
-        G = self._bk_groups()
-        return t.reshape(t.shape[0], G, t.shape[1] // G * math.prod(t.shape[2:]))
-
-    def _bk_broadcast(self, param, x):
-        x = self._bk_batched(x)
-        return param.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-
-    def _bk_channels_last(self, t):
-        t = self._bk_batched(t)
-        return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])).transpose(1, 2)  # [N, positions, C], a view
+    def _bk_param_grads(self, g, x, stats, bias, backend):
+        """Per-example (gw, gb) [N, C] without rebuilding xhat: the statistics are constant over a
+        channel's positions, so sum_t xhat*g = rstd * (sum_t x*g - mean * sum_t g), the formula of
+        torch's own group norm backward."""
+        x, g = self._bk_batched(x), self._bk_batched(g)
+        cl = lambda t: t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])).transpose(1, 2)  # noqa: E731
+        xg, gb, _ = ops.norm_layer_grads(cl(x), cl(g), True, backend=backend)  # [N, positions, C] views
+        per_group = x.shape[1] // self._bk_groups()
+        mean, rstd = (s.repeat_interleave(per_group, dim=1) for s in stats)  # [N, G] -> [N, C]
+        return (xg - gb * mean) * rstd, (gb if bias else gb[:, :0])
 
 
 class GroupNorm(_ChannelGroupNorm, torch.nn.GroupNorm):
