@@ -34,7 +34,10 @@ class _LinearFn(torch.autograd.Function):
         grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
         bias_grads = None
         if bias is not None and bias.requires_grad:
-            bias_grads = examples_first(g).sum(1, dtype=accumulation_dtype(g.dtype))  # [B, p]
+            g3 = examples_first(g)
+            acc = accumulation_dtype(g.dtype)
+            # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
+            bias_grads = g3[:, 0].to(acc) if g3.shape[1] == 1 else g3.sum(1, dtype=acc)
             if rows is not None:  # place the block inside the whole bias
                 bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
