@@ -4,6 +4,7 @@ its shard of every Poisson batch (bk.distributed). Gloo on CPUs, NCCL when every
     torchrun --standalone --nproc_per_node 2 examples/private_ddp.py
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -61,6 +62,9 @@ def main(argv=None):
         print(f"ranks agree: {all(torch.equal(c, checksum) for c in everyone)}", flush=True)
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+    # Free the process group now, not in the interpreter's final collection: there, gloo's
+    # threads may still need the GIL and abort the process ("terminate called ...").
+    gc.collect()
     return accuracy, engine.epsilon()
 
 

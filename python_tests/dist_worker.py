@@ -1,6 +1,7 @@
 """One rank of a test_distributed.py scenario (gloo on the CPU), run as
 `python -m python_tests.dist_worker SCENARIO RANK WORLD INIT_FILE OUT_DIR`.
 It writes what the test checks to OUT_DIR/rank{RANK}.pt."""
+import gc
 import sys
 
 import torch
@@ -32,10 +33,11 @@ def shard(batch, rank, world):
     return [t[rank::world] if world > 1 else t for t in batch]
 
 
-def train(model, opt, rank, world, steps=2):
+def train(model, opt, rank, world, steps=2, micro=None):
     for step in range(steps):
         x, y = shard(data(step), rank, world)
-        F.cross_entropy(model(x), y).backward()
+        for xm, ym in bk.data.micro_batches((x, y), micro or max(1, len(x))):  # accumulate, then one step
+            F.cross_entropy(model(xm), ym).backward()
         opt.step()
         opt.zero_grad()
 
@@ -48,11 +50,11 @@ def main(scenario, rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     out = {}
     model = model_of_rank(rank)
-    if scenario in ("exact", "noise"):
-        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(1.0 if scenario == "noise" else 0.0))
+    if scenario in ("exact", "noise", "micro"):
+        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(0.0 if scenario == "exact" else 1.0))
         opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
         out["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
-        train(model, opt, rank, world)
+        train(model, opt, rank, world, micro=1 if scenario == "micro" else None)
         out["state"] = model.state_dict()
         out["epsilon"] = engine.epsilon()
         out["engine"] = engine.state_dict()
@@ -90,6 +92,7 @@ def main(scenario, rank, world, init_file, out_dir):
     torch.save(out, f"{out_dir}/rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
+    gc.collect()  # free the process group now: in the interpreter's final collection gloo's threads can abort
 
 
 if __name__ == "__main__":
