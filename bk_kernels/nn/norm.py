@@ -4,6 +4,7 @@ Their per-example parameter gradients are small ([B, C]): the backward forms the
 (ops.norm_layer_grads: sum_t xhat*g and sum_t g) and keeps only those, not xhat or g.
 Normalisation is computed in float32 for 16-bit inputs (as torch does) and float64 for float64.
 """
+import functools
 import math
 
 import torch
@@ -32,15 +33,16 @@ class _AffineNormFn(torch.autograd.Function):
         xa, *stats = ctx.saved_tensors
         layer, weight, bias = ctx.layer, ctx.weight, ctx.bias
         g = g.to(xa.dtype)
+        xhat = functools.cache(lambda: layer._bk_xhat(xa, stats))  # rebuilt at most once, where needed
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = weight.to(xa.dtype) if weight is not None else None
-            grad_x = layer._bk_grad_input(g, xa, stats, w).to(ctx.in_dtype).reshape(ctx.x_shape)
+            grad_x = layer._bk_grad_input(g, xa, xhat, stats, w).to(ctx.in_dtype).reshape(ctx.x_shape)
         trainable_w = weight is not None and weight.requires_grad
         trainable_b = bias is not None and bias.requires_grad
         if not (trainable_w or trainable_b):
             return grad_x, None, None, None
-        gw, gb = layer._bk_param_grads(g, xa, stats, trainable_b,
+        gw, gb = layer._bk_param_grads(g, xa, xhat, stats, trainable_b,
                                        backend=layer._bk_engine.backend if layer._bk_engine else "auto")
         uses = []
         if trainable_w:
@@ -83,18 +85,18 @@ class _LastDimsNorm(BKLayer):
     def _bk_xhat(self, x, stats):
         return (x - stats[0]) * stats[1] if self._bk_centered else x * stats[0]
 
-    def _bk_grad_input(self, g, x, stats, weight):
+    def _bk_grad_input(self, g, x, xhat, stats, weight):
         if self._bk_centered:
             return torch.ops.aten.native_layer_norm_backward(g, x, self.normalized_shape, stats[0], stats[1], weight,
                                                              None, [True, False, False])[0]
         g_xhat = g * weight if weight is not None else g
-        return _rms_backward(self._bk_xhat(x, stats), stats[0], g_xhat, self._bk_dims(x))
+        return _rms_backward(xhat(), stats[0], g_xhat, self._bk_dims(x))
 
-    def _bk_param_grads(self, g, x, stats, bias, backend):
+    def _bk_param_grads(self, g, x, xhat, stats, bias, backend):
         """Per-example (gw, gb) [B, C]: sum_t xhat * g and sum_t g over each example's rows
-        (the statistics vary from row to row, so xhat is rebuilt)."""
+        (the statistics vary from row to row, so xhat is needed)."""
         cl = lambda t: examples_first(t, features_dims=len(self.normalized_shape))  # noqa: E731
-        gw, gb, _ = ops.norm_layer_grads(cl(self._bk_xhat(x, stats)), cl(g), bias, backend=backend)
+        gw, gb, _ = ops.norm_layer_grads(cl(xhat()), cl(g), bias, backend=backend)
         return gw, gb
 
 
@@ -131,12 +133,12 @@ class _ChannelGroupNorm(BKLayer):
         y, mean, rstd = torch.native_group_norm(bx, weight, bias, *self._bk_sizes(bx), self.eps)
         return y.view(x.shape), (mean, rstd)
 
-    def _bk_grad_input(self, g, x, stats, weight):
+    def _bk_grad_input(self, g, x, xhat, stats, weight):
         x, g = self._bk_batched(x), self._bk_batched(g)
         return torch.ops.aten.native_group_norm_backward(g.contiguous(), x, *stats, weight, *self._bk_sizes(x),
                                                          [True, False, False])[0]
 
-    def _bk_param_grads(self, g, x, stats, bias, backend):
+    def _bk_param_grads(self, g, x, xhat, stats, bias, backend):
         """Per-example (gw, gb) [N, C] without rebuilding xhat: the statistics are constant over a
         channel's positions, so sum_t xhat*g = rstd * (sum_t x*g - mean * sum_t g), the formula of
         torch's own group norm backward."""
