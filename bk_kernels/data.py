@@ -97,9 +97,13 @@ def poisson_loader(dataset, sample_rate=None, batch_size=None, *, generator=None
     """
     n, sample_rate, generator = _check_loader_args("poisson_loader", dataset, sample_rate, batch_size, generator,
                                                    seed, loader_kwargs)
-    steps = max(1, round(1 / sample_rate))
-    return PoissonDataLoader(dataset, sample_rate, steps, generator, collate_fn or default_collate,
+    return PoissonDataLoader(dataset, sample_rate, epoch_steps(sample_rate), generator, collate_fn or default_collate,
                              num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
+
+
+def epoch_steps(sample_rate):
+    """Steps in one epoch of Poisson batches at rate q: round(1/q), at least 1."""
+    return max(1, round(1 / sample_rate))
 
 
 def _check_loader_args(caller, dataset, sample_rate, batch_size, generator, seed, loader_kwargs):

@@ -26,13 +26,12 @@ shard (indices r, r + W, r + 2W, ...) independently with probability q from a ge
 so the union over ranks is a Poisson sample of the whole dataset.
 """
 import hashlib
-import os
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Subset, default_collate
 
-from .data import PoissonDataLoader, _check_loader_args
+from .data import PoissonDataLoader, _check_loader_args, epoch_steps
 from .engine import PrivacyEngine
 
 __all__ = ["DistributedPrivacyEngine", "poisson_loader"]
@@ -124,19 +123,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self._ready_for_step = False
 
     def _all_reduce_grads(self):
-        buckets, current, size = [], [], 0
+        buckets, current, current_key, size = [], [], None, 0  # consecutive grads of one device and dtype
         for p in self._params:
-            key = (p.grad.device, p.grad.dtype)
-            nbytes = p.grad.numel() * p.grad.element_size()
-            if current and (key != current[0][0] or size + nbytes > BUCKET_BYTES):
+            key, nbytes = (p.grad.device, p.grad.dtype), p.grad.numel() * p.grad.element_size()
+            if current and (key != current_key or size + nbytes > BUCKET_BYTES):
                 buckets.append(current)
                 current, size = [], 0
-            current.append((key, p))
-            size += nbytes
+            current.append(p.grad)
+            current_key, size = key, size + nbytes
         if current:
             buckets.append(current)
-        for bucket in buckets:
-            grads = [p.grad for _, p in bucket]
+        for grads in buckets:
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.process_group)
             offset = 0
@@ -173,17 +170,16 @@ def poisson_loader(dataset, sample_rate=None, batch_size=None, *, rank=None, wor
     if "generator" in loader_kwargs:
         raise ValueError("bk.distributed.poisson_loader: give seed=, not generator= (each rank derives its own "
                          "generator; one shared by ranks would sample their shards together)")
-    n, q, _ = _check_loader_args("bk.distributed.poisson_loader", dataset, sample_rate, batch_size, None, seed,
-                                 loader_kwargs)
+    # The generator comes seeded from the operating system (seed=None: every rank its own draw);
+    # a seed is mixed with the rank, so that ranks never share draws.
+    n, q, generator = _check_loader_args("bk.distributed.poisson_loader", dataset, sample_rate, batch_size, None,
+                                         seed, loader_kwargs)
     if n < world_size:
         raise ValueError(f"bk.distributed.poisson_loader: {n} examples cannot be shared by {world_size} ranks")
-    generator = torch.Generator()
-    if seed is None:
-        generator.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    else:
+    if seed is not None:
         generator.manual_seed(int.from_bytes(_mix(seed, rank), "little") >> 1)
     shard = Subset(dataset, range(rank, n, world_size))
-    return PoissonDataLoader(shard, q, max(1, round(1 / q)), generator, collate_fn or default_collate,
+    return PoissonDataLoader(shard, q, epoch_steps(q), generator, collate_fn or default_collate,
                              num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
 
 
