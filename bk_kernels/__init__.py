@@ -19,7 +19,7 @@ except ImportError as err:  # fail loudly, saying how to fix it
 
 from . import accounting, clipping, data, distributed, nn, ops  # noqa: E402
 from .convert import UnsupportedModuleError, convert  # noqa: E402
-from .engine import PrivacyEngine  # noqa: E402
+from .engine import PrivacyEngine, UnsupportedLayoutError  # noqa: E402
 
 
 def build_info():
@@ -28,5 +28,5 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["PrivacyEngine", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
+__all__ = ["PrivacyEngine", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
            "convert", "data", "distributed", "nn", "ops"]

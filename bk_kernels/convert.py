@@ -62,21 +62,6 @@ def _advice(module):
             "MultiheadAttention)")
 
 
-# Containers whose submodules see sequence-first tensors: bk layers take examples on dim 0.
-_SEQUENCE_FIRST = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
-                   nn.TransformerDecoder, nn.Transformer)
-
-
-def _sequence_first(module):
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return not module.self_attn.batch_first
-    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        return any(_sequence_first(layer) for layer in module.layers)
-    if isinstance(module, nn.Transformer):
-        return _sequence_first(module.encoder) or _sequence_first(module.decoder)
-    return False
-
-
 def _owns_trainable(module):
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
@@ -85,11 +70,6 @@ def _plan(model):
     """[(module, new class)] and [(path, type name, why)] for the whole model."""
     swaps, problems = [], []
     for path, module in model.named_modules():
-        if isinstance(module, _SEQUENCE_FIRST) and _sequence_first(module) and any(
-                p.requires_grad for p in module.parameters()):
-            problems.append((path or "<model>", type(module).__name__,
-                             "batch_first=False feeds its linear layers [T, B, E] tensors, and bk layers take the "
-                             "examples on dim 0: build it with batch_first=True"))
         if isinstance(module, bknn.BKLayer) or not _owns_trainable(module):
             continue  # already converted (convert is idempotent), or frozen / no parameters
         cls = type(module)

@@ -82,7 +82,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         mine = {"batch_size": self.batch_size, "sample_size": self.sample_size,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "clipping_fn": self.clipping_fn, "gamma": self.gamma, "clipping_style": repr(self.clipping_style),
-                "loss_reduction": self.loss_reduction, "accountant": self.accountant,
+                "loss_reduction": self.loss_reduction, "accountant": self.accountant, "batch_first": self.batch_first,
                 "target_delta": self.target_delta, "parameters": self._parameter_signature()}
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.process_group)

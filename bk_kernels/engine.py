@@ -35,7 +35,7 @@ class PrivacyEngine:
     def __init__(self, model, *, batch_size, sample_size, epochs=None, steps=None, target_epsilon=None,
                  noise_multiplier=None, target_delta=None, max_grad_norm=1.0, clipping_fn="abadi",
                  clipping_style="all-layer", clipping_mode="auto", backend="auto", loss_reduction="mean",
-                 accountant="rdp", gamma=0.01, seed=None):
+                 accountant="rdp", gamma=0.01, seed=None, batch_first=True):
         if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             raise TypeError(
                 f"PrivacyEngine: the model is wrapped in {type(model).__name__}, which averages the ordinary "
@@ -63,6 +63,8 @@ class PrivacyEngine:
             raise ValueError(f"PrivacyEngine: noise_multiplier must be >= 0, got {noise_multiplier!r}")
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"PrivacyEngine: accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
+        if not isinstance(batch_first, bool):
+            raise ValueError(f"PrivacyEngine: batch_first must be True or False, got {batch_first!r}")
         if target_delta is not None and not 0 < target_delta < 1:
             raise ValueError(f"PrivacyEngine: target_delta must lie in (0, 1), got {target_delta!r}")
         self.sample_rate = batch_size / sample_size
@@ -87,6 +89,12 @@ class PrivacyEngine:
         self.clipping_fn, self.gamma = clipping_fn, float(gamma)
         self.clipping_style, self.clipping_mode = clipping_style, clipping_mode
         self.backend, self.loss_reduction, self.accountant = backend, loss_reduction, accountant
+        # Where the examples lie: dim 0 of the model's input and of every layer input (True), or
+        # dim 1 of the model's input and of every layer input with a sequence dim (False:
+        # [T, B, ...], torch's nn.Transformer*/MultiheadAttention default).
+        self.batch_first = batch_first
+        _check_layouts(model, batch_first)
+        self._forward_batch = None  # examples in the model's forward now running (its input's batch dim)
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
         self._units = self._clipping_units(clipping_style)  # list of lists of params
@@ -185,8 +193,36 @@ class PrivacyEngine:
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = self
+        self._hooks.append(self.model.register_forward_pre_hook(self._take_batch_size, with_kwargs=True))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
+
+    def _take_batch_size(self, module, args, kwargs):
+        """The model's forward pre-hook: the batch size of this forward, from its first tensor
+        input (dim 0, or dim 1 with batch_first=False). Every bk layer checks its input against it."""
+        first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+                      and t.dim() > 0), None)
+        if first is None:
+            self._forward_batch = None
+        else:
+            self._forward_batch = first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+
+    def _layout_error(self, layer, x, dim, B, why=None):
+        """The error for a bk layer whose input does not hold the batch's examples where it should."""
+        path = self._module_path(layer)
+        where = f"dim {dim} of its input of shape {tuple(x.shape)}"
+        if why is None:
+            why = (f"{where} should hold the examples, but has size {x.shape[dim] if x.dim() > dim else 'none'} "
+                   f"while the model's input has {B} (batch_first={self.batch_first}). ")
+            if self.batch_first:
+                why += ("If the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
+                        "nn.MultiheadAttention by default), pass batch_first=False to the engine; the layers "
+                        "before this one may have read a sequence dim as the examples. ")
+            else:
+                why += "With batch_first=False the model's input and every layer input with a sequence dim hold " \
+                       "the examples on dim 1. "
+            why += "A layer whose input mixes the examples of a batch cannot be trained privately."
+        return UnsupportedLayoutError(f"PrivacyEngine: {type(layer).__name__} ({path}): {why}")
 
     @staticmethod
     def _make_guard(name):
@@ -321,13 +357,14 @@ class PrivacyEngine:
         batches = {id_p: {u.batch for u in us} for id_p, us in uses.items()}
         B = max(b for bs in batches.values() for b in bs)
         for id_p, bs in batches.items():
-            if bs != {B}:
+            if bs != {B}:  # a layer called outside the model's forward (no batch size to check against)
                 module = recorders[id_p]
-                raise RuntimeError(
-                    f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) saw an input with batch "
-                    f"size {min(bs)} while the batch has {B} examples: its input is broadcast over the batch, so "
-                    "per-example gradients cannot be told apart. Give it one row per example (for Hugging Face "
-                    "GPT-2, pass position_ids of shape [B, T]).")
+                raise UnsupportedLayoutError(
+                    f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) read {min(bs)} examples "
+                    f"from its input while other layers read {B} (batch_first={self.batch_first}): its examples "
+                    "are not where the engine reads them, so per-example gradients cannot be told apart. Call the "
+                    "model itself (the engine takes the batch size from its input), and pass batch_first=False for "
+                    "a sequence-first model; nothing was recorded and no budget was spent.")
         unit_sq = {}
         for id_p, us in uses.items():
             total = sum(self_norms[id_p])
@@ -490,6 +527,25 @@ class PrivacyEngine:
 
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
+
+
+class UnsupportedLayoutError(RuntimeError):
+    """A bk layer's input does not hold the batch's examples where the engine reads them."""
+
+
+_SEQUENCE_FIRST_CONTAINERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+def _check_layouts(model, batch_first):
+    """torch's Transformer layers say their layout: refuse the engine's other one up front."""
+    for path, module in model.named_modules():
+        if isinstance(module, _SEQUENCE_FIRST_CONTAINERS) and module.self_attn.batch_first != batch_first and any(
+                p.requires_grad for p in module.parameters()):
+            raise UnsupportedLayoutError(
+                f"PrivacyEngine: {path or '<model>'} ({type(module).__name__}) is built with "
+                f"batch_first={module.self_attn.batch_first}, so its linear and norm layers read examples on dim "
+                f"{0 if module.self_attn.batch_first else 1}, but the engine has batch_first={batch_first}: pass "
+                f"batch_first={module.self_attn.batch_first} to the engine (or build the layers to match)")
 
 
 def _check_positive_int(value, name):

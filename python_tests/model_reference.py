@@ -12,14 +12,18 @@ import torch
 import bk_kernels as bk
 
 
-def per_example_grads(model, example_loss, inputs):
-    """[{name: grad}] for each example, from its own backward (reduction "sum" over 1 example)."""
+def per_example_grads(model, example_loss, inputs, batch_dims=None):
+    """[{name: grad}] for each example, from its own backward (reduction "sum" over 1 example).
+
+    batch_dims: {input name: dim holding its examples} (default 0; 1 for sequence-first inputs)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    B = len(next(iter(inputs.values())))
+    dims = {k: (batch_dims or {}).get(k, 0) for k in inputs}
+    first = next(iter(inputs))
+    B = inputs[first].shape[dims[first]]
     out = []
     for i in range(B):
         model.zero_grad(set_to_none=True)
-        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        one = {k: v.narrow(dims[k], i, 1) for k, v in inputs.items()}
         example_loss(model, one).sum().backward()
         out.append({n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()})
     return out

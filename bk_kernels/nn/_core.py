@@ -6,9 +6,28 @@ parameter (see _uses.py) instead of a weight gradient. Without an engine attache
 backward returns the ordinary gradients, so a converted model still trains (non-privately)
 and evaluates like the original.
 """
+import contextlib
 import math
+import threading
 
 import torch
+
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_forward():
+    """Inside, bk layers run their torch parent's forward and book-keep nothing: the generic
+    path's recompute of a module (generic.py) must not record the bk layers inside it twice."""
+    _plain.depth = getattr(_plain, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _plain.depth -= 1
+
+
+def in_plain_forward():
+    return getattr(_plain, "depth", 0) > 0
 
 
 class _EngineLink:
@@ -41,6 +60,41 @@ class BKLayer:
     def _bk_trainable(self, param):
         return param is not None and param.requires_grad
 
+    def _bk_batch_dim(self, x, features_dims=1):
+        """The dim of x that holds the examples, for a layer whose features are the trailing
+        `features_dims` dims (Linear, Embedding ids with features_dims=0, LayerNorm): dim 0, or
+        dim 1 for inputs with a sequence dim when the engine was made with batch_first=False.
+        An input with no dim before its features is one unbatched example (dim 0 after
+        examples_first's unsqueeze)."""
+        engine = self._bk_engine
+        leading = x.dim() - features_dims
+        if engine is None or engine.batch_first or leading < 2:
+            return 0
+        return 1
+
+    def _bk_examples(self, x, dim):
+        """x, checked against the batch size of the model's forward now running (taken by the
+        engine from the model's input): the examples must lie on `dim`. An input broadcast over
+        the batch (size 1 there, as Hugging Face's [1, T] position ids) is expanded to the batch
+        so that this layer's output, and so its output gradient, is per example. Anything else
+        is refused here, in the forward, before any gradient or budget is touched."""
+        engine = self._bk_engine
+        if engine is None or not torch.is_grad_enabled() or in_plain_forward():
+            return x
+        B = engine._forward_batch
+        if B is None or not any(p.requires_grad for p in self.parameters(recurse=False)):
+            return x
+        if x.dim() <= dim:  # an unbatched input: one example
+            if B == 1:
+                return x
+            raise engine._layout_error(self, x, dim, B)
+        n = x.shape[dim]
+        if n == B:
+            return x
+        if n == 1:
+            return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
+        raise engine._layout_error(self, x, dim, B)
+
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""
         if self._bk_engine is None:
@@ -49,10 +103,13 @@ class BKLayer:
         return True
 
 
-def examples_first(x, features_dims=1):
-    """[B, *, f...] -> [B, T, prod(f)] with T the product of the middle dims (1 for [B, f])."""
+def examples_first(x, features_dims=1, batch_dim=0):
+    """[B, *, f...] -> [B, T, prod(f)] with T the product of the middle dims (1 for [B, f]);
+    batch_dim=1 reads a sequence-first [T, B, *, f...] input."""
     if x.dim() == features_dims:  # unbatched input: one example
         x = x.unsqueeze(0)
+    if batch_dim:
+        x = x.movedim(batch_dim, 0)
     middle = x.shape[1 : x.dim() - features_dims]
     features = x.shape[x.dim() - features_dims :]
     return x.reshape(x.shape[0], math.prod(middle), math.prod(features))

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._core import BKLayer
+from ._core import BKLayer, in_plain_forward
 from .linear import linear_with
 
 
@@ -33,6 +33,9 @@ def _float_mask(mask, dtype):
 class MultiheadAttention(BKLayer, torch.nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        if in_plain_forward():
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         reason = attention_unsupported_reason(self)
         if reason:
             raise NotImplementedError(f"bk.nn.MultiheadAttention does not support {reason}")
@@ -46,14 +49,16 @@ class MultiheadAttention(BKLayer, torch.nn.MultiheadAttention):
             to_examples_first = lambda t: t  # noqa: E731
         else:  # [L, N, E] -> [N, L, E]
             to_examples_first = lambda t: t.transpose(0, 1)  # noqa: E731
+        # [N, L, E] checked against the batch (the module's own batch_first says where N is)
+        to_examples = lambda t: self._bk_examples(to_examples_first(t), 0)  # noqa: E731
         E, H = self.embed_dim, self.num_heads
         W, b = self.in_proj_weight, self.in_proj_bias
         if self_attention:
-            q, k, v = linear_with(self, to_examples_first(query), W, b).chunk(3, dim=-1)
+            q, k, v = linear_with(self, to_examples(query), W, b).chunk(3, dim=-1)
         else:
-            q = linear_with(self, to_examples_first(query), W, b, rows=slice(0, E))
-            k = linear_with(self, to_examples_first(key), W, b, rows=slice(E, 2 * E))
-            v = linear_with(self, to_examples_first(value), W, b, rows=slice(2 * E, 3 * E))
+            q = linear_with(self, to_examples(query), W, b, rows=slice(0, E))
+            k = linear_with(self, to_examples(key), W, b, rows=slice(E, 2 * E))
+            v = linear_with(self, to_examples(value), W, b, rows=slice(2 * E, 3 * E))
         N, L, S = q.shape[0], q.shape[1], k.shape[1]
         heads = lambda t, n: t.reshape(N, n, H, E // H).transpose(1, 2)  # noqa: E731
         q, k, v = heads(q, L), heads(k, S), heads(v, S)
@@ -71,7 +76,10 @@ class MultiheadAttention(BKLayer, torch.nn.MultiheadAttention):
             scores = scores + mask
         weights = F.softmax(scores, dim=-1)
         attended = F.dropout(weights, p=self.dropout, training=self.training) @ v  # [N, H, L, Dh]
-        out = self.out_proj(attended.transpose(1, 2).reshape(N, L, E))  # [N, L, E]
+        # [N, L, E], examples on dim 0 whatever the engine's batch_first says of the model's layout
+        attended = attended.transpose(1, 2).reshape(N, L, E)
+        proj = self.out_proj
+        out = linear_with(proj, attended, proj.weight, proj.bias) if isinstance(proj, BKLayer) else proj(attended)
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:

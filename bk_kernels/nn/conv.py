@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops._norm_common import accumulation_dtype
-from ._core import BKLayer, autocast_input
+from ._core import BKLayer, autocast_input, in_plain_forward
 from ._uses import ConvUse, DenseUse
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -14,7 +14,7 @@ class _ConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
-        ctx.layer, ctx.bias = layer, bias
+        ctx.layer, ctx.weight, ctx.bias = layer, weight, bias  # ctx.weight: the Parameter's identity
         x = autocast_input(x)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # none for frozen weights
         ctx.x_shape = x.shape
@@ -24,7 +24,7 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        layer, bias = ctx.layer, ctx.bias
+        layer, param, bias = ctx.layer, ctx.weight, ctx.bias
         n = g.dim() - 2
         # convolution_backward reads only the shape of x when it need not form grad_weight.
         x_or_shape = x if x is not None else g.new_empty(()).expand(ctx.x_shape)
@@ -35,7 +35,7 @@ class _ConvFn(torch.autograd.Function):
                 [0] * n, layer.groups, [True, False, False])[0]
         uses = []
         if x is not None:
-            uses.append((weight, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
+            uses.append((param, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
         if bias is not None and bias.requires_grad:
             uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype)))))
         if layer._bk_hand_off(uses):
@@ -54,9 +54,12 @@ class _ConvMixin(BKLayer):
         return F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
 
     def forward(self, x):
+        if in_plain_forward():
+            return super().forward(x)
         unbatched = x.dim() == len(self.kernel_size) + 1
         if unbatched:
             x = x.unsqueeze(0)
+        x = self._bk_examples(x, 0)  # [N, C, *]: the examples are on dim 0 in either layout
         y = _ConvFn.apply(self._bk_padded(x), self.weight, self.bias, self)
         return y.squeeze(0) if unbatched else y
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops._norm_common import accumulation_dtype
-from ._core import BKLayer, autocast_input, examples_first
+from ._core import BKLayer, autocast_input, examples_first, in_plain_forward
 from ._uses import DenseUse, LinearUse
 
 
@@ -13,11 +13,15 @@ class _LinearFn(torch.autograd.Function):
 
     rows: use only weight[rows] and bias[rows] (a block of a larger parameter, as attention's
     q/k/v blocks of in_proj_weight); the engine is told which block.
+    batch_dim: the dim of x that holds the examples (1 for sequence-first inputs).
+    The parameters are kept as ctx attributes for their identity: under non-reentrant
+    activation checkpointing a saved tensor comes back as a recomputed alias.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, transposed, rows):
-        ctx.layer, ctx.transposed, ctx.bias, ctx.rows = layer, transposed, bias, rows
+    def forward(ctx, x, weight, bias, layer, transposed, rows, batch_dim=0):
+        ctx.layer, ctx.transposed, ctx.weight, ctx.bias, ctx.rows = layer, transposed, weight, bias, rows
+        ctx.batch_dim = batch_dim
         x = autocast_input(x)
         # Frozen weights (bias-only fine-tuning) keep no activation.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
@@ -27,14 +31,15 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        layer, transposed, bias, rows = ctx.layer, ctx.transposed, ctx.bias, ctx.rows
-        w = weight[rows] if rows is not None else weight
+        x, w = ctx.saved_tensors
+        layer, transposed, weight, bias, rows, bdim = ctx.layer, ctx.transposed, ctx.weight, ctx.bias, ctx.rows, \
+            ctx.batch_dim
+        w = w[rows] if rows is not None else w
         w = w.to(g.dtype)  # under autocast g is 16-bit while the weight is float32
         grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
         bias_grads = None
         if bias is not None and bias.requires_grad:
-            g3 = examples_first(g)
+            g3 = examples_first(g, batch_dim=bdim)
             acc = accumulation_dtype(g.dtype)
             # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
             bias_grads = g3[:, 0].to(acc) if g3.shape[1] == 1 else g3.sum(1, dtype=acc)
@@ -43,11 +48,11 @@ class _LinearFn(torch.autograd.Function):
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
         uses = []
         if x is not None:
-            uses.append((weight, LinearUse(examples_first(x), examples_first(g), transposed=transposed, rows=rows)))
+            uses.append((weight, LinearUse(examples_first(x, batch_dim=bdim), examples_first(g, batch_dim=bdim), transposed=transposed, rows=rows)))
         if bias_grads is not None:
             uses.append((bias, DenseUse(bias_grads)))
         if layer._bk_hand_off(uses):
-            return grad_x, None, None, None, None, None
+            return grad_x, None, None, None, None, None, None
         # No engine: the ordinary gradients.
         grad_w = grad_b = None
         if x is not None and ctx.needs_input_grad[1]:
@@ -57,19 +62,28 @@ class _LinearFn(torch.autograd.Function):
                 0, torch.arange(rows.start, rows.stop, device=g.device), gw)
         if bias_grads is not None and ctx.needs_input_grad[2]:
             grad_b = bias_grads.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _linear_forward(layer, x, transposed):
+    bdim = layer._bk_batch_dim(x)
+    x = layer._bk_examples(x, bdim)
+    return _LinearFn.apply(x, layer.weight, layer.bias, layer, transposed, None, bdim)
 
 
 class Linear(BKLayer, torch.nn.Linear):
     """torch.nn.Linear whose backward book-keeps for the privacy engine."""
 
     def forward(self, x):
-        return _LinearFn.apply(x, self.weight, self.bias, self, False, None)
+        if in_plain_forward():
+            return super().forward(x)
+        return _linear_forward(self, x, False)
 
 
 def linear_with(layer, x, weight, bias, rows=None):
-    """The BK linear map x weight[rows]^T + bias[rows], parameters owned by `layer`."""
-    return _LinearFn.apply(x, weight, bias, layer, False, rows)
+    """The BK linear map x weight[rows]^T + bias[rows], parameters owned by `layer`; x holds
+    the examples on dim 0 (the caller has checked it against the batch)."""
+    return _LinearFn.apply(x, weight, bias, layer, False, rows, 0)
 
 
 class _GPT2Conv1DMixin(BKLayer):
@@ -77,7 +91,9 @@ class _GPT2Conv1DMixin(BKLayer):
     Parameter keeps its [in, out] layout."""
 
     def forward(self, x):
-        return _LinearFn.apply(x, self.weight, self.bias, self, True, None)
+        if in_plain_forward():
+            return super().forward(x)
+        return _linear_forward(self, x, True)
 
 
 _CONV1D_CLASSES = {}

@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..ops._norm_common import accumulation_dtype
-from ._core import BKLayer, examples_first
+from ._core import BKLayer, examples_first, in_plain_forward
 from ._uses import DenseUse
 
 
@@ -19,8 +19,8 @@ class _AffineNormFn(torch.autograd.Function):
     """y = xhat * weight + bias, xhat = layer._bk_normalize(x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        ctx.layer, ctx.weight, ctx.bias = layer, weight, bias
+    def forward(ctx, x, weight, bias, layer, batch_dim=0):
+        ctx.layer, ctx.weight, ctx.bias, ctx.batch_dim = layer, weight, bias, batch_dim
         xa = x.to(accumulation_dtype(x.dtype))
         cast = lambda t: t.to(xa.dtype) if t is not None else None  # noqa: E731
         y, stats = layer._bk_normalize(xa, cast(weight), cast(bias))  # the affine map fused in where torch has it
@@ -41,8 +41,8 @@ class _AffineNormFn(torch.autograd.Function):
         trainable_w = weight is not None and weight.requires_grad
         trainable_b = bias is not None and bias.requires_grad
         if not (trainable_w or trainable_b):
-            return grad_x, None, None, None
-        gw, gb = layer._bk_param_grads(g, xa, xhat, stats, trainable_b,
+            return grad_x, None, None, None, None
+        gw, gb = layer._bk_param_grads(g, xa, xhat, stats, trainable_b, ctx.batch_dim,
                                        backend=layer._bk_engine.backend if layer._bk_engine else "auto")
         uses = []
         if trainable_w:
@@ -50,10 +50,10 @@ class _AffineNormFn(torch.autograd.Function):
         if trainable_b:
             uses.append((bias, DenseUse(gb.view(-1, *bias.shape))))
         if layer._bk_hand_off(uses):
-            return grad_x, None, None, None
+            return grad_x, None, None, None, None
         grad_w = gw.sum(0).view(weight.shape).to(weight.dtype) if trainable_w else None
         grad_b = gb.sum(0).view(bias.shape).to(bias.dtype) if trainable_b else None
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _rms_backward(xhat, rstd, g_xhat, dims):
@@ -92,17 +92,24 @@ class _LastDimsNorm(BKLayer):
         g_xhat = g * weight if weight is not None else g
         return _rms_backward(xhat(), stats[0], g_xhat, self._bk_dims(x))
 
-    def _bk_param_grads(self, g, x, xhat, stats, bias, backend):
+    def _bk_param_grads(self, g, x, xhat, stats, bias, batch_dim, backend):
         """Per-example (gw, gb) [B, C]: sum_t xhat * g and sum_t g over each example's rows
         (the statistics vary from row to row, so xhat is needed)."""
-        cl = lambda t: examples_first(t, features_dims=len(self.normalized_shape))  # noqa: E731
+        cl = lambda t: examples_first(t, len(self.normalized_shape), batch_dim)  # noqa: E731
         gw, gb, _ = ops.norm_layer_grads(cl(xhat()), cl(g), bias, backend=backend)
         return gw, gb
 
 
+    def _bk_forward(self, x, bias):
+        bdim = self._bk_batch_dim(x, len(self.normalized_shape))
+        return _AffineNormFn.apply(self._bk_examples(x, bdim), self.weight, bias, self, bdim)
+
+
 class LayerNorm(_LastDimsNorm, torch.nn.LayerNorm):
     def forward(self, x):
-        return _AffineNormFn.apply(x, self.weight, self.bias, self)
+        if in_plain_forward():
+            return super().forward(x)
+        return self._bk_forward(x, self.bias)
 
 
 class RMSNorm(_LastDimsNorm, torch.nn.RMSNorm):
@@ -112,7 +119,9 @@ class RMSNorm(_LastDimsNorm, torch.nn.RMSNorm):
         return self.eps if self.eps is not None else torch.finfo(x.dtype).eps
 
     def forward(self, x):
-        return _AffineNormFn.apply(x, self.weight, None, self)
+        if in_plain_forward():
+            return super().forward(x)
+        return self._bk_forward(x, None)
 
 
 class _ChannelGroupNorm(BKLayer):
@@ -138,7 +147,7 @@ class _ChannelGroupNorm(BKLayer):
         return torch.ops.aten.native_group_norm_backward(g.contiguous(), x, *stats, weight, *self._bk_sizes(x),
                                                          [True, False, False])[0]
 
-    def _bk_param_grads(self, g, x, xhat, stats, bias, backend):
+    def _bk_param_grads(self, g, x, xhat, stats, bias, batch_dim, backend):
         """Per-example (gw, gb) [N, C] without rebuilding xhat: the statistics are constant over a
         channel's positions, so sum_t xhat*g = rstd * (sum_t x*g - mean * sum_t g), the formula of
         torch's own group norm backward."""
@@ -152,7 +161,9 @@ class _ChannelGroupNorm(BKLayer):
 
 class GroupNorm(_ChannelGroupNorm, torch.nn.GroupNorm):
     def forward(self, x):
-        return _AffineNormFn.apply(x, self.weight, self.bias, self)
+        if in_plain_forward():
+            return super().forward(x)
+        return _AffineNormFn.apply(self._bk_examples(x, 0), self.weight, self.bias, self)
 
 
 class _InstanceNormMixin(_ChannelGroupNorm):
@@ -165,8 +176,12 @@ class _InstanceNormMixin(_ChannelGroupNorm):
         return x.unsqueeze(0) if x.dim() == self._get_no_batch_dim() else x
 
     def forward(self, x):
-        y = _AffineNormFn.apply(x, self.weight, self.bias, self)
-        return y.squeeze(0) if x.dim() == self._get_no_batch_dim() else y
+        if in_plain_forward():
+            return super().forward(x)
+        unbatched = x.dim() == self._get_no_batch_dim()
+        xb = self._bk_examples(x.unsqueeze(0) if unbatched else x, 0)
+        y = _AffineNormFn.apply(xb, self.weight, self.bias, self)
+        return y.squeeze(0) if unbatched and y.shape[0] == 1 else y
 
 
 class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):

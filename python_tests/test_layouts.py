@@ -1,0 +1,182 @@
+"""Where the examples lie: sequence-first models (batch_first=False), inputs broadcast over the
+batch, and refusals that name the layer and the real cause. Float64 against one backward per
+example (model_reference)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests.test_models import BACKENDS, check_model
+
+DT = torch.float64
+
+
+class SeqFirstMLP(nn.Module):
+    """The shape of the 15 silently wrong cases: a Linear on [T, B, d], a head pooling over dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.head = nn.Linear(17, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(x)).mean(0))
+
+
+def seq_first_loss(model, batch):
+    return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,B", [(3, 3), (5, 3), (1, 4), (4, 1)])
+def test_sequence_first_linear_is_exact_with_batch_first_false(T, B, backend):
+    torch.manual_seed(T * 10 + B)
+    inputs = {"x": torch.randn(T, B, 17, dtype=DT), "y": torch.randint(0, 3, (B,))}
+    check_model(SeqFirstMLP().to(DT), seq_first_loss, inputs, style="layer-wise", backend=backend,
+                batch_dims={"x": 1}, batch_first=False)
+
+
+def _one_step(model, loss_of, **engine_kwargs):
+    model = bk.convert(model)
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0, **engine_kwargs)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    return model, engine, opt, before, loss_of
+
+
+def test_sequence_first_input_under_batch_first_true_is_refused_naming_the_cause():
+    """T != B: the head sees B examples where the model's input said T; refused in the forward,
+    nothing moved, no budget spent."""
+    torch.manual_seed(0)
+    model, engine, opt, before, _ = _one_step(SeqFirstMLP().to(DT), None)
+    x, y = torch.randn(5, 3, 17, dtype=DT), torch.randint(0, 3, (3,))
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(head\).*batch_first=False"):
+        F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.steps == 0 and engine.epsilon() == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class SeqFirstEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(11, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, ids):  # ids [T, B]
+        return self.head(self.norm(self.emb(ids)).mean(0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,B", [(4, 4), (6, 3)])
+def test_sequence_first_embedding_and_layer_norm(T, B, backend):
+    torch.manual_seed(1)
+    inputs = {"ids": torch.randint(0, 11, (T, B)), "y": torch.randint(0, 3, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["ids"]), b["y"], reduction="none")  # noqa: E731
+    check_model(SeqFirstEmbedding().to(DT), loss, inputs, style="all-layer", backend=backend,
+                batch_dims={"ids": 1}, batch_first=False)
+
+
+class TorchTransformer(nn.Module):
+    """torch's own encoder layer at its default layout (batch_first=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=12, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # [T, B, 8]
+        return self.head(self.encoder(x).mean(0))
+
+
+@pytest.mark.parametrize("T,B", [(4, 4), (5, 2)])
+def test_torch_transformer_sequence_first(T, B):
+    torch.manual_seed(2)
+    inputs = {"x": torch.randn(T, B, 8, dtype=DT), "y": torch.randint(0, 3, (B,))}
+    check_model(TorchTransformer().to(DT), seq_first_loss, inputs, style="layer-wise", backend="cpu",
+                batch_dims={"x": 1}, batch_first=False)
+
+
+def test_transformer_layout_disagreeing_with_the_engine_is_refused_up_front():
+    model = bk.convert(TorchTransformer().to(DT))
+    with pytest.raises(bk.UnsupportedLayoutError, match="batch_first=False"):
+        bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    batch_first_model = bk.convert(nn.Sequential(nn.TransformerEncoderLayer(8, 2, 12, batch_first=True)))
+    with pytest.raises(bk.UnsupportedLayoutError, match="batch_first=True"):
+        bk.PrivacyEngine(batch_first_model, batch_size=4, sample_size=40, noise_multiplier=1.0, batch_first=False)
+
+
+class BroadcastPositions(nn.Module):
+    """Positions looked up with ids shared by every example: [1, T] (Hugging Face's buffer) or
+    1-D (nanoGPT's `wpe(torch.arange(T))`), and a Linear on a [1, T, d] learned-free constant."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(13, 6), nn.Embedding(9, 6)
+        self.bias_proj = nn.Linear(4, 6)
+        self.register_buffer("const", torch.linspace(-1, 1, 9 * 4).view(1, 9, 4))
+        self.head = nn.Linear(6, 13)
+        self.positions = positions
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        where = torch.arange(T)
+        pos = self.pos(where[None] if self.positions == "2d" else where)
+        h = self.tok(ids) + pos + self.bias_proj(self.const[:, :T])
+        return self.head(torch.tanh(h))
+
+
+def lm_loss(model, batch):
+    ids = batch["ids"]
+    logits = model(ids)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        len(ids), -1).mean(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("positions", ["2d", "1d"])
+@pytest.mark.parametrize("B", [1, 2, 5])
+def test_inputs_broadcast_over_the_batch_are_exact(B, positions, backend):
+    torch.manual_seed(B)
+    inputs = {"ids": torch.randint(0, 13, (B, 7))}
+    check_model(BroadcastPositions(positions).to(DT), lm_loss, inputs, style="all-layer", backend=backend)
+
+
+def test_one_dimensional_positions_equal_to_the_batch_size_are_refused_not_guessed():
+    torch.manual_seed(3)
+    model = bk.convert(BroadcastPositions("1d").to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Embedding \(pos\).*\[1, T\]"):
+        lm_loss(model, {"ids": torch.randint(0, 13, (5, 5))})
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_layer_reading_examples_mixed_into_rows_is_refused_in_the_forward():
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+
+        def forward(self, x):  # [B, T, 4] -> [B*T, 4]: the layer cannot tell the examples apart
+            return self.lin(x.reshape(-1, 4)).sum()
+
+    model = bk.convert(Flattening().to(DT))
+    bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(lin\).*size 6 while the model's input has 2"):
+        model(torch.randn(2, 3, 4, dtype=DT))
+
+
+def test_a_layer_called_outside_the_model_still_checks_at_the_backward():
+    """Without the model's forward there is no batch size to check against in the forward; the
+    backward still refuses inconsistent example counts before anything is recorded."""
+    torch.manual_seed(4)
+    model = bk.convert(nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 1)}).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    x = torch.randn(4, 3, dtype=DT)
+    loss = model["a"](x).sum() + model["b"](x[:1]).sum()
+    with pytest.raises(bk.UnsupportedLayoutError, match="read 1 examples"):
+        loss.backward()
+    assert engine.steps == 0
