@@ -193,7 +193,7 @@ class PrivacyEngine:
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = self
-        self._hooks.append(self.model.register_forward_pre_hook(self._take_batch_size, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_pre_hook(_BatchSizeProbe(self), with_kwargs=True))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
 
@@ -527,6 +527,24 @@ class PrivacyEngine:
 
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
+
+
+class _BatchSizeProbe:
+    """The model's forward pre-hook (engine._take_batch_size). Like the layers' engine link, it
+    does nothing in a copy or a pickle of the model: those are not attached."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __call__(self, module, args, kwargs):
+        if self.engine is not None:
+            self.engine._take_batch_size(module, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return _BatchSizeProbe(None)
+
+    def __reduce__(self):
+        return (_BatchSizeProbe, (None,))
 
 
 class UnsupportedLayoutError(RuntimeError):
