@@ -193,7 +193,8 @@ class PrivacyEngine:
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = self
-        self._hooks.append(self.model.register_forward_pre_hook(_BatchSizeProbe(self), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_pre_hook(_ModelProbe(self), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(_ModelProbe(self, after=True)))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
 
@@ -206,6 +207,24 @@ class PrivacyEngine:
             self._forward_batch = None
         else:
             self._forward_batch = first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+
+    def _watch_outputs(self, output):
+        """The model's forward hook: the first gradient to reach one of its outputs marks the start
+        of a backward through the model, on the backward's own graph task. The clipping callback
+        is queued there, so a layer first recorded inside a nested backward (reentrant activation
+        checkpointing runs one per checkpointed segment) cannot end the book-keeping early."""
+        for t in torch.utils._pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(self._backward_reached_output)
+
+    def _backward_reached_output(self, grad):
+        self._queue_finish()
+        return grad
+
+    def _queue_finish(self):
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._callback_queued = True
 
     def _layout_error(self, layer, x, dim, B, why=None):
         """The error for a bk layer whose input does not hold the batch's examples where it should."""
@@ -313,9 +332,7 @@ class PrivacyEngine:
 
     def _record(self, module, uses):
         """Called by a bk layer's backward with [(param, use)]."""
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-            self._callback_queued = True
+        self._queue_finish()  # already queued when the backward came through the model's output
         for p, use in uses:
             use = self._maybe_dense(use)
             self._uses[id(p)].append(use)
@@ -529,22 +546,28 @@ class PrivacyEngine:
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
 
 
-class _BatchSizeProbe:
-    """The model's forward pre-hook (engine._take_batch_size). Like the layers' engine link, it
-    does nothing in a copy or a pickle of the model: those are not attached."""
+class _ModelProbe:
+    """The model's forward pre-hook (engine._take_batch_size) or forward hook
+    (engine._watch_outputs). Like the layers' engine link, it does nothing in a copy or a
+    pickle of the model: those are not attached."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, after=False):
+        self.engine, self.after = engine, after
 
-    def __call__(self, module, args, kwargs):
-        if self.engine is not None:
-            self.engine._take_batch_size(module, args, kwargs)
+    def __call__(self, module, args, *rest):
+        if self.engine is None:
+            return None
+        if self.after:
+            self.engine._watch_outputs(rest[0])
+        else:
+            self.engine._take_batch_size(module, args, rest[0])
+        return None
 
     def __deepcopy__(self, memo):
-        return _BatchSizeProbe(None)
+        return _ModelProbe(None, self.after)
 
     def __reduce__(self):
-        return (_BatchSizeProbe, (None,))
+        return (_ModelProbe, (None, self.after))
 
 
 class UnsupportedLayoutError(RuntimeError):
