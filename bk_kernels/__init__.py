@@ -18,7 +18,7 @@ except ImportError as err:  # fail loudly, saying how to fix it
     ) from err
 
 from . import accounting, clipping, data, distributed, nn, ops  # noqa: E402
-from .convert import UnsupportedModuleError, convert  # noqa: E402
+from .convert import UnsupportedModuleError, convert, generic_modules  # noqa: E402
 from .engine import PrivacyEngine, UnsupportedLayoutError  # noqa: E402
 
 
@@ -29,4 +29,4 @@ def build_info():
 
 
 __all__ = ["PrivacyEngine", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
-           "convert", "data", "distributed", "nn", "ops"]
+           "convert", "data", "generic_modules", "distributed", "nn", "ops"]

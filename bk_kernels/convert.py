@@ -11,6 +11,7 @@ from torch import nn
 from . import nn as bknn
 from .nn.attention import attention_unsupported_reason
 from .nn.embedding import embedding_unsupported_reason
+from .nn.generic import generic_class, is_generic
 from .nn.linear import gpt2_conv1d_class, is_gpt2_conv1d
 from .nn.norm import instance_norm_unsupported_reason
 
@@ -43,13 +44,11 @@ _REASONS = {
     nn.MultiheadAttention: attention_unsupported_reason,
 }
 
+# Modules whose own Parameters cannot be made exact by any path: refused with this advice.
 _ADVICE = {
     nn.modules.batchnorm._BatchNorm: "BatchNorm mixes the examples of a batch, so per-example gradients "
                                      "do not exist: use GroupNorm (or LayerNorm) instead",
     nn.RNNBase: "recurrent layers are not supported yet: freeze them or replace them",
-    nn.ConvTranspose1d: "transposed convolutions are not supported yet: freeze them or replace them",
-    nn.ConvTranspose2d: "transposed convolutions are not supported yet: freeze them or replace them",
-    nn.ConvTranspose3d: "transposed convolutions are not supported yet: freeze them or replace them",
 }
 
 
@@ -57,9 +56,47 @@ def _advice(module):
     for cls, text in _ADVICE.items():
         if isinstance(module, cls):
             return text
-    return ("no bk equivalent: freeze its parameters (requires_grad_(False)) or replace it with "
-            "supported layers (Linear, Conv1d/2d/3d, Embedding, LayerNorm, GroupNorm, InstanceNorm, RMSNorm, "
-            "MultiheadAttention)")
+    return None
+
+
+class _SubclassCheck(bknn.BKLayer):
+    """In front of a subclass of a supported layer whose forward calls the parent's forward
+    (HF's scaled word embeddings, OPT's offset positions): the subclass's forward runs, and its
+    super().forward reaches the bk layer. Checks that it did, in every private forward."""
+
+    def forward(self, *args, **kwargs):
+        before = self._bk_calls
+        out = super().forward(*args, **kwargs)
+        if self._bk_calls == before and self._bk_engine is not None and torch.is_grad_enabled() and \
+                not bknn.in_plain_forward() and _owns_trainable(self):
+            raise UnsupportedModuleError(
+                f"bk: {type(self).__name__} overrides forward and did not call its torch parent's forward in this "
+                "call, so its parameters would get ordinary gradients")
+        return out
+
+
+_SUBCLASSES = {}
+
+
+def _subclass_adapter(cls, bk_cls):
+    """cls with the bk layer under it: MRO cls -> bk layer -> torch layer."""
+    if cls not in _SUBCLASSES:
+        _SUBCLASSES[cls] = type(cls.__name__, (_SubclassCheck, cls, bk_cls), {"__module__": cls.__module__,
+                                                                              "__qualname__": cls.__qualname__})
+    return _SUBCLASSES[cls]
+
+
+def _supported_base(cls):
+    """The supported torch layer that `cls` subclasses (the nearest in its MRO), or None."""
+    return next((base for base in cls.__mro__[1:] if base in SWAPS), None)
+
+
+def _reaches_parent_forward(cls, base):
+    """Whether cls's forward is the parent's, or an override that calls super()."""
+    forward = cls.forward
+    if forward is base.forward:
+        return True
+    return "super" in getattr(forward, "__code__", compile("", "", "exec")).co_names
 
 
 def _owns_trainable(module):
@@ -73,24 +110,41 @@ def _plan(model):
         if isinstance(module, bknn.BKLayer) or not _owns_trainable(module):
             continue  # already converted (convert is idempotent), or frozen / no parameters
         cls = type(module)
-        if cls in SWAPS:
-            reason = _REASONS.get(cls, lambda m: None)(module)
-            if reason:
-                problems.append((path or "<model>", cls.__name__, f"{reason} has no private equivalent"))
-            else:
-                swaps.append((module, SWAPS[cls]))
+        base = cls if cls in SWAPS else _supported_base(cls)
+        reason = _REASONS.get(base, lambda m: None)(module) if base is not None else None
+        advice = _advice(module)
+        if reason:
+            problems.append((path or "<model>", cls.__name__, f"{reason} has no private equivalent"))
+        elif advice:
+            problems.append((path or "<model>", cls.__name__, advice))
+        elif cls in SWAPS:
+            swaps.append((module, SWAPS[cls]))
         elif is_gpt2_conv1d(module):
             swaps.append((module, gpt2_conv1d_class(cls)))
-        else:
-            problems.append((path or "<model>", cls.__name__, _advice(module)))
+        elif base is not None and _reaches_parent_forward(cls, base):
+            swaps.append((module, _subclass_adapter(cls, SWAPS[base])))
+        else:  # any other module owning trainable Parameters: the generic exact path
+            swaps.append((module, generic_class(cls)))
     return swaps, problems
+
+
+def generic_modules(model):
+    """[(path, type name, number of own trainable parameter elements)] of the modules of a
+    converted model that take the generic path (nn/generic.py): per-example gradients of their
+    own Parameters by a recompute under torch.func, at the cost of one more forward and backward
+    of the module and B x that many elements per backward."""
+    return [(path or "<model>", type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)
+                                                      if p.requires_grad))
+            for path, m in model.named_modules() if is_generic(m)]
 
 
 def convert(model):
     """Swaps the supported layers of `model` for bk.nn layers IN PLACE and returns `model`.
 
     Keeps every Parameter object and state_dict key; idempotent; frozen modules are left
-    alone. Raises UnsupportedModuleError naming every trainable module it cannot privatize
+    alone. Modules that own trainable Parameters and have no fused family (a cls token used in
+    a forward, an LLM's own RMSNorm class, a subclass with its own forward) take the generic
+    exact path; `generic_modules(model)` lists them. Raises UnsupportedModuleError naming every trainable module it cannot privatize
     (by path and type), changing nothing.
     """
     if not isinstance(model, torch.nn.Module):

@@ -1,10 +1,11 @@
 """Drop-in layers: subclasses of the torch originals (same constructor, parameters and
 state_dict) whose backward book-keeps for the privacy engine instead of forming weight
 gradients. bk.convert(model) swaps them in place."""
-from ._core import BKLayer
+from ._core import BKLayer, in_plain_forward, plain_forward
 from .attention import MultiheadAttention
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
+from .generic import GenericLayer
 from .linear import Linear
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 
@@ -14,6 +15,7 @@ __all__ = [
     "Conv2d",
     "Conv3d",
     "Embedding",
+    "GenericLayer",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -22,4 +24,6 @@ __all__ = [
     "Linear",
     "MultiheadAttention",
     "RMSNorm",
+    "in_plain_forward",
+    "plain_forward",
 ]

@@ -48,6 +48,7 @@ class BKLayer:
     """Mixin of the bk.nn layers. The engine sets `_bk_engine` while it is attached."""
 
     _bk_link = None
+    _bk_calls = 0
 
     @property
     def _bk_engine(self):
@@ -78,6 +79,7 @@ class BKLayer:
         the batch (size 1 there, as Hugging Face's [1, T] position ids) is expanded to the batch
         so that this layer's output, and so its output gradient, is per example. Anything else
         is refused here, in the forward, before any gradient or budget is touched."""
+        self._bk_calls += 1  # every bk forward passes here (the subclass check of convert.py counts)
         engine = self._bk_engine
         if engine is None or not torch.is_grad_enabled() or in_plain_forward():
             return x

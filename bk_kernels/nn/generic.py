@@ -1,0 +1,211 @@
+"""The generic exact path: per-example gradients of a module's OWN parameters by torch.func.
+
+For trainable Parameters that no fused family takes: a cls token or position embedding used
+directly in a module's forward, a layer-scale gamma, the RMSNorm class of an LLM family, a
+subclass of a torch layer whose forward does its own thing. The module's class becomes a
+subclass of itself with GenericLayer in front, so its Parameters, hooks and state_dict stay.
+
+Forward: the module's own forward runs as usual with its own trainable Parameters swapped for
+detached aliases (so they get no ordinary, summed gradient), and its floating outputs pass
+through one identity autograd Function (`_GenericTap`) that holds its inputs.
+Backward: the tap receives the outputs' gradients g, lets them through unchanged (the bk
+layers inside the module book-keep in the ordinary backward), and computes every example's
+gradient of the module's own Parameters as a vmap over the examples of a vjp of the module's
+forward, recomputed with every bk layer inside it on its plain torch forward (recorded once).
+
+Cost: one more forward and backward of the module (batched by vmap, in chunks of examples),
+and B x (own parameter size) of per-example gradients, kept as DenseUses. Cheap for norms and
+layer scales; for a model whose ROOT owns a Parameter (timm's ViT cls token) the recompute is
+the whole model. Random ops in the module's forward (dropout with p > 0 in training mode)
+cannot be replayed per example and are refused.
+"""
+import re
+import warnings
+
+import torch
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._core import BKLayer, in_plain_forward, plain_forward
+from ._uses import DenseUse
+
+# Examples per vmap chunk: their per-example gradients stay within this many elements.
+CHUNK_ELEMENTS = 1 << 24
+# Warn once per module when its per-example gradients exceed this many elements.
+WARN_ELEMENTS = 1 << 26
+
+
+class GenericError(RuntimeError):
+    """A module on the generic path cannot give exact per-example gradients."""
+
+
+class _GenericTap(torch.autograd.Function):
+    """Identity on the module's floating outputs; its backward computes the module's own
+    per-example parameter gradients. The own Parameters are inputs so that the outputs need
+    grad even when nothing else of the module does."""
+
+    @staticmethod
+    def forward(ctx, layer, call, n_out, *tensors):
+        ctx.layer, ctx.call, ctx.n_out = layer, call, n_out
+        ctx.n_params = len(tensors) - n_out
+        ctx.out_meta = [(t.shape, t.dtype, t.device) for t in tensors[:n_out]]
+        return tuple(t.view_as(t) for t in tensors[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)
+                 for g, (s, d, dev) in zip(grads, ctx.out_meta)]
+        param_grads = ctx.layer._bk_generic_backward(ctx.call, grads)
+        return (None, None, None, *grads, *param_grads)
+
+
+class GenericLayer(BKLayer):
+    """Mixin put in front of a module's own class (see generic_class)."""
+
+    def forward(self, *args, **kwargs):
+        own = self._bk_own_trainable()
+        engine = self._bk_engine
+        if in_plain_forward() or engine is None or not own or not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        with _reparametrize_module(self, {n: p.detach() for n, p in own}):
+            out = super().forward(*args, **kwargs)
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        out_leaves, out_spec = tree_flatten(out)
+        B = engine._forward_batch
+        picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if B is None:  # called outside the model's forward: its first floating output says
+            B = next((out_leaves[i].shape[0] for i in picked if out_leaves[i].dim() > 0), 1)
+        batched_in = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B for t in in_leaves]
+        layouts, outs = [], []
+        for i in picked:
+            layout = self._bk_output_layout(out_leaves[i], B, any(batched_in))
+            layouts.append(layout)
+            outs.append(_to_batch(out_leaves[i], layout, B))
+        self._bk_warn_if_large(B, own)
+        autocast = _autocast_state(next((t.device.type for t in outs), "cpu"))
+        call = dict(in_leaves=[t.detach() if isinstance(t, torch.Tensor) else t for t in in_leaves],
+                    in_spec=in_spec, batched_in=batched_in, picked=picked, layouts=layouts, B=B,
+                    own=[n for n, _ in own], autocast=autocast)
+        tapped = _GenericTap.apply(self, call, len(outs), *outs, *[p for _, p in own])
+        for i, t in zip(picked, tapped):
+            out_leaves[i] = t
+        return tree_unflatten(out_leaves, out_spec)
+
+    def _bk_own_trainable(self):
+        return [(n, p) for n, p in self.named_parameters(recurse=False) if p.requires_grad]
+
+    def _bk_output_layout(self, t, B, any_batched_input):
+        """How an output holds the examples: "batched" ([B, ...]), "broadcast" ([1, ...],
+        expanded to the batch) or "shared" (made from no per-example input: given a batch dim)."""
+        if not any_batched_input and B > 1:
+            return "broadcast" if t.dim() > 0 and t.shape[0] == 1 else "shared"
+        if t.dim() > 0 and t.shape[0] == B:
+            return "batched"
+        if t.dim() > 0 and t.shape[0] == 1:
+            return "broadcast"
+        engine = self._bk_engine
+        raise GenericError(
+            f"PrivacyEngine: {type(self).__name__} ({engine._module_path(self)}) takes the generic path (its own "
+            f"Parameters {[n for n, _ in self._bk_own_trainable()]} are used in its forward), but its output of "
+            f"shape {tuple(t.shape)} does not hold the batch's {B} examples on dim 0: a module that mixes examples "
+            "cannot be trained privately")
+
+    def _bk_warn_if_large(self, B, own):
+        elements = B * sum(p.numel() for _, p in own)
+        if elements > WARN_ELEMENTS and not getattr(self, "_bk_warned", False):
+            self._bk_warned = True
+            warnings.warn(f"bk: {type(self).__name__} takes the generic path and holds {elements:,} elements of "
+                          "per-example gradients of its own parameters per backward", stacklevel=3)
+
+    def _bk_generic_backward(self, call, grads):
+        """Per-example gradients of the own Parameters handed to the engine (DenseUses); the
+        ordinary (summed) gradients when no engine is attached any more."""
+        own = dict(self.named_parameters(recurse=False))
+        params = {n: own[n] for n in call["own"]}
+        per_example = self._bk_per_example_grads(call, grads, params)
+        uses = [(params[n], DenseUse(per_example[n])) for n in call["own"]]
+        if self._bk_hand_off(uses):
+            return [None] * len(uses)
+        return [per_example[n].sum(0).to(params[n].dtype) for n in call["own"]]
+
+    def _bk_per_example_grads(self, call, grads, params):
+        B, layouts = call["B"], call["layouts"]
+        in_leaves, batched_in = call["in_leaves"], call["batched_in"]
+        primal = {n: p.detach() for n, p in params.items()}
+        module = self
+
+        def one_example(example_leaves, example_grads):
+            # example_leaves: the batched inputs of one example, each with a batch dim of 1
+            it = iter(example_leaves)
+            leaves = [next(it) if b else t for t, b in zip(in_leaves, batched_in)]
+            args, kwargs = tree_unflatten(leaves, call["in_spec"])
+
+            def forward(own):
+                with plain_forward(), _reparametrize_module(module, own), torch.autocast(**call["autocast"]):
+                    out = super(GenericLayer, module).forward(*args, **kwargs)
+                out_leaves = tree_flatten(out)[0]
+                return tuple(_to_batch(out_leaves[i], layout, 1) for i, layout in zip(call["picked"], layouts))
+
+            _, vjp = torch.func.vjp(forward, primal)
+            return vjp(tuple(example_grads))[0]
+
+        batched = [t.unsqueeze(1) for t, b in zip(in_leaves, batched_in) if b]
+        per_grad = [g.unsqueeze(1) for g in grads]
+        width = max(1, sum(p.numel() for p in params.values()))
+        step = max(1, CHUNK_ELEMENTS // width)
+        chunks = []
+        for lo in range(0, B, step):
+            hi = min(B, lo + step)
+            try:
+                chunks.append(torch.func.vmap(one_example, randomness="error")(
+                    [t[lo:hi] for t in batched], [g[lo:hi] for g in per_grad]))
+            except RuntimeError as err:
+                if "randomness" not in str(err):
+                    raise
+                raise GenericError(
+                    f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
+                    "path, which recomputes its forward per example, and its forward draws random numbers "
+                    "(dropout with p > 0 in training mode?) that cannot be replayed: set its dropout to 0") from None
+        if not chunks:
+            return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}
+        return {n: torch.cat([c[n] for c in chunks]) for n in params}
+
+
+def _to_batch(t, layout, B):
+    if layout == "batched":
+        return t
+    if layout == "broadcast":
+        return t.expand(B, *t.shape[1:])
+    return t.unsqueeze(0).expand(B, *t.shape)  # shared
+
+
+def _autocast_state(device_type):
+    enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    state = dict(device_type=device_type, enabled=enabled)
+    if enabled:
+        state["dtype"] = torch.get_autocast_dtype(device_type)
+    return state
+
+
+_GENERIC_CLASSES = {}
+
+
+def generic_class(cls):
+    """The generic-path subclass of `cls` (made once per class)."""
+    if cls not in _GENERIC_CLASSES:
+        # Named in this module, so that pickle finds the class within this process.
+        name = "Generic_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}")
+        new = type(cls.__name__, (GenericLayer, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = _GENERIC_CLASSES[cls] = new
+    return _GENERIC_CLASSES[cls]
+
+
+def own_parameter_elements(module):
+    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+
+
+def is_generic(module):
+    return isinstance(module, GenericLayer)
+
+
+__all__ = ["GenericError", "GenericLayer", "generic_class", "is_generic", "own_parameter_elements"]
