@@ -95,6 +95,7 @@ class PrivacyEngine:
         self.batch_first = batch_first
         _check_layouts(model, batch_first)
         self._forward_batch = None  # examples in the model's forward now running (its input's batch dim)
+        self._forward_input_shape = None
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
         self._units = self._clipping_units(clipping_style)  # list of lists of params
@@ -203,6 +204,7 @@ class PrivacyEngine:
         input (dim 0, or dim 1 with batch_first=False). Every bk layer checks its input against it."""
         first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
+        self._forward_input_shape = tuple(first.shape) if first is not None else None
         if first is None:
             self._forward_batch = None
         else:
@@ -231,16 +233,29 @@ class PrivacyEngine:
         path = self._module_path(layer)
         where = f"dim {dim} of its input of shape {tuple(x.shape)}"
         if why is None:
-            why = (f"{where} should hold the examples, but has size {x.shape[dim] if x.dim() > dim else 'none'} "
-                   f"while the model's input has {B} (batch_first={self.batch_first}). ")
-            if self.batch_first:
-                why += ("If the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
-                        "nn.MultiheadAttention by default), pass batch_first=False to the engine; the layers "
-                        "before this one may have read a sequence dim as the examples. ")
-            else:
-                why += "With batch_first=False the model's input and every layer input with a sequence dim hold " \
-                       "the examples on dim 1. "
-            why += "A layer whose input mixes the examples of a batch cannot be trained privately."
+            n = x.shape[dim] if x.dim() > dim else None
+            why = (f"{where} should hold the examples, but has size {n if n is not None else 'none'} while the "
+                   f"model's input has {B} (batch_first={self.batch_first}). ")
+            shape = self._forward_input_shape or ()
+            other = 1 if self.batch_first else 0  # the model input's dim the other layout reads
+            causes = []
+            if n is not None and len(shape) > 1 and shape[other] == n:
+                causes.append(f"the model's input {tuple(shape)} has {n} on dim {other}: " + (
+                    "if the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
+                    "nn.MultiheadAttention by default), pass batch_first=False to the engine (the layers before "
+                    "this one read a sequence dim as the examples)" if self.batch_first else
+                    "if the model is batch-first, leave batch_first=True"))
+            if n is not None and n % B == 0 and n > B:
+                causes.append("the examples are folded into rows (a reshape(-1, d) of [B, T, d], as OPT's decoder "
+                              "layers do), which cannot be told apart per example from their shape")
+            if B not in tuple(x.shape):
+                causes.append("the input is shared by every example (as T5's relative position buckets), and its "
+                              "per-example gradients live in a broadcast after the layer")
+            elif not causes:
+                causes.append("the examples lie on another dim of the input")
+            why += "Possible causes: " + "; or ".join(causes) + ". "
+            why += ("A layer whose input mixes or folds the examples of a batch is not supported; nothing was "
+                    "recorded and no budget was spent.")
         return UnsupportedLayoutError(f"PrivacyEngine: {type(layer).__name__} ({path}): {why}")
 
     @staticmethod

@@ -61,7 +61,15 @@ def private_update(model, batch_loss, inputs, batch_size, **engine_kwargs):
     optimizer.zero_grad()
     batch_loss(model, inputs).backward()
     optimizer.step()
-    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}, engine
+    # The update is read from the gradient SGD(lr=1) stepped with: a difference of parameters
+    # loses updates far smaller than the parameter itself (timm ConvNeXt's 1e-6 layer scales)
+    # to rounding. The parameters did move by it, up to that rounding.
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    update = {n: -p.grad.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for n in update:
+        torch.testing.assert_close(moved[n], update[n].to(moved[n].dtype), rtol=0,
+                                   atol=4 * torch.finfo(moved[n].dtype).eps * (before[n].abs().max().item() + 1))
+    return update, engine
 
 
 def assert_updates_close(got, want, rtol=1e-9):

@@ -147,8 +147,8 @@ def timm_convnext():
 def timm_resnet_gn():
     import timm
     from functools import partial
-    return timm.create_model("resnet18", pretrained=False, num_classes=3, norm_layer=partial(torch.nn.GroupNorm, 2)
-                             ).to(DT)
+    return timm.create_model("resnet18", pretrained=False, num_classes=3,
+                             norm_layer=partial(timm.layers.GroupNorm, num_groups=2)).to(DT)
 
 
 def lora(base, targets):

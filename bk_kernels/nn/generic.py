@@ -49,7 +49,7 @@ class _GenericTap(torch.autograd.Function):
         ctx.layer, ctx.call, ctx.n_out = layer, call, n_out
         ctx.n_params = len(tensors) - n_out
         ctx.out_meta = [(t.shape, t.dtype, t.device) for t in tensors[:n_out]]
-        return tuple(t.view_as(t) for t in tensors[:n_out])
+        return tuple(t.clone() for t in tensors[:n_out])  # not views: later in-place ops (ReLU) are allowed
 
     @staticmethod
     def backward(ctx, *grads):
