@@ -96,6 +96,7 @@ class PrivacyEngine:
         _check_layouts(model, batch_first)
         self._forward_batch = None  # examples in the model's forward now running (its input's batch dim)
         self._forward_input_shape = None
+        self._last_unit_sq_norms = {}
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
         self._units = self._clipping_units(clipping_style)  # list of lists of params
@@ -421,6 +422,8 @@ class PrivacyEngine:
                 raise FloatingPointError(
                     "PrivacyEngine: non-finite per-example gradient norms (the loss diverged?); no gradient was "
                     "recorded and no privacy budget was spent")
+        # The true squared norms of this backward, per unit (bk.verify reads them)
+        self._last_unit_sq_norms = {u: s.detach() for u, s in unit_sq.items()}
         # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
         # unscale_ removes before the step (and its finiteness check still sees them).
         factors = {u: clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale

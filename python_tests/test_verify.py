@@ -1,0 +1,61 @@
+"""bk.verify: the self-check on a user's own model. It must pass on models bk trains exactly,
+and it must FAIL (not pass silently) where a layout was declared wrong."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests import zoo
+from python_tests.test_layouts import SeqFirstMLP
+
+
+def test_passes_on_an_mlp_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+    assert report.ok, str(report)
+    assert report.norm_error < 1e-10 and report.update_error < 1e-9
+    assert all(torch.equal(p, b) and p.dtype == torch.float32 for p, b in zip(model.parameters(), before))
+    assert "OK" in str(report)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "timm_vit"])
+def test_passes_on_real_models(name):
+    build, loss, batch = zoo.ZOO[name]
+    torch.manual_seed(0)
+    report = bk.verify(build(), lambda m, b: loss(m, b).mean(), batch(3), clipping_style="layer-wise")
+    assert report.update_error < 1e-6 and report.norm_error < 1e-6, str(report)  # B=3: fp32 inside HF's RMSNorm
+    if name != "gpt2":
+        assert report.generic_modules
+
+
+def test_sequence_first_model_passes_with_batch_first_false():
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 17), torch.randint(0, 3, (3,))
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"])  # noqa: E731
+    assert bk.verify(SeqFirstMLP(), loss, {"x": x, "y": y}, batch_first=False).ok
+
+
+def test_catches_a_sequence_first_model_declared_batch_first():
+    """T == B: the shapes cannot tell the layouts apart and the engine trusts batch_first=True.
+    verify splits the batch as declared, so the mistake surfaces: as a failed per-example loss
+    here, or as a mismatch where the loss still runs on the wrong split (below)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(3, 3, 17), torch.randint(0, 3, (3,))
+    with pytest.raises(ValueError, match="batch_first=True.*declared wrong"):
+        bk.verify(SeqFirstMLP(), lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), {"x": x, "y": y})
+
+    class Regression(nn.Module):  # the head's output pools dim 0: per "example" it still runs
+        def __init__(self):
+            super().__init__()
+            self.mix, self.head = nn.Linear(17, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mix(x)).mean(0)).mean()
+
+    report = bk.verify(Regression(), lambda m, b: m(b), x)
+    assert not report.ok and report.update_error > 1e-4, str(report)
+    assert "MISMATCH" in str(report)
