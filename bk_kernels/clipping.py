@@ -1,4 +1,4 @@
-"""The one clipping rule (DESIGN.md), for the engine and for users of the ops.
+"""The one clipping rule (docs/DESIGN.md), for the engine and for users of the ops.
 
 C_i from example i's gradient norm ||g_i|| over its clipping unit and the unit's threshold R:
   abadi:      C_i = min(1, R / (||g_i|| + 1e-6))

@@ -1,6 +1,6 @@
 """PrivacyEngine: per-example clipping, noise and the 1/B scale around any torch optimizer.
 
-Flow of one step (DESIGN.md):
+Flow of one step (docs/DESIGN.md):
 1. forward as usual through bk.nn layers;
 2. loss.backward(): every bk layer hands the engine one "use" per trainable parameter and the
    use's per-example squared norm is computed right there; the layer returns no weight
@@ -203,6 +203,8 @@ class PrivacyEngine:
     def _take_batch_size(self, module, args, kwargs):
         """The model's forward pre-hook: the batch size of this forward, from its first tensor
         input (dim 0, or dim 1 with batch_first=False). Every bk layer checks its input against it."""
+        if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
+            self._reset_backward_state()
         first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         self._forward_input_shape = tuple(first.shape) if first is not None else None

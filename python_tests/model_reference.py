@@ -1,6 +1,6 @@
 """The ground truth for whole models: one backward per example, in float64.
 
-expected_update() is what DESIGN.md's contract says one private SGD(lr=1) step without noise
+expected_update() is what docs/DESIGN.md's contract says one private SGD(lr=1) step without noise
 must do: move each parameter by -(1/batch_size) sum_i C_i g_i, with C_i from the example's
 gradient norm over its clipping unit.
 """

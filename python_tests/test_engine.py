@@ -44,7 +44,7 @@ def test_frozen_unsupported_modules_are_left_alone():
     assert isinstance(model[0], bk.nn.Linear) and type(model[1]) is nn.BatchNorm1d
 
 
-def test_parameters_outside_bk_layers_are_refused():
+def test_parameters_used_directly_in_a_forward_take_the_generic_path():
     class Raw(nn.Module):
         def __init__(self):
             super().__init__()
@@ -54,8 +54,31 @@ def test_parameters_outside_bk_layers_are_refused():
         def forward(self, x):
             return self.lin(x) * self.scale
 
-    with pytest.raises(bk.UnsupportedModuleError, match="Raw"):
-        bk.convert(Raw())
+    model = bk.convert(Raw())
+    assert isinstance(model, bk.nn.GenericLayer) and isinstance(model.lin, bk.nn.Linear)
+    assert bk.generic_modules(model) == [("<model>", "Raw", 3)]
+
+
+def test_a_parameter_used_outside_every_module_that_owns_it_is_refused_at_the_backward():
+    """The parent reads its child's weight directly: no module owning it sees that use, so the
+    parameter gets an ordinary gradient, which the engine refuses; the next forward starts clean."""
+    class Peeking(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x) + x[:, :3] @ self.lin.weight[:, :3].T
+
+    model, engine, opt = make(Peeking().to(DT))
+    x = torch.randn(4, 4, dtype=DT)
+    with pytest.raises(RuntimeError, match="ordinary"):
+        model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.steps == 0
+    model(x)  # the next forward drops what the failed backward had recorded
+    assert not engine._uses and not engine._callback_queued
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,7 +1,6 @@
 """Where the examples lie: sequence-first models (batch_first=False), inputs broadcast over the
 batch, and refusals that name the layer and the real cause. Float64 against one backward per
 example (model_reference)."""
-import copy
 
 import pytest
 import torch

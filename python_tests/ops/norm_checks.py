@@ -1,7 +1,5 @@
 """Inputs and the accuracy check shared by the norm-op tests."""
-import importlib.util
 
-import pytest
 import torch
 
 from bk_kernels import ops
@@ -46,9 +44,3 @@ def assert_norms_close(name, out, a, g):
         else:  # float32; sums that cancel: no worse than eager float32
             bound = torch.maximum(REL_TOL[a.dtype] * ref, RATIO_LOWP * eager_err)
     assert (err <= bound).all(), f"error {err.tolist()} above {bound.tolist()} (reference {ref.tolist()})"
-
-
-def skip_missing_triton(backend, module):
-    """Skips a triton case whose kernel module is not in this tree yet."""
-    if backend == "triton" and importlib.util.find_spec(f"bk_kernels.ops.{module}") is None:
-        pytest.skip(f"bk_kernels.ops.{module} does not exist yet")

@@ -37,10 +37,6 @@ def backend_params():
     return params
 
 
-def skip_missing_triton(backend):
-    if backend == "triton":
-        pytest.importorskip("bk_kernels.ops.triton_embedding", reason="Triton embedding kernels not written yet")
-
 
 def make_inputs(B, T, d, V, dtype, device, layout, id_dtype=torch.int64, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +100,6 @@ def assert_sums_close(got, start, ids, g, c, padding_idx):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_embedding_norm_matches_float64_reference(shape, dtype, layout, device, backend):
-    skip_missing_triton(backend)
     B, T, d, V, padding_idx = shape
     for id_dtype in (torch.int64, torch.int32):
         ids, g = make_inputs(B, T, d, V, dtype, device, layout, id_dtype)
@@ -118,7 +113,6 @@ def test_embedding_norm_matches_float64_reference(shape, dtype, layout, device, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_clipped_sum_matches_float64_reference(shape, dtype, layout, device, backend):
-    skip_missing_triton(backend)
     B, T, d, V, padding_idx = shape
     ids, g = make_inputs(B, T, d, V, dtype, device, layout, torch.int32 if B % 2 else torch.int64)
     c = torch.rand(B, dtype=torch.float64).to(device) + 0.1
@@ -138,7 +132,6 @@ def test_clipped_sum_matches_float64_reference(shape, dtype, layout, device, bac
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_out_with_strided_rows_and_columns(device, backend):
-    skip_missing_triton(backend)
     ids, g = make_inputs(3, 11, 9, 7, torch.float32, device, "contiguous")
     c = torch.rand(3, device=device)
     for start in (torch.randn(7, 20, device=device)[:, 1:10], torch.randn(9, 7, device=device).t()):
@@ -150,7 +143,6 @@ def test_out_with_strided_rows_and_columns(device, backend):
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_ids_of_any_rank(device, backend):
     """ids [B] is one position per example; ids [B, *] positions are flattened."""
-    skip_missing_triton(backend)
     ids, g = make_inputs(4, 6, 5, 3, torch.float64, device, "contiguous")
     c = torch.rand(4, dtype=torch.float64, device=device)
     for shaped_ids, shaped_g in [(ids[:, 0], g[:, 0]), (ids.view(4, 2, 3), g.view(4, 2, 3, 5))]:
@@ -205,7 +197,6 @@ def test_norm_reference_is_the_pairwise_definition():
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_deterministic_is_bit_identical_across_thread_counts(device, backend):
-    skip_missing_triton(backend)
     # Many repeats of few ids, and a large d: every id's sum spans threads' work.
     ids, g = make_inputs(16, 64, 300, 3, torch.float32, device, "contiguous")
     c = torch.rand(16, device=device)

@@ -26,10 +26,6 @@ def backend_params():
     return params
 
 
-def skip_missing_triton(backend):
-    if backend == "triton":
-        pytest.importorskip("bk_kernels.ops.triton_norm_layer", reason="Triton norm-layer kernel not written yet")
-
 
 def make_operand(B, T, C, dtype, device, layout, gen):
     def randn(*shape):
@@ -78,7 +74,6 @@ def assert_grads_close(got, xhat, g, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}C{}".format(*s))
 def test_matches_float64_reference(shape, dtype, layout, device, backend):
-    skip_missing_triton(backend)
     gen = torch.Generator().manual_seed(0)
     xhat = make_operand(*shape, dtype, device, layout, gen)
     # g in a different layout from xhat as well as in the same one
@@ -92,7 +87,6 @@ def test_matches_float64_reference(shape, dtype, layout, device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_two_dimensional_inputs_are_one_position(device, backend):
-    skip_missing_triton(backend)
     xhat = torch.randn(4, 7, dtype=torch.float64, device=device)
     g = torch.randn(4, 7, dtype=torch.float64, device=device)
     gw, gb, sq = nl.norm_layer_grads(xhat, g, backend=backend)
@@ -157,7 +151,6 @@ def test_reference_and_kernels_are_per_example_autograd(kind):
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("layout", ["contiguous", "channel_major"])
 def test_bit_identical_across_thread_counts(layout, device, backend):
-    skip_missing_triton(backend)
     gen = torch.Generator().manual_seed(0)
     xhat = make_operand(5, 300, 77, torch.float32, device, layout, gen)
     g = make_operand(5, 300, 77, torch.float32, device, layout, gen)
