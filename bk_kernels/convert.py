@@ -106,14 +106,23 @@ def _owns_trainable(module):
 def _plan(model):
     """[(module, new class)] and [(path, type name, why)] for the whole model."""
     swaps, problems = [], []
+    absorbed = set()  # children whose Parameters a generic parent book-keeps (left unconverted)
     for path, module in model.named_modules():
+        if id(module) in absorbed:
+            absorbed.update(id(m) for m in module.modules())
+            continue
+        if isinstance(module, bknn.BKLayer):
+            absorbed.update(id(m) for c in module._bk_absorbed_modules() for m in c.modules())
         if isinstance(module, bknn.BKLayer) or not _owns_trainable(module):
             continue  # already converted (convert is idempotent), or frozen / no parameters
         cls = type(module)
         base = cls if cls in SWAPS else _supported_base(cls)
         reason = _REASONS.get(base, lambda m: None)(module) if base is not None else None
         advice = _advice(module)
-        if reason:
+        if reason and cls is nn.MultiheadAttention:  # torch's own forward on the generic path
+            swaps.append((module, bknn.GenericMultiheadAttention))
+            absorbed.update(id(m) for m in module.out_proj.modules())
+        elif reason:
             problems.append((path or "<model>", cls.__name__, f"{reason} has no private equivalent"))
         elif advice:
             problems.append((path or "<model>", cls.__name__, advice))

@@ -128,8 +128,13 @@ class PrivacyEngine:
                 params.append(p)
         if not params:
             raise ValueError("PrivacyEngine: the model has no trainable parameters")
+        absorbed = {id(m) for module in model.modules() if isinstance(module, BKLayer)
+                    for child in module._bk_absorbed_modules() for m in child.modules()}
         for path, module in model.named_modules(remove_duplicate=False):
-            for p in module.parameters(recurse=False):
+            if id(module) in absorbed:  # book-kept by a generic parent, as its own
+                continue
+            owned = module._bk_owned_parameters() if isinstance(module, BKLayer) else module.parameters(recurse=False)
+            for p in owned:
                 if id(p) in names and module not in owners[id(p)]:
                     owners[id(p)].append(module)
         not_bk = []

@@ -2,7 +2,7 @@
 state_dict) whose backward book-keeps for the privacy engine instead of forming weight
 gradients. bk.convert(model) swaps them in place."""
 from ._core import BKLayer, in_plain_forward, plain_forward
-from .attention import MultiheadAttention
+from .attention import GenericMultiheadAttention, MultiheadAttention
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .generic import GenericLayer
@@ -16,6 +16,7 @@ __all__ = [
     "Conv3d",
     "Embedding",
     "GenericLayer",
+    "GenericMultiheadAttention",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

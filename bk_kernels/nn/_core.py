@@ -58,6 +58,15 @@ class BKLayer:
     def _bk_engine(self, engine):
         self._bk_link = _EngineLink(engine) if engine is not None else None
 
+    def _bk_owned_parameters(self):
+        """The Parameters this layer book-keeps: its own (the generic path adds its absorbed
+        children's)."""
+        return list(self.parameters(recurse=False))
+
+    def _bk_absorbed_modules(self):
+        """Children whose Parameters this layer book-keeps as its own (they stay unconverted)."""
+        return []
+
     def _bk_trainable(self, param):
         return param is not None and param.requires_grad
 

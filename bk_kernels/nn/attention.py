@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
+from .generic import GenericLayer
 from .linear import linear_with
 
 
@@ -89,3 +90,19 @@ class MultiheadAttention(BKLayer, torch.nn.MultiheadAttention):
         if average_attn_weights:
             weights = weights.mean(1)
         return out, (weights.squeeze(0) if unbatched else weights)
+
+
+class GenericMultiheadAttention(GenericLayer, torch.nn.MultiheadAttention):
+    """nn.MultiheadAttention with what the fused path does not take (add_bias_kv, add_zero_attn,
+    kdim/vdim different from embed_dim): torch's own forward on the generic exact path. torch
+    hands out_proj's Parameters to F.multi_head_attention_forward, so they are this module's own
+    here (out_proj stays an nn.Linear). Per-example gradients of every projection: B x (4 E^2)
+    elements per backward."""
+
+    _bk_absorb = ("out_proj",)
+
+    def _bk_input_dim(self, t):
+        return 1 if not self.batch_first and t.dim() == 3 else 0  # query/key/value [L, N, E]; masks [N, S]
+
+    def _bk_output_dim(self, k, t):
+        return 1 if k == 0 and not self.batch_first and t.dim() == 3 else 0  # attn weights are [N, ...]

@@ -62,6 +62,11 @@ class _GenericTap(torch.autograd.Function):
 class GenericLayer(BKLayer):
     """Mixin put in front of a module's own class (see generic_class)."""
 
+    # Children whose Parameters this module uses directly (nn.MultiheadAttention hands
+    # out_proj.weight to F.multi_head_attention_forward): left unconverted, their Parameters are
+    # this module's own on the generic path.
+    _bk_absorb = ()
+
     def forward(self, *args, **kwargs):
         own = self._bk_own_trainable()
         engine = self._bk_engine
@@ -73,42 +78,62 @@ class GenericLayer(BKLayer):
         out_leaves, out_spec = tree_flatten(out)
         B = engine._forward_batch
         picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        out_dims = [self._bk_output_dim(k, out_leaves[i]) for k, i in enumerate(picked)]
         if B is None:  # called outside the model's forward: its first floating output says
-            B = next((out_leaves[i].shape[0] for i in picked if out_leaves[i].dim() > 0), 1)
-        batched_in = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B for t in in_leaves]
+            B = next((out_leaves[i].shape[d] for i, d in zip(picked, out_dims) if out_leaves[i].dim() > d), 1)
+        in_dims = [self._bk_input_dim(t) if isinstance(t, torch.Tensor) else None for t in in_leaves]
+        batched_in = [d is not None and t.dim() > d and t.shape[d] == B for t, d in zip(in_leaves, in_dims)]
         layouts, outs = [], []
-        for i in picked:
-            layout = self._bk_output_layout(out_leaves[i], B, any(batched_in))
+        for i, d in zip(picked, out_dims):
+            layout = self._bk_output_layout(out_leaves[i], d, B, any(batched_in))
             layouts.append(layout)
-            outs.append(_to_batch(out_leaves[i], layout, B))
+            outs.append(_to_batch(out_leaves[i], layout, B, d))
         self._bk_warn_if_large(B, own)
         autocast = _autocast_state(next((t.device.type for t in outs), "cpu"))
         call = dict(in_leaves=[t.detach() if isinstance(t, torch.Tensor) else t for t in in_leaves],
-                    in_spec=in_spec, batched_in=batched_in, picked=picked, layouts=layouts, B=B,
-                    own=[n for n, _ in own], autocast=autocast)
+                    in_spec=in_spec, in_dims=in_dims, batched_in=batched_in, picked=picked, out_dims=out_dims,
+                    layouts=layouts, B=B, own=[n for n, _ in own], autocast=autocast)
         tapped = _GenericTap.apply(self, call, len(outs), *outs, *[p for _, p in own])
         for i, t in zip(picked, tapped):
             out_leaves[i] = t
         return tree_unflatten(out_leaves, out_spec)
 
     def _bk_own_trainable(self):
-        return [(n, p) for n, p in self.named_parameters(recurse=False) if p.requires_grad]
+        """[(name, Parameter)]: this module's own trainable Parameters and its absorbed children's."""
+        own = [(n, p) for n, p in self.named_parameters(recurse=False) if p.requires_grad]
+        for child in self._bk_absorb:
+            own += [(f"{child}.{n}", p) for n, p in getattr(self, child).named_parameters() if p.requires_grad]
+        return own
 
-    def _bk_output_layout(self, t, B, any_batched_input):
-        """How an output holds the examples: "batched" ([B, ...]), "broadcast" ([1, ...],
+    def _bk_owned_parameters(self):
+        return list(self.parameters(recurse=False)) + [p for c in self._bk_absorbed_modules() for p in c.parameters()]
+
+    def _bk_absorbed_modules(self):
+        return [getattr(self, name) for name in self._bk_absorb]
+
+    def _bk_input_dim(self, t):
+        """The dim of an input tensor that holds the examples (dim 0; modules may say otherwise)."""
+        return 0
+
+    def _bk_output_dim(self, k, t):
+        """The dim of the k-th floating output that holds the examples."""
+        return 0
+
+    def _bk_output_layout(self, t, dim, B, any_batched_input):
+        """How an output holds the examples on `dim`: "batched" (size B), "broadcast" (size 1,
         expanded to the batch) or "shared" (made from no per-example input: given a batch dim)."""
         if not any_batched_input and B > 1:
-            return "broadcast" if t.dim() > 0 and t.shape[0] == 1 else "shared"
-        if t.dim() > 0 and t.shape[0] == B:
+            return "broadcast" if t.dim() > dim and t.shape[dim] == 1 else "shared"
+        if t.dim() > dim and t.shape[dim] == B:
             return "batched"
-        if t.dim() > 0 and t.shape[0] == 1:
+        if t.dim() > dim and t.shape[dim] == 1:
             return "broadcast"
         engine = self._bk_engine
         raise GenericError(
             f"PrivacyEngine: {type(self).__name__} ({engine._module_path(self)}) takes the generic path (its own "
             f"Parameters {[n for n, _ in self._bk_own_trainable()]} are used in its forward), but its output of "
-            f"shape {tuple(t.shape)} does not hold the batch's {B} examples on dim 0: a module that mixes examples "
-            "cannot be trained privately")
+            f"shape {tuple(t.shape)} does not hold the batch's {B} examples on dim {dim}: a module that mixes "
+            "examples cannot be trained privately")
 
     def _bk_warn_if_large(self, B, own):
         elements = B * sum(p.numel() for _, p in own)
@@ -120,7 +145,7 @@ class GenericLayer(BKLayer):
     def _bk_generic_backward(self, call, grads):
         """Per-example gradients of the own Parameters handed to the engine (DenseUses); the
         ordinary (summed) gradients when no engine is attached any more."""
-        own = dict(self.named_parameters(recurse=False))
+        own = dict(self._bk_own_trainable())
         params = {n: own[n] for n in call["own"]}
         per_example = self._bk_per_example_grads(call, grads, params)
         uses = [(params[n], DenseUse(per_example[n])) for n in call["own"]]
@@ -129,13 +154,13 @@ class GenericLayer(BKLayer):
         return [per_example[n].sum(0).to(params[n].dtype) for n in call["own"]]
 
     def _bk_per_example_grads(self, call, grads, params):
-        B, layouts = call["B"], call["layouts"]
-        in_leaves, batched_in = call["in_leaves"], call["batched_in"]
+        B, layouts, out_dims = call["B"], call["layouts"], call["out_dims"]
+        in_leaves, batched_in, in_dims = call["in_leaves"], call["batched_in"], call["in_dims"]
         primal = {n: p.detach() for n, p in params.items()}
         module = self
 
         def one_example(example_leaves, example_grads):
-            # example_leaves: the batched inputs of one example, each with a batch dim of 1
+            # example_leaves: the batched inputs of one example, each with its example dim of size 1
             it = iter(example_leaves)
             leaves = [next(it) if b else t for t, b in zip(in_leaves, batched_in)]
             args, kwargs = tree_unflatten(leaves, call["in_spec"])
@@ -144,21 +169,25 @@ class GenericLayer(BKLayer):
                 with plain_forward(), _reparametrize_module(module, own), torch.autocast(**call["autocast"]):
                     out = super(GenericLayer, module).forward(*args, **kwargs)
                 out_leaves = tree_flatten(out)[0]
-                return tuple(_to_batch(out_leaves[i], layout, 1) for i, layout in zip(call["picked"], layouts))
+                return tuple(_to_batch(out_leaves[i], layout, 1, d)
+                             for i, layout, d in zip(call["picked"], layouts, out_dims))
 
             _, vjp = torch.func.vjp(forward, primal)
             return vjp(tuple(example_grads))[0]
 
-        batched = [t.unsqueeze(1) for t, b in zip(in_leaves, batched_in) if b]
-        per_grad = [g.unsqueeze(1) for g in grads]
+        # Each example keeps a size-1 example dim (code that reads the batch size still works):
+        # [.., B, ..] -> [.., B, 1, ..], vmapped over the B.
+        batched = [(t.unsqueeze(d + 1), d) for t, b, d in zip(in_leaves, batched_in, in_dims) if b]
+        per_grad = [(g.unsqueeze(d + 1), d) for g, d in zip(grads, out_dims)]
+        in_vmap_dims = ([d for _, d in batched], [d for _, d in per_grad])
         width = max(1, sum(p.numel() for p in params.values()))
         step = max(1, CHUNK_ELEMENTS // width)
         chunks = []
         for lo in range(0, B, step):
             hi = min(B, lo + step)
             try:
-                chunks.append(torch.func.vmap(one_example, randomness="error")(
-                    [t[lo:hi] for t in batched], [g[lo:hi] for g in per_grad]))
+                chunks.append(torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
+                    [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad]))
             except RuntimeError as err:
                 if "randomness" not in str(err):
                     raise
@@ -171,12 +200,12 @@ class GenericLayer(BKLayer):
         return {n: torch.cat([c[n] for c in chunks]) for n in params}
 
 
-def _to_batch(t, layout, B):
+def _to_batch(t, layout, B, dim=0):
     if layout == "batched":
         return t
     if layout == "broadcast":
-        return t.expand(B, *t.shape[1:])
-    return t.unsqueeze(0).expand(B, *t.shape)  # shared
+        return t.expand(*[B if i == dim else -1 for i in range(t.dim())])
+    return t.unsqueeze(0).expand(B, *t.shape)  # shared (dim 0)
 
 
 def _autocast_state(device_type):

@@ -167,7 +167,11 @@ class GroupNorm(_ChannelGroupNorm, torch.nn.GroupNorm):
 
 
 class _InstanceNormMixin(_ChannelGroupNorm):
-    """InstanceNorm = GroupNorm with one channel per group (affine, no running statistics)."""
+    """InstanceNorm = GroupNorm with one channel per group (affine).
+
+    With track_running_stats, training mode normalises by each example's own statistics (so the
+    affine gradients are per example) and updates the running buffers exactly as torch does;
+    eval mode normalises by the running buffers, constants of the forward."""
 
     def _bk_groups(self):
         return self.num_features
@@ -175,11 +179,40 @@ class _InstanceNormMixin(_ChannelGroupNorm):
     def _bk_batched(self, x):
         return x.unsqueeze(0) if x.dim() == self._get_no_batch_dim() else x
 
+    def _bk_running(self):
+        return self.track_running_stats and not self.training  # torch: use_input_stats otherwise
+
+    def _bk_channel_view(self, t, x):
+        return t.reshape(t.shape[0], t.shape[1], *([1] * (x.dim() - 2)))
+
+    def _bk_normalize(self, x, weight, bias):
+        if not self._bk_running():
+            return super()._bk_normalize(x, weight, bias)
+        N, C = x.shape[:2]
+        mean = self.running_mean.to(x.dtype).expand(N, C)
+        rstd = torch.rsqrt(self.running_var.to(x.dtype) + self.eps).expand(N, C)
+        y = (x - self._bk_channel_view(mean, x)) * self._bk_channel_view(rstd, x)
+        if weight is not None:
+            y = y * self._bk_channel_view(weight.expand(1, C), x)
+        if bias is not None:
+            y = y + self._bk_channel_view(bias.expand(1, C), x)
+        return y, (mean, rstd)
+
+    def _bk_grad_input(self, g, x, xhat, stats, weight):
+        if not self._bk_running():
+            return super()._bk_grad_input(g, x, xhat, stats, weight)
+        scale = stats[1] if weight is None else stats[1] * weight  # constant statistics: a per-channel scale
+        return g * self._bk_channel_view(scale, x)
+
     def forward(self, x):
         if in_plain_forward():
             return super().forward(x)
         unbatched = x.dim() == self._get_no_batch_dim()
         xb = self._bk_examples(x.unsqueeze(0) if unbatched else x, 0)
+        if self.track_running_stats and self.training:  # the buffers, as torch updates them
+            with torch.no_grad():
+                torch.nn.functional.instance_norm(xb.detach(), self.running_mean, self.running_var, None, None, True,
+                                                  self.momentum if self.momentum is not None else 0.0, self.eps)
         y = _AffineNormFn.apply(xb, self.weight, self.bias, self)
         return y.squeeze(0) if unbatched and y.shape[0] == 1 else y
 
@@ -197,7 +230,4 @@ class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
 
 
 def instance_norm_unsupported_reason(module):
-    if module.track_running_stats:
-        return ("track_running_stats=True keeps batch statistics across examples; use "
-                "track_running_stats=False (the default) or GroupNorm")
-    return None
+    return None  # running statistics included (see _InstanceNormMixin)

@@ -1,0 +1,108 @@
+"""Layers of a peer's per-sample-gradient test grids (Opacus' grad_samples tests) that bk used to
+refuse: MultiheadAttention with add_bias_kv / add_zero_attn / kdim, vdim, InstanceNorm with
+running statistics, in both layouts; float64 against one backward per example, B in {1, 3}."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests.test_models import check_model
+
+DT = torch.float64
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first, **options):
+        super().__init__()
+        kdim, vdim = options.get("kdim") or 8, options.get("vdim") or 8
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first, **options)
+        self.key, self.value = nn.Linear(3, kdim), nn.Linear(3, vdim)
+        self.head = nn.Linear(8, 3)
+        self.batch_first = batch_first
+
+    def forward(self, x, memory):
+        k, v = self.key(memory), self.value(memory)
+        if not self.batch_first:  # the model is batch-first; the attention sequence-first
+            x, k, v = x.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        out, _ = self.attn(x, k, v)
+        return self.head(out.mean(1 if self.batch_first else 0))
+
+
+OPTIONS = [dict(add_bias_kv=True), dict(add_zero_attn=True), dict(kdim=5, vdim=6),
+           dict(add_bias_kv=True, add_zero_attn=True, kdim=5, vdim=6, bias=False)]
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o))
+def test_multihead_attention_options_are_exact(options, batch_first, B):
+    torch.manual_seed(B)
+    model = Attention(batch_first, **options).to(DT)
+    inputs = {"x": torch.randn(B, 4, 8, dtype=DT), "memory": torch.randn(B, 5, 3, dtype=DT),
+              "y": torch.randint(0, 3, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"], b["memory"]), b["y"], reduction="none")  # noqa: E731
+    # Layer-wise units: the attention (out_proj included: it is the attention's own here), key, value, head.
+    names = [n for n, _ in model.named_parameters()]
+    units = [[n for n in names if n.startswith(prefix + ".")] for prefix in ("attn", "key", "value", "head")]
+    check_model(model, loss, inputs, style="layer-wise", backend="cpu", R=0.1, units=units)
+    converted = bk.convert(model)
+    assert isinstance(converted.attn, bk.nn.GenericMultiheadAttention)
+    assert type(converted.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear  # its own, unconverted
+
+
+def test_multihead_attention_options_under_batch_first_false_engine():
+    """A sequence-first model end to end: the engine's batch_first=False and the module's own."""
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+            self.norm, self.head = nn.LayerNorm(8), nn.Linear(8, 3)
+
+        def forward(self, x):  # [T, B, 8]
+            out, _ = self.attn(x, x, x)
+            return self.head(self.norm(out).mean(0))
+
+    torch.manual_seed(5)
+    inputs = {"x": torch.randn(4, 4, 8, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(SeqFirst().to(DT), loss, inputs, style="all-layer", backend="cpu", batch_dims={"x": 1},
+                batch_first=False, R=0.2)
+
+
+class Instance(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
+        self.conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 4, 1)
+        self.norm = cls(4, affine=True, track_running_stats=True, momentum=0.3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(2).mean(2))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_instance_norm_with_running_stats_is_exact(dims, training, B):
+    torch.manual_seed(dims)
+    model = Instance(dims).to(DT)
+    with torch.no_grad():  # running statistics that differ from any batch's
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    model.train(training)
+    inputs = {"x": torch.randn(B, 2, *([3] * dims), dtype=DT), "y": torch.randint(0, 3, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, inputs, style="all-layer", backend="cpu", R=0.2)
+
+
+def test_instance_norm_running_stats_are_updated_as_torch_does():
+    torch.manual_seed(0)
+    ours, theirs = bk.convert(Instance(2).to(DT)), Instance(2).to(DT)
+    theirs.load_state_dict(ours.state_dict())
+    bk.PrivacyEngine(ours, batch_size=4, sample_size=40, noise_multiplier=1.0)
+    x = torch.randn(4, 2, 5, 5, dtype=DT)
+    ours(x), theirs(x)
+    for name in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(ours.norm, name), getattr(theirs.norm, name), rtol=1e-12, atol=1e-12)
