@@ -11,6 +11,7 @@ from torch import nn
 from . import nn as bknn
 from .nn.attention import attention_unsupported_reason
 from .nn.embedding import embedding_unsupported_reason
+from .nn.embedding_bag import embedding_bag_unsupported_reason
 from .nn.generic import generic_class, is_generic
 from .nn.linear import gpt2_conv1d_class, is_gpt2_conv1d
 from .nn.norm import instance_norm_unsupported_reason
@@ -24,6 +25,7 @@ SWAPS = {
     nn.Linear: bknn.Linear,
     nn.modules.linear.NonDynamicallyQuantizableLinear: bknn.Linear,  # nn.MultiheadAttention.out_proj
     nn.Embedding: bknn.Embedding,
+    nn.EmbeddingBag: bknn.EmbeddingBag,
     nn.Conv1d: bknn.Conv1d,
     nn.Conv2d: bknn.Conv2d,
     nn.Conv3d: bknn.Conv3d,
@@ -38,6 +40,7 @@ SWAPS = {
 
 _REASONS = {
     nn.Embedding: embedding_unsupported_reason,
+    nn.EmbeddingBag: embedding_bag_unsupported_reason,
     nn.InstanceNorm1d: instance_norm_unsupported_reason,
     nn.InstanceNorm2d: instance_norm_unsupported_reason,
     nn.InstanceNorm3d: instance_norm_unsupported_reason,

@@ -96,6 +96,7 @@ class PrivacyEngine:
         _check_layouts(model, batch_first)
         self._forward_batch = None  # examples in the model's forward now running (its input's batch dim)
         self._forward_input_shape = None
+        self._forward_batch_from_1d = False
         self._last_unit_sq_norms = {}
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
@@ -213,6 +214,9 @@ class PrivacyEngine:
         first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         self._forward_input_shape = tuple(first.shape) if first is not None else None
+        # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
+        # guess, which an EmbeddingBag's bag count replaces.
+        self._forward_batch_from_1d = first is not None and first.dim() == 1
         if first is None:
             self._forward_batch = None
         else:

@@ -1,6 +1,8 @@
 """Layers of a peer's per-sample-gradient test grids (Opacus' grad_samples tests) that bk used to
 refuse: MultiheadAttention with add_bias_kv / add_zero_attn / kdim, vdim, InstanceNorm with
 running statistics, in both layouts; float64 against one backward per example, B in {1, 3}."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -106,3 +108,71 @@ def test_instance_norm_running_stats_are_updated_as_torch_does():
     ours(x), theirs(x)
     for name in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(ours.norm, name), getattr(theirs.norm, name), rtol=1e-12, atol=1e-12)
+
+
+class Bags(nn.Module):
+    """Padded ids [B, L] and lengths [B] in, bags built inside (1-D ids with offsets, or 2-D)."""
+
+    def __init__(self, mode, weighted, flat, padding_idx=None):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(13, 5, mode=mode, padding_idx=padding_idx)
+        self.head = nn.Linear(5, 3)
+        self.weighted, self.flat = weighted, flat
+
+    def forward(self, ids, lengths, weights):
+        psw = weights if self.weighted else None
+        if self.flat:  # the torchtext layout: one stream of ids and the offset of each bag
+            keep = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+            offsets = torch.cumsum(lengths, 0) - lengths
+            out = self.bag(ids[keep], offsets, psw[keep] if psw is not None else None)
+        else:
+            out = self.bag(ids, per_sample_weights=psw)
+        return self.head(torch.tanh(out))
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("flat", [True, False])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_embedding_bag_is_exact(mode, weighted, flat, B):
+    torch.manual_seed(B)
+    model = Bags(mode, weighted, flat, padding_idx=2 if mode == "mean" else None).to(DT)
+    lengths = torch.randint(1, 6, (B,)) if flat else torch.full((B,), 5)
+    inputs = {"ids": torch.randint(0, 13, (B, 5)), "lengths": lengths,
+              "weights": torch.rand(B, 5, dtype=DT) + 0.5, "y": torch.randint(0, 3, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["ids"], b["lengths"], b["weights"]), b["y"], reduction="none")  # noqa
+    check_model(model, loss, inputs, style="all-layer", backend="cpu", R=0.1)
+
+
+def test_embedding_bag_sets_the_batch_of_a_model_called_with_a_flat_stream():
+    """model(text, offsets): the first input is the 1-D stream; the bags are the examples."""
+    class TextClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag, self.head = nn.EmbeddingBag(13, 5), nn.Linear(5, 3)
+
+        def forward(self, text, offsets):
+            return self.head(self.bag(text, offsets))
+
+    torch.manual_seed(0)
+    reference = TextClassifier().to(DT)
+    text, offsets, y = torch.randint(0, 13, (9,)), torch.tensor([0, 2, 7]), torch.tensor([0, 2, 1])
+    bounds = [0, 2, 7, 9]
+    per_example = []
+    for b in range(3):  # one backward per bag
+        reference.zero_grad()
+        F.cross_entropy(reference(text[bounds[b]:bounds[b + 1]], torch.tensor([0])), y[b:b + 1]).backward()
+        per_example.append({n: p.grad.clone() for n, p in reference.named_parameters()})
+    from python_tests.model_reference import expected_update
+    want = expected_update(per_example, [[n for n, _ in reference.named_parameters()]], 0.05, "abadi", 3)
+    model = bk.convert(copy.deepcopy(reference))
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=0.0, max_grad_norm=0.05)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    F.cross_entropy(model(text, offsets), y).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(-p.grad, want[n], rtol=1e-9, atol=1e-15, msg=n)
+
+
+def test_embedding_bag_max_mode_is_refused():
+    with pytest.raises(bk.UnsupportedModuleError, match="mode='max'"):
+        bk.convert(nn.Sequential(nn.EmbeddingBag(5, 3, mode="max")))

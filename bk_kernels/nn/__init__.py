@@ -5,6 +5,7 @@ from ._core import BKLayer, in_plain_forward, plain_forward
 from .attention import GenericMultiheadAttention, MultiheadAttention
 from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
+from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer
 from .linear import Linear
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
@@ -15,6 +16,7 @@ __all__ = [
     "Conv2d",
     "Conv3d",
     "Embedding",
+    "EmbeddingBag",
     "GenericLayer",
     "GenericMultiheadAttention",
     "GroupNorm",
