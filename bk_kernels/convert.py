@@ -12,6 +12,7 @@ from . import nn as bknn
 from .nn.attention import attention_unsupported_reason
 from .nn.embedding import embedding_unsupported_reason
 from .nn.embedding_bag import embedding_bag_unsupported_reason
+from .nn.recurrent import recurrent_unsupported_reason
 from .nn.generic import generic_class, is_generic
 from .nn.linear import gpt2_conv1d_class, is_gpt2_conv1d
 from .nn.norm import instance_norm_unsupported_reason
@@ -36,6 +37,9 @@ SWAPS = {
     nn.InstanceNorm2d: bknn.InstanceNorm2d,
     nn.InstanceNorm3d: bknn.InstanceNorm3d,
     nn.MultiheadAttention: bknn.MultiheadAttention,
+    nn.RNN: bknn.RNN,
+    nn.GRU: bknn.GRU,
+    nn.LSTM: bknn.LSTM,
 }
 
 _REASONS = {
@@ -45,13 +49,13 @@ _REASONS = {
     nn.InstanceNorm2d: instance_norm_unsupported_reason,
     nn.InstanceNorm3d: instance_norm_unsupported_reason,
     nn.MultiheadAttention: attention_unsupported_reason,
+    nn.LSTM: recurrent_unsupported_reason,
 }
 
 # Modules whose own Parameters cannot be made exact by any path: refused with this advice.
 _ADVICE = {
     nn.modules.batchnorm._BatchNorm: "BatchNorm mixes the examples of a batch, so per-example gradients "
                                      "do not exist: use GroupNorm (or LayerNorm) instead",
-    nn.RNNBase: "recurrent layers are not supported yet: freeze them or replace them",
 }
 
 

@@ -211,8 +211,13 @@ class PrivacyEngine:
         input (dim 0, or dim 1 with batch_first=False). Every bk layer checks its input against it."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
-        first = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-                      and t.dim() > 0), None)
+        packed = torch.nn.utils.rnn.PackedSequence
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, packed))
+        first = next((t for t in leaves if isinstance(t, packed) or isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if isinstance(first, packed):  # a packed batch of sequences: as many examples as its first step has
+            self._forward_input_shape, self._forward_batch_from_1d = None, False
+            self._forward_batch = int(first.batch_sizes[0]) if first.batch_sizes.numel() else 0
+            return
         self._forward_input_shape = tuple(first.shape) if first is not None else None
         # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
         # guess, which an EmbeddingBag's bag count replaces.

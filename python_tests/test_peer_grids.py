@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bk_kernels as bk
-from python_tests.test_models import check_model
+from python_tests.test_models import BACKENDS, check_model
 
 DT = torch.float64
 
@@ -130,17 +130,18 @@ class Bags(nn.Module):
         return self.head(torch.tanh(out))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B", [1, 4])
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
-def test_embedding_bag_is_exact(mode, weighted, flat, B):
+def test_embedding_bag_is_exact(mode, weighted, flat, B, backend):
     torch.manual_seed(B)
     model = Bags(mode, weighted, flat, padding_idx=2 if mode == "mean" else None).to(DT)
     lengths = torch.randint(1, 6, (B,)) if flat else torch.full((B,), 5)
     inputs = {"ids": torch.randint(0, 13, (B, 5)), "lengths": lengths,
               "weights": torch.rand(B, 5, dtype=DT) + 0.5, "y": torch.randint(0, 3, (B,))}
     loss = lambda m, b: F.cross_entropy(m(b["ids"], b["lengths"], b["weights"]), b["y"], reduction="none")  # noqa
-    check_model(model, loss, inputs, style="all-layer", backend="cpu", R=0.1)
+    check_model(model, loss, inputs, style="all-layer", backend=backend, R=0.1)
 
 
 def test_embedding_bag_sets_the_batch_of_a_model_called_with_a_flat_stream():
@@ -176,3 +177,72 @@ def test_embedding_bag_sets_the_batch_of_a_model_called_with_a_flat_stream():
 def test_embedding_bag_max_mode_is_refused():
     with pytest.raises(bk.UnsupportedModuleError, match="mode='max'"):
         bk.convert(nn.Sequential(nn.EmbeddingBag(5, 3, mode="max")))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, kind, batch_first, packed, **options):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(3, 4, batch_first=batch_first, **options)
+        width = 4 * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(width, 2)
+        self.batch_first, self.packed = batch_first, packed
+
+    def forward(self, x, lengths):  # x [B, T, 3] (the model is batch-first; the layer either)
+        seq = x if self.batch_first else x.transpose(0, 1)
+        if self.packed:
+            seq = nn.utils.rnn.pack_padded_sequence(seq, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        out, hidden = self.rnn(seq)
+        h = hidden[0] if isinstance(hidden, tuple) else hidden
+        if self.packed:
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(torch.tanh(out).sum(1)) + h.sum(0)[:, :2]
+
+
+RECURRENT = [("RNN", {}), ("RNN", dict(nonlinearity="relu", num_layers=2)), ("GRU", dict(bidirectional=True)),
+             ("LSTM", dict(num_layers=2, bidirectional=True)), ("LSTM", dict(bias=False))]
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kind,options", RECURRENT, ids=lambda v: v if isinstance(v, str) else ",".join(map(str, v)))
+def test_recurrent_layers_are_exact(kind, options, batch_first, packed, B):
+    torch.manual_seed(B)
+    model = Recurrent(kind, batch_first, packed, **options).to(DT)
+    lengths = torch.tensor([5, 2, 4][:B]) if packed else torch.full((B,), 5)
+    inputs = {"x": torch.randn(B, 5, 3, dtype=DT), "lengths": lengths, "y": torch.randint(0, 2, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"], b["lengths"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, inputs, style="layer-wise", backend="cpu", R=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recurrent_layers_on_every_backend(backend):
+    torch.manual_seed(7)
+    model = Recurrent("LSTM", False, True, num_layers=2, bidirectional=True).to(DT)
+    inputs = {"x": torch.randn(3, 5, 3, dtype=DT), "lengths": torch.tensor([5, 2, 4]), "y": torch.randint(0, 2, (3,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"], b["lengths"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, inputs, style="all-layer", backend=backend, R=0.2)
+
+
+def test_recurrent_forward_matches_torch():
+    """The written-out recurrence gives torch's outputs (packed, bidirectional, two layers, h0/c0)."""
+    torch.manual_seed(0)
+    theirs = nn.LSTM(3, 4, num_layers=2, bidirectional=True).to(DT)
+    ours = bk.convert(copy.deepcopy(theirs))
+    bk.PrivacyEngine(ours, batch_size=3, sample_size=30, noise_multiplier=1.0, batch_first=False)
+    x = torch.randn(5, 3, 3, dtype=DT)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    h0, c0 = torch.randn(4, 3, 4, dtype=DT), torch.randn(4, 3, 4, dtype=DT)
+    for args in ((x,), (x, (h0, c0)), (packed,), (packed, (h0, c0))):
+        (out1, (h1, c1)), (out2, (h2, c2)) = ours(*args), theirs(*args)
+        out1 = out1.data if isinstance(out1, nn.utils.rnn.PackedSequence) else out1
+        out2 = out2.data if isinstance(out2, nn.utils.rnn.PackedSequence) else out2
+        for a, b in ((out1, out2), (h1, h2), (c1, c2)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_projected_lstm_is_refused():
+    with pytest.raises(bk.UnsupportedModuleError, match="proj_size"):
+        bk.convert(nn.Sequential(nn.LSTM(3, 4, proj_size=2)))

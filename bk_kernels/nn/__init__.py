@@ -8,6 +8,7 @@ from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer
 from .linear import Linear
+from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "EmbeddingBag",
     "GenericLayer",
     "GenericMultiheadAttention",
+    "GRU",
+    "LSTM",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -27,6 +30,7 @@ __all__ = [
     "Linear",
     "MultiheadAttention",
     "RMSNorm",
+    "RNN",
     "in_plain_forward",
     "plain_forward",
 ]
