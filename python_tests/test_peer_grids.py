@@ -246,3 +246,33 @@ def test_recurrent_forward_matches_torch():
 def test_projected_lstm_is_refused():
     with pytest.raises(bk.UnsupportedModuleError, match="proj_size"):
         bk.convert(nn.Sequential(nn.LSTM(3, 4, proj_size=2)))
+
+
+def test_an_empty_batch_through_the_new_layers_is_a_noise_only_step():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(13, 3)
+            self.rnn = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+            self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+            self.norm = nn.InstanceNorm1d(8, affine=True, track_running_stats=True)
+            self.scale = nn.Parameter(torch.ones(8))  # the model itself takes the generic path
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, ids, x):
+            h, _ = self.rnn(x + self.bag(ids)[:, None, :])
+            h, _ = self.attn(h, h, h)
+            h = self.norm(h.transpose(1, 2)).transpose(1, 2) * self.scale
+            return self.head(h.mean(1))
+
+    model = bk.convert(Mixed().to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0, seed=3)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    ids, x, y = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 5, 3, dtype=DT), torch.zeros(0, dtype=torch.long)
+    F.cross_entropy(model(ids, x), y).backward()
+    opt.step()
+    assert engine.steps == 1
+    for p, b in zip(model.parameters(), before):
+        moved = p.detach() - b
+        assert torch.isfinite(moved).all() and (moved != 0).all()  # noise, and nothing else
