@@ -22,13 +22,10 @@ from . import accounting, ops
 from .clipping import CLIPPING_FNS, clip_factors
 from .convert import UnsupportedModuleError
 from .nn._core import BKLayer
-from .nn._uses import ConvUse, DenseUse, LinearUse, UnsupportedSharingError
+from .nn._uses import UnsupportedSharingError, cross
 from .ops.linear_norm import MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
-# A direct-mode linear or conv layer keeps its per-example gradients when they fit this many
-# elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
-DENSE_DIRECT_BUDGET = 1 << 24
 
 
 class PrivacyEngine:
@@ -366,36 +363,10 @@ class PrivacyEngine:
         """Called by a bk layer's backward with [(param, use)]."""
         self._queue_finish()  # already queued when the backward came through the model's output
         for p, use in uses:
-            use = self._maybe_dense(use)
+            use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
             self._uses[id(p)].append(use)
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
-
-    def _maybe_dense(self, use):
-        """Direct-mode linear and conv layers whose per-example gradients are small keep them."""
-        if isinstance(use, ConvUse):
-            return self._maybe_dense_conv(use)
-        if not isinstance(use, LinearUse) or use.rows is not None:
-            return use
-        B, T, d = use.a.shape
-        p = use.g.shape[2]
-        if ops.choose_mode(self.clipping_mode, T, d, p) != "direct" or B * d * p > DENSE_DIRECT_BUDGET:
-            return use
-        acc = torch.float64 if use.a.dtype == torch.float64 else torch.float32
-        grads = torch.einsum("btp,btd->bpd", use.g.to(acc), use.a.to(acc))
-        return DenseUse(grads.transpose(1, 2) if use.transposed else grads)
-
-    def _maybe_dense_conv(self, use):
-        """A convolution's per-example gradients come from one weight-gradient call with the batch
-        folded into the groups: cheaper than unfolding its patches for the direct norm, and the
-        clipped sum is then a weighted sum instead of a second weight-gradient call."""
-        B, groups = use.batch, use.args["groups"]
-        C_out, width = use.weight_shape[0], math.prod(use.weight_shape[1:])
-        L = math.prod(use.g.shape[2:])
-        if ops.choose_mode(self.clipping_mode, L, width, C_out // groups) != "direct" or \
-                B * C_out * width > DENSE_DIRECT_BUDGET:
-            return use
-        return DenseUse(ops.conv_per_example_grads(use.x, use.g, weight_shape=use.weight_shape, **use.args))
 
     def _finish_backward(self):
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
@@ -420,7 +391,7 @@ class PrivacyEngine:
             for i in range(len(us)):
                 for j in range(i + 1, len(us)):
                     try:
-                        total = total + 2 * us[i].cross(us[j])
+                        total = total + 2 * cross(us[i], us[j])
                     except UnsupportedSharingError as err:
                         raise RuntimeError(f"PrivacyEngine: parameter {self._names[id_p]!r} is used several times in "
                                            f"one forward in a way not supported yet ({err})") from None

@@ -291,3 +291,45 @@ def test_embedding_of_one_id_per_example(backend):
     only_embedding = nn.Sequential(nn.Embedding(7, 2)).to(DT)
     check_model(only_embedding, lambda m, b: F.cross_entropy(m(b["x"][:, 0]), b["y"], reduction="none"), inputs,
                 style="all-layer", backend=backend)
+
+
+class Matrix(nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.value = nn.Parameter(value)
+
+    def forward(self, x):
+        return x @ self.value
+
+
+class SharedEverywhere(nn.Module):
+    """One [d, d] weight as a Linear, as GPT-2's transposed Conv1D and, in a module's own forward
+    (the generic path), as a plain matrix; one [V, d] table as an Embedding and as a transposed
+    Conv1D; all in one forward: every pair of forms needs its cross term."""
+
+    def __init__(self, V=9, d=5):
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        self.emb = nn.Embedding(V, d)
+        self.lin = nn.Linear(d, d)
+        self.conv1d = transformers.pytorch_utils.Conv1D(d, d)  # weight [in, out]
+        self.conv1d.weight = self.lin.weight
+        self.unembed = transformers.pytorch_utils.Conv1D(d, V)  # weight [V, d]: y = x_V @ W
+        self.unembed.weight = self.emb.weight
+        self.mix = Matrix(torch.randn(d, d) * 0.3)
+        self.mix.value = self.lin.weight  # the generic path's dense per-example gradients of the same weight
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)                                     # [B, T, d]
+        h = torch.tanh(self.lin(h)) + self.conv1d(h)
+        h = self.mix(h) + F.softmax(self.unembed(F.one_hot(ids, 9).to(h.dtype)), -1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "direct"])
+def test_shared_parameters_in_every_form(mode):
+    torch.manual_seed(12)
+    inputs = {"ids": torch.randint(0, 9, (4, 6)), "y": torch.randint(0, 3, (4,))}
+    loss = lambda m, b: F.cross_entropy(m(b["ids"]), b["y"], reduction="none")  # noqa: E731
+    check_model(SharedEverywhere().to(DT), loss, inputs, style="all-layer", backend="cpu", mode=mode, R=0.3)

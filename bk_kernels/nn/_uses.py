@@ -1,31 +1,57 @@
 """What a layer's backward keeps of one use of a parameter, and what the engine asks of it.
 
-A use stands for example b's gradient G_b of one parameter from one call of one layer, in
-the form that is cheapest to keep (book-keeping): the layer input and output gradient of a
-linear map, the ids and output gradient of an embedding, or, where they are small, the
-per-example gradients themselves. The engine asks each use for
-  sq_norm()       [B] ||G_b||^2,
-  cross(other)    [B] <G_b, G'_b> with another use of the same parameter (tied weights,
-                  a layer called twice), computed from the kept factors (cross-Gram), and
-  add_clipped(grad, c)   grad += sum_b c_b G_b, and
-  clipped(c)             a new tensor sum_b c_b G_b in the parameter's layout (or None where
-                         only add_clipped applies): the first use of a parameter writes its
-                         gradient instead of zero-filling one and adding to it.
+A use stands for example b's gradient G_b of one parameter from one call of one layer, kept in
+the form that is cheapest to keep (book-keeping). Every use answers the same questions (the
+protocol the engine sees):
+  batch                       B
+  sq_norm(mode, backend)      [B] ||G_b||^2, by the family's fused kernels
+  factors()                   the common form for cross terms (below), or None
+  dense()                     [B, *param_shape] per-example gradients, or None
+  densify(mode)               itself, or a DenseUse where keeping per-example gradients is cheaper
+  clipped(c, backend)         a new tensor sum_b c_b G_b in the parameter's layout (or None)
+  add_clipped(grad, c, backend)   grad += sum_b c_b G_b
 All in the accumulation dtype (float64 for float64, float32 otherwise).
+
+The common form: G_b = sum_t L_bt (x) R_bt in the parameter's [rows, cols] layout, with L the
+row factor ([B, T, n] dense vectors covering rows offset..offset+n, or ids [B, T] standing for
+one-hot rows) and R the dense column factor [B, T, cols]. A linear weight is L = g, R = a (GPT-2's
+transposed Conv1D: L = a, R = g); an embedding is L = ids, R = g. One function, cross(), gives
+<G_b, G'_b> for any two uses of one parameter from these forms (tied embeddings, a layer called
+twice, a Linear tied to a transposed Conv1D), and from dense per-example gradients otherwise.
 """
+from dataclasses import dataclass
+
 import torch
 
 from .. import ops
 from ..ops._norm_common import accumulation_dtype, example_chunks
+
+# A direct-mode linear or conv layer keeps its per-example gradients when they fit this many
+# elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
+DENSE_DIRECT_BUDGET = 1 << 24
 
 
 class UnsupportedSharingError(RuntimeError):
     pass
 
 
+@dataclass
+class Factors:
+    """G_b = sum_t L_bt (x) R_bt; see the module docstring."""
+
+    left: torch.Tensor            # [B, T, n] dense rows, or [B, T] ids (one-hot rows)
+    right: torch.Tensor           # [B, T, cols]
+    offset: int = 0               # first parameter row that dense `left` covers
+    mask: torch.Tensor = None     # [B, T] bool: ids that count (not padding), for ids only
+
+    @property
+    def ids(self):
+        return not self.left.is_floating_point()
+
+
 class DenseUse:
     """Per-example gradients kept as they are: [B, *param_shape] (biases, norm layers, small
-    direct-mode linear layers)."""
+    direct-mode linear layers, the generic path)."""
 
     def __init__(self, grads):
         self.grads = grads.to(accumulation_dtype(grads.dtype))  # 16-bit squares overflow (fp16) or round
@@ -38,24 +64,14 @@ class DenseUse:
         # a reduction without the [B, n] temporary of squares (half the memory traffic)
         return torch.linalg.vector_norm(self.grads.flatten(1), dim=1).square()
 
-    def per_example(self):
+    def factors(self):
+        return None
+
+    def dense(self):
         return self.grads
 
-    def cross(self, other):
-        mine = self.grads
-        if isinstance(other, LinearUse) and other.rows is None:
-            # <G, g^T a> = sum_t g_t . (G a_t), G in the parameter's layout
-            weight = mine.transpose(1, 2) if other.transposed else mine  # [B, p, d]
-            return torch.einsum("bpd,btd,btp->b", weight, other.a.to(mine.dtype), other.g.to(mine.dtype))
-        if isinstance(other, EmbeddingUse):
-            # <G, E> = sum_t [ids_t valid] G[ids_t] . g_t
-            ids = other.ids.long()
-            picked = mine.gather(1, ids[:, :, None].expand(-1, -1, mine.shape[2]))  # [B, T, d]
-            return ((picked * other.g.to(mine.dtype)).sum(2) * other._mask(ids)).sum(1)
-        theirs = other.per_example()
-        if theirs is None:
-            raise UnsupportedSharingError(f"cross term between {type(self).__name__} and {type(other).__name__}")
-        return (mine.flatten(1) * theirs.to(mine.dtype).flatten(1)).sum(1)
+    def densify(self, mode):
+        return self
 
     def clipped(self, c, backend):
         return torch.tensordot(c.to(self.grads.dtype), self.grads, dims=1)
@@ -82,28 +98,25 @@ class LinearUse:
     def sq_norm(self, mode, backend):
         return ops.linear_norm(self.a, self.g, mode=mode, backend=backend)
 
-    def per_example(self):
+    def factors(self):
+        if self.transposed:
+            return Factors(self.a, self.g)
+        return Factors(self.g, self.a, offset=self.rows.start if self.rows is not None else 0)
+
+    def dense(self):
         return None
 
-    def _block(self):
-        return (self.rows.start, self.rows.stop) if self.rows is not None else None
-
-    def cross(self, other):
-        if isinstance(other, LinearUse):
-            if self.transposed != other.transposed:
-                raise UnsupportedSharingError("a parameter used as both a Linear and a transposed Conv1D")
-            if self._block() != other._block():
-                if self.rows is not None and other.rows is not None and (
-                        self.rows.stop <= other.rows.start or other.rows.stop <= self.rows.start):
-                    return torch.zeros(self.batch, dtype=accumulation_dtype(self.a.dtype), device=self.a.device)
-                raise UnsupportedSharingError("overlapping but different blocks of one parameter")
-            # <g1^T a1, g2^T a2> = sum_{s,t} <a1_s, a2_t> <g1_s, g2_t>
-            return _chunked_cross(self, other, lambda a1, g1, a2, g2: ((a1 @ a2.mT) * (g1 @ g2.mT)).sum((1, 2)))
-        if isinstance(other, EmbeddingUse):
-            return other.cross(self)
-        if isinstance(other, DenseUse):
-            return other.cross(self)
-        raise UnsupportedSharingError(f"cross term between a linear use and {type(other).__name__}")
+    def densify(self, mode):
+        """Direct-mode layers whose per-example gradients are small keep them."""
+        if self.rows is not None:
+            return self
+        B, T, d = self.a.shape
+        p = self.g.shape[2]
+        if ops.choose_mode(mode, T, d, p) != "direct" or B * d * p > DENSE_DIRECT_BUDGET:
+            return self
+        acc = torch.float64 if self.a.dtype == torch.float64 else torch.float32
+        grads = torch.einsum("btp,btd->bpd", self.g.to(acc), self.a.to(acc))
+        return DenseUse(grads.transpose(1, 2) if self.transposed else grads)
 
     def clipped(self, c, backend):
         if self.rows is not None or self.transposed:  # a block, or the [d, p] layout: add into zeros
@@ -130,29 +143,15 @@ class EmbeddingUse:
     def sq_norm(self, mode, backend):
         return ops.embedding_norm(self.ids, self.g, self.padding_idx, backend=backend)
 
-    def per_example(self):
+    def factors(self):
+        mask = torch.ones_like(self.ids, dtype=torch.bool) if self.padding_idx is None else self.ids != self.padding_idx
+        return Factors(self.ids.long(), self.g, mask=mask)
+
+    def dense(self):
         return None
 
-    def _mask(self, ids):
-        return torch.ones_like(ids, dtype=torch.bool) if self.padding_idx is None else ids != self.padding_idx
-
-    def cross(self, other):
-        if isinstance(other, EmbeddingUse):
-            def pair(i1, g1, i2, g2):
-                same = (i1[:, :, None] == i2[:, None, :]) & self._mask(i1)[:, :, None] & other._mask(i2)[:, None, :]
-                return ((g1 @ g2.mT) * same).sum((1, 2))
-            return _chunked_cross(self, other, pair, first=("ids", "g"), second=("ids", "g"))
-        if isinstance(other, LinearUse):
-            if other.transposed or other.rows is not None:
-                raise UnsupportedSharingError("an embedding tied to a transposed or sliced linear weight")
-            # <G_emb, g_l^T a_l> = sum_t [ids_t valid] sum_s g_l[s, ids_t] <a_l_s, g_emb_t>
-            def pair(ids, ge, a, gl):
-                picked = gl.gather(2, ids[:, None, :].expand(-1, gl.shape[1], -1))  # [b, T_l, T_e]
-                return ((a @ ge.mT) * picked * self._mask(ids)[:, None, :]).sum((1, 2))
-            return _chunked_cross(self, other, pair, first=("ids", "g"), second=("a", "g"))
-        if isinstance(other, DenseUse):
-            return other.cross(self)
-        raise UnsupportedSharingError(f"cross term between an embedding use and {type(other).__name__}")
+    def densify(self, mode):
+        return self
 
     def clipped(self, c, backend):
         return ops.embedding_clipped_sum(self.ids, self.g, c, self.V, padding_idx=self.padding_idx, backend=backend)
@@ -177,11 +176,27 @@ class ConvUse:
         return ops.conv_norm(self.x, self.g, kernel_size=self.weight_shape[2:], mode=mode, backend=backend,
                              **self.args)
 
-    def per_example(self):
+    def factors(self):
         return None
 
-    def cross(self, other):
-        raise UnsupportedSharingError("a convolution weight shared with another use")
+    def dense(self):
+        """Formed on demand (a shared convolution weight): one grouped weight-gradient call."""
+        return ops.conv_per_example_grads(self.x, self.g, weight_shape=self.weight_shape, **self.args)
+
+    def densify(self, mode):
+        """A convolution's per-example gradients come from one weight-gradient call with the batch
+        folded into the groups: cheaper than unfolding its patches for the direct norm, and the
+        clipped sum is then a weighted sum instead of a second weight-gradient call."""
+        B, groups = self.batch, self.args["groups"]
+        C_out, width = self.weight_shape[0], 1
+        for k in self.weight_shape[1:]:
+            width *= k
+        L = 1
+        for s in self.g.shape[2:]:
+            L *= s
+        if ops.choose_mode(mode, L, width, C_out // groups) != "direct" or B * C_out * width > DENSE_DIRECT_BUDGET:
+            return self
+        return DenseUse(self.dense())
 
     def clipped(self, c, backend):
         return ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, **self.args)[0]
@@ -190,15 +205,66 @@ class ConvUse:
         ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, out=grad, **self.args)
 
 
-def _chunked_cross(use1, use2, pair, first=("a", "g"), second=("a", "g")):
-    """[B] of pair(x1, y1, x2, y2) over chunks of examples, in the accumulation dtype."""
-    x1, y1 = (getattr(use1, n) for n in first)
-    x2, y2 = (getattr(use2, n) for n in second)
-    acc = accumulation_dtype(y1.dtype)
-    B = use1.batch
-    T1, T2 = x1.shape[1], x2.shape[1]
-    out = torch.empty(B, dtype=acc, device=y1.device)
-    cast = lambda t: t if not t.is_floating_point() else t.to(acc)  # noqa: E731
+# ---------------------------------------------------------------- cross terms
+
+
+def cross(u, v):
+    """[B] <G_b, G'_b> of two uses of one parameter, from their common forms."""
+    fu, fv = u.factors(), v.factors()
+    if fu is not None and fv is not None:
+        return _factor_cross(fu, fv, u.batch)
+    du, dv = u.dense(), v.dense()
+    if du is not None and fv is not None:
+        return _contract(du, fv)
+    if dv is not None and fu is not None:
+        return _contract(dv, fu)
+    if du is not None and dv is not None:
+        return (du.flatten(1) * dv.to(du.dtype).flatten(1)).sum(1)
+    raise UnsupportedSharingError(f"cross term between {type(u).__name__} and {type(v).__name__}")
+
+
+def _acc(t, dtype):
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _factor_cross(f1, f2, B):
+    """sum_{s,t} <L1_s, L2_t> <R1_s, R2_t>, over chunks of examples."""
+    acc = accumulation_dtype(f1.right.dtype)
+    out = torch.empty(B, dtype=acc, device=f1.right.device)
+    T1, T2 = f1.right.shape[1], f2.right.shape[1]
     for lo, hi in example_chunks(B, T1 * T2 * 3):
-        out[lo:hi] = pair(cast(x1[lo:hi]), cast(y1[lo:hi]), cast(x2[lo:hi]), cast(y2[lo:hi]))
+        part = lambda f: Factors(_acc(f.left[lo:hi], acc), _acc(f.right[lo:hi], acc), f.offset,  # noqa: E731
+                                 f.mask[lo:hi] if f.mask is not None else None)
+        a, b = part(f1), part(f2)
+        out[lo:hi] = (_left_gram(a, b) * (a.right @ b.right.mT)).sum((1, 2))
     return out
+
+
+def _left_gram(a, b):
+    """[b, T1, T2] <L1_s, L2_t> of two row factors (dense blocks or one-hot ids)."""
+    if a.ids and b.ids:
+        return ((a.left[:, :, None] == b.left[:, None, :]) & a.mask[:, :, None] & b.mask[:, None, :]).to(
+            a.right.dtype)
+    if a.ids or b.ids:
+        ids, dense = (a, b) if a.ids else (b, a)
+        rows = ids.left - dense.offset  # the one-hot row inside the dense block, when it lies there
+        inside = ids.mask & (rows >= 0) & (rows < dense.left.shape[2])
+        picked = dense.left.gather(2, rows.clamp(0, dense.left.shape[2] - 1)[:, None, :].expand(
+            -1, dense.left.shape[1], -1))  # [b, T_dense, T_ids]
+        picked = picked * inside[:, None, :]
+        return picked.mT if a.ids else picked
+    lo, hi = max(a.offset, b.offset), min(a.offset + a.left.shape[2], b.offset + b.left.shape[2])
+    if lo >= hi:  # disjoint blocks of rows
+        return a.right.new_zeros(a.right.shape[0], a.right.shape[1], b.right.shape[1])
+    return a.left[..., lo - a.offset:hi - a.offset] @ b.left[..., lo - b.offset:hi - b.offset].mT
+
+
+def _contract(grads, f):
+    """[B] <G_b, sum_t L_bt (x) R_bt> = sum_t L_bt^T G_b R_bt for dense G [B, rows, cols]."""
+    G = grads.reshape(grads.shape[0], grads.shape[1], -1)
+    R = f.right.to(G.dtype)
+    if f.ids:
+        picked = G.gather(1, f.left[:, :, None].expand(-1, -1, G.shape[2]))  # [B, T, cols]
+        return ((picked * R).sum(2) * f.mask).sum(1)
+    block = G[:, f.offset:f.offset + f.left.shape[2]]
+    return torch.einsum("brc,btr,btc->b", block, f.left.to(G.dtype), R)

@@ -190,7 +190,11 @@ class GenericLayer(BKLayer):
                     [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad]))
             except RuntimeError as err:
                 if "randomness" not in str(err):
-                    raise
+                    raise GenericError(
+                        f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
+                        "path (it uses its own Parameters in its forward), which recomputes that forward per example "
+                        f"under torch.func.vmap, and the forward cannot be vmapped: {err}. Move the Parameter into a "
+                        "small module of its own (so that only that module is recomputed)") from err
                 raise GenericError(
                     f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
                     "path, which recomputes its forward per example, and its forward draws random numbers "
