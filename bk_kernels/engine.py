@@ -21,6 +21,7 @@ import torch
 from . import accounting, ops
 from .clipping import CLIPPING_FNS, clip_factors
 from .convert import UnsupportedModuleError
+from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, check_declared_layouts
 from .nn._core import BKLayer
 from .nn._uses import UnsupportedSharingError, cross
 from .ops.linear_norm import MODES
@@ -60,8 +61,6 @@ class PrivacyEngine:
             raise ValueError(f"PrivacyEngine: noise_multiplier must be >= 0, got {noise_multiplier!r}")
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"PrivacyEngine: accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
-        if not isinstance(batch_first, bool):
-            raise ValueError(f"PrivacyEngine: batch_first must be True or False, got {batch_first!r}")
         if target_delta is not None and not 0 < target_delta < 1:
             raise ValueError(f"PrivacyEngine: target_delta must lie in (0, 1), got {target_delta!r}")
         self.sample_rate = batch_size / sample_size
@@ -88,12 +87,9 @@ class PrivacyEngine:
         self.backend, self.loss_reduction, self.accountant = backend, loss_reduction, accountant
         # Where the examples lie: dim 0 of the model's input and of every layer input (True), or
         # dim 1 of the model's input and of every layer input with a sequence dim (False:
-        # [T, B, ...], torch's nn.Transformer*/MultiheadAttention default).
-        self.batch_first = batch_first
-        _check_layouts(model, batch_first)
-        self._forward_batch = None  # examples in the model's forward now running (its input's batch dim)
-        self._forward_input_shape = None
-        self._forward_batch_from_1d = False
+        # [T, B, ...], torch's nn.Transformer*/MultiheadAttention default). layout.py.
+        self.layout = BatchLayout(batch_first)
+        check_declared_layouts(model, batch_first)
         self._last_unit_sq_norms = {}
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
@@ -198,31 +194,16 @@ class PrivacyEngine:
         for module in self.model.modules():
             if isinstance(module, BKLayer):
                 module._bk_engine = self
-        self._hooks.append(self.model.register_forward_pre_hook(_ModelProbe(self), with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(_ModelProbe(self, after=True)))
+        self._hooks.append(self.model.register_forward_pre_hook(ModelProbe(self), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(ModelProbe(self, after=True)))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
 
-    def _take_batch_size(self, module, args, kwargs):
-        """The model's forward pre-hook: the batch size of this forward, from its first tensor
-        input (dim 0, or dim 1 with batch_first=False). Every bk layer checks its input against it."""
+    def _forward_starts(self, args, kwargs):
+        """The model's forward pre-hook: this forward's batch size, for the layers to check."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
-        packed = torch.nn.utils.rnn.PackedSequence
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, packed))
-        first = next((t for t in leaves if isinstance(t, packed) or isinstance(t, torch.Tensor) and t.dim() > 0), None)
-        if isinstance(first, packed):  # a packed batch of sequences: as many examples as its first step has
-            self._forward_input_shape, self._forward_batch_from_1d = None, False
-            self._forward_batch = int(first.batch_sizes[0]) if first.batch_sizes.numel() else 0
-            return
-        self._forward_input_shape = tuple(first.shape) if first is not None else None
-        # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
-        # guess, which an EmbeddingBag's bag count replaces.
-        self._forward_batch_from_1d = first is not None and first.dim() == 1
-        if first is None:
-            self._forward_batch = None
-        else:
-            self._forward_batch = first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+        self.layout.take(args, kwargs)
 
     def _watch_outputs(self, output):
         """The model's forward hook: the first gradient to reach one of its outputs marks the start
@@ -241,36 +222,6 @@ class PrivacyEngine:
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
             self._callback_queued = True
-
-    def _layout_error(self, layer, x, dim, B, why=None):
-        """The error for a bk layer whose input does not hold the batch's examples where it should."""
-        path = self._module_path(layer)
-        where = f"dim {dim} of its input of shape {tuple(x.shape)}"
-        if why is None:
-            n = x.shape[dim] if x.dim() > dim else None
-            why = (f"{where} should hold the examples, but has size {n if n is not None else 'none'} while the "
-                   f"model's input has {B} (batch_first={self.batch_first}). ")
-            shape = self._forward_input_shape or ()
-            other = 1 if self.batch_first else 0  # the model input's dim the other layout reads
-            causes = []
-            if n is not None and len(shape) > 1 and shape[other] == n:
-                causes.append(f"the model's input {tuple(shape)} has {n} on dim {other}: " + (
-                    "if the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
-                    "nn.MultiheadAttention by default), pass batch_first=False to the engine (the layers before "
-                    "this one read a sequence dim as the examples)" if self.batch_first else
-                    "if the model is batch-first, leave batch_first=True"))
-            if n is not None and n % B == 0 and n > B:
-                causes.append("the examples are folded into rows (a reshape(-1, d) of [B, T, d], as OPT's decoder "
-                              "layers do), which cannot be told apart per example from their shape")
-            if B not in tuple(x.shape):
-                causes.append("the input is shared by every example (as T5's relative position buckets), and its "
-                              "per-example gradients live in a broadcast after the layer")
-            elif not causes:
-                causes.append("the examples lie on another dim of the input")
-            why += "Possible causes: " + "; or ".join(causes) + ". "
-            why += ("A layer whose input mixes or folds the examples of a batch is not supported; nothing was "
-                    "recorded and no budget was spent.")
-        return UnsupportedLayoutError(f"PrivacyEngine: {type(layer).__name__} ({path}): {why}")
 
     @staticmethod
     def _make_guard(name):
@@ -547,51 +498,12 @@ class PrivacyEngine:
         self._reset_backward_state()
         self._ready_for_step = False
 
+    @property
+    def batch_first(self):
+        return self.layout.batch_first
+
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
-
-
-class _ModelProbe:
-    """The model's forward pre-hook (engine._take_batch_size) or forward hook
-    (engine._watch_outputs). Like the layers' engine link, it does nothing in a copy or a
-    pickle of the model: those are not attached."""
-
-    def __init__(self, engine, after=False):
-        self.engine, self.after = engine, after
-
-    def __call__(self, module, args, *rest):
-        if self.engine is None:
-            return None
-        if self.after:
-            self.engine._watch_outputs(rest[0])
-        else:
-            self.engine._take_batch_size(module, args, rest[0])
-        return None
-
-    def __deepcopy__(self, memo):
-        return _ModelProbe(None, self.after)
-
-    def __reduce__(self):
-        return (_ModelProbe, (None, self.after))
-
-
-class UnsupportedLayoutError(RuntimeError):
-    """A bk layer's input does not hold the batch's examples where the engine reads them."""
-
-
-_SEQUENCE_FIRST_CONTAINERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
-
-
-def _check_layouts(model, batch_first):
-    """torch's Transformer layers say their layout: refuse the engine's other one up front."""
-    for path, module in model.named_modules():
-        if isinstance(module, _SEQUENCE_FIRST_CONTAINERS) and module.self_attn.batch_first != batch_first and any(
-                p.requires_grad for p in module.parameters()):
-            raise UnsupportedLayoutError(
-                f"PrivacyEngine: {path or '<model>'} ({type(module).__name__}) is built with "
-                f"batch_first={module.self_attn.batch_first}, so its linear and norm layers read examples on dim "
-                f"{0 if module.self_attn.batch_first else 1}, but the engine has batch_first={batch_first}: pass "
-                f"batch_first={module.self_attn.batch_first} to the engine (or build the layers to match)")
 
 
 def _check_positive_int(value, name):

@@ -70,6 +70,16 @@ class BKLayer:
     def _bk_trainable(self, param):
         return param is not None and param.requires_grad
 
+    def _bk_layout(self):
+        """The engine's BatchLayout (layout.py) while one is attached and a backward will follow."""
+        engine = self._bk_engine
+        if engine is None or not torch.is_grad_enabled() or in_plain_forward():
+            return None
+        return engine.layout
+
+    def _bk_layout_error(self, x, dim, why=None):
+        return self._bk_engine.layout.error(self, self._bk_engine._module_path(self), x, dim, why)
+
     def _bk_batch_dim(self, x, features_dims=1):
         """The dim of x that holds the examples, for a layer whose features are the trailing
         `features_dims` dims (Linear, Embedding ids with features_dims=0, LayerNorm): dim 0, or
@@ -77,10 +87,7 @@ class BKLayer:
         An input with no dim before its features is one unbatched example (dim 0 after
         examples_first's unsqueeze)."""
         engine = self._bk_engine
-        leading = x.dim() - features_dims
-        if engine is None or engine.batch_first or leading < 2:
-            return 0
-        return 1
+        return engine.layout.feature_last_dim(x, features_dims) if engine is not None else 0
 
     def _bk_examples(self, x, dim):
         """x, checked against the batch size of the model's forward now running (taken by the
@@ -89,22 +96,20 @@ class BKLayer:
         so that this layer's output, and so its output gradient, is per example. Anything else
         is refused here, in the forward, before any gradient or budget is touched."""
         self._bk_calls += 1  # every bk forward passes here (the subclass check of convert.py counts)
-        engine = self._bk_engine
-        if engine is None or not torch.is_grad_enabled() or in_plain_forward():
+        layout = self._bk_layout()
+        if layout is None or layout.batch is None or not any(p.requires_grad for p in self.parameters(recurse=False)):
             return x
-        B = engine._forward_batch
-        if B is None or not any(p.requires_grad for p in self.parameters(recurse=False)):
-            return x
+        B = layout.batch
         if x.dim() <= dim:  # an unbatched input: one example
             if B == 1:
                 return x
-            raise engine._layout_error(self, x, dim, B)
+            raise self._bk_layout_error(x, dim)
         n = x.shape[dim]
         if n == B:
             return x
         if n == 1:
             return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
-        raise engine._layout_error(self, x, dim, B)
+        raise self._bk_layout_error(x, dim)
 
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""

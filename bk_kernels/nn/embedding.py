@@ -64,20 +64,18 @@ class Embedding(BKLayer, torch.nn.Embedding):
         `wpe(torch.arange(T))`, added to [B, T, d]): they become [1, N] ids, broadcast over the
         batch (the output is [B, N, d]). N equal to the batch size with ids 0..N-1 in order
         reads both ways, so it is refused rather than guessed."""
-        engine = self._bk_engine
-        if ids.dim() != 1 or engine is None or engine._forward_batch is None or not torch.is_grad_enabled() \
-                or not self.weight.requires_grad:
+        layout = self._bk_layout()
+        if ids.dim() != 1 or layout is None or layout.batch is None or not self.weight.requires_grad:
             return ids
-        B = engine._forward_batch
+        B = layout.batch
         if ids.shape[0] != B:
             return ids.unsqueeze(0)
         if B > 1 and torch.equal(ids, torch.arange(B, device=ids.device, dtype=ids.dtype)):
-            raise engine._layout_error(
-                self, ids, 0, B, why="its 1-D ids are 0..N-1 with N equal to the batch size: per-example ids, or "
+            raise self._bk_layout_error(
+                ids, 0, why="its 1-D ids are 0..N-1 with N equal to the batch size: per-example ids, or "
                 "positions shared by every example? Give shared positions as [1, T] (or [B, T]) ids, per-example "
                 "ids as [B, 1]")
         return ids
-
 
 def embedding_unsupported_reason(module):
     if module.max_norm is not None:

@@ -92,16 +92,14 @@ class EmbeddingBag(BKLayer, torch.nn.EmbeddingBag):
     def _bk_claim_batch(self, bags):
         """Bags are the examples. A model called as model(text, offsets) has a flat 1-D first
         input, which the engine could only read as a guess of the batch size: the bags set it."""
-        engine = self._bk_engine
-        if engine is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+        layout = self._bk_layout()
+        if layout is None or not self.weight.requires_grad:
             return
-        if engine._forward_batch is None or engine._forward_batch_from_1d:
-            engine._forward_batch, engine._forward_batch_from_1d = bags, False
-        elif engine._forward_batch != bags:
-            raise engine._layout_error(self, torch.empty(bags), 0, engine._forward_batch,
-                                       why=f"it holds {bags} bags (one bag is one example) while the model's input "
-                                           f"has {engine._forward_batch} examples")
-
+        if layout.batch is None or layout.guessed:
+            layout.batch, layout.guessed = bags, False
+        elif layout.batch != bags:
+            raise self._bk_layout_error(torch.empty(bags), 0, why=f"it holds {bags} bags (one bag is one example) "
+                                        f"while the model's input has {layout.batch} examples")
 
 def embedding_bag_unsupported_reason(module):
     if module.mode == "max":

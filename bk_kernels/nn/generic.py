@@ -76,7 +76,7 @@ class GenericLayer(BKLayer):
             out = super().forward(*args, **kwargs)
         in_leaves, in_spec = tree_flatten((args, kwargs))
         out_leaves, out_spec = tree_flatten(out)
-        B = engine._forward_batch
+        B = engine.layout.batch
         picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         out_dims = [self._bk_output_dim(k, out_leaves[i]) for k, i in enumerate(picked)]
         if B is None:  # called outside the model's forward: its first floating output says

@@ -1,0 +1,115 @@
+"""Where the examples lie: the batch size of the model's forward now running, and the errors
+for layer inputs that do not hold it where the engine reads them (docs/DESIGN.md).
+
+The engine holds one BatchLayout. A forward pre-hook on the model (ModelProbe) hands it the
+model's inputs; every bk layer checks its own input against `batch` in its forward
+(BKLayer._bk_examples), so a wrong layout is refused before anything is recorded.
+"""
+import torch
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_leaves
+
+
+class UnsupportedLayoutError(RuntimeError):
+    """A bk layer's input does not hold the batch's examples where the engine reads them."""
+
+
+class BatchLayout:
+    def __init__(self, batch_first):
+        if not isinstance(batch_first, bool):
+            raise ValueError(f"PrivacyEngine: batch_first must be True or False, got {batch_first!r}")
+        self.batch_first = batch_first
+        self.batch = None         # examples in the model's forward now running
+        self.input_shape = None   # the shape of the model's first tensor input
+        self.guessed = False      # the batch came from a 1-D input: a guess that a layer may correct
+
+    def take(self, args, kwargs):
+        """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
+        with batch_first=False (dim 0 for a 1-D input); a PackedSequence's first step."""
+        leaves = tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))
+        first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
+                      and t.dim() > 0), None)
+        if isinstance(first, PackedSequence):
+            self.input_shape, self.guessed = None, False
+            self.batch = int(first.batch_sizes[0]) if first.batch_sizes.numel() else 0
+            return
+        self.input_shape = tuple(first.shape) if first is not None else None
+        # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
+        # guess, which an EmbeddingBag's bag count replaces.
+        self.guessed = first is not None and first.dim() == 1
+        self.batch = None if first is None else first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+
+    def feature_last_dim(self, x, features_dims):
+        """The example dim of an input whose features are its trailing `features_dims` dims."""
+        return 0 if self.batch_first or x.dim() - features_dims < 2 else 1
+
+    def error(self, layer, path, x, dim, why=None):
+        """The error for a bk layer whose input does not hold the batch's examples on `dim`."""
+        B = self.batch
+        if why is None:
+            n = x.shape[dim] if x.dim() > dim else None
+            why = (f"dim {dim} of its input of shape {tuple(x.shape)} should hold the examples, but has size "
+                   f"{n if n is not None else 'none'} while the model's input has {B} (batch_first="
+                   f"{self.batch_first}). Possible causes: " + "; or ".join(self._causes(x, n)) + ". A layer whose "
+                   "input mixes or folds the examples of a batch is not supported; nothing was recorded and no "
+                   "budget was spent.")
+        return UnsupportedLayoutError(f"PrivacyEngine: {type(layer).__name__} ({path}): {why}")
+
+    def _causes(self, x, n):
+        B, shape = self.batch, self.input_shape or ()
+        other = 1 if self.batch_first else 0  # the model input's dim the other layout reads
+        causes = []
+        if n is not None and len(shape) > 1 and shape[other] == n:
+            causes.append(f"the model's input {shape} has {n} on dim {other}: " + (
+                "if the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
+                "nn.MultiheadAttention by default), pass batch_first=False to the engine (the layers before "
+                "this one read a sequence dim as the examples)" if self.batch_first else
+                "if the model is batch-first, leave batch_first=True"))
+        if n is not None and B and n % B == 0 and n > B:
+            causes.append("the examples are folded into rows (a reshape(-1, d) of [B, T, d], as OPT's decoder "
+                          "layers do), which cannot be told apart per example from their shape")
+        if B not in tuple(x.shape):
+            causes.append("the input is shared by every example (as T5's relative position buckets), and its "
+                          "per-example gradients live in a broadcast after the layer")
+        elif not causes:
+            causes.append("the examples lie on another dim of the input")
+        return causes
+
+
+_SEQUENCE_FIRST_CONTAINERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)
+
+
+def check_declared_layouts(model, batch_first):
+    """torch's Transformer layers say their layout: refuse the engine's other one up front."""
+    for path, module in model.named_modules():
+        if isinstance(module, _SEQUENCE_FIRST_CONTAINERS) and module.self_attn.batch_first != batch_first and any(
+                p.requires_grad for p in module.parameters()):
+            raise UnsupportedLayoutError(
+                f"PrivacyEngine: {path or '<model>'} ({type(module).__name__}) is built with "
+                f"batch_first={module.self_attn.batch_first}, so its linear and norm layers read examples on dim "
+                f"{0 if module.self_attn.batch_first else 1}, but the engine has batch_first={batch_first}: pass "
+                f"batch_first={module.self_attn.batch_first} to the engine (or build the layers to match)")
+
+
+class ModelProbe:
+    """The model's forward pre-hook (engine._forward_starts) or forward hook
+    (engine._watch_outputs). Like the layers' engine link, it does nothing in a copy or a pickle
+    of the model: those are not attached."""
+
+    def __init__(self, engine, after=False):
+        self.engine, self.after = engine, after
+
+    def __call__(self, module, args, *rest):
+        if self.engine is None:
+            return None
+        if self.after:
+            self.engine._watch_outputs(rest[0])
+        else:
+            self.engine._forward_starts(args, rest[0])
+        return None
+
+    def __deepcopy__(self, memo):
+        return ModelProbe(None, self.after)
+
+    def __reduce__(self):
+        return (ModelProbe, (None, self.after))
