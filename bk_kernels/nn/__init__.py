@@ -7,7 +7,8 @@ from .conv import Conv1d, Conv2d, Conv3d
 from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer
-from .linear import Linear
+from .families import register_layer
+from .linear import Linear, linear
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 
@@ -31,6 +32,8 @@ __all__ = [
     "MultiheadAttention",
     "RMSNorm",
     "RNN",
+    "linear",
+    "register_layer",
     "in_plain_forward",
     "plain_forward",
 ]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
+from .families import register_layer
 from .generic import GenericLayer
 from .linear import linear_with
 
@@ -106,3 +107,8 @@ class GenericMultiheadAttention(GenericLayer, torch.nn.MultiheadAttention):
 
     def _bk_output_dim(self, k, t):
         return 1 if k == 0 and not self.batch_first and t.dim() == 3 else 0  # attn weights are [N, ...]
+
+
+# Options the fused path does not take run torch's own forward on the generic path.
+register_layer(torch.nn.MultiheadAttention, lambda module: GenericMultiheadAttention
+               if attention_unsupported_reason(module) else MultiheadAttention)

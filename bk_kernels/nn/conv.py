@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
 from ._uses import ConvUse, DenseUse
+from .families import register_layer
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -74,3 +75,7 @@ class Conv2d(_ConvMixin, torch.nn.Conv2d):
 
 class Conv3d(_ConvMixin, torch.nn.Conv3d):
     pass
+
+
+for _torch_class, _bk_class in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d)):
+    register_layer(_torch_class, _bk_class)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
+from .families import register_layer
 from ._uses import EmbeddingUse
 
 
@@ -79,9 +80,12 @@ class Embedding(BKLayer, torch.nn.Embedding):
 
 def embedding_unsupported_reason(module):
     if module.max_norm is not None:
-        return "max_norm renormalises the weight inside the forward"
+        return "max_norm renormalises the weight inside the forward: no private equivalent"
     if module.scale_grad_by_freq:
-        return "scale_grad_by_freq scales gradients by batch statistics"
+        return "scale_grad_by_freq scales gradients by counts over the whole batch: no private equivalent"
     if module.sparse:
-        return "sparse gradients"
+        return "sparse gradients: no private equivalent"
     return None
+
+
+register_layer(torch.nn.Embedding, Embedding, unsupported_reason=embedding_unsupported_reason)

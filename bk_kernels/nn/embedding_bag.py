@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
 from ._uses import EmbeddingUse
+from .families import register_layer
 
 
 def _bags(ids, offsets, weights, include_last_offset):
@@ -103,11 +104,14 @@ class EmbeddingBag(BKLayer, torch.nn.EmbeddingBag):
 
 def embedding_bag_unsupported_reason(module):
     if module.mode == "max":
-        return "mode='max' (the gradient follows each feature's argmax)"
+        return "mode='max' (the gradient follows each feature's argmax) is not supported"
     if module.max_norm is not None:
-        return "max_norm renormalises the weight inside the forward"
+        return "max_norm renormalises the weight inside the forward: no private equivalent"
     if module.scale_grad_by_freq:
-        return "scale_grad_by_freq scales gradients by batch statistics"
+        return "scale_grad_by_freq scales gradients by counts over the whole batch: no private equivalent"
     if module.sparse:
-        return "sparse gradients"
+        return "sparse gradients: no private equivalent"
     return None
+
+
+register_layer(torch.nn.EmbeddingBag, EmbeddingBag, unsupported_reason=embedding_bag_unsupported_reason)

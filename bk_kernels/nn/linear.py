@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, examples_first, in_plain_forward
+from .families import register_layer
 from ._uses import DenseUse, LinearUse
 
 
@@ -99,9 +100,8 @@ class _GPT2Conv1DMixin(BKLayer):
 _CONV1D_CLASSES = {}
 
 
-def is_gpt2_conv1d(module):
-    """Detects transformers' Conv1D without importing transformers."""
-    cls = type(module)
+def is_gpt2_conv1d(cls):
+    """Detects transformers' Conv1D class without importing transformers."""
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
@@ -110,3 +110,15 @@ def gpt2_conv1d_class(cls):
     if cls not in _CONV1D_CLASSES:
         _CONV1D_CLASSES[cls] = type("Conv1D", (_GPT2Conv1DMixin, cls), {"__module__": __name__})
     return _CONV1D_CLASSES[cls]
+
+
+def linear(layer, x, weight, bias=None):
+    """x weight^T + bias on the BK path, book-kept as a use of `weight` (and `bias`) owned by
+    `layer` (a bk.nn.BKLayer): for users' own layer families (bk.register_layer). x is checked
+    against the batch like the bk layers' inputs (a [1, T, d] input is expanded to the batch)."""
+    bdim = layer._bk_batch_dim(x)
+    return _LinearFn.apply(layer._bk_examples(x, bdim), weight, bias, layer, False, None, bdim)
+
+
+register_layer(torch.nn.Linear, Linear)
+register_layer(None, lambda module: gpt2_conv1d_class(type(module)), matches=is_gpt2_conv1d)

@@ -13,6 +13,7 @@ from .. import ops
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, examples_first, in_plain_forward
 from ._uses import DenseUse
+from .families import register_layer
 
 
 class _AffineNormFn(torch.autograd.Function):
@@ -229,5 +230,10 @@ class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
     pass
 
 
-def instance_norm_unsupported_reason(module):
-    return None  # running statistics included (see _InstanceNormMixin)
+for _torch_class, _bk_class in ((torch.nn.LayerNorm, LayerNorm), (torch.nn.RMSNorm, RMSNorm),
+                                (torch.nn.GroupNorm, GroupNorm), (torch.nn.InstanceNorm1d, InstanceNorm1d),
+                                (torch.nn.InstanceNorm2d, InstanceNorm2d), (torch.nn.InstanceNorm3d, InstanceNorm3d)):
+    register_layer(_torch_class, _bk_class)
+register_layer(torch.nn.modules.batchnorm._BatchNorm, None, unsupported_reason=lambda module: (
+    "BatchNorm mixes the examples of a batch, so per-example gradients do not exist: use GroupNorm (or "
+    "LayerNorm) instead"))

@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse, LinearUse
+from .families import register_layer
 from .linear import linear_with
 
 
@@ -165,5 +166,9 @@ class LSTM(_RecurrentMixin, torch.nn.LSTM):
 
 def recurrent_unsupported_reason(module):
     if getattr(module, "proj_size", 0):
-        return "proj_size > 0 (a projected LSTM)"
+        return "proj_size > 0 (a projected LSTM) is not supported yet"
     return None
+
+
+for _torch_class, _bk_class in ((torch.nn.RNN, RNN), (torch.nn.GRU, GRU), (torch.nn.LSTM, LSTM)):
+    register_layer(_torch_class, _bk_class, unsupported_reason=recurrent_unsupported_reason)
