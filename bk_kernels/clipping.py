@@ -40,3 +40,56 @@ def _check(sq_norms, max_grad_norm, clipping_fn, gamma):
         raise ValueError(f"clip_factors: clipping_fn must be one of {CLIPPING_FNS}, got {clipping_fn!r}")
     if clipping_fn == "automatic" and not gamma > 0:
         raise ValueError(f"clip_factors: automatic clipping needs gamma > 0, got {gamma!r}")
+
+
+def clipping_units(style, params, names, owners):
+    """The clipping units: lists of parameters. style: "all-layer" (one unit), "layer-wise" (each
+    bk module owning parameters, modules that share a parameter merged) or a list of groups of
+    parameter names (a partition of the trainable parameters). names: {id(p): name};
+    owners: {id(p): [bk modules owning p]}."""
+    if style == "all-layer":
+        return [list(params)]
+    if style == "layer-wise":
+        # Each bk module with trainable parameters is a unit; modules sharing a parameter merge.
+        unit_id = {}
+        groups = []
+        for p in params:
+            mods = owners[id(p)]
+            found = {unit_id[id(m)] for m in mods if id(m) in unit_id}
+            if not found:
+                groups.append({"params": [], "modules": set()})
+                found = {len(groups) - 1}
+            target = min(found)
+            for other in sorted(found - {target}):  # merge units joined by this parameter
+                groups[target]["params"] += groups[other]["params"]
+                groups[target]["modules"] |= groups[other]["modules"]
+                for m in groups[other]["modules"]:
+                    unit_id[m] = target
+                groups[other] = None
+            groups[target]["params"].append(p)
+            for m in mods:
+                groups[target]["modules"].add(id(m))
+                unit_id[id(m)] = target
+        return [g["params"] for g in groups if g is not None]
+    if isinstance(style, (list, tuple)) and style and all(isinstance(g, (list, tuple)) for g in style):
+        by_name = {names[id(p)]: p for p in params}
+        seen, units = set(), []
+        for group in style:
+            unit = []
+            for name in group:
+                if name not in by_name:
+                    raise ValueError(f"PrivacyEngine: clipping group names {name!r}, which is not a trainable "
+                                     f"parameter (tied parameters go by their first name)")
+                if name in seen:
+                    raise ValueError(f"PrivacyEngine: parameter {name!r} is in more than one clipping group")
+                seen.add(name)
+                unit.append(by_name[name])
+            if not unit:
+                raise ValueError("PrivacyEngine: a clipping group is empty")
+            units.append(unit)
+        missing = [n for n in by_name if n not in seen]
+        if missing:
+            raise ValueError(f"PrivacyEngine: clipping groups must cover every trainable parameter; missing {missing}")
+        return units
+    raise ValueError("PrivacyEngine: clipping_style must be 'all-layer', 'layer-wise' or a list of groups of "
+                     f"parameter names, got {style!r}")

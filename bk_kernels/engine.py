@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from . import accounting, ops
-from .clipping import CLIPPING_FNS, clip_factors
+from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, check_declared_layouts
 from .nn._core import BKLayer
@@ -93,7 +93,7 @@ class PrivacyEngine:
         self._last_unit_sq_norms = {}
 
         self._params, self._names, self._owners = self._trainable_parameters(model)
-        self._units = self._clipping_units(clipping_style)  # list of lists of params
+        self._units = clipping_units(clipping_style, self._params, self._names, self._owners)  # [[param]]
         self._unit_of = {id(p): i for i, unit in enumerate(self._units) for p in unit}
         self._threshold = self.max_grad_norm / math.sqrt(len(self._units))
         self._shared = {id(p) for p in self._params if len(self._owners[id(p)]) > 1}
@@ -141,54 +141,6 @@ class PrivacyEngine:
                 "PrivacyEngine: these trainable parameters are not owned by bk layers, so they could not be "
                 "clipped per example; call bk.convert(model) first, or freeze them:\n" + "\n".join(not_bk))
         return params, names, owners
-
-    def _clipping_units(self, style):
-        if style == "all-layer":
-            return [list(self._params)]
-        if style == "layer-wise":
-            # Each bk module with trainable parameters is a unit; modules sharing a parameter merge.
-            unit_id = {}
-            groups = []
-            for p in self._params:
-                mods = self._owners[id(p)]
-                found = {unit_id[id(m)] for m in mods if id(m) in unit_id}
-                if not found:
-                    groups.append({"params": [], "modules": set()})
-                    found = {len(groups) - 1}
-                target = min(found)
-                for other in sorted(found - {target}):  # merge units joined by this parameter
-                    groups[target]["params"] += groups[other]["params"]
-                    groups[target]["modules"] |= groups[other]["modules"]
-                    for m in groups[other]["modules"]:
-                        unit_id[m] = target
-                    groups[other] = None
-                groups[target]["params"].append(p)
-                for m in mods:
-                    groups[target]["modules"].add(id(m))
-                    unit_id[id(m)] = target
-            return [g["params"] for g in groups if g is not None]
-        if isinstance(style, (list, tuple)) and style and all(isinstance(g, (list, tuple)) for g in style):
-            by_name = {self._names[id(p)]: p for p in self._params}
-            seen, units = set(), []
-            for group in style:
-                unit = []
-                for name in group:
-                    if name not in by_name:
-                        raise ValueError(f"PrivacyEngine: clipping group names {name!r}, which is not a trainable "
-                                         f"parameter (tied parameters go by their first name)")
-                    if name in seen:
-                        raise ValueError(f"PrivacyEngine: parameter {name!r} is in more than one clipping group")
-                    seen.add(name)
-                    unit.append(by_name[name])
-                if not unit:
-                    raise ValueError("PrivacyEngine: a clipping group is empty")
-                units.append(unit)
-            missing = [n for n in by_name if n not in seen]
-            if missing:
-                raise ValueError(f"PrivacyEngine: clipping groups must cover every trainable parameter; missing {missing}")
-            return units
-        raise ValueError("PrivacyEngine: clipping_style must be 'all-layer', 'layer-wise' or a list of groups of "
-                         f"parameter names, got {style!r}")
 
     def _attach_to_modules(self):
         for module in self.model.modules():
