@@ -37,9 +37,11 @@ CONFIGS = {
     "vit": ("vit", dict(B=32)),
     "gpt2-124m": ("gpt2", dict(B=8, T=512, layers=12, width=768)),
     "gpt2-355m": ("gpt2", dict(B=8, T=512, layers=24, width=1024)),
+    "llama": ("llama", dict(B=8, T=128)),
+    "llama-lora": ("llama", dict(B=8, T=128, lora=True)),
 }
-CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512"]
-GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m"]
+CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora"]
+GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora"]
 # Baselines left out of the default CPU suite for time (--all-methods runs them): at T=512 one
 # step of either takes ~20 s on 2 cores; the T=128 rows show how they compare.
 SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T=128; --all-methods runs it"
@@ -47,7 +49,10 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       # 10 s a step: 15 rounds cost 2.5 of the 15 minutes of `make bench`
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
-QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64)}
+for _llama in ("llama", "llama-lora"):  # bk against non-private only: the baselines' rows are GPT-2's
+    SKIP[_llama] = {m: "left out for time; the GPT-2 rows compare the baselines" for m in BASELINES}
+QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
+         "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64)}
 
 
 def sizes_of(config, quick):
@@ -179,6 +184,7 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                     for m in steps}
         total = sum(n_rounds.values())
         times = {m: [] for m in steps}
+        workloads.GENERIC_SECONDS[0] = 0.0
         with harness.progress(total, f"steps {config}") as bar:
             for r in range(rounds):
                 for m, fn in steps.items():
@@ -186,6 +192,11 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                         times[m].append(harness.timed(fn, device))
                         bar.update(1)
                         bar.set_postfix_str(f"round {r} {m}")
+        generic_share = {}
+        for m, fn in steps.items():  # the generic path's share of bk's step (one bk method per device)
+            if getattr(fn, "generic", None) and times[m]:
+                generic_share[m] = workloads.GENERIC_SECONDS[0] / sum(times[m])
+                status[m] += (f" (generic path: {len(fn.generic)} modules, {generic_share[m]:.0%} of the step)")
         mem = {}
         if memory:
             with harness.progress(len(methods), f"memory {config}") as bar:

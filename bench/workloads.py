@@ -18,6 +18,8 @@ A method that cannot run a model raises Unsupported with the reason.
 """
 import copy
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,6 +95,29 @@ def gpt2(B=8, T=128, layers=4, width=256, vocab=50257):
                     dict(model="gpt2", layers=layers, width=width, T=T, B=B))
 
 
+def llama(B=8, T=128, layers=4, width=256, vocab=32000, lora=False):
+    """Hugging Face Llama called as its users call it (no position_ids), full fine-tuning or
+    PEFT LoRA (r=8 on q_proj and v_proj). Its LlamaRMSNorm layers take bk's generic path."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3,
+                                      num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+                                      num_key_value_heads=max(1, width // 128), max_position_embeddings=max(T, 128))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    if lora:
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                           lora_dropout=0.0))
+    ids = torch.randint(0, vocab, (B, T + 1))
+
+    def forward(m, ids):
+        return m(input_ids=ids).logits
+
+    return Workload("llama", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
+                    dict(model="llama-lora" if lora else "llama", layers=layers, width=width, T=T, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -133,7 +158,7 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="vit", layers=layers, width=width, T=model.patches, B=B))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit}
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama}
 
 
 # ---------------------------------------------------------------- methods
@@ -280,14 +305,39 @@ def _bk(w, sigma, seed, backend, fresh, check):
                                   backend=backend, seed=seed)
     except Exception as err:
         raise Unsupported(f"bk: {type(err).__name__}: {str(err).splitlines()[0]}")
-    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=LR))
+    opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR))
+    _time_generic_path()
 
     def step():
         opt.zero_grad()
         w.loss(model).backward()
         opt.step()
 
+    step.generic = bk.generic_modules(model)
     return model, step
+
+
+# Seconds spent in the generic path's per-example recompute (nn/generic.py), for the share of the
+# step it takes: models.run resets it after the warm-up and reads it after the timed rounds.
+GENERIC_SECONDS = [0.0]
+
+
+def _time_generic_path():
+    from bk_kernels.nn.generic import GenericLayer
+
+    if getattr(GenericLayer._bk_per_example_grads, "_timed", False):
+        return
+    inner = GenericLayer._bk_per_example_grads
+
+    def timed(self, *args):
+        start = time.perf_counter()
+        try:
+            return inner(self, *args)
+        finally:
+            GENERIC_SECONDS[0] += time.perf_counter() - start
+
+    timed._timed = True
+    GenericLayer._bk_per_example_grads = timed
 
 
 def method_names(device):

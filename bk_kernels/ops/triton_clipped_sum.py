@@ -35,19 +35,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norms import (
-    _MIN_BLOCK,
-    _TRITON_PTR_TYPE,
+from .triton_common import (
+    MIN_BLOCK,
     SUPPORTED_DTYPES,
-    _as_jit_function,
-    _check_grid,
-    _check_inputs,
-    _check_launchable,
-    _clamp_block,
-    _dtype_tag,
-    _is_interpreter,
-    _kernels_interpreted,
-    _out_dtype,
+    TRITON_PTR_TYPE,
+    as_jit_function,
+    check_grid,
+    check_launchable,
+    check_linear_inputs,
+    clamp_block,
+    dtype_tag,
+    is_interpreter,
+    kernels_interpreted,
+    out_dtype,
 )
 
 __all__ = ["clipped_sum_triton", "aot_compile_specs"]
@@ -177,12 +177,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _config(a: torch.Tensor, rows: int, D: int, P: int) -> dict:
-    interp = _is_interpreter(a.device)
+    interp = is_interpreter(a.device)
     caps = _CPU if interp else _gpu_caps(a.dtype)
     cfg = {
-        "BLOCK_P": _clamp_block(P, caps["BLOCK_P"]),
-        "BLOCK_D": _clamp_block(D, caps["BLOCK_D"]),
-        "BLOCK_K": _clamp_block(rows, caps["BLOCK_K"]),
+        "BLOCK_P": clamp_block(P, caps["BLOCK_P"]),
+        "BLOCK_D": clamp_block(D, caps["BLOCK_D"]),
+        "BLOCK_K": clamp_block(rows, caps["BLOCK_K"]),
     }
     splits = 1
     if not interp:
@@ -215,7 +215,7 @@ def _check_c(op: str, a: torch.Tensor, c: torch.Tensor) -> None:
 def _launch(a, g, c, bias: bool, config: dict | None = None):
     B, T, D = a.shape
     P = g.shape[2]
-    acc = _out_dtype(a.dtype)
+    acc = out_dtype(a.dtype)
     gw = torch.zeros(P, D, dtype=acc, device=a.device)
     gb = torch.zeros(P if bias else 0, dtype=acc, device=a.device)
     rows = B * T
@@ -228,7 +228,7 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
     if rps <= 0 or rps % cfg["BLOCK_K"]:
         raise ValueError(f"{_OP}: ROWS_PER_SPLIT must be a positive multiple of BLOCK_K, got {cfg}")
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(rows, rps))
-    _check_grid(_OP, grid[0])
+    check_grid(_OP, grid[0])
     if c.dtype == torch.float64 and acc != torch.float64:
         c = c.to(acc)  # load the factors in the accumulation dtype (fp32 kernels keep no fp64)
     torch.library.wrap_triton(_clipped_sum_kernel)[grid](
@@ -241,7 +241,7 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
         BLOCK_D=cfg["BLOCK_D"],
         BLOCK_K=cfg["BLOCK_K"],
         HAS_BIAS=bias,
-        UPCAST=_is_interpreter(a.device),
+        UPCAST=is_interpreter(a.device),
         num_warps=_GPU_NUM_WARPS,
     )
     return gw, gb
@@ -253,7 +253,7 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
 
 
 def _check_all(a, g, c) -> None:
-    _check_inputs(_OP, a, g)
+    check_linear_inputs(_OP, a, g)
     _check_c(_OP, a, c)
 
 
@@ -263,12 +263,12 @@ def _clipped_sum_impl(
     """(grad_weight [p, d] = sum_b c_b g_b^T a_b, grad_bias [p] = sum_b c_b sum_t g_b,t or [0])."""
     _check_all(a, g, c)
     if a.numel() and g.numel():
-        _check_launchable(_OP, a)
+        check_launchable(_OP, a)
     return _launch(a, g, c, bias)
 
 
 def _register():
-    if not _kernels_interpreted():
+    if not kernels_interpreted():
         return torch.library.triton_op(_OP, _clipped_sum_impl, mutates_args=(), schema=_SCHEMA)
     # Interpreter: an opaque custom op with a fake kernel (see triton_norms._register).
     op = torch.library.custom_op(_OP, _clipped_sum_impl, mutates_args=(), schema=_SCHEMA)
@@ -276,7 +276,7 @@ def _register():
     @op.register_fake
     def _fake(a, g, c, bias):
         _check_all(a, g, c)
-        acc = _out_dtype(a.dtype)
+        acc = out_dtype(a.dtype)
         p = g.shape[2]
         return a.new_empty((p, a.shape[2]), dtype=acc), a.new_empty((p if bias else 0,), dtype=acc)
 
@@ -298,14 +298,14 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for every dtype, with and without bias, at
     the default GPU tiles and at the smallest 16-wide ones (``UPCAST=False``); see
     ``triton_norms.aot_compile_specs``. The clip factors are fp32 (fp64 for fp64)."""
-    kernel = _as_jit_function(_clipped_sum_kernel)
+    kernel = as_jit_function(_clipped_sum_kernel)
     specs = []
     for dtype in SUPPORTED_DTYPES:
-        ptr = _TRITON_PTR_TYPE[dtype]
-        out_ptr = _TRITON_PTR_TYPE[_out_dtype(dtype)]
+        ptr = TRITON_PTR_TYPE[dtype]
+        out_ptr = TRITON_PTR_TYPE[out_dtype(dtype)]
         cfgs = {
             "default": dict(_gpu_caps(dtype)),
-            "small": {"BLOCK_P": _MIN_BLOCK, "BLOCK_D": _MIN_BLOCK, "BLOCK_K": _MIN_BLOCK},
+            "small": {"BLOCK_P": MIN_BLOCK, "BLOCK_D": MIN_BLOCK, "BLOCK_K": MIN_BLOCK},
         }
         for cname, cfg in cfgs.items():
             for bias in (True, False):
@@ -316,6 +316,6 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
                 sig.update({s: "i64" for s in _STRIDES})
                 sig.update({k: "constexpr" for k in constexprs})
                 sig = {k: sig[k] for k in kernel.arg_names}
-                tag = f"clipped_sum_{_dtype_tag(dtype)}_{cname}_{'bias' if bias else 'nobias'}"
+                tag = f"clipped_sum_{dtype_tag(dtype)}_{cname}_{'bias' if bias else 'nobias'}"
                 specs.append((tag, kernel, sig, constexprs))
     return specs

@@ -45,20 +45,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norms import (
-    _MIN_BLOCK,
-    _TRITON_PTR_TYPE,
+from .triton_common import (
+    MIN_BLOCK,
     SUPPORTED_DTYPES,
-    _as_jit_function,
-    _check_grid,
-    _check_launchable,
-    _clamp_block,
-    _dtype_tag,
-    _example_and_pair,
-    _gram_tile,
-    _is_interpreter,
-    _kernels_interpreted,
-    _out_dtype,
+    TRITON_PTR_TYPE,
+    as_jit_function,
+    check_grid,
+    check_launchable,
+    clamp_block,
+    dtype_tag,
+    example_and_pair,
+    gram_tile,
+    is_interpreter,
+    kernels_interpreted,
+    out_dtype,
 )
 
 __all__ = ["embedding_norm_triton", "embedding_clipped_sum_triton", "aot_compile_specs"]
@@ -99,7 +99,7 @@ def _embedding_norm_kernel(
     b-major as in triton_norms._ghost_norm_kernel. Sums the Gram tile G_s G_t^T where the
     ids agree (and are not padding); off-diagonal pairs count twice."""
     acc_ty = out_ptr.dtype.element_ty
-    b, sb, tb = _example_and_pair(T, BLOCK_T)  # the ghost-norm kernel's mapping, tested there
+    b, sb, tb = example_and_pair(T, BLOCK_T)  # the ghost-norm kernel's mapping, tested there
 
     b64 = b.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
@@ -119,7 +119,7 @@ def _embedding_norm_kernel(
 
     if tl.sum(match.to(tl.int32)) > 0:  # most tile pairs of a long text share no id
         g_base = g_ptr + b64 * stride_gb
-        gram = _gram_tile(g_base, rs64, rt64, mask_s, mask_t, D, stride_gt, stride_gd,
+        gram = gram_tile(g_base, rs64, rt64, mask_s, mask_t, D, stride_gt, stride_gd,
                           tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_K, UPCAST)
         val = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)
         factor = tl.where(sb == tb, 1.0, 2.0).to(acc_ty)
@@ -252,15 +252,15 @@ _MAX_ROWS = 2**31 - 1 - 4096
 
 
 def _norm_config(g: torch.Tensor, T: int, D: int) -> dict:
-    if _is_interpreter(g.device):
+    if is_interpreter(g.device):
         caps = _CPU_NORM
     else:
         caps = _GPU_NORM_FP64 if g.dtype == torch.float64 else _GPU_NORM
-    return {"BLOCK_T": _clamp_block(T, caps["BLOCK_T"]), "BLOCK_K": _clamp_block(D, caps["BLOCK_K"])}
+    return {"BLOCK_T": clamp_block(T, caps["BLOCK_T"]), "BLOCK_K": clamp_block(D, caps["BLOCK_K"])}
 
 
 def _sum_config(g: torch.Tensor, rows: int, D: int, deterministic: bool) -> dict:
-    interp = _is_interpreter(g.device)
+    interp = is_interpreter(g.device)
     if deterministic:
         caps = _CPU_SEGMENT if interp else _GPU_SEGMENT
     else:
@@ -315,13 +315,13 @@ def _pad_args(padding_idx: Optional[int]) -> tuple[int, bool]:
 
 def _launch_norm(ids, g, padding_idx, config: dict | None = None) -> torch.Tensor:
     B, T, D = g.shape
-    out = torch.zeros(B, dtype=_out_dtype(g.dtype), device=g.device)
+    out = torch.zeros(B, dtype=out_dtype(g.dtype), device=g.device)
     if B == 0 or T == 0 or D == 0:
         return out
     cfg = dict(config) if config is not None else _norm_config(g, T, D)
     nt = triton.cdiv(T, cfg["BLOCK_T"])
     grid = (B * (nt * (nt + 1) // 2),)
-    _check_grid(_NORM_OP, grid[0])
+    check_grid(_NORM_OP, grid[0])
     pad, has_pad = _pad_args(padding_idx)
     torch.library.wrap_triton(_embedding_norm_kernel)[grid](
         ids, g, out,
@@ -332,7 +332,7 @@ def _launch_norm(ids, g, padding_idx, config: dict | None = None) -> torch.Tenso
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_K=cfg["BLOCK_K"],
         HAS_PAD=has_pad,
-        UPCAST=_is_interpreter(g.device),
+        UPCAST=is_interpreter(g.device),
         num_warps=_GPU_NUM_WARPS,
     )
     return out
@@ -342,7 +342,7 @@ def _launch_sum(ids, g, c, num_embeddings: int, padding_idx, deterministic: bool
                 config: dict | None = None) -> torch.Tensor:
     B, T, D = g.shape
     V = num_embeddings
-    acc = _out_dtype(g.dtype)
+    acc = out_dtype(g.dtype)
     out = torch.zeros(V, D, dtype=acc, device=g.device)
     rows = B * T
     if rows == 0 or D == 0 or V == 0:
@@ -418,7 +418,7 @@ def _embedding_norm_impl(ids: torch.Tensor, g: torch.Tensor, padding_idx: Option
     """[B]: sum_{s,t} [ids_s = ids_t != padding_idx] <g_s, g_t>."""
     _check_ids_g(_NORM_OP, ids, g)
     if g.numel():
-        _check_launchable(_NORM_OP, g)
+        check_launchable(_NORM_OP, g)
     return _launch_norm(ids, g, padding_idx)
 
 
@@ -445,13 +445,13 @@ def _embedding_clipped_sum_impl(
     """[V, d]: out[v] = sum_{b,t: ids=v != padding_idx} c_b g_b,t."""
     _check_sum_args(ids, g, c, num_embeddings, padding_idx)
     if g.numel() and num_embeddings:
-        _check_launchable(_SUM_OP, g)
+        check_launchable(_SUM_OP, g)
     _check_ids_range(_SUM_OP, ids, num_embeddings)
     return _launch_sum(ids, g, c, num_embeddings, padding_idx, deterministic)
 
 
 def _register():
-    if not _kernels_interpreted():
+    if not kernels_interpreted():
         return (
             torch.library.triton_op(_NORM_OP, _embedding_norm_impl, mutates_args=(), schema=_NORM_SCHEMA),
             torch.library.triton_op(_SUM_OP, _embedding_clipped_sum_impl, mutates_args=(), schema=_SUM_SCHEMA),
@@ -463,12 +463,12 @@ def _register():
     @norm.register_fake
     def _norm_fake(ids, g, padding_idx):
         _check_ids_g(_NORM_OP, ids, g)
-        return g.new_empty((g.shape[0],), dtype=_out_dtype(g.dtype))
+        return g.new_empty((g.shape[0],), dtype=out_dtype(g.dtype))
 
     @clipped.register_fake
     def _sum_fake(ids, g, c, num_embeddings, padding_idx, deterministic):
         _check_sum_args(ids, g, c, num_embeddings, padding_idx)
-        return g.new_empty((num_embeddings, g.shape[2]), dtype=_out_dtype(g.dtype))
+        return g.new_empty((num_embeddings, g.shape[2]), dtype=out_dtype(g.dtype))
 
     return norm, clipped
 
@@ -494,20 +494,20 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for the three kernels x every g dtype, at the
     default GPU tiles (int64 ids, with padding) and at small tiles (int32 ids, without
     padding); see ``triton_norms.aot_compile_specs``. c is fp32 (fp64 for fp64)."""
-    norm_k = _as_jit_function(_embedding_norm_kernel)
-    scatter_k = _as_jit_function(_embedding_scatter_kernel)
-    segment_k = _as_jit_function(_embedding_segment_kernel)
+    norm_k = as_jit_function(_embedding_norm_kernel)
+    scatter_k = as_jit_function(_embedding_scatter_kernel)
+    segment_k = as_jit_function(_embedding_segment_kernel)
     i64 = "i64"
     specs = []
     for dtype in SUPPORTED_DTYPES:
-        ptr = _TRITON_PTR_TYPE[dtype]
-        acc_ptr = _TRITON_PTR_TYPE[_out_dtype(dtype)]
-        tag = _dtype_tag(dtype)
+        ptr = TRITON_PTR_TYPE[dtype]
+        acc_ptr = TRITON_PTR_TYPE[out_dtype(dtype)]
+        tag = dtype_tag(dtype)
         variants = {
             "default": (torch.int64, True,
                         _GPU_NORM_FP64 if dtype == torch.float64 else _GPU_NORM,
                         _GPU_SCATTER, _GPU_SEGMENT),
-            "small": (torch.int32, False, {"BLOCK_T": _MIN_BLOCK, "BLOCK_K": _MIN_BLOCK},
+            "small": (torch.int32, False, {"BLOCK_T": MIN_BLOCK, "BLOCK_K": MIN_BLOCK},
                       {"BLOCK_R": 16, "BLOCK_D": 16}, {"BLOCK_S": 4, "BLOCK_R": 4, "BLOCK_D": 16}),
         }
         for cname, (id_dtype, has_pad, norm_cfg, scatter_cfg, segment_cfg) in variants.items():

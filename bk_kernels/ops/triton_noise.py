@@ -36,15 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norms import (
-    _TRITON_PTR_TYPE,
+from .triton_common import (
     SUPPORTED_DTYPES,
-    _as_jit_function,
-    _check_grid,
-    _check_launchable,
-    _dtype_tag,
-    _is_interpreter,
-    _kernels_interpreted,
+    TRITON_PTR_TYPE,
+    as_jit_function,
+    check_grid,
+    check_launchable,
+    dtype_tag,
+    is_interpreter,
+    kernels_interpreted,
 )
 
 __all__ = ["add_noise_triton", "aot_compile_specs"]
@@ -105,11 +105,11 @@ def _launch(x: torch.Tensor, std: float, scale: float, seed: int, offset: int,
     n = x.numel()
     if block_q is None:
         block_q = _GPU_BLOCK_Q
-        if _is_interpreter(x.device):  # one program for up to 2^16 elements, no huge tiles
+        if is_interpreter(x.device):  # one program for up to 2^16 elements, no huge tiles
             block_q = min(_CPU_BLOCK_Q, max(16, triton.next_power_of_2(triton.cdiv(n + 3, 4))))
     q0, r0 = divmod(offset, 4)
     grid = (triton.cdiv(n + r0, 4 * block_q),)
-    _check_grid(_OP, grid[0])
+    check_grid(_OP, grid[0])
     torch.library.wrap_triton(_add_noise_kernel)[grid](
         x, n, float(std), float(scale), seed, q0, r0,
         BLOCK_Q=block_q,
@@ -139,7 +139,7 @@ def _add_noise_impl(grad: torch.Tensor, std: float, scale: float, seed: int, off
     _check_args(grad, std, scale, seed, offset)
     if grad.numel() == 0:
         return
-    _check_launchable(_OP, grad)
+    check_launchable(_OP, grad)
     if grad.is_contiguous():
         _launch(grad, std, scale, seed, offset)
     else:
@@ -149,7 +149,7 @@ def _add_noise_impl(grad: torch.Tensor, std: float, scale: float, seed: int, off
 
 
 def _register():
-    if not _kernels_interpreted():
+    if not kernels_interpreted():
         return torch.library.triton_op(_OP, _add_noise_impl, mutates_args=("grad",), schema=_SCHEMA)
     op = torch.library.custom_op(_OP, _add_noise_impl, mutates_args=("grad",), schema=_SCHEMA)
 
@@ -167,12 +167,12 @@ add_noise_triton = _register()
 def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for every grad dtype at the GPU block size;
     see ``triton_norms.aot_compile_specs``."""
-    kernel = _as_jit_function(_add_noise_kernel)
+    kernel = as_jit_function(_add_noise_kernel)
     specs = []
     for dtype in SUPPORTED_DTYPES:
         constexprs = {"BLOCK_Q": _GPU_BLOCK_Q}
-        sig = {"x_ptr": _TRITON_PTR_TYPE[dtype], "N": "i64", "std": "fp64", "scale": "fp64",
+        sig = {"x_ptr": TRITON_PTR_TYPE[dtype], "N": "i64", "std": "fp64", "scale": "fp64",
                "seed": "i64", "q0": "i64", "r0": "i32", "BLOCK_Q": "constexpr"}
         sig = {k: sig[k] for k in kernel.arg_names}
-        specs.append((f"add_noise_{_dtype_tag(dtype)}", kernel, sig, constexprs))
+        specs.append((f"add_noise_{dtype_tag(dtype)}", kernel, sig, constexprs))
     return specs

@@ -25,16 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_norms import (
-    _TRITON_PTR_TYPE,
+from .triton_common import (
     SUPPORTED_DTYPES,
-    _as_jit_function,
-    _check_grid,
-    _check_launchable,
-    _dtype_tag,
-    _is_interpreter,
-    _kernels_interpreted,
-    _out_dtype,
+    TRITON_PTR_TYPE,
+    as_jit_function,
+    check_grid,
+    check_launchable,
+    dtype_tag,
+    is_interpreter,
+    kernels_interpreted,
+    out_dtype,
 )
 
 __all__ = ["norm_layer_grads_triton", "aot_compile_specs"]
@@ -107,12 +107,12 @@ _CPU = {"BLOCK_T": 128, "BLOCK_C": 256}
 
 
 def _config(x: torch.Tensor, T: int, C: int) -> dict:
-    caps = _CPU if _is_interpreter(x.device) else _GPU
+    caps = _CPU if is_interpreter(x.device) else _GPU
     return {"BLOCK_T": min(caps["BLOCK_T"], triton.next_power_of_2(max(T, 1))),
             "BLOCK_C": min(caps["BLOCK_C"], triton.next_power_of_2(max(C, 1)))}
 
 
-def _check_inputs(op: str, xhat, g) -> None:
+def check_linear_inputs(op: str, xhat, g) -> None:
     if not isinstance(xhat, torch.Tensor) or not isinstance(g, torch.Tensor):
         raise ValueError(f"{op}: xhat and g must be tensors")
     if xhat.dim() != 3 or tuple(xhat.shape) != tuple(g.shape):
@@ -132,7 +132,7 @@ def _check_inputs(op: str, xhat, g) -> None:
 
 def _launch(xhat, g, bias: bool, config: dict | None = None):
     B, T, C = xhat.shape
-    acc = _out_dtype(xhat.dtype)
+    acc = out_dtype(xhat.dtype)
     gw = torch.zeros(B, C, dtype=acc, device=xhat.device)
     gb = torch.zeros(B, C if bias else 0, dtype=acc, device=xhat.device)
     sq = torch.zeros(B, dtype=acc, device=xhat.device)
@@ -140,7 +140,7 @@ def _launch(xhat, g, bias: bool, config: dict | None = None):
         return gw, gb, sq
     cfg = dict(config) if config is not None else _config(xhat, T, C)
     grid = (B * triton.cdiv(C, cfg["BLOCK_C"]),)
-    _check_grid(_OP, grid[0])
+    check_grid(_OP, grid[0])
     torch.library.wrap_triton(_norm_layer_grads_kernel)[grid](
         xhat, g, gw, gb, sq,
         T, C,
@@ -158,22 +158,22 @@ def _norm_layer_grads_impl(
     xhat: torch.Tensor, g: torch.Tensor, bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gw [B,C] = sum_t xhat*g, gb [B,C] = sum_t g or [B,0], sq_norms [B])."""
-    _check_inputs(_OP, xhat, g)
+    check_linear_inputs(_OP, xhat, g)
     if xhat.numel():
-        _check_launchable(_OP, xhat)
+        check_launchable(_OP, xhat)
     return _launch(xhat, g, bias)
 
 
 def _register():
-    if not _kernels_interpreted():
+    if not kernels_interpreted():
         return torch.library.triton_op(_OP, _norm_layer_grads_impl, mutates_args=(), schema=_SCHEMA)
     op = torch.library.custom_op(_OP, _norm_layer_grads_impl, mutates_args=(), schema=_SCHEMA)
 
     @op.register_fake
     def _fake(xhat, g, bias):
-        _check_inputs(_OP, xhat, g)
+        check_linear_inputs(_OP, xhat, g)
         B, _, C = xhat.shape
-        acc = _out_dtype(xhat.dtype)
+        acc = out_dtype(xhat.dtype)
         return (xhat.new_empty((B, C), dtype=acc), xhat.new_empty((B, C if bias else 0), dtype=acc),
                 xhat.new_empty((B,), dtype=acc))
 
@@ -186,11 +186,11 @@ norm_layer_grads_triton = _register()
 def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for every dtype with and without bias at the
     default GPU tiles, and with bias at small tiles; see ``triton_norms.aot_compile_specs``."""
-    kernel = _as_jit_function(_norm_layer_grads_kernel)
+    kernel = as_jit_function(_norm_layer_grads_kernel)
     specs = []
     for dtype in SUPPORTED_DTYPES:
-        ptr = _TRITON_PTR_TYPE[dtype]
-        acc_ptr = _TRITON_PTR_TYPE[_out_dtype(dtype)]
+        ptr = TRITON_PTR_TYPE[dtype]
+        acc_ptr = TRITON_PTR_TYPE[out_dtype(dtype)]
         for cname, cfg, bias in (("default", _GPU, True), ("default", _GPU, False),
                                  ("small", {"BLOCK_T": 4, "BLOCK_C": 16}, True)):
             constexprs = dict(cfg, HAS_BIAS=bias)
@@ -200,6 +200,6 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
                                            "stride_gt", "stride_gc")})
             sig.update({k: "constexpr" for k in constexprs})
             sig = {k: sig[k] for k in kernel.arg_names}
-            name = f"norm_layer_grads_{_dtype_tag(dtype)}_{cname}_{'bias' if bias else 'nobias'}"
+            name = f"norm_layer_grads_{dtype_tag(dtype)}_{cname}_{'bias' if bias else 'nobias'}"
             specs.append((name, kernel, sig, constexprs))
     return specs

@@ -35,6 +35,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import (
+    MIN_BLOCK,
+    SUPPORTED_DTYPES,
+    TRITON_PTR_TYPE,
+    as_jit_function,
+    check_grid,
+    check_launchable,
+    check_linear_inputs,
+    clamp_block,
+    dtype_tag,
+    example_and_pair,
+    gram_tile,
+    is_interpreter,
+    kernels_interpreted,
+    out_dtype,
+)
+
 __all__ = [
     "ghost_norm_triton",
     "direct_norm_triton",
@@ -42,57 +59,11 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------
-
-
-@triton.jit
-def _example_and_pair(T, BLOCK_T: tl.constexpr):
-    """(b, sb, tb) of this program in a 1-D grid of B * NT (NT + 1) / 2 programs, b-major,
-    NT = cdiv(T, BLOCK_T): example b and its upper-triangular block pair sb <= tb."""
-    num_tb = tl.cdiv(T, BLOCK_T)
-    num_pairs = num_tb * (num_tb + 1) // 2
-    pid = tl.program_id(0)
-    b = pid // num_pairs
-    sb, tb = _pair_blocks((pid - b * num_pairs).to(tl.int64))
-    return b, sb, tb
-
-
-@triton.jit
-def _pair_blocks(pair):
-    """(sb, tb) with pair = tb (tb + 1) / 2 + sb, 0 <= sb <= tb: an upper-triangular block pair.
-
-    Inverted with a float sqrt (an approximate one on the GPU), then the rounding error, at
-    most +-1 for any pair index below 2^31, is fixed with exact integer arithmetic.
-    """
-    tb = ((tl.sqrt((8 * pair + 1).to(tl.float32)) - 1.0) * 0.5).to(tl.int64)
-    tb = tl.where(tb * (tb + 1) // 2 > pair, tb - 1, tb)
-    tb = tl.where((tb + 1) * (tb + 2) // 2 <= pair, tb + 1, tb)
-    return pair - tb * (tb + 1) // 2, tb
-
-
-@triton.jit
-def _gram_tile(base, rs64, rt64, mask_s, mask_t, K, stride_t, stride_k, gram,
-               BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """gram + X[rows_s, :] @ X[rows_t, :]^T over the K features of X (rows at stride_t)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + offs_k
-        mk = k < K
-        k64 = k.to(tl.int64)
-        x = tl.load(base + rs64[:, None] * stride_t + k64[None, :] * stride_k,
-                    mask=mask_s[:, None] & mk[None, :], other=0.0)
-        y = tl.load(base + k64[:, None] * stride_k + rt64[None, :] * stride_t,
-                    mask=mk[:, None] & mask_t[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(gram.dtype)
-            y = y.to(gram.dtype)
-        gram = tl.dot(x, y, gram, input_precision="ieee")
-    return gram
 
 
 @triton.jit
@@ -122,7 +93,7 @@ def _ghost_norm_kernel(
     off-diagonal pairs and atomically adds it into out[b].
     """
     acc_ty = out_ptr.dtype.element_ty
-    b, sb, tb = _example_and_pair(T, BLOCK_T)
+    b, sb, tb = example_and_pair(T, BLOCK_T)
 
     b64 = b.to(tl.int64)
     a_base = a_ptr + b64 * stride_ab
@@ -137,9 +108,9 @@ def _ghost_norm_kernel(
     rt64 = rows_t.to(tl.int64)
 
     # Gram tiles [BLOCK_T, BLOCK_T] of a (over d) and of g (over p).
-    gram_a = _gram_tile(a_base, rs64, rt64, mask_s, mask_t, D, stride_at, stride_ad,
+    gram_a = gram_tile(a_base, rs64, rt64, mask_s, mask_t, D, stride_at, stride_ad,
                         tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_KA, UPCAST)
-    gram_g = _gram_tile(g_base, rs64, rt64, mask_s, mask_t, P, stride_gt, stride_gp,
+    gram_g = gram_tile(g_base, rs64, rt64, mask_s, mask_t, P, stride_gt, stride_gp,
                         tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_KG, UPCAST)
 
     val = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
@@ -224,25 +195,6 @@ def _direct_norm_kernel(
 # Block-size selection
 # ---------------------------------------------------------------------------
 
-_MIN_BLOCK = 16  # tl.dot needs every dimension >= 16
-
-
-def _clamp_block(n: int, cap: int) -> int:
-    """Smallest power of two >= n, clamped to [16, cap]."""
-    return max(_MIN_BLOCK, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
-def _kernels_interpreted() -> bool:
-    """True if triton was in interpreter mode (TRITON_INTERPRET=1) when the kernels
-    above were decorated; @triton.jit then returns InterpretedFunction objects."""
-    return not isinstance(_ghost_norm_kernel, triton.runtime.jit.JITFunction)
-
-
-def _is_interpreter(device: torch.device) -> bool:
-    """Whether a launch on ``device`` goes through the Triton interpreter."""
-    return device.type == "cpu" or _kernels_interpreted()
-
-
 # GPU (H100, sm_90) defaults, all at num_warps=4 (triton's default compile option, so
 # the AOT specs below compile exactly what is launched). Register use per thread as
 # reported by ptxas for sm_90 (triton 3.8), no spills:
@@ -262,26 +214,26 @@ _CPU_DIRECT = {"BLOCK_T": 128, "BLOCK_D": 128, "BLOCK_P": 128}
 
 
 def _ghost_config(a: torch.Tensor, T: int, D: int, P: int) -> dict:
-    if _is_interpreter(a.device):
+    if is_interpreter(a.device):
         caps = _CPU_GHOST
     else:
         caps = _GPU_GHOST_FP64 if a.dtype == torch.float64 else _GPU_GHOST
     return {
-        "BLOCK_T": _clamp_block(T, caps["BLOCK_T"]),
-        "BLOCK_KA": _clamp_block(D, caps["BLOCK_K"]),
-        "BLOCK_KG": _clamp_block(P, caps["BLOCK_K"]),
+        "BLOCK_T": clamp_block(T, caps["BLOCK_T"]),
+        "BLOCK_KA": clamp_block(D, caps["BLOCK_K"]),
+        "BLOCK_KG": clamp_block(P, caps["BLOCK_K"]),
     }
 
 
 def _direct_config(a: torch.Tensor, T: int, D: int, P: int) -> dict:
-    if _is_interpreter(a.device):
+    if is_interpreter(a.device):
         caps = _CPU_DIRECT
     else:
         caps = _GPU_DIRECT_FP64 if a.dtype == torch.float64 else _GPU_DIRECT
     return {
-        "BLOCK_T": _clamp_block(T, caps["BLOCK_T"]),
-        "BLOCK_D": _clamp_block(D, caps["BLOCK_D"]),
-        "BLOCK_P": _clamp_block(P, caps["BLOCK_P"]),
+        "BLOCK_T": clamp_block(T, caps["BLOCK_T"]),
+        "BLOCK_D": clamp_block(D, caps["BLOCK_D"]),
+        "BLOCK_P": clamp_block(P, caps["BLOCK_P"]),
     }
 
 
@@ -290,64 +242,17 @@ def _direct_config(a: torch.Tensor, T: int, D: int, P: int) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def _check_inputs(op: str, a: torch.Tensor, g: torch.Tensor) -> None:
-    if not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor):
-        raise ValueError(f"{op}: a and g must be tensors")
-    if a.dim() != 3 or g.dim() != 3:
-        raise ValueError(
-            f"{op}: expected 3-D tensors a:[B,T,d] and g:[B,T,p], "
-            f"got a.shape={tuple(a.shape)} and g.shape={tuple(g.shape)}"
-        )
-    if a.shape[0] != g.shape[0] or a.shape[1] != g.shape[1]:
-        raise ValueError(
-            f"{op}: a and g must agree in the batch and time dimensions (B, T), "
-            f"got a.shape={tuple(a.shape)} and g.shape={tuple(g.shape)}"
-        )
-    if a.dtype != g.dtype:
-        raise ValueError(f"{op}: a and g must have the same dtype, got {a.dtype} and {g.dtype}")
-    if a.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
-            f"{op}: unsupported dtype {a.dtype}; supported: float32, float64, float16, bfloat16"
-        )
-    if a.device != g.device:
-        raise ValueError(f"{op}: a and g must be on the same device, got {a.device} and {g.device}")
-
-
-def _check_launchable(op: str, a: torch.Tensor) -> None:
-    if a.device.type == "cpu" and not _kernels_interpreted():
-        raise ValueError(
-            f"{op}: got CPU tensors, but Triton kernels only run on CPU through the Triton "
-            "interpreter; set TRITON_INTERPRET=1 in the environment before triton is first "
-            "imported, or use a CUDA device"
-        )
-
-
-_MAX_GRID_X = 2**31 - 1
-
-
-def _check_grid(op: str, programs: int) -> None:
-    if programs > _MAX_GRID_X:
-        raise ValueError(
-            f"{op}: problem too large for one launch ({programs} programs > 2^31 - 1); "
-            "split the batch"
-        )
-
-
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     B, T, D = a.shape
     P = g.shape[2]
-    out = torch.zeros(B, dtype=_out_dtype(a.dtype), device=a.device)
+    out = torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     if B == 0 or T == 0 or D == 0 or P == 0:
         return out
     cfg = dict(config) if config is not None else _ghost_config(a, T, D, P)
     nt = triton.cdiv(T, cfg["BLOCK_T"])
     grid = (B * (nt * (nt + 1) // 2),)
-    _check_grid("bk::ghost_norm_triton", grid[0])
-    interp = _is_interpreter(a.device)
+    check_grid("bk::ghost_norm_triton", grid[0])
+    interp = is_interpreter(a.device)
     torch.library.wrap_triton(_ghost_norm_kernel)[grid](
         a, g, out,
         T, D, P,
@@ -365,13 +270,13 @@ def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) 
 def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     B, T, D = a.shape
     P = g.shape[2]
-    out = torch.zeros(B, dtype=_out_dtype(a.dtype), device=a.device)
+    out = torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     if B == 0 or T == 0 or D == 0 or P == 0:
         return out
     cfg = dict(config) if config is not None else _direct_config(a, T, D, P)
     grid = (B * triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
-    _check_grid("bk::direct_norm_triton", grid[0])
-    interp = _is_interpreter(a.device)
+    check_grid("bk::direct_norm_triton", grid[0])
+    interp = is_interpreter(a.device)
     torch.library.wrap_triton(_direct_norm_kernel)[grid](
         a, g, out,
         T, D, P,
@@ -393,24 +298,24 @@ def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None)
 
 def _ghost_norm_impl(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_{s,t} (a[b,s] . a[b,t]) (g[b,s] . g[b,t]) = ||a[b]^T g[b]||_F^2."""
-    _check_inputs("bk::ghost_norm_triton", a, g)
+    check_linear_inputs("bk::ghost_norm_triton", a, g)
     if a.numel() == 0 or g.numel() == 0:  # B == 0, T == 0, d == 0 or p == 0
-        return torch.zeros(a.shape[0], dtype=_out_dtype(a.dtype), device=a.device)
-    _check_launchable("bk::ghost_norm_triton", a)
+        return torch.zeros(a.shape[0], dtype=out_dtype(a.dtype), device=a.device)
+    check_launchable("bk::ghost_norm_triton", a)
     return _launch_ghost(a, g)
 
 
 def _direct_norm_impl(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """out[b] = sum_{j,k} (sum_t a[b,t,j] g[b,t,k])^2 = ||a[b]^T g[b]||_F^2."""
-    _check_inputs("bk::direct_norm_triton", a, g)
+    check_linear_inputs("bk::direct_norm_triton", a, g)
     if a.numel() == 0 or g.numel() == 0:  # B == 0, T == 0, d == 0 or p == 0
-        return torch.zeros(a.shape[0], dtype=_out_dtype(a.dtype), device=a.device)
-    _check_launchable("bk::direct_norm_triton", a)
+        return torch.zeros(a.shape[0], dtype=out_dtype(a.dtype), device=a.device)
+    check_launchable("bk::direct_norm_triton", a)
     return _launch_direct(a, g)
 
 
 def _register(name: str, impl):
-    if not _kernels_interpreted():
+    if not kernels_interpreted():
         # Compiled kernels: triton_op makes them visible to torch.compile / export
         # (the fake kernel is `impl` itself, traced through wrap_triton).
         return torch.library.triton_op(name, impl, mutates_args=())
@@ -424,8 +329,8 @@ def _register(name: str, impl):
 
     @op.register_fake
     def _fake(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        _check_inputs(name, a, g)
-        return a.new_empty((a.shape[0],), dtype=_out_dtype(a.dtype))
+        check_linear_inputs(name, a, g)
+        return a.new_empty((a.shape[0],), dtype=out_dtype(a.dtype))
 
     return op
 
@@ -437,13 +342,6 @@ direct_norm_triton = _register("bk::direct_norm_triton", _direct_norm_impl)
 # ---------------------------------------------------------------------------
 # Ahead-of-time compile specs (compile checks without a GPU)
 # ---------------------------------------------------------------------------
-
-_TRITON_PTR_TYPE = {
-    torch.float32: "*fp32",
-    torch.float64: "*fp64",
-    torch.float16: "*fp16",
-    torch.bfloat16: "*bf16",
-}
 
 _SCALAR_SIG = {
     "T": "i32",
@@ -458,36 +356,12 @@ _SCALAR_SIG = {
 }
 
 
-def _dtype_tag(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-_JIT_CACHE: dict = {}
-
-
-def _as_jit_function(kernel):
-    """The compilable JITFunction for ``kernel``.
-
-    Under TRITON_INTERPRET=1 ``@triton.jit`` yields InterpretedFunction objects, which
-    ``ASTSource`` cannot take; rebuild a JITFunction from the same Python function.
-    Compiling it still needs a process where ``triton.language`` was imported without
-    TRITON_INTERPRET=1: in interpreter mode triton's own @jit helpers (``tl.cdiv``,
-    ``tl.sum``) are InterpretedFunctions too and code generation fails on them.
-    """
-    if isinstance(kernel, triton.runtime.jit.JITFunction):
-        return kernel
-    fn = kernel.fn
-    if fn not in _JIT_CACHE:
-        _JIT_CACHE[fn] = triton.runtime.jit.JITFunction(fn)
-    return _JIT_CACHE[fn]
-
-
 def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for every kernel x supported dtype.
 
     ``kernel`` is always a ``triton.runtime.jit.JITFunction``, also when this module was
     imported with TRITON_INTERPRET=1 (but compile in a process without it; see
-    ``_as_jit_function``).
+    ``as_jit_function``).
 
     Each spec uses the GPU launch configuration (default H100 tiles, and the smallest
     16-wide tiles the launcher picks for tiny T/d/p; the 32-wide variants it picks in
@@ -498,24 +372,24 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """
     specs = []
     for dtype in SUPPORTED_DTYPES:
-        ptr = _TRITON_PTR_TYPE[dtype]
-        out_ptr = _TRITON_PTR_TYPE[_out_dtype(dtype)]
-        tag = _dtype_tag(dtype)
+        ptr = TRITON_PTR_TYPE[dtype]
+        out_ptr = TRITON_PTR_TYPE[out_dtype(dtype)]
+        tag = dtype_tag(dtype)
 
         g_caps = _GPU_GHOST_FP64 if dtype == torch.float64 else _GPU_GHOST
         ghost_cfgs = {
             "default": {"BLOCK_T": g_caps["BLOCK_T"], "BLOCK_KA": g_caps["BLOCK_K"],
                         "BLOCK_KG": g_caps["BLOCK_K"]},
-            "small": {"BLOCK_T": _MIN_BLOCK, "BLOCK_KA": _MIN_BLOCK, "BLOCK_KG": _MIN_BLOCK},
+            "small": {"BLOCK_T": MIN_BLOCK, "BLOCK_KA": MIN_BLOCK, "BLOCK_KG": MIN_BLOCK},
         }
         d_caps = _GPU_DIRECT_FP64 if dtype == torch.float64 else _GPU_DIRECT
         direct_cfgs = {
             "default": dict(d_caps),
-            "small": {"BLOCK_T": _MIN_BLOCK, "BLOCK_D": _MIN_BLOCK, "BLOCK_P": _MIN_BLOCK},
+            "small": {"BLOCK_T": MIN_BLOCK, "BLOCK_D": MIN_BLOCK, "BLOCK_P": MIN_BLOCK},
         }
         for kname, kernel, cfgs in (
-            ("ghost_norm", _as_jit_function(_ghost_norm_kernel), ghost_cfgs),
-            ("direct_norm", _as_jit_function(_direct_norm_kernel), direct_cfgs),
+            ("ghost_norm", as_jit_function(_ghost_norm_kernel), ghost_cfgs),
+            ("direct_norm", as_jit_function(_direct_norm_kernel), direct_cfgs),
         ):
             for cname, cfg in cfgs.items():
                 constexprs = dict(cfg)
