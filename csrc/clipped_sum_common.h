@@ -1,6 +1,6 @@
 // Argument handling shared by the CPU and CUDA implementations of bk::clipped_sum(_).
 #pragma once
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 

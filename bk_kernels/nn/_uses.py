@@ -114,7 +114,7 @@ class LinearUse:
         p = self.g.shape[2]
         if ops.choose_mode(mode, T, d, p) != "direct" or B * d * p > DENSE_DIRECT_BUDGET:
             return self
-        acc = torch.float64 if self.a.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(self.a.dtype)
         grads = torch.einsum("btp,btd->bpd", self.g.to(acc), self.a.to(acc))
         return DenseUse(grads.transpose(1, 2) if self.transposed else grads)
 

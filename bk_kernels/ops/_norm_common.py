@@ -4,9 +4,13 @@ import torch
 NORM_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def norm_dtype(dtype):
-    """Norms are float64 for float64 inputs, float32 for float32/bf16/fp16 inputs."""
+def accumulation_dtype(dtype):
+    """The dtype rule, written once for Python: sums and norms are float64 for float64 inputs,
+    float32 for float32/bf16/fp16 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+norm_dtype = accumulation_dtype  # norms follow the same rule
 
 
 def check_norm_inputs(a, g, op):
@@ -31,10 +35,6 @@ def check_norm_inputs(a, g, op):
     if a.device != g.device:
         raise ValueError(f"{op}: a and g must be on one device, got {a.device} and {g.device}")
     return a, g
-
-
-def accumulation_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def example_chunks(B, elems_per_example, budget_elems=1 << 24):

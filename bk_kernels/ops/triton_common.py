@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._norm_common import accumulation_dtype
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -120,8 +122,7 @@ def check_grid(op: str, programs: int) -> None:
         )
 
 
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+out_dtype = accumulation_dtype  # the one dtype rule (_norm_common.py)
 
 
 TRITON_PTR_TYPE = {

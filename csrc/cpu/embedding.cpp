@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "cpu/embedding_kernels.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

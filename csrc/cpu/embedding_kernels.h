@@ -6,7 +6,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu/norms_kernels.h"
+#include "cpu/common.h"  // bf16, fp16, Operand3d, out_t
 
 namespace bk {
 namespace cpu {

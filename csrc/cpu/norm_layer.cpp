@@ -2,7 +2,7 @@
 #include <tuple>
 
 #include "cpu/norm_layer_kernels.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

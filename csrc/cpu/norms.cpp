@@ -1,6 +1,6 @@
 // CPU implementations of bk::ghost_norm and bk::direct_norm for the torch dispatcher.
 #include "cpu/norms_kernels.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

@@ -7,8 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/clipped_sum_cuda.h"  // OutMat
-#include "cuda/norms_cuda.h"        // DType
+#include "cuda/types.h"  // DType, Operand3d, OutMat
 
 namespace bk {
 namespace cuda_binding {

@@ -2,7 +2,7 @@
 // checks, dtypes, workspace and stream, then the raw launcher of clipped_sum.cu.
 #include "cuda/binding_common.h"
 #include "cuda/clipped_sum_cuda.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

@@ -7,19 +7,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "cuda/norms_cuda.h"  // DType, Operand3d
+#include "cuda/types.h"  // DType, Operand3d, OutMat
 
 namespace bk {
 namespace cuda {
-
-// An output matrix (or vector: rows = 1) of any DType: element (i, j) is
-// ptr[i * stride0 + j * stride1].
-struct OutMat {
-  void* ptr;
-  DType dtype;
-  int64_t stride0;
-  int64_t stride1;
-};
 
 // Bytes of device workspace clipped_sum needs for these sizes on the current device (the
 // split of the B*T rows over thread blocks depends on the device's multiprocessor count).

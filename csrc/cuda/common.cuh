@@ -12,7 +12,7 @@
 #include <cstdlib>
 #include <type_traits>
 
-#include "cuda/norms_cuda.h"  // DType, Operand3d
+#include "cuda/types.h"  // DType, Operand3d, OutMat
 
 namespace bk {
 namespace cuda {

@@ -3,7 +3,7 @@
 // device), dtypes, workspace and stream, then the raw launchers of embedding.cu.
 #include "cuda/binding_common.h"
 #include "cuda/embedding_cuda.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

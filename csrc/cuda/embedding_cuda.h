@@ -7,8 +7,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "cuda/clipped_sum_cuda.h"  // OutMat
-#include "cuda/norms_cuda.h"        // DType, Operand3d
+#include "cuda/types.h"  // DType, Operand3d, OutMat
 
 namespace bk {
 namespace cuda {

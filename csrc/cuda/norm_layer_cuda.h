@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-#include "cuda/norms_cuda.h"  // DType
+#include "cuda/types.h"  // DType, Operand3d, OutMat
 
 namespace bk {
 namespace cuda {

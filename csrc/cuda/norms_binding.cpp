@@ -5,7 +5,7 @@
 
 #include "cuda/binding_common.h"  // kernel_dtype
 #include "cuda/norms_cuda.h"
-#include "norms_common.h"
+#include "checks.h"
 
 namespace bk {
 namespace {

@@ -5,18 +5,10 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "cuda/types.h"  // DType, Operand3d
+
 namespace bk {
 namespace cuda {
-
-enum class DType : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
-
-// Layout of one [B, T, n] operand: element (b, t, k) lives at
-// ptr[b * stride_b + t * stride_t + k]  (last dimension contiguous).
-struct Operand3d {
-  const void* ptr;
-  int64_t stride_b;
-  int64_t stride_t;
-};
 
 // out[b] = || a_b^T g_b ||_F^2 for a:[B,T,d], g:[B,T,p].
 // `out` is double* when dtype == f64, float* otherwise; the launcher zeroes it first.

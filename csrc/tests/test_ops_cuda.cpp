@@ -15,7 +15,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/norms_kernels.h"  // host bf16 / fp16 conversions
+#include "cpu/common.h"  // bf16, fp16, Operand3d, out_t
 #include "cuda/clipped_sum_cuda.h"
 #include "cuda/embedding_cuda.h"
 #include "cuda/noise_cuda.h"
@@ -77,7 +77,7 @@ template <> const char* name_of<fp16>() { return "float16"; }
 template <> const char* name_of<bf16>() { return "bfloat16"; }
 
 // Accumulation type of the kernels: double for double inputs, float otherwise.
-template <typename S> using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+template <typename S> using acc_t = bk::cpu::out_t<S>;  // the one dtype rule (cpu/common.h)
 
 // Unit roundoff of a storage dtype.
 template <typename S> constexpr double roundoff = 0x1p-24;

@@ -3,7 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu/norms_kernels.h"
+#include "cpu/common.h"  // bf16, fp16, Operand3d, out_t
 
 namespace bk {
 namespace test {

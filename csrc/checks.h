@@ -1,4 +1,4 @@
-// Input checks and output allocation shared by the CPU and CUDA wrappers of the norm ops.
+// Input checks and output allocation shared by the CPU and CUDA wrappers of the ops (torch side).
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
