@@ -97,9 +97,13 @@ class BKLayer:
         is refused here, in the forward, before any gradient or budget is touched."""
         self._bk_calls += 1  # every bk forward passes here (the subclass check of convert.py counts)
         layout = self._bk_layout()
-        if layout is None or layout.batch is None or not any(p.requires_grad for p in self.parameters(recurse=False)):
+        if layout is None or layout.batch is None:
             return x
         B = layout.batch
+        if x.dim() > dim and x.shape[dim] == B:  # the common case, first: one compare per forward
+            return x
+        if not any(p.requires_grad for p in self._parameters.values() if p is not None):
+            return x  # frozen: nothing to book-keep
         if x.dim() <= dim:  # an unbatched input: one example
             if B == 1:
                 return x
