@@ -2,6 +2,10 @@
 #pragma once
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
+#include <limits>
 
 namespace bk {
 
@@ -31,6 +35,24 @@ inline at::Tensor rows_contiguous(const at::Tensor& x) {
 inline at::Tensor norm_output(const at::Tensor& a) {
   const auto dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return at::empty({a.size(0)}, a.options().dtype(dtype));
+}
+
+// add_noise_'s arguments, the same on every device: a floating grad of distinct elements, a
+// finite std >= 0 and scale, counters offset .. offset + numel - 1 within int64.
+inline void check_add_noise_args(const at::Tensor& grad, double std, double scale, int64_t offset,
+                                 const char* op) {
+  const auto dtype = grad.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, ": grad must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(std::isfinite(std) && std >= 0, op, ": std must be finite and >= 0, got ", std);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK(offset >= 0, op, ": offset (the first Philox counter) must be >= 0, got ", offset);
+  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - grad.numel(), op, ": offset ",
+              offset, " + numel ", grad.numel(), " overflows int64");
+  TORCH_CHECK(at::has_internal_overlap(grad) != at::MemOverlap::Yes, op,
+              ": grad has elements sharing memory (e.g. an expanded tensor); in-place noise needs "
+              "distinct elements");
 }
 
 }  // namespace bk

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
 from ._uses import EmbeddingUse
+from .embedding import embedding_unsupported_reason
 from .families import register_layer
 
 
@@ -102,16 +103,11 @@ class EmbeddingBag(BKLayer, torch.nn.EmbeddingBag):
             raise self._bk_layout_error(torch.empty(bags), 0, why=f"it holds {bags} bags (one bag is one example) "
                                         f"while the model's input has {layout.batch} examples")
 
+
 def embedding_bag_unsupported_reason(module):
     if module.mode == "max":
         return "mode='max' (the gradient follows each feature's argmax) is not supported"
-    if module.max_norm is not None:
-        return "max_norm renormalises the weight inside the forward: no private equivalent"
-    if module.scale_grad_by_freq:
-        return "scale_grad_by_freq scales gradients by counts over the whole batch: no private equivalent"
-    if module.sparse:
-        return "sparse gradients: no private equivalent"
-    return None
+    return embedding_unsupported_reason(module)  # max_norm, scale_grad_by_freq, sparse: as Embedding
 
 
 register_layer(torch.nn.EmbeddingBag, EmbeddingBag, unsupported_reason=embedding_bag_unsupported_reason)

@@ -99,7 +99,21 @@ def conv_norm(x, g, *, kernel_size, stride=1, padding=0, dilation=1, groups=1, b
     return out
 
 
-_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+_WEIGHT_GRADS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _weight_grad(n, x, *args):
+    """torch's conv weight gradient in full float32 precision: on a GPU, cuDNN's TF32 (on by
+    default on sm_80+) would round the inputs to 10-bit mantissas, as every Triton dot here
+    avoids with input_precision="ieee"."""
+    if x.device.type != "cuda":
+        return _WEIGHT_GRADS[n](x, *args)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _WEIGHT_GRADS[n](x, *args)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def conv_clipped_sum(x, g, c, *, weight_shape, stride=1, padding=0, dilation=1, groups=1, bias=False,
@@ -112,7 +126,7 @@ def conv_clipped_sum(x, g, c, *, weight_shape, stride=1, padding=0, dilation=1, 
         raise ValueError(f"conv_clipped_sum: c must have shape [B] = [{x.shape[0]}]")
     acc = accumulation_dtype(x.dtype)
     scaled = g.to(acc) * c.to(acc).view(-1, *([1] * (g.dim() - 1)))
-    w = _WEIGHT_GRAD[n](x.to(acc), tuple(weight_shape), scaled, s, p, dl, groups)
+    w = _weight_grad(n, x.to(acc), tuple(weight_shape), scaled, s, p, dl, groups)
     b = scaled.sum((0, *range(2, g.dim()))) if bias else None
     if out is None:
         return w, b
@@ -137,7 +151,7 @@ def conv_per_example_grads(x, g, *, weight_shape, stride=1, padding=0, dilation=
     x1 = x.to(acc).reshape(1, B * x.shape[1], *x.shape[2:])
     g1 = g.to(acc).reshape(1, B * g.shape[1], *g.shape[2:])
     stacked = (B * weight_shape[0], *weight_shape[1:])
-    w = _WEIGHT_GRAD[n](x1, stacked, g1, s, p, dl, groups * B)
+    w = _weight_grad(n, x1, stacked, g1, s, p, dl, groups * B)
     return w.view(B, *weight_shape)
 
 

@@ -101,8 +101,10 @@ def _clipped_sum_kernel(
     d64 = offs_d.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
 
-    row_lo = split * ROWS_PER_SPLIT
-    row_hi = tl.minimum(row_lo + ROWS_PER_SPLIT, ROWS)
+    # This split's rows [row_lo, row_hi), without an int32 sum past 2^31: near the row limit
+    # split * ROWS_PER_SPLIT and row_lo + ROWS_PER_SPLIT can pass it (the last chunk was skipped).
+    row_lo = tl.minimum(split.to(tl.int64) * ROWS_PER_SPLIT, ROWS).to(tl.int32)
+    row_hi = row_lo + tl.minimum(ROWS - row_lo, ROWS_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=acc_ty)
     bacc = tl.zeros((BLOCK_P,), dtype=acc_ty)

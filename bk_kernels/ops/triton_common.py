@@ -18,9 +18,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def example_and_pair(T, BLOCK_T: tl.constexpr):
     """(b, sb, tb) of this program in a 1-D grid of B * NT (NT + 1) / 2 programs, b-major,
     NT = cdiv(T, BLOCK_T): example b and its upper-triangular block pair sb <= tb."""
-    num_tb = tl.cdiv(T, BLOCK_T)
+    num_tb = tl.cdiv(T, BLOCK_T).to(tl.int64)  # int64: num_tb (num_tb + 1) passes 2^31 for T > ~3M
     num_pairs = num_tb * (num_tb + 1) // 2
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     b = pid // num_pairs
     sb, tb = pair_blocks((pid - b * num_pairs).to(tl.int64))
     return b, sb, tb

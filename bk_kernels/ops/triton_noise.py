@@ -55,12 +55,40 @@ _TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)  # 2^-32, exact in fp32
 
 
 @triton.jit
+def _log_u1(w):
+    """ln((w + 1) 2^-32) for uint32 w, in (-22.2, 0], as the CUDA kernel computes it: for
+    u1 > 1/2 as log1p(-(~w) 2^-32) (1 - u1 is exact in the integers, so u1 near 1 keeps its
+    relative precision; log1p by Kahan's log(u) * y / (u - 1)), else as the log of the rounded u1."""
+    y = (0xFFFFFFFF - w).to(tl.float32) * -_TWO_POW_M32  # -(1 - u1): ~w, exact up to one rounding
+    u = 1.0 + y
+    log1p = tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
+    low = tl.log((w + 1).to(tl.float32) * _TWO_POW_M32)  # w < 2^31 there: no wrap-around
+    return tl.where(w >= 0x80000000, log1p, low)
+
+
+@triton.jit
+def _sincos_turn(w):
+    """(cos, sin) of 2 pi w 2^-32 for uint32 w, as the CUDA kernel: the turn splits exactly in
+    the integers into a quadrant and a remainder in [-1/8, 1/8) of a turn, whose angle
+    (|x| <= pi / 4) alone is rounded."""
+    t = w + 0x20000000  # an eighth of a turn ahead: quadrants centred on 0 (wraps, as uint32)
+    quadrant = t >> 30
+    r = (t & 0x3FFFFFFF).to(tl.int32) - 0x20000000  # [-2^29, 2^29)
+    x = (r.to(tl.float32) * 4.656612873077393e-10) * 3.141592653589793  # pi r 2^-31
+    sin_x, cos_x = tl.sin(x), tl.cos(x)
+    odd = (quadrant & 1) == 1
+    c = tl.where(odd, sin_x, cos_x)
+    s = tl.where(odd, cos_x, sin_x)
+    c = tl.where((quadrant == 1) | (quadrant == 2), -c, c)
+    s = tl.where(quadrant >= 2, -s, s)
+    return c, s
+
+
+@triton.jit
 def _box_muller(wa, wb):
-    u1 = (wa.to(tl.float32) + 1.0) * _TWO_POW_M32
-    u2 = wb.to(tl.float32) * _TWO_POW_M32
-    r = tl.sqrt(-2.0 * tl.log(u1))
-    theta = 6.283185307179586 * u2
-    return r * tl.cos(theta), r * tl.sin(theta)
+    r = tl.sqrt(-2.0 * _log_u1(wa))
+    c, s = _sincos_turn(wb)
+    return r * c, r * s
 
 
 @triton.jit(do_not_specialize=["N", "seed", "q0", "r0"])
@@ -91,7 +119,15 @@ def _add_noise_kernel(
         y = (x + tl.full((), std, tl.float64) * z.to(tl.float64)) * tl.full((), scale, tl.float64)
     else:
         y = (x.to(tl.float32) + tl.full((), std, tl.float32) * z) * tl.full((), scale, tl.float32)
-    tl.store(x_ptr + i, y.to(x_ptr.dtype.element_ty), mask=mask)
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # Rounded to nearest even in the integers, as the CPU and CUDA kernels round: Triton's
+        # interpreter truncates float32 -> bfloat16 (a GPU rounds; this gives the same bits).
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(y != y, 0x7FC0, rounded)  # NaN stays NaN
+        tl.store(x_ptr + i, rounded.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(x_ptr + i, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 _GPU_BLOCK_Q = 256  # 1024 elements per program at num_warps=4

@@ -112,7 +112,7 @@ def _config(x: torch.Tensor, T: int, C: int) -> dict:
             "BLOCK_C": min(caps["BLOCK_C"], triton.next_power_of_2(max(C, 1)))}
 
 
-def check_linear_inputs(op: str, xhat, g) -> None:
+def _check_inputs(op: str, xhat, g) -> None:
     if not isinstance(xhat, torch.Tensor) or not isinstance(g, torch.Tensor):
         raise ValueError(f"{op}: xhat and g must be tensors")
     if xhat.dim() != 3 or tuple(xhat.shape) != tuple(g.shape):
@@ -158,7 +158,7 @@ def _norm_layer_grads_impl(
     xhat: torch.Tensor, g: torch.Tensor, bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gw [B,C] = sum_t xhat*g, gb [B,C] = sum_t g or [B,0], sq_norms [B])."""
-    check_linear_inputs(_OP, xhat, g)
+    _check_inputs(_OP, xhat, g)
     if xhat.numel():
         check_launchable(_OP, xhat)
     return _launch(xhat, g, bias)
@@ -171,7 +171,7 @@ def _register():
 
     @op.register_fake
     def _fake(xhat, g, bias):
-        check_linear_inputs(_OP, xhat, g)
+        _check_inputs(_OP, xhat, g)
         B, _, C = xhat.shape
         acc = out_dtype(xhat.dtype)
         return (xhat.new_empty((B, C), dtype=acc), xhat.new_empty((B, C if bias else 0), dtype=acc),

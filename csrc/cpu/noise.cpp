@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 
+#include "checks.h"
 #include "cpu/noise_kernels.h"
 
 namespace bk {
@@ -26,18 +27,8 @@ void run(const at::Tensor& t, double std, double scale, int64_t seed, int64_t of
 // grad = (grad + std * z) * scale in place; docs/OPS.md has the counter layout.
 void add_noise_cpu(const at::Tensor& grad, double std, double scale, int64_t seed, int64_t offset) {
   constexpr const char* op = "bk::add_noise_";
+  check_add_noise_args(grad, std, scale, offset, op);
   const auto dtype = grad.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              op, ": grad must be float32, float64, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(std::isfinite(std) && std >= 0, op, ": std must be finite and >= 0, got ", std);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
-  TORCH_CHECK(offset >= 0, op, ": offset (the first Philox counter) must be >= 0, got ", offset);
-  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - grad.numel(), op, ": offset ",
-              offset, " + numel ", grad.numel(), " overflows int64");
-  TORCH_CHECK(at::has_internal_overlap(grad) != at::MemOverlap::Yes, op,
-              ": grad has elements sharing memory (e.g. an expanded tensor); in-place noise needs "
-              "distinct elements");
   if (grad.numel() == 0) return;
   // Element i is the i-th in the tensor's logical (row-major) order: a non-contiguous grad is
   // noised in a contiguous copy, then copied back.

@@ -2,6 +2,7 @@
 // raw launcher of noise.cu.
 #include "cuda/binding_common.h"
 #include "cuda/noise_cuda.h"
+#include "checks.h"
 
 namespace bk {
 namespace {
@@ -14,16 +15,18 @@ void add_noise_cuda(const at::Tensor& grad, double std, double scale, int64_t se
                     int64_t offset) {
   const char* op = "bk::add_noise_";
   check_float(grad, op, "grad");
-  TORCH_CHECK(grad.is_contiguous(), op,
-              ": grad must be contiguous (element i uses counter offset + i in memory order), got "
-              "strides ", grad.strides());
-  TORCH_CHECK(offset >= 0, op, ": offset must be >= 0, got ", offset);
-  TORCH_CHECK(std >= 0, op, ": std must be >= 0, got ", std);
+  check_add_noise_args(grad, std, scale, offset, op);  // the CPU op's checks (checks.h)
+  if (grad.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
-  check_launch(cuda::add_noise(kernel_dtype(grad.scalar_type()), grad.data_ptr(), grad.numel(), std,
+  // Element i is the i-th in the tensor's logical (row-major) order, as on the CPU: a
+  // non-contiguous grad (channels_last, a transposed view) is noised in a contiguous copy,
+  // then copied back.
+  const at::Tensor work = grad.is_contiguous() ? grad : grad.contiguous();
+  check_launch(cuda::add_noise(kernel_dtype(work.scalar_type()), work.data_ptr(), work.numel(), std,
                                scale, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
                                c10::cuda::getCurrentCUDAStream()),
                op);
+  if (!work.is_same(grad)) grad.copy_(work);
 }
 
 }  // namespace

@@ -98,3 +98,20 @@ def test_conv_per_example_grads_batched_by_groups(case, dtype):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]  # bf16: fp32 accumulation
     scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
+def test_weight_gradients_turn_off_tf32_and_restore_it(monkeypatch):
+    """On a GPU the conv weight-gradient calls run with cuDNN's TF32 off (float32 accuracy),
+    and the user's setting is restored after; checked here through a stand-in weight-gradient
+    function on a tensor that says it is on CUDA."""
+    from bk_kernels.ops import conv as conv_ops
+
+    seen = []
+
+    class FakeCuda:
+        device = torch.device("cuda")
+
+    monkeypatch.setitem(conv_ops._WEIGHT_GRADS, 2, lambda *a: seen.append(torch.backends.cudnn.allow_tf32) or 7)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert conv_ops._weight_grad(2, FakeCuda()) == 7
+    assert seen == [False] and torch.backends.cudnn.allow_tf32 is True
