@@ -59,3 +59,23 @@ def test_catches_a_sequence_first_model_declared_batch_first():
     report = bk.verify(Regression(), lambda m, b: m(b), x)
     assert not report.ok and report.update_error > 1e-4, str(report)
     assert "MISMATCH" in str(report)
+
+
+def test_catches_a_broadcast_output_indexed_on_the_batch_dim():
+    """A layer whose input has batch 1 gets its output expanded to the batch (exact when the
+    output is then broadcast against per-example tensors). Code that instead indexes that
+    output on dim 0 (`emb(ids[None])[0]`) sends every example's gradient to row 0: the engine
+    cannot see it; verify does."""
+    class Indexing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(6, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            pos = self.pos(torch.arange(ids.shape[1])[None])[0]  # [T, 4] from row 0 only
+            return self.head((self.tok(ids) + pos).mean(1))
+
+    torch.manual_seed(2)
+    ids, y = torch.randint(0, 9, (4, 6)), torch.randint(0, 3, (4,))
+    report = bk.verify(Indexing(), lambda m, b: F.cross_entropy(m(b[0]), b[1]), (ids, y))
+    assert not report.ok and report.worst[0][2] == "pos", str(report)
