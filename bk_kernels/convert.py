@@ -47,10 +47,9 @@ def _plan(model):
 def generic_modules(model):
     """[(path, type name, number of own trainable parameter elements)] of the modules of a
     converted model that take the generic path (nn/generic.py): per-example gradients of their
-    own Parameters by a recompute under torch.func, at the cost of one more forward and backward
-    of the module and B x that many elements per backward."""
-    return [(path or "<model>", type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)
-                                                      if p.requires_grad))
+    own Parameters (absorbed children's included) by a recompute under torch.func, at the cost
+    of one more forward and backward of the module and B x that many elements per backward."""
+    return [(path or "<model>", type(m).__name__, sum(p.numel() for _, p in m._bk_own_trainable()))
             for path, m in model.named_modules() if is_generic(m)]
 
 

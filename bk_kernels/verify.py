@@ -16,17 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .clipping import clip_factors_ref
 from .convert import convert, generic_modules
 from .engine import PrivacyEngine
-
-
-def reference_clip_factor(norm, threshold, clipping_fn, gamma):
-    """C for one example's norm, written out from the contract (not the engine's code)."""
-    if clipping_fn == "abadi":
-        return min(1.0, threshold / (norm + 1e-6))
-    if clipping_fn == "automatic":
-        return threshold / (norm + gamma)
-    return threshold / (norm + 1e-6)
 
 
 @dataclass
@@ -123,7 +115,8 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
             norm = math.sqrt(sum(g[n].square().sum().item() for n in unit))
             ours = math.sqrt(norms[u][i].item())
             norm_error = max(norm_error, abs(ours - norm) / max(norm, 1e-300))
-            c = reference_clip_factor(norm, threshold, clipping_fn, engine.gamma)
+            c = clip_factors_ref(torch.tensor([norm * norm], dtype=torch.float64), threshold, clipping_fn,
+                                 engine.gamma).item()
             for n in unit:
                 want[n] += c * g[n] / B
     overall = max((w.abs().max().item() for w in want.values()), default=0.0)

@@ -51,6 +51,8 @@ def test_multihead_attention_options_are_exact(options, batch_first, B):
     converted = bk.convert(model)
     assert isinstance(converted.attn, bk.nn.GenericMultiheadAttention)
     assert type(converted.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear  # its own, unconverted
+    listed = dict((path, n) for path, _, n in bk.generic_modules(converted))
+    assert listed["attn"] == sum(p.numel() for p in converted.attn.parameters())  # out_proj's counted too
 
 
 def test_multihead_attention_options_under_batch_first_false_engine():

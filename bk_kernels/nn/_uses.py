@@ -19,6 +19,7 @@ transposed Conv1D: L = a, R = g); an embedding is L = ids, R = g. One function, 
 <G_b, G'_b> for any two uses of one parameter from these forms (tied embeddings, a layer called
 twice, a Linear tied to a transposed Conv1D), and from dense per-example gradients otherwise.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -188,12 +189,8 @@ class ConvUse:
         folded into the groups: cheaper than unfolding its patches for the direct norm, and the
         clipped sum is then a weighted sum instead of a second weight-gradient call."""
         B, groups = self.batch, self.args["groups"]
-        C_out, width = self.weight_shape[0], 1
-        for k in self.weight_shape[1:]:
-            width *= k
-        L = 1
-        for s in self.g.shape[2:]:
-            L *= s
+        C_out, width = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        L = math.prod(self.g.shape[2:])
         if ops.choose_mode(mode, L, width, C_out // groups) != "direct" or B * C_out * width > DENSE_DIRECT_BUDGET:
             return self
         return DenseUse(self.dense())

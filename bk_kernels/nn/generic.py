@@ -101,8 +101,8 @@ class GenericLayer(BKLayer):
     def _bk_own_trainable(self):
         """[(name, Parameter)]: this module's own trainable Parameters and its absorbed children's."""
         own = [(n, p) for n, p in self.named_parameters(recurse=False) if p.requires_grad]
-        for child in self._bk_absorb:
-            own += [(f"{child}.{n}", p) for n, p in getattr(self, child).named_parameters() if p.requires_grad]
+        for name, child in zip(self._bk_absorb, self._bk_absorbed_modules()):
+            own += [(f"{name}.{n}", p) for n, p in child.named_parameters() if p.requires_grad]
         return own
 
     def _bk_owned_parameters(self):
@@ -233,12 +233,8 @@ def generic_class(cls):
     return _GENERIC_CLASSES[cls]
 
 
-def own_parameter_elements(module):
-    return sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-
-
 def is_generic(module):
     return isinstance(module, GenericLayer)
 
 
-__all__ = ["GenericError", "GenericLayer", "generic_class", "is_generic", "own_parameter_elements"]
+__all__ = ["GenericError", "GenericLayer", "generic_class", "is_generic"]

@@ -66,19 +66,13 @@ class _LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _linear_forward(layer, x, transposed):
-    bdim = layer._bk_batch_dim(x)
-    x = layer._bk_examples(x, bdim)
-    return _LinearFn.apply(x, layer.weight, layer.bias, layer, transposed, None, bdim)
-
-
 class Linear(BKLayer, torch.nn.Linear):
     """torch.nn.Linear whose backward book-keeps for the privacy engine."""
 
     def forward(self, x):
         if in_plain_forward():
             return super().forward(x)
-        return _linear_forward(self, x, False)
+        return linear(self, x, self.weight, self.bias)
 
 
 def linear_with(layer, x, weight, bias, rows=None):
@@ -94,7 +88,7 @@ class _GPT2Conv1DMixin(BKLayer):
     def forward(self, x):
         if in_plain_forward():
             return super().forward(x)
-        return _linear_forward(self, x, True)
+        return linear(self, x, self.weight, self.bias, transposed=True)
 
 
 _CONV1D_CLASSES = {}
@@ -112,12 +106,13 @@ def gpt2_conv1d_class(cls):
     return _CONV1D_CLASSES[cls]
 
 
-def linear(layer, x, weight, bias=None):
+def linear(layer, x, weight, bias=None, *, transposed=False):
     """x weight^T + bias on the BK path, book-kept as a use of `weight` (and `bias`) owned by
-    `layer` (a bk.nn.BKLayer): for users' own layer families (bk.register_layer). x is checked
-    against the batch like the bk layers' inputs (a [1, T, d] input is expanded to the batch)."""
+    `layer` (a bk.nn.BKLayer): the forward of bk.nn.Linear and of users' own layer families
+    (bk.register_layer). x is checked against the batch like every bk layer's input (a
+    [1, T, d] input is expanded to the batch). transposed: weight stored [in, out] (GPT-2's Conv1D)."""
     bdim = layer._bk_batch_dim(x)
-    return _LinearFn.apply(layer._bk_examples(x, bdim), weight, bias, layer, False, None, bdim)
+    return _LinearFn.apply(layer._bk_examples(x, bdim), weight, bias, layer, transposed, None, bdim)
 
 
 register_layer(torch.nn.Linear, Linear)

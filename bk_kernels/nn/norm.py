@@ -100,7 +100,6 @@ class _LastDimsNorm(BKLayer):
         gw, gb, _ = ops.norm_layer_grads(cl(xhat()), cl(g), bias, backend=backend)
         return gw, gb
 
-
     def _bk_forward(self, x, bias):
         bdim = self._bk_batch_dim(x, len(self.normalized_shape))
         return _AffineNormFn.apply(self._bk_examples(x, bdim), self.weight, bias, self, bdim)
