@@ -30,10 +30,10 @@ def _plan(model):
         if isinstance(module, bknn.BKLayer):  # already converted (convert is idempotent)
             absorbed.update(id(m) for c in module._bk_absorbed_modules() for m in c.modules())
             continue
-        if not _owns_trainable(module):  # frozen, or no parameters of its own
-            continue
         family, exact = families.lookup(type(module))
         outcome = family.plan(module, exact) if family is not None else families.GENERIC
+        if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()):
+            continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)
         if outcome == families.GENERIC:  # any other module owning trainable Parameters: exact, by torch.func
             outcome = generic_class(type(module))
         if isinstance(outcome, str):

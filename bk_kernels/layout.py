@@ -66,8 +66,10 @@ class BatchLayout:
                 "this one read a sequence dim as the examples)" if self.batch_first else
                 "if the model is batch-first, leave batch_first=True"))
         if n is not None and B and n % B == 0 and n > B:
-            causes.append("the examples are folded into rows (a reshape(-1, d) of [B, T, d], as OPT's decoder "
-                          "layers do), which cannot be told apart per example from their shape")
+            causes.append("the examples are folded into rows in an order other than example-major (a "
+                          "reshape(-1, d) of [B, T, d], as OPT's decoder layers do, is read as rows b*T .. b*T+T-1 "
+                          "of example b when the layer is a Linear or a LayerNorm and only row-wise ops lie between; "
+                          "a transpose, roll, gather or other mixing op before the reshape cannot be)")
         if B not in tuple(x.shape):
             causes.append("the input is shared by every example (as T5's relative position buckets), and its "
                           "per-example gradients live in a broadcast after the layer")

@@ -153,19 +153,71 @@ def test_one_dimensional_positions_equal_to_the_batch_size_are_refused_not_guess
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_a_layer_reading_examples_mixed_into_rows_is_refused_in_the_forward():
-    class Flattening(nn.Module):
+class FoldedRows(nn.Module):
+    """OPT's decoder MLP: [B, T, d] -> reshape(-1, d) -> LayerNorm, Linear, ReLU, Linear -> view
+    back. The rows are the examples' rows folded example-major; `fold` says how the rows are made."""
+
+    def __init__(self, fold="reshape", d=5):
+        super().__init__()
+        self.fold, self.d = fold, d
+        self.emb = nn.Linear(3, d)
+        self.norm, self.fc1, self.fc2, self.head = nn.LayerNorm(d), nn.Linear(d, 7), nn.Linear(7, d), nn.Linear(d, 2)
+
+    def forward(self, x):  # x [B, T, 3]
+        h = torch.tanh(self.emb(x))
+        shape = h.shape
+        if self.fold == "reshape":
+            rows = h.reshape(-1, self.d)
+        elif self.fold == "interleaved":  # row r holds example r % B: examples mixed into rows
+            rows = h.transpose(0, 1).reshape(-1, self.d)
+        else:  # "rolled": the rows shifted by one, so row r no longer belongs to example r // T
+            rows = torch.roll(h.reshape(-1, self.d), 1, 0)
+        out = rows + self.fc2(F.relu(self.fc1(self.norm(rows))))
+        return self.head(out.view(shape).mean(1)) if self.fold == "reshape" else self.head(out).sum()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T", [(1, 4), (3, 4), (4, 4), (4, 1), (2, 3)])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_rows_folded_example_major_are_exact(B, T, frozen, backend):
+    """Proven from the graph (a reshape of a [B, ...] tensor through row-wise ops), or, when
+    nothing before the layer trains, from the view's base."""
+    torch.manual_seed(B * 10 + T)
+    model = FoldedRows().to(DT)
+    if frozen:
+        model.emb.requires_grad_(False)
+    inputs = {"x": torch.randn(B, T, 3, dtype=DT), "y": torch.randint(0, 2, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, inputs, style="all-layer", backend=backend)
+
+
+@pytest.mark.parametrize("fold", ["interleaved", "rolled"])
+def test_rows_that_are_not_folded_example_major_are_refused_in_the_forward(fold):
+    torch.manual_seed(5)
+    model, engine, opt, before, _ = _one_step(FoldedRows(fold).to(DT), None)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"LayerNorm \(norm\).*size 12 while the model's input "
+                                                       r"has 4.*folded into rows"):
+        model(torch.randn(4, 3, 3, dtype=DT)).backward()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_lookup_shared_by_every_example_is_refused_naming_the_cause():
+    """[q, k] ids with no example dim (a relative position table outside a T5-style attention):
+    its per-example gradients live in a broadcast after the layer."""
+    class SharedBias(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lin = nn.Linear(4, 2)
+            self.table, self.lin = nn.Embedding(9, 1), nn.Linear(5, 5)
 
-        def forward(self, x):  # [B, T, 4] -> [B*T, 4]: the layer cannot tell the examples apart
-            return self.lin(x.reshape(-1, 4)).sum()
+        def forward(self, x):  # x [B, 5, 5]
+            buckets = (torch.arange(5)[None, :] - torch.arange(3)[:, None]).clamp(0, 8)  # [3, 5]
+            return (self.lin(x)[:, :3] + self.table(buckets)[..., 0]).sum()
 
-    model = bk.convert(Flattening().to(DT))
-    bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0)
-    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(lin\).*size 6 while the model's input has 2"):
-        model(torch.randn(2, 3, 4, dtype=DT))
+    torch.manual_seed(6)
+    model, engine, opt, before, _ = _one_step(SharedBias().to(DT), None)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Embedding \(table\).*shared by every example"):
+        model(torch.randn(4, 5, 5, dtype=DT)).backward()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_a_layer_called_outside_the_model_still_checks_at_the_backward():

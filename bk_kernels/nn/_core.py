@@ -89,12 +89,16 @@ class BKLayer:
         engine = self._bk_engine
         return engine.layout.feature_last_dim(x, features_dims) if engine is not None else 0
 
-    def _bk_examples(self, x, dim):
+    def _bk_examples(self, x, dim, fold_rows=False):
         """x, checked against the batch size of the model's forward now running (taken by the
         engine from the model's input): the examples must lie on `dim`. An input broadcast over
         the batch (size 1 there, as Hugging Face's [1, T] position ids) is expanded to the batch
         so that this layer's output, and so its output gradient, is per example. Anything else
-        is refused here, in the forward, before any gradient or budget is touched."""
+        is refused here, in the forward, before any gradient or budget is touched.
+
+        fold_rows (row-wise layers: Linear, LayerNorm): an input [k*B, d] whose rows are the
+        examples' rows folded example-major (OPT's reshape(-1, d) of [B, T, d]), proven by
+        folded_rows, comes back as [B, k, d]; the caller flattens its output back."""
         self._bk_calls += 1  # every bk forward passes here (the subclass check of convert.py counts)
         layout = self._bk_layout()
         if layout is None or layout.batch is None:
@@ -113,6 +117,8 @@ class BKLayer:
             return x
         if n == 1:
             return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
+        if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
+            return x.unflatten(0, (B, n // B))
         raise self._bk_layout_error(x, dim)
 
     def _bk_hand_off(self, uses):
@@ -121,6 +127,51 @@ class BKLayer:
             return False
         self._bk_engine._record(self, [(p, u) for p, u in uses if self._bk_trainable(p)])
         return True
+
+
+# Autograd nodes that keep rows apart: row r of the output depends only on row r of each input
+# (elementwise, with a shared operand at most broadcast). Dropout is elementwise too.
+_ROW_WISE_NODES = frozenset(
+    f"{op}Backward{v}" for op in ("Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Elu", "LeakyRelu", "Hardtanh",
+                                  "Hardswish", "Mish", "Softplus", "NativeDropout", "Clone", "ToCopy", "Neg",
+                                  "Add", "Sub", "Mul", "Div") for v in (0, 1))
+_VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+_MAX_NODES = 64
+
+
+def folded_rows(x, B):
+    """Whether x [k*B, ...] holds the examples' rows folded example-major: x is (through
+    row-wise ops only) a reshape of a tensor with the B examples on dim 0 and x's number of
+    elements, whose row-major order puts example b's elements in rows b*k .. b*k+k-1. As
+    everywhere in a batch-first model, a size-B dim 0 is read as the examples."""
+    if B == 0 or x.dim() < 2 or x.shape[0] % B:
+        return False
+    numel = x.numel()
+    if x.grad_fn is None:  # no graph (nothing before it trains): a view of the tensor itself
+        base = x._base
+        return (base is not None and base.dim() >= 2 and base.shape[0] == B and base.numel() == numel
+                and base.is_contiguous() and x.is_contiguous() and x.storage_offset() == base.storage_offset())
+    stack, seen = [x.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > _MAX_NODES:
+            return False
+        name = node.name()
+        if name in _VIEW_NODES:
+            sizes = node._saved_self_sym_sizes
+            if not (len(sizes) >= 2 and sizes[0] == B and math.prod(sizes) == numel):
+                return False
+        elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
+            if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
+                return False
+        elif name in _ROW_WISE_NODES:
+            stack.extend(f for f, _ in node.next_functions)
+        else:
+            return False
+    return True
 
 
 def examples_first(x, features_dims=1, batch_dim=0):

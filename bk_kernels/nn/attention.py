@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
 from .families import register_layer
-from .generic import GenericLayer
+from .generic import GenericLayer, generic_class
 from .linear import linear_with
 
 
@@ -112,3 +112,26 @@ class GenericMultiheadAttention(GenericLayer, torch.nn.MultiheadAttention):
 # Options the fused path does not take run torch's own forward on the generic path.
 register_layer(torch.nn.MultiheadAttention, lambda module: GenericMultiheadAttention
                if attention_unsupported_reason(module) else MultiheadAttention)
+
+
+def _is_relative_bias_attention(cls):
+    """T5's attention and the families copied from it (mT5, LongT5, UMT5, Switch, UDOP, ...),
+    known by shape, without importing transformers: a compute_bias method feeding a
+    relative_attention_bias Embedding."""
+    return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention")
+
+
+def _relative_bias_class(module):
+    """The relative-bias attention that owns the bias table takes the generic path with the table
+    absorbed: its lookup ids [q, k] hold no examples (the bias is broadcast over the batch after
+    the lookup, so the embedding alone cannot tell examples apart), while the module's
+    position_bias output, [1, H, q, k], is expanded to the batch by the generic path so that its
+    gradient is per example. The q/k/v/o projections stay bk Linears. The other layers' copies
+    (no table) are left alone: their children convert as usual."""
+    table = getattr(module, "relative_attention_bias", None)
+    if isinstance(table, torch.nn.Embedding) and any(p.requires_grad for p in table.parameters()):
+        return generic_class(type(module), absorb=("relative_attention_bias",))
+    return None if not any(p.requires_grad for p in module.parameters(recurse=False)) else generic_class(type(module))
+
+
+register_layer(None, _relative_bias_class, matches=_is_relative_bias_attention)

@@ -19,6 +19,7 @@ layer scales; for a model whose ROOT owns a Parameter (timm's ViT cls token) the
 the whole model. Random ops in the module's forward (dropout with p > 0 in training mode)
 cannot be replayed per example and are refused.
 """
+import copy
 import re
 import warnings
 
@@ -72,9 +73,10 @@ class GenericLayer(BKLayer):
         engine = self._bk_engine
         if in_plain_forward() or engine is None or not own or not torch.is_grad_enabled():
             return super().forward(*args, **kwargs)
+        in_leaves, in_spec = tree_flatten((args, kwargs))
+        kept = [t.detach() if isinstance(t, torch.Tensor) else _snapshot(t) for t in in_leaves]  # before the call
         with _reparametrize_module(self, {n: p.detach() for n, p in own}):
             out = super().forward(*args, **kwargs)
-        in_leaves, in_spec = tree_flatten((args, kwargs))
         out_leaves, out_spec = tree_flatten(out)
         B = engine.layout.batch
         picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -90,7 +92,7 @@ class GenericLayer(BKLayer):
             outs.append(_to_batch(out_leaves[i], layout, B, d))
         self._bk_warn_if_large(B, own)
         autocast = _autocast_state(next((t.device.type for t in outs), "cpu"))
-        call = dict(in_leaves=[t.detach() if isinstance(t, torch.Tensor) else t for t in in_leaves],
+        call = dict(in_leaves=kept,
                     in_spec=in_spec, in_dims=in_dims, batched_in=batched_in, picked=picked, out_dims=out_dims,
                     layouts=layouts, B=B, own=[n for n, _ in own], autocast=autocast)
         tapped = _GenericTap.apply(self, call, len(outs), *outs, *[p for _, p in own])
@@ -162,7 +164,7 @@ class GenericLayer(BKLayer):
         def one_example(example_leaves, example_grads):
             # example_leaves: the batched inputs of one example, each with its example dim of size 1
             it = iter(example_leaves)
-            leaves = [next(it) if b else t for t, b in zip(in_leaves, batched_in)]
+            leaves = [next(it) if b else _snapshot(t) for t, b in zip(in_leaves, batched_in)]
             args, kwargs = tree_unflatten(leaves, call["in_spec"])
 
             def forward(own):
@@ -204,6 +206,21 @@ class GenericLayer(BKLayer):
         return {n: torch.cat([c[n] for c in chunks]) for n in params}
 
 
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
+              torch.memory_format, torch.layout)
+
+
+def _snapshot(leaf):
+    """A copy of a mutable non-tensor argument (a key/value cache that the forward updates, as
+    HF's DynamicCache): the recompute must see it as the call did, and must not update it."""
+    if isinstance(leaf, (torch.Tensor, torch.nn.Module, _IMMUTABLE)) or callable(leaf):
+        return leaf
+    try:
+        return copy.deepcopy(leaf)
+    except Exception:  # not copyable: the recompute reads it as it is then
+        return leaf
+
+
 def _to_batch(t, layout, B, dim=0):
     if layout == "batched":
         return t
@@ -223,14 +240,18 @@ def _autocast_state(device_type):
 _GENERIC_CLASSES = {}
 
 
-def generic_class(cls):
-    """The generic-path subclass of `cls` (made once per class)."""
-    if cls not in _GENERIC_CLASSES:
+def generic_class(cls, absorb=()):
+    """The generic-path subclass of `cls` (made once per class), absorbing the children named
+    in `absorb` (their Parameters become the module's own; they stay unconverted)."""
+    absorb = tuple(absorb)
+    if (cls, absorb) not in _GENERIC_CLASSES:
         # Named in this module, so that pickle finds the class within this process.
-        name = "Generic_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}")
-        new = type(cls.__name__, (GenericLayer, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = _GENERIC_CLASSES[cls] = new
-    return _GENERIC_CLASSES[cls]
+        name = "Generic_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}") + "".join(
+            f"__{a}" for a in absorb)
+        new = type(cls.__name__, (GenericLayer, cls), {"__module__": __name__, "__qualname__": name,
+                                                       "_bk_absorb": absorb})
+        globals()[name] = _GENERIC_CLASSES[cls, absorb] = new
+    return _GENERIC_CLASSES[cls, absorb]
 
 
 def is_generic(module):

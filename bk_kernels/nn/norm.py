@@ -102,7 +102,9 @@ class _LastDimsNorm(BKLayer):
 
     def _bk_forward(self, x, bias):
         bdim = self._bk_batch_dim(x, len(self.normalized_shape))
-        return _AffineNormFn.apply(self._bk_examples(x, bdim), self.weight, bias, self, bdim)
+        xe = self._bk_examples(x, bdim, fold_rows=True)
+        y = _AffineNormFn.apply(xe, self.weight, bias, self, bdim)
+        return y.flatten(0, 1) if xe.dim() > x.dim() else y  # rows folded back as the caller gave them
 
 
 class LayerNorm(_LastDimsNorm, torch.nn.LayerNorm):
