@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    on_device,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -233,19 +234,20 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
     check_grid(_OP, grid[0])
     if c.dtype == torch.float64 and acc != torch.float64:
         c = c.to(acc)  # load the factors in the accumulation dtype (fp32 kernels keep no fp64)
-    torch.library.wrap_triton(_clipped_sum_kernel)[grid](
-        a, g, c, gw, gb,
-        T, D, P, rows, rps,
-        a.stride(0), a.stride(1), a.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        c.stride(0),
-        BLOCK_P=cfg["BLOCK_P"],
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_K=cfg["BLOCK_K"],
-        HAS_BIAS=bias,
-        UPCAST=is_interpreter(a.device),
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(a):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_clipped_sum_kernel)[grid](
+            a, g, c, gw, gb,
+            T, D, P, rows, rps,
+            a.stride(0), a.stride(1), a.stride(2),
+            g.stride(0), g.stride(1), g.stride(2),
+            c.stride(0),
+            BLOCK_P=cfg["BLOCK_P"],
+            BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_K=cfg["BLOCK_K"],
+            HAS_BIAS=bias,
+            UPCAST=is_interpreter(a.device),
+            num_warps=_GPU_NUM_WARPS,
+        )
     return gw, gb
 
 

@@ -5,6 +5,8 @@ inputs, float32 otherwise (out_dtype)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -77,6 +79,13 @@ def kernels_interpreted() -> bool:
 def is_interpreter(device: torch.device) -> bool:
     """Whether a launch on ``device`` goes through the Triton interpreter."""
     return device.type == "cpu" or kernels_interpreted()
+
+
+def on_device(t: torch.Tensor):
+    """Where a launch for ``t`` must run: Triton launches on the CURRENT device and its current
+    stream, so tensors on cuda:1 while cuda:0 is current need the guard (as CUDAGuard in the C++
+    bindings). Nothing on the CPU (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_linear_inputs(op: str, a: torch.Tensor, g: torch.Tensor) -> None:

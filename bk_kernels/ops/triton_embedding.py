@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    on_device,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -323,18 +324,19 @@ def _launch_norm(ids, g, padding_idx, config: dict | None = None) -> torch.Tenso
     grid = (B * (nt * (nt + 1) // 2),)
     check_grid(_NORM_OP, grid[0])
     pad, has_pad = _pad_args(padding_idx)
-    torch.library.wrap_triton(_embedding_norm_kernel)[grid](
-        ids, g, out,
-        T, D,
-        ids.stride(0), ids.stride(1),
-        g.stride(0), g.stride(1), g.stride(2),
-        pad,
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_K=cfg["BLOCK_K"],
-        HAS_PAD=has_pad,
-        UPCAST=is_interpreter(g.device),
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(ids):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_embedding_norm_kernel)[grid](
+            ids, g, out,
+            T, D,
+            ids.stride(0), ids.stride(1),
+            g.stride(0), g.stride(1), g.stride(2),
+            pad,
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_K=cfg["BLOCK_K"],
+            HAS_PAD=has_pad,
+            UPCAST=is_interpreter(g.device),
+            num_warps=_GPU_NUM_WARPS,
+        )
     return out
 
 
@@ -358,36 +360,38 @@ def _launch_sum(ids, g, c, num_embeddings: int, padding_idx, deterministic: bool
     nd = triton.cdiv(D, cfg["BLOCK_D"])
     if not deterministic:
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), nd)
-        torch.library.wrap_triton(_embedding_scatter_kernel)[grid](
-            ids, g, c, out,
-            T, D, V, rows,
-            ids.stride(0), ids.stride(1),
-            g.stride(0), g.stride(1), g.stride(2),
-            c.stride(0),
-            pad,
-            BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_D=cfg["BLOCK_D"],
-            HAS_PAD=has_pad,
-            num_warps=_GPU_NUM_WARPS,
-        )
+        with on_device(ids):  # Triton launches on the current device and stream
+            torch.library.wrap_triton(_embedding_scatter_kernel)[grid](
+                ids, g, c, out,
+                T, D, V, rows,
+                ids.stride(0), ids.stride(1),
+                g.stride(0), g.stride(1), g.stride(2),
+                c.stride(0),
+                pad,
+                BLOCK_R=cfg["BLOCK_R"],
+                BLOCK_D=cfg["BLOCK_D"],
+                HAS_PAD=has_pad,
+                num_warps=_GPU_NUM_WARPS,
+            )
         return out
     # Rows ordered by (id, row): a stable sort of the row-major flattened ids keeps equal
     # ids in row order, so the order of the sums does not depend on the sort's internals.
     sorted_ids, perm = torch.sort(ids.reshape(-1), stable=True)
     ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # end of each id's run
     grid = (triton.cdiv(rows, cfg["BLOCK_S"]), nd)
-    torch.library.wrap_triton(_embedding_segment_kernel)[grid](
-        sorted_ids, perm, ends, g, c, out,
-        T, D, V, rows,
-        g.stride(0), g.stride(1), g.stride(2),
-        c.stride(0),
-        pad,
-        BLOCK_S=cfg["BLOCK_S"],
-        BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_D=cfg["BLOCK_D"],
-        HAS_PAD=has_pad,
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(sorted_ids):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_embedding_segment_kernel)[grid](
+            sorted_ids, perm, ends, g, c, out,
+            T, D, V, rows,
+            g.stride(0), g.stride(1), g.stride(2),
+            c.stride(0),
+            pad,
+            BLOCK_S=cfg["BLOCK_S"],
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_D=cfg["BLOCK_D"],
+            HAS_PAD=has_pad,
+            num_warps=_GPU_NUM_WARPS,
+        )
     return out
 
 
@@ -509,6 +513,11 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
                         _GPU_SCATTER, _GPU_SEGMENT),
             "small": (torch.int32, False, {"BLOCK_T": MIN_BLOCK, "BLOCK_K": MIN_BLOCK},
                       {"BLOCK_R": 16, "BLOCK_D": 16}, {"BLOCK_S": 4, "BLOCK_R": 4, "BLOCK_D": 16}),
+            # one row, d = 1 or 2: the summing kernels' blocks shrink to the next power of two
+            "tiny": (torch.int64, True, {"BLOCK_T": MIN_BLOCK, "BLOCK_K": 32},
+                     {"BLOCK_R": 1, "BLOCK_D": 2}, {"BLOCK_S": 16, "BLOCK_R": 1, "BLOCK_D": 1}),
+            "tiny8": (torch.int32, False, {"BLOCK_T": 32, "BLOCK_K": MIN_BLOCK},
+                      {"BLOCK_R": 8, "BLOCK_D": 4}, {"BLOCK_S": 16, "BLOCK_R": 2, "BLOCK_D": 8}),
         }
         for cname, (id_dtype, has_pad, norm_cfg, scatter_cfg, segment_cfg) in variants.items():
             ids_ptr = _ID_PTR[id_dtype]

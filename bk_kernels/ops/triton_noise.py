@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    on_device,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
     as_jit_function,
@@ -146,11 +147,12 @@ def _launch(x: torch.Tensor, std: float, scale: float, seed: int, offset: int,
     q0, r0 = divmod(offset, 4)
     grid = (triton.cdiv(n + r0, 4 * block_q),)
     check_grid(_OP, grid[0])
-    torch.library.wrap_triton(_add_noise_kernel)[grid](
-        x, n, float(std), float(scale), seed, q0, r0,
-        BLOCK_Q=block_q,
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(x):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_add_noise_kernel)[grid](
+            x, n, float(std), float(scale), seed, q0, r0,
+            BLOCK_Q=block_q,
+            num_warps=_GPU_NUM_WARPS,
+        )
 
 
 def _check_args(grad, std, scale, seed, offset) -> None:

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    on_device,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
     as_jit_function,
@@ -141,16 +142,17 @@ def _launch(xhat, g, bias: bool, config: dict | None = None):
     cfg = dict(config) if config is not None else _config(xhat, T, C)
     grid = (B * triton.cdiv(C, cfg["BLOCK_C"]),)
     check_grid(_OP, grid[0])
-    torch.library.wrap_triton(_norm_layer_grads_kernel)[grid](
-        xhat, g, gw, gb, sq,
-        T, C,
-        xhat.stride(0), xhat.stride(1), xhat.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_C=cfg["BLOCK_C"],
-        HAS_BIAS=bias,
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(xhat):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_norm_layer_grads_kernel)[grid](
+            xhat, g, gw, gb, sq,
+            T, C,
+            xhat.stride(0), xhat.stride(1), xhat.stride(2),
+            g.stride(0), g.stride(1), g.stride(2),
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_C=cfg["BLOCK_C"],
+            HAS_BIAS=bias,
+            num_warps=_GPU_NUM_WARPS,
+        )
     return gw, gb, sq
 
 
@@ -185,14 +187,18 @@ norm_layer_grads_triton = _register()
 
 def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     """``(name, kernel, signature, constexprs)`` for every dtype with and without bias at the
-    default GPU tiles, and with bias at small tiles; see ``triton_norms.aot_compile_specs``."""
+    default GPU tiles, and at small and tiny tiles (sizes 1..8, as the launcher picks for tiny
+    T and C); see ``triton_norms.aot_compile_specs``."""
     kernel = as_jit_function(_norm_layer_grads_kernel)
     specs = []
     for dtype in SUPPORTED_DTYPES:
         ptr = TRITON_PTR_TYPE[dtype]
         acc_ptr = TRITON_PTR_TYPE[out_dtype(dtype)]
         for cname, cfg, bias in (("default", _GPU, True), ("default", _GPU, False),
-                                 ("small", {"BLOCK_T": 4, "BLOCK_C": 16}, True)):
+                                 ("small", {"BLOCK_T": 4, "BLOCK_C": 16}, True),
+                                 # T = 1 and C = 1 or 2 (next powers of two below 16: no dot here)
+                                 ("tiny", {"BLOCK_T": 1, "BLOCK_C": 2}, True),
+                                 ("tiny", {"BLOCK_T": 2, "BLOCK_C": 1}, False)):
             constexprs = dict(cfg, HAS_BIAS=bias)
             sig = {"x_ptr": ptr, "g_ptr": ptr, "gw_ptr": acc_ptr, "gb_ptr": acc_ptr, "sq_ptr": acc_ptr,
                    "T": "i32", "C": "i32"}

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    on_device,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -253,17 +254,18 @@ def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) 
     grid = (B * (nt * (nt + 1) // 2),)
     check_grid("bk::ghost_norm_triton", grid[0])
     interp = is_interpreter(a.device)
-    torch.library.wrap_triton(_ghost_norm_kernel)[grid](
-        a, g, out,
-        T, D, P,
-        a.stride(0), a.stride(1), a.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_KA=cfg["BLOCK_KA"],
-        BLOCK_KG=cfg["BLOCK_KG"],
-        UPCAST=interp,
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(a):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_ghost_norm_kernel)[grid](
+            a, g, out,
+            T, D, P,
+            a.stride(0), a.stride(1), a.stride(2),
+            g.stride(0), g.stride(1), g.stride(2),
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_KA=cfg["BLOCK_KA"],
+            BLOCK_KG=cfg["BLOCK_KG"],
+            UPCAST=interp,
+            num_warps=_GPU_NUM_WARPS,
+        )
     return out
 
 
@@ -277,17 +279,18 @@ def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None)
     grid = (B * triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
     check_grid("bk::direct_norm_triton", grid[0])
     interp = is_interpreter(a.device)
-    torch.library.wrap_triton(_direct_norm_kernel)[grid](
-        a, g, out,
-        T, D, P,
-        a.stride(0), a.stride(1), a.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_P=cfg["BLOCK_P"],
-        UPCAST=interp,
-        num_warps=_GPU_NUM_WARPS,
-    )
+    with on_device(a):  # Triton launches on the current device and stream
+        torch.library.wrap_triton(_direct_norm_kernel)[grid](
+            a, g, out,
+            T, D, P,
+            a.stride(0), a.stride(1), a.stride(2),
+            g.stride(0), g.stride(1), g.stride(2),
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_D=cfg["BLOCK_D"],
+            BLOCK_P=cfg["BLOCK_P"],
+            UPCAST=interp,
+            num_warps=_GPU_NUM_WARPS,
+        )
     return out
 
 
@@ -364,8 +367,8 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
     ``as_jit_function``).
 
     Each spec uses the GPU launch configuration (default H100 tiles, and the smallest
-    16-wide tiles the launcher picks for tiny T/d/p; the 32-wide variants it picks in
-    between are not listed; ``UPCAST=False``) and can be fed to
+    16-wide tiles the launcher picks for tiny T/d/p, and 32-wide ones for sizes 17..32;
+    ``UPCAST=False``) and can be fed to
     ``triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
     target=GPUTarget("cuda", 90, 32))`` without a GPU. Launches use num_warps=4, which
     is triton's default compile option.
@@ -381,11 +384,14 @@ def aot_compile_specs() -> list[tuple[str, object, dict, dict]]:
             "default": {"BLOCK_T": g_caps["BLOCK_T"], "BLOCK_KA": g_caps["BLOCK_K"],
                         "BLOCK_KG": g_caps["BLOCK_K"]},
             "small": {"BLOCK_T": MIN_BLOCK, "BLOCK_KA": MIN_BLOCK, "BLOCK_KG": MIN_BLOCK},
+            # T, d or p in 17..32: the 32-wide dot tiles the launcher picks in between
+            "mid": {"BLOCK_T": 32, "BLOCK_KA": 32, "BLOCK_KG": MIN_BLOCK},
         }
         d_caps = _GPU_DIRECT_FP64 if dtype == torch.float64 else _GPU_DIRECT
         direct_cfgs = {
             "default": dict(d_caps),
             "small": {"BLOCK_T": MIN_BLOCK, "BLOCK_D": MIN_BLOCK, "BLOCK_P": MIN_BLOCK},
+            "mid": {"BLOCK_T": 32, "BLOCK_D": 32, "BLOCK_P": MIN_BLOCK},
         }
         for kname, kernel, cfgs in (
             ("ghost_norm", as_jit_function(_ghost_norm_kernel), ghost_cfgs),

@@ -587,3 +587,39 @@ def test_fake_tensors():
         gw, gb, sq = torch.ops.bk.norm_layer_grads_triton(a, a, False)
         assert gw.shape == (3, 5) and gb.shape == (3, 0) and sq.shape == (3,)
         torch.ops.bk.add_noise_triton(a, 1.0, 0.5, 0, 0)
+
+
+def test_every_triton_launch_runs_on_its_tensors_device():
+    """Triton launches on the current device and stream: every wrap_triton(...)[grid](...) call
+    must sit inside `with on_device(<a tensor it launches on>)` (a read of the source: no GPU
+    here; the GPU check runs the ops on a second device when the machine has one)."""
+    import ast
+    import inspect
+
+    from bk_kernels.ops import triton_norms as tnorms
+
+    launches = 0
+    for module in (tcs, temb, tnoise, tnl, tnorms):
+        tree = ast.parse(inspect.getsource(module))
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") == "on_device"
+                    for item in node.items):
+                guarded.update(id(n) for n in ast.walk(node))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and "wrap_triton" in ast.unparse(
+                    node.func):
+                launches += 1
+                assert id(node) in guarded, f"{module.__name__}: unguarded launch {ast.unparse(node.func)}"
+    assert launches == 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_on_a_second_gpu_while_the_first_is_current():
+    a = torch.randn(3, 17, 40, device="cuda:1")
+    g = torch.randn(3, 17, 24, device="cuda:1")
+    c = torch.rand(3, device="cuda:1")
+    with torch.cuda.device(0):
+        gw, gb = torch.ops.bk.clipped_sum_triton(a, g, c, True)
+    check_clipped_sum(gw, gb, a, g, c, True)
