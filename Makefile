@@ -1,6 +1,8 @@
 # make test   set up .venv, build the extension, run the C++ tests (ctest) and pytest
 # make bench  set up .venv, build the extension, run the benchmarks (then: python bench/report.py)
 # make wheel  a wheel in dist/
+# make gpu-check OUT=DIR  on a GPU machine (its own python3, no .venv, no network): build for
+#             the local GPU, CUDA ctests, the GPU pytest cases, the GPU bench (tools/gpu_check.sh)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,7 @@ DEPS   := $(VENV)/.deps-installed
 CMAKE_BUILD := build/cmake
 BENCH_ARGS ?=
 
-.PHONY: all venv build ctest pytest test bench wheel clean
+.PHONY: all venv build ctest pytest test bench wheel clean gpu-check
 
 all: test
 
@@ -17,13 +19,22 @@ $(PY):
 
 # Reinstall the pins whenever pyproject.toml changes them.
 $(DEPS): pyproject.toml tools/pins.py | $(PY)
-	$(PY) -m pip install $$($(PY) tools/pins.py build test bench)
+	$(PY) -m pip install $$($(PY) tools/pins.py build runtime test bench)
 	touch $@
 
 venv: $(DEPS)
 
-build: $(DEPS)
-	$(PY) -m pip install --no-build-isolation -e .
+# The extension is rebuilt only when a source, setup.py or the pins change (Python files are
+# used in place by the editable install). setup.py compiles into build/ext with ninja, so a
+# rebuild recompiles only the changed files.
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml bk_kernels/version.py
+BUILT   := $(VENV)/.bk-built
+
+$(BUILT): $(DEPS) $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
 
 # cmake and ctest come from the pinned PyPI package, so a machine needs no system cmake.
 ctest: $(DEPS)
@@ -44,4 +55,9 @@ wheel: $(DEPS)
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 clean:
-	rm -rf build dist *.egg-info bk_kernels/_C*.so
+	rm -rf build dist *.egg-info bk_kernels/_C*.so $(BUILT)
+
+# Uses the machine's python3 (torch 2.11+ with CUDA, Triton 3.6+), not the pinned .venv.
+OUT ?= gpu-check-results
+gpu-check:
+	bash tools/gpu_check.sh $(OUT)

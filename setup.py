@@ -3,7 +3,9 @@
 Switches (environment variables):
   BK_CUDA=0          never build the CUDA kernels
   BK_CUDA=1          build them or fail loudly saying why
-  BK_CUDA_ARCHS      CUDA architectures, e.g. "8.0;9.0" (default: the local GPU's, else 8.0;9.0)
+  BK_CUDA_ARCHS      CUDA architectures, e.g. "8.0;9.0" (default: the release list 8.0;9.0+PTX, so a
+                     wheel built on any machine runs on every Ampere/Hopper GPU and JITs newer ones);
+                     "native": only the local GPUs' (faster to build; what `make gpu-check` uses)
   CUDA_HOME          toolkit root (default: found from the nvcc on PATH, through any wrapper)
   MAX_JOBS           parallel compile jobs (default: limited by cores and memory)
 
@@ -21,7 +23,7 @@ import sysconfig
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def log(msg):
@@ -67,15 +69,31 @@ def find_cuda_home():
 
 
 def cuda_archs():
-    archs = os.environ.get("BK_CUDA_ARCHS")
-    if archs:
-        return archs
+    archs = os.environ.get("BK_CUDA_ARCHS", "").strip()
+    if archs != "native":
+        return archs or DEFAULT_CUDA_ARCHS
     import torch
 
-    if torch.cuda.is_available():
-        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(f"{major}.{minor}" for major, minor in caps)
-    return DEFAULT_CUDA_ARCHS
+    if not torch.cuda.is_available():
+        raise RuntimeError("BK_CUDA_ARCHS=native needs a visible GPU; give the architectures, e.g. 9.0")
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps)
+
+
+def runtime_library_path(with_cuda):
+    """-rpath entries, so that _C finds libtorch/libc10 and libcudart without torch imported
+    first and without LD_LIBRARY_PATH: next to an installed wheel ($ORIGIN/../torch/lib, the
+    nvidia-* pip packages' lib folders), then the folders this build linked against (an
+    editable install in a source tree)."""
+    import torch
+
+    dirs = ["$ORIGIN/../torch/lib"]
+    if with_cuda:
+        dirs += ["$ORIGIN/../nvidia/cu13/lib", "$ORIGIN/../nvidia/cuda_runtime/lib"]
+    dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
+    if with_cuda:
+        dirs += nvidia_pip_dirs("lib")
+    return [f"-Wl,-rpath,{d}" for d in dirs]
 
 
 def want_cuda():
@@ -130,7 +148,7 @@ def extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", f'-DBK_VERSION="{read_version()}"']
-    extra = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    extra = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"] + runtime_library_path(with_cuda))
     if not with_cuda:
         return [CppExtension("bk_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, **extra)]
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -145,14 +163,24 @@ def extensions():
                           **extra)]
 
 
-def main():
-    ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
+def build_ext_class():
+    """torch's BuildExtension with ninja, compiling into build/ext in the source tree whatever
+    runs it (pip install -e ., pip wheel, setup.py build_ext): pip would otherwise compile in a
+    fresh temporary folder every time. ninja then recompiles only the sources (and headers)
+    that changed, or whose compile command did (another BK_CUDA_ARCHS, another torch)."""
     from torch.utils.cpp_extension import BuildExtension
 
-    setup(
-        ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    )
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(ROOT, "build", "ext")
+
+    return BuildExt
+
+
+def main():
+    ext_modules = extensions()  # first: it sets CUDA_HOME before cpp_extension is imported
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext_class()})
 
 
 if __name__ == "__main__":

@@ -10,10 +10,6 @@ import functools
 import logging
 import math
 
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-
 ACCOUNTANTS = ("rdp", "pld")
 
 
@@ -30,7 +26,21 @@ def _quiet_orders():
         logger.setLevel(level)
 
 
+def _dp_accounting():
+    """Imported when accounting is first used, not with bk_kernels: a machine without it (the
+    GPU check's bare GPU machine) still runs every kernel and a noise-0 engine."""
+    try:
+        from dp_accounting import dp_event
+        from dp_accounting.pld import pld_privacy_accountant
+        from dp_accounting.rdp import rdp_privacy_accountant
+    except ImportError as err:
+        raise ImportError("bk_kernels: privacy accounting needs Google's dp-accounting (pip install "
+                          "dp-accounting==0.6.0, a dependency of bk_kernels)") from err
+    return dp_event, pld_privacy_accountant, rdp_privacy_accountant
+
+
 def _accountant(name):
+    _, pld_privacy_accountant, rdp_privacy_accountant = _dp_accounting()
     if name == "rdp":
         return rdp_privacy_accountant.RdpAccountant()
     if name == "pld":
@@ -48,6 +58,7 @@ def epsilon_of_history(history, delta, accountant="rdp"):
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
     acc = _accountant(accountant)
+    dp_event = _dp_accounting()[0]
     events = []
     for noise_multiplier, sample_rate, steps in history:
         if not 0 < sample_rate <= 1:

@@ -74,3 +74,33 @@ def test_impossible_or_ill_formed_targets_are_refused():
     with pytest.raises(ValueError, match="accountant must be one of"):
         bk.PrivacyEngine(model, batch_size=10, sample_size=1000, noise_multiplier=1.0, accountant="gdp")
     assert math.isinf(accounting.epsilon(0.0, 0.1, 5, 1e-5))
+
+
+def test_bk_imports_and_steps_without_dp_accounting():
+    """The GPU check's bare machine has torch and Triton but none of our pins: bk_kernels
+    imports and takes a noise-0 step there; dp-accounting is imported only by accounting."""
+    import subprocess
+    import sys
+    code = """
+import builtins, sys
+real = builtins.__import__
+def refuse(name, *args, **kwargs):
+    if name.startswith("dp_accounting"):
+        raise ImportError("no dp_accounting on this machine")
+    return real(name, *args, **kwargs)
+builtins.__import__ = refuse
+import torch, bk_kernels as bk
+model = bk.convert(torch.nn.Linear(3, 2))
+engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=0.0, max_grad_norm=1.0)
+opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+model(torch.randn(4, 3)).sum().backward()
+opt.step()
+assert "dp_accounting" not in sys.modules
+try:
+    bk.accounting.epsilon(1.0, 0.1, 10, 1e-5)
+except ImportError as err:
+    print(err)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "dp-accounting" in run.stdout

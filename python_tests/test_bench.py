@@ -109,3 +109,16 @@ def test_step_memory_and_max_batch():
     found = maxbatch.search("mlp", dict(TINY["mlp"], B=64, width=256), "bk (cpu)", CPU, torch.float32,
                             budget=big, cap=1 << 14)
     assert found["max_batch"] >= 64 and found["probes"]
+
+
+def test_gpu_bench_smoke(tmp_path):
+    """bench/gpu.py (what `make gpu-check` runs on a GPU) on tiny shapes here: every kernel is
+    timed against its roofline and the GPT-2 step against non-private, into its JSON report."""
+    from bench import gpu
+
+    report = gpu.main(["--out", str(tmp_path), "--smoke"])
+    assert (tmp_path / "gpu_bench.json").exists()
+    assert report["ceilings"]["copy_bytes_per_s"] > 0
+    assert all("error" not in r and r["fraction"] > 0 for r in report["kernels"]), report["kernels"]
+    assert {r["method"] for r in report["gpt2"]["rows"]} >= {"non-private", "bk (cpu)"}
+    assert all("ratio" in r for r in report["gpt2"]["rows"]), report["gpt2"]

@@ -155,10 +155,12 @@ class EmbeddingUse:
         return self
 
     def clipped(self, c, backend):
-        return ops.embedding_clipped_sum(self.ids, self.g, c, self.V, padding_idx=self.padding_idx, backend=backend)
+        return ops.embedding_clipped_sum(self.ids, self.g, c, self.V, padding_idx=self.padding_idx,
+                                         deterministic=True, backend=backend)  # bitwise reproducible on GPUs too
 
     def add_clipped(self, grad, c, backend):
-        ops.embedding_clipped_sum(self.ids, self.g, c, padding_idx=self.padding_idx, out=grad, backend=backend)
+        ops.embedding_clipped_sum(self.ids, self.g, c, padding_idx=self.padding_idx, out=grad, deterministic=True,
+                                  backend=backend)
 
 
 class ConvUse:

@@ -12,9 +12,10 @@ scaled copy of ``g`` is ever written. The programs of the first d-tile also sum 
 ``g`` tile over its rows into ``grad_bias``, in the same pass.
 
 Split-K: the rows are cut into chunks (a second grid axis) so that a small ``p*d`` still
-fills the GPU; every program ``tl.atomic_add``s its partial tile into the float32/float64
-output. The fp32 result is therefore not bitwise deterministic run to run on a GPU when
-there is more than one chunk.
+fills the GPU; every program stores its partial tile into its chunk's own slice of a
+``[chunks, p, d]`` buffer, summed over the chunks in a fixed order afterwards, so the result
+is bitwise reproducible run to run (no atomics). Chunks are only made while ``p*d`` has few
+tiles (about 2 programs per SM in all), so the buffer stays near 2 * SMs * one tile.
 
 Precision: accumulation in float32 (float64 for float64 inputs), outputs in that dtype.
 fp32/fp64 dots use ``input_precision="ieee"`` (no TF32); fp16/bf16 dots run on tensor cores
@@ -84,8 +85,8 @@ def _clipped_sum_kernel(
 ):
     """Grid (cdiv(P, BLOCK_P) * cdiv(D, BLOCK_D), n_splits); axis 0 is (p-block, d-block)
     with the d-block fastest, axis 1 the chunk of ROWS_PER_SPLIT rows (a multiple of
-    BLOCK_K). tile[p, d] += sum_r c_b(r) g[r, p] a[r, d] over the chunk, then one atomic
-    add per output element."""
+    BLOCK_K). tile[p, d] += sum_r c_b(r) g[r, p] a[r, d] over the chunk, stored into the
+    chunk's own slice of the output (no atomics)."""
     acc_ty = gw_ptr.dtype.element_ty
     in_ty = a_ptr.dtype.element_ty
     num_db = tl.cdiv(D, BLOCK_D)
@@ -136,11 +137,14 @@ def _clipped_sum_kernel(
             gs = gs.to(in_ty)  # fp32/fp64: no-op; fp16/bf16: back to tensor-core inputs
         acc = tl.dot(gs, x, acc, input_precision="ieee")
 
-    out = gw_ptr + p64[:, None] * D + d64[None, :]
-    tl.atomic_add(out, acc, mask=mask_p[:, None] & mask_d[None, :])
+    # This split's own slice of the [splits, P, D] / [splits, P] outputs: summed over the
+    # splits in a fixed order by the launcher, so the result is bitwise reproducible.
+    split64 = split.to(tl.int64)
+    out = gw_ptr + split64 * P * D + p64[:, None] * D + d64[None, :]
+    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
     if HAS_BIAS:
         # Every d-block computed the same bias partial; the first one publishes it.
-        tl.atomic_add(gb_ptr + p64, bacc, mask=mask_p & (db == 0))
+        tl.store(gb_ptr + split64 * P + p64, bacc, mask=mask_p & (db == 0))
 
 
 # ---------------------------------------------------------------------------
@@ -219,11 +223,9 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
     B, T, D = a.shape
     P = g.shape[2]
     acc = out_dtype(a.dtype)
-    gw = torch.zeros(P, D, dtype=acc, device=a.device)
-    gb = torch.zeros(P if bias else 0, dtype=acc, device=a.device)
     rows = B * T
     if rows == 0 or D == 0 or P == 0:
-        return gw, gb
+        return torch.zeros(P, D, dtype=acc, device=a.device), torch.zeros(P if bias else 0, dtype=acc, device=a.device)
     if rows > _MAX_ROWS:
         raise ValueError(f"{_OP}: B*T = {rows} rows is too many for one launch; split the batch")
     cfg = dict(config) if config is not None else _config(a, rows, D, P)
@@ -232,6 +234,9 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
         raise ValueError(f"{_OP}: ROWS_PER_SPLIT must be a positive multiple of BLOCK_K, got {cfg}")
     grid = (triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(D, cfg["BLOCK_D"]), triton.cdiv(rows, rps))
     check_grid(_OP, grid[0])
+    splits = grid[1]
+    gw = torch.empty(splits, P, D, dtype=acc, device=a.device)
+    gb = torch.empty(splits, P if bias else 0, dtype=acc, device=a.device)
     if c.dtype == torch.float64 and acc != torch.float64:
         c = c.to(acc)  # load the factors in the accumulation dtype (fp32 kernels keep no fp64)
     with on_device(a):  # Triton launches on the current device and stream
@@ -248,7 +253,9 @@ def _launch(a, g, c, bias: bool, config: dict | None = None):
             UPCAST=is_interpreter(a.device),
             num_warps=_GPU_NUM_WARPS,
         )
-    return gw, gb
+    if splits == 1:
+        return gw[0], gb[0]
+    return gw.sum(0), gb.sum(0)
 
 
 # ---------------------------------------------------------------------------

@@ -88,6 +88,29 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+# Programs that reduce to one value per example store their shares; one launch's shares stay
+# within this many elements (256 MiB in fp32): more examples go in further launches.
+MAX_SHARES = 1 << 26
+
+
+def shares_summed(x, y, programs_per_example, launch, zeroed=False):
+    """out[b] (in the accumulation dtype of y) as the sum, in a fixed order, of the shares
+    [B, programs_per_example] that `launch(x_chunk, y_chunk, shares, grid)`'s programs store:
+    bitwise reproducible run to run on a GPU (no float atomics). zeroed: programs may skip their
+    store (shares start at zero)."""
+    B = y.shape[0]
+    acc = out_dtype(y.dtype)
+    out = torch.zeros(B, dtype=acc, device=y.device)
+    chunk = max(1, MAX_SHARES // programs_per_example)
+    for lo in range(0, B, chunk):
+        hi = min(B, lo + chunk)
+        n = (hi - lo) * programs_per_example
+        shares = (torch.zeros if zeroed else torch.empty)(n, dtype=acc, device=y.device)
+        launch(x[lo:hi], y[lo:hi], shares, (n,))
+        out[lo:hi] = shares.view(hi - lo, programs_per_example).sum(1)
+    return out
+
+
 def check_linear_inputs(op: str, a: torch.Tensor, g: torch.Tensor) -> None:
     if not isinstance(a, torch.Tensor) or not isinstance(g, torch.Tensor):
         raise ValueError(f"{op}: a and g must be tensors")

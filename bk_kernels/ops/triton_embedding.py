@@ -47,6 +47,7 @@ import triton.language as tl
 
 from .triton_common import (
     on_device,
+    shares_summed,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -98,7 +99,8 @@ def _embedding_norm_kernel(
 ):
     """One program per (upper-triangular T-block pair (sb <= tb), example b), flattened
     b-major as in triton_norms._ghost_norm_kernel. Sums the Gram tile G_s G_t^T where the
-    ids agree (and are not padding); off-diagonal pairs count twice."""
+    ids agree (and are not padding); off-diagonal pairs count twice. Stores it as this
+    program's share of out[b] (shares[pid]; summed in a fixed order by the launcher)."""
     acc_ty = out_ptr.dtype.element_ty
     b, sb, tb = example_and_pair(T, BLOCK_T)  # the ghost-norm kernel's mapping, tested there
 
@@ -124,7 +126,7 @@ def _embedding_norm_kernel(
                           tl.zeros((BLOCK_T, BLOCK_T), dtype=acc_ty), BLOCK_K, UPCAST)
         val = tl.sum(tl.sum(tl.where(match, gram, 0.0), axis=1), axis=0)
         factor = tl.where(sb == tb, 1.0, 2.0).to(acc_ty)
-        tl.atomic_add(out_ptr + b, val * factor)
+        tl.store(out_ptr + tl.program_id(0).to(tl.int64), val * factor)  # this program's share (zeros if skipped)
 
 
 @triton.jit(do_not_specialize=["pad"])
@@ -316,13 +318,19 @@ def _pad_args(padding_idx: Optional[int]) -> tuple[int, bool]:
 
 def _launch_norm(ids, g, padding_idx, config: dict | None = None) -> torch.Tensor:
     B, T, D = g.shape
-    out = torch.zeros(B, dtype=out_dtype(g.dtype), device=g.device)
     if B == 0 or T == 0 or D == 0:
-        return out
+        return torch.zeros(B, dtype=out_dtype(g.dtype), device=g.device)
     cfg = dict(config) if config is not None else _norm_config(g, T, D)
     nt = triton.cdiv(T, cfg["BLOCK_T"])
-    grid = (B * (nt * (nt + 1) // 2),)
-    check_grid(_NORM_OP, grid[0])
+    check_grid(_NORM_OP, B * (nt * (nt + 1) // 2))
+    # The programs' shares summed in a fixed order: bitwise reproducible (ghost norm's scheme);
+    # a skipped tile pair leaves its share at zero.
+    return shares_summed(ids, g, nt * (nt + 1) // 2,
+                         lambda ids, g, out, grid: _norm_grid(ids, g, out, grid, cfg, padding_idx), zeroed=True)
+
+
+def _norm_grid(ids, g, out, grid, cfg, padding_idx):
+    T, D = g.shape[1], g.shape[2]
     pad, has_pad = _pad_args(padding_idx)
     with on_device(ids):  # Triton launches on the current device and stream
         torch.library.wrap_triton(_embedding_norm_kernel)[grid](
@@ -337,7 +345,6 @@ def _launch_norm(ids, g, padding_idx, config: dict | None = None) -> torch.Tenso
             UPCAST=is_interpreter(g.device),
             num_warps=_GPU_NUM_WARPS,
         )
-    return out
 
 
 def _launch_sum(ids, g, c, num_embeddings: int, padding_idx, deterministic: bool,

@@ -9,7 +9,8 @@ affine weight and bias and their squared norms are::
 (``gb`` is ``[B, 0]`` and left out of ``sq_norms`` when ``bias=False``.)
 
 One program per (example, C-block) sums ``[BLOCK_T, BLOCK_C]`` tiles over t in registers,
-stores its columns of ``gw``/``gb`` and ``tl.atomic_add``s their squared sum into
+stores its columns of ``gw``/``gb`` and its share of their squared sum (the shares summed in a
+fixed order afterwards, so the result is bitwise reproducible) into
 ``sq_norms[b]`` (so ``sq_norms`` is not bitwise deterministic on a GPU when C spans several
 blocks). Loads are upcast in registers: accumulation and outputs in float32 (float64 for
 float64 inputs).
@@ -96,7 +97,7 @@ def _norm_layer_grads_kernel(
         gb = tl.sum(accb, axis=0)
         tl.store(gb_ptr + b64 * C + c64, gb, mask=mask_c)
         sq += tl.sum(gb * gb, axis=0)
-    tl.atomic_add(sq_ptr + b64, sq)
+    tl.store(sq_ptr + pid.to(tl.int64), sq)  # this program's share of sq[b], summed in a fixed order
 
 
 # GPU (H100, sm_90) tiles at num_warps=4: a [16, 128] tile of each input per step; ptxas
@@ -136,15 +137,16 @@ def _launch(xhat, g, bias: bool, config: dict | None = None):
     acc = out_dtype(xhat.dtype)
     gw = torch.zeros(B, C, dtype=acc, device=xhat.device)
     gb = torch.zeros(B, C if bias else 0, dtype=acc, device=xhat.device)
-    sq = torch.zeros(B, dtype=acc, device=xhat.device)
     if B == 0 or T == 0 or C == 0:
-        return gw, gb, sq
+        return gw, gb, torch.zeros(B, dtype=acc, device=xhat.device)
     cfg = dict(config) if config is not None else _config(xhat, T, C)
-    grid = (B * triton.cdiv(C, cfg["BLOCK_C"]),)
+    num_cb = triton.cdiv(C, cfg["BLOCK_C"])
+    grid = (B * num_cb,)
     check_grid(_OP, grid[0])
+    shares = torch.empty(grid[0], dtype=acc, device=xhat.device)  # summed in a fixed order: reproducible
     with on_device(xhat):  # Triton launches on the current device and stream
         torch.library.wrap_triton(_norm_layer_grads_kernel)[grid](
-            xhat, g, gw, gb, sq,
+            xhat, g, gw, gb, shares,
             T, C,
             xhat.stride(0), xhat.stride(1), xhat.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
@@ -153,7 +155,7 @@ def _launch(xhat, g, bias: bool, config: dict | None = None):
             HAS_BIAS=bias,
             num_warps=_GPU_NUM_WARPS,
         )
-    return gw, gb, sq
+    return gw, gb, shares.view(B, num_cb).sum(1)
 
 
 def _norm_layer_grads_impl(

@@ -9,16 +9,15 @@ and its squared Frobenius norm can be computed in two ways:
 
 Both kernels here are tiled so that neither the ``[B, T, T]`` Gram matrices nor the
 ``[B, d, p]`` per-example gradients are ever materialised; every program reduces
-its tile to a scalar and ``tl.atomic_add``s it into ``out[b]``.
+its tile to a scalar and stores it as its share of ``out[b]``; the shares are summed in a
+fixed order afterwards (``torch.sum`` over ``[B, programs per example]``), so the result is
+bitwise reproducible run to run on a GPU (no float atomics).
 
 Accumulation is fp32 for fp32/fp16/bf16 inputs (output float32) and fp64 for fp64
 inputs (output float64). fp32/fp64 dots use ``input_precision="ieee"`` (no TF32);
 fp16/bf16 dots run natively on tensor cores with fp32 accumulation on a GPU, and are
 upcast to fp32 before ``tl.dot`` under the Triton interpreter (CPU tensors,
 ``TRITON_INTERPRET=1``), where low-precision dots are not reliable.
-
-Note: the result is accumulated with atomics, so the fp32 result is not bitwise
-deterministic run to run on a GPU (summation order of the per-tile partials varies).
 
 This module is self-contained (torch + triton only) and is imported lazily by the
 Triton backend. Importing it registers ``bk::ghost_norm_triton`` and
@@ -37,6 +36,7 @@ import triton.language as tl
 
 from .triton_common import (
     on_device,
+    shares_summed,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -91,7 +91,7 @@ def _ghost_norm_kernel(
     Flattened 1-D grid of size B * NT * (NT + 1) / 2, NT = cdiv(T, BLOCK_T), b-major.
     Computes the [BLOCK_T, BLOCK_T] Gram tiles A_s A_t^T (reduced over d) and
     G_s G_t^T (reduced over p), sums their elementwise product, doubles it for
-    off-diagonal pairs and atomically adds it into out[b].
+    off-diagonal pairs and stores it as this program's share of out[b] (shares[pid]).
     """
     acc_ty = out_ptr.dtype.element_ty
     b, sb, tb = example_and_pair(T, BLOCK_T)
@@ -117,7 +117,7 @@ def _ghost_norm_kernel(
     val = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
     # Off-diagonal block pairs stand for both (S, T) and (T, S).
     factor = tl.where(sb == tb, 1.0, 2.0).to(acc_ty)
-    tl.atomic_add(out_ptr + b, val * factor)
+    tl.store(out_ptr + tl.program_id(0).to(tl.int64), val * factor)  # this program's share
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def _direct_norm_kernel(
 
     Flattened 1-D grid of size B * cdiv(D, BLOCK_D) * cdiv(P, BLOCK_P), ordered
     (b, d-block, p-block) with the p-block fastest. Reduces over t in BLOCK_T chunks:
-    tile += A[t, dblk]^T @ G[t, pblk], then atomically adds sum(tile^2) into out[b].
+    tile += A[t, dblk]^T @ G[t, pblk], then stores sum(tile^2) as its share (shares[pid]).
     """
     acc_ty = out_ptr.dtype.element_ty
     num_db = tl.cdiv(D, BLOCK_D)
@@ -189,7 +189,7 @@ def _direct_norm_kernel(
         acc = tl.dot(x, y, acc, input_precision="ieee")
 
     val = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
-    tl.atomic_add(out_ptr + b, val)
+    tl.store(out_ptr + pid.to(tl.int64), val)  # this program's share
 
 
 # ---------------------------------------------------------------------------
@@ -246,14 +246,17 @@ def _direct_config(a: torch.Tensor, T: int, D: int, P: int) -> dict:
 def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     B, T, D = a.shape
     P = g.shape[2]
-    out = torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     if B == 0 or T == 0 or D == 0 or P == 0:
-        return out
+        return torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     cfg = dict(config) if config is not None else _ghost_config(a, T, D, P)
     nt = triton.cdiv(T, cfg["BLOCK_T"])
-    grid = (B * (nt * (nt + 1) // 2),)
-    check_grid("bk::ghost_norm_triton", grid[0])
+    check_grid("bk::ghost_norm_triton", B * (nt * (nt + 1) // 2))
     interp = is_interpreter(a.device)
+    return shares_summed(a, g, nt * (nt + 1) // 2, lambda a, g, out, grid: _ghost_grid(a, g, out, grid, cfg, interp))
+
+
+def _ghost_grid(a, g, out, grid, cfg, interp):
+    T, D, P = a.shape[1], a.shape[2], g.shape[2]
     with on_device(a):  # Triton launches on the current device and stream
         torch.library.wrap_triton(_ghost_norm_kernel)[grid](
             a, g, out,
@@ -266,19 +269,22 @@ def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) 
             UPCAST=interp,
             num_warps=_GPU_NUM_WARPS,
         )
-    return out
 
 
 def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     B, T, D = a.shape
     P = g.shape[2]
-    out = torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     if B == 0 or T == 0 or D == 0 or P == 0:
-        return out
+        return torch.zeros(B, dtype=out_dtype(a.dtype), device=a.device)
     cfg = dict(config) if config is not None else _direct_config(a, T, D, P)
-    grid = (B * triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
-    check_grid("bk::direct_norm_triton", grid[0])
+    tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(P, cfg["BLOCK_P"])
+    check_grid("bk::direct_norm_triton", B * tiles)
     interp = is_interpreter(a.device)
+    return shares_summed(a, g, tiles, lambda a, g, out, grid: _direct_grid(a, g, out, grid, cfg, interp))
+
+
+def _direct_grid(a, g, out, grid, cfg, interp):
+    T, D, P = a.shape[1], a.shape[2], g.shape[2]
     with on_device(a):  # Triton launches on the current device and stream
         torch.library.wrap_triton(_direct_norm_kernel)[grid](
             a, g, out,
@@ -291,7 +297,6 @@ def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None)
             UPCAST=interp,
             num_warps=_GPU_NUM_WARPS,
         )
-    return out
 
 
 # ---------------------------------------------------------------------------

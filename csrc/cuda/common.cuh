@@ -105,6 +105,31 @@ __device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* red) {
   return v;
 }
 
+// One block's share of out[b] (a per-example sum reduced across blocks): into its own slot
+// shares[b * per_example + slot] when a shares buffer is given, summed per example in a fixed
+// order by sum_shares_kernel afterwards (bitwise reproducible run to run); atomically into
+// out[b] when shares is null.
+template <typename acc_t>
+__device__ __forceinline__ void add_share(acc_t* out, acc_t* shares, int64_t b, int64_t slot,
+                                          int64_t per_example, acc_t v) {
+  if (shares != nullptr) shares[b * per_example + slot] = v;
+  else atomicAdd(out + b, v);
+}
+
+// out[b] = sum of shares[b, 0 .. per_example), each thread over a fixed stride, then a fixed
+// tree (block_sum): the same order on every run. One block per example (grid-stride).
+template <typename acc_t>
+__global__ void sum_shares_kernel(const acc_t* __restrict__ shares, int64_t per_example,
+                                  acc_t* __restrict__ out, int64_t B) {
+  __shared__ acc_t red[32];
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    acc_t v = acc_t(0);
+    for (int64_t i = threadIdx.x; i < per_example; i += blockDim.x) v += shares[b * per_example + i];
+    v = block_sum(v, red);
+    if (threadIdx.x == 0) out[b] = v;
+  }
+}
+
 }  // namespace dev
 
 // Host helpers.

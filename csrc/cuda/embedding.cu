@@ -209,7 +209,8 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kColThreads)
     norm_groups_kernel(const Item* __restrict__ items, const unsigned int* __restrict__ starts,
                        const unsigned int* __restrict__ count, int64_t N, unsigned int T,
-                       Mat<scalar_t> g, int64_t d, acc_of<scalar_t>* out) {
+                       Mat<scalar_t> g, int64_t d, acc_of<scalar_t>* out, acc_of<scalar_t>* shares,
+                       int64_t ncb) {
   using acc_t = acc_of<scalar_t>;
   __shared__ acc_t red[32];
   const unsigned int ngroups = *count;
@@ -228,7 +229,12 @@ __global__ void __launch_bounds__(kColThreads)
       }
     }
     const acc_t v = dev::block_sum(s * s, red);
-    if (threadIdx.x == 0) atomicAdd(out + b, v);
+    // The group's share of out[b], in the slot of its first row (unique: groups are runs of
+    // rows sorted by (id, row)) and column block, or atomically without shares.
+    if (threadIdx.x == 0) {
+      if (shares != nullptr) shares[int64_t(first.row) * ncb + blockIdx.y] = v;
+      else atomicAdd(out + b, v);
+    }
   }
 }
 
@@ -322,16 +328,26 @@ Mat<scalar_t> typed(const Operand3d& x) {
   return Mat<scalar_t>{static_cast<const scalar_t*>(x.ptr), x.stride_b, x.stride_t};
 }
 
+// With shares (rows x column blocks, zeroed here), each group stores its share in its own slot
+// and the shares are summed per example in a fixed order: bitwise reproducible.
 template <typename scalar_t>
 cudaError_t norm_typed(Ids ids, Operand3d g, bool has_pad, int64_t pad, void* out, int64_t B,
-                       int64_t T, int64_t d, const Workspace& ws, cudaStream_t stream) {
+                       int64_t T, int64_t d, const Workspace& ws, void* shares, cudaStream_t stream) {
   using acc_t = acc_of<scalar_t>;
   const int64_t N = B * T;
+  const int64_t ncb = ceil_div(d, kColThreads);
   cudaError_t err = group_rows(ids, N, T, /*per_example=*/true, has_pad, pad, ws, stream);
   if (err != cudaSuccess) return err;
+  if (shares != nullptr) {
+    err = cudaMemsetAsync(shares, 0, static_cast<size_t>(N * ncb) * sizeof(acc_t), stream);
+    if (err != cudaSuccess) return err;
+  }
   norm_groups_kernel<scalar_t><<<group_grid(N, d), kColThreads, 0, stream>>>(
       ws.items, ws.starts, ws.count, N, static_cast<unsigned int>(T), typed<scalar_t>(g), d,
-      static_cast<acc_t*>(out));
+      static_cast<acc_t*>(out), static_cast<acc_t*>(shares), ncb);
+  if (shares != nullptr)
+    dev::sum_shares_kernel<acc_t><<<grid_x(std::min<int64_t>(B, 65535)), kThreads, 0, stream>>>(
+        static_cast<const acc_t*>(shares), T * ncb, static_cast<acc_t*>(out), B);
   return cudaGetLastError();
 }
 
@@ -407,6 +423,13 @@ size_t embedding_workspace_bytes(int64_t N) {
   return items_bytes(N) + starts_bytes(N) + 16;
 }
 
+// The sort's workspace, then (16-byte aligned) the groups' shares: N rows x column blocks of
+// the accumulation type (8 bytes covers double).
+size_t embedding_norm_workspace_bytes(int64_t N, int64_t d) {
+  if (N <= 0) return 0;
+  return ceil_div(embedding_workspace_bytes(N), 16) * 16 + static_cast<size_t>(N * ceil_div(d, kColThreads)) * 8;
+}
+
 bool embedding_clipped_sum_sorts(DType dtype, DType out_dtype, bool deterministic) {
   if (deterministic) return true;
   if (out_dtype == DType::f64) return false;
@@ -426,12 +449,15 @@ cudaError_t embedding_norm(DType dtype, Ids ids, Operand3d g, bool has_pad, int6
   if (N == 0 || d == 0) return cudaGetLastError();
   if (workspace_bytes < embedding_workspace_bytes(N)) return cudaErrorInvalidValue;
   const Workspace ws = carve(workspace, N);
+  void* shares = workspace_bytes >= embedding_norm_workspace_bytes(N, d)
+                     ? static_cast<char*>(workspace) + ceil_div(embedding_workspace_bytes(N), 16) * 16
+                     : nullptr;
   switch (dtype) {
-    case DType::f32: return norm_typed<float>(ids, g, has_pad, pad, out, B, T, d, ws, stream);
-    case DType::f64: return norm_typed<double>(ids, g, has_pad, pad, out, B, T, d, ws, stream);
-    case DType::f16: return norm_typed<__half>(ids, g, has_pad, pad, out, B, T, d, ws, stream);
+    case DType::f32: return norm_typed<float>(ids, g, has_pad, pad, out, B, T, d, ws, shares, stream);
+    case DType::f64: return norm_typed<double>(ids, g, has_pad, pad, out, B, T, d, ws, shares, stream);
+    case DType::f16: return norm_typed<__half>(ids, g, has_pad, pad, out, B, T, d, ws, shares, stream);
     case DType::bf16:
-      return norm_typed<__nv_bfloat16>(ids, g, has_pad, pad, out, B, T, d, ws, stream);
+      return norm_typed<__nv_bfloat16>(ids, g, has_pad, pad, out, B, T, d, ws, shares, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -44,7 +44,7 @@ at::Tensor embedding_norm_cuda(const at::Tensor& ids_in, const at::Tensor& g_in,
   const int64_t B = g.size(0), T = g.size(1), d = g.size(2);
   const c10::cuda::CUDAGuard guard(g.device());
   at::Tensor out = at::empty({B}, g.options().dtype(acc_dtype(g.scalar_type())));
-  const at::Tensor ws = workspace(cuda::embedding_workspace_bytes(B * T), g);
+  const at::Tensor ws = workspace(cuda::embedding_norm_workspace_bytes(B * T, d), g);  // reproducible
   check_launch(cuda::embedding_norm(kernel_dtype(g.scalar_type()), ids_arg(ids), operand(g),
                                     padding_idx.has_value(), padding_idx.value_or(0),
                                     out.data_ptr(), B, T, d, ws.data_ptr(),

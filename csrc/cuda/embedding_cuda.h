@@ -25,6 +25,10 @@ cudaError_t embedding_check_ids(Ids ids, int64_t N, int64_t V, bool has_pad, int
 
 // Device workspace for the N = B*T rows of either op (the sort of (id, row) pairs), in bytes.
 size_t embedding_workspace_bytes(int64_t N);
+// embedding_norm's workspace that also holds each group's share of its example's norm: with
+// it the norm is bitwise reproducible run to run (shares summed in a fixed order); with only
+// embedding_workspace_bytes(N) the shares are added with atomics.
+size_t embedding_norm_workspace_bytes(int64_t N, int64_t d);
 
 // Whether embedding_clipped_sum takes the sorted path (and needs the workspace): when asked to
 // be deterministic, or when the output is narrower than the accumulation (atomics would round

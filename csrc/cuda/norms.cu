@@ -5,7 +5,10 @@
 //   ghost  : out[b] = sum_{s,t} (a_s . a_t)(g_s . g_t)      cost ~ T^2 (d + p)
 //   direct : out[b] = sum_{j,k} (sum_t a[t,j] g[t,k])^2     cost ~ T d p
 // Neither materialises the [T,T] Gram matrices or the [d,p] gradient: each thread block
-// owns one 64x64 output tile, reduces it to a scalar and atomically adds it to out[b].
+// owns one 64x64 output tile and reduces it to a scalar: its share of out[b]. Given a shares
+// buffer (what the torch binding always passes), each share is stored in its own slot and the
+// shares are summed per example in a fixed order afterwards, so the result is bitwise
+// reproducible run to run; without one, the shares are added atomically into out[b].
 //
 // Precision: f64 accumulates in double; f32, f16 and bf16 accumulate in float.
 // f32 uses plain FP32 FMAs (never TF32). f16/bf16 use tensor cores (wmma 16x16x16,
@@ -182,7 +185,8 @@ __device__ __forceinline__ void gram_tile_simt(const scalar_t* __restrict__ X, i
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ghost_simt_kernel(Mat<scalar_t> a, Mat<scalar_t> g, typename Traits<scalar_t>::acc_t* out,
-                      int64_t B, int64_t rows, int64_t d, int64_t p, int64_t npairs) {
+                      typename Traits<scalar_t>::acc_t* shares, int64_t B, int64_t rows, int64_t d,
+                      int64_t p, int64_t npairs) {
   using acc_t = typename Traits<scalar_t>::acc_t;
   constexpr int kChunk = Traits<scalar_t>::kChunk;
   __shared__ acc_t sS[kChunk][kTile + 1];
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < kRegTile; ++j) v += ga[i][j] * gg[i][j];
       v = block_sum(v, red);
-      if (threadIdx.x == 0) atomicAdd(out + b, I == J ? v : acc_t(2) * v);
+      if (threadIdx.x == 0) dev::add_share(out, shares, b, q, npairs, I == J ? v : acc_t(2) * v);
     }
   }
 }
@@ -265,8 +269,8 @@ __device__ __forceinline__ void gram_tile_wmma(const scalar_t* __restrict__ X, i
 // product can be summed without knowing the fragment layout.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    ghost_wmma_kernel(Mat<scalar_t> a, Mat<scalar_t> g, float* out, int64_t B, int64_t rows,
-                      int64_t d, int64_t p, int64_t npairs) {
+    ghost_wmma_kernel(Mat<scalar_t> a, Mat<scalar_t> g, float* out, float* shares, int64_t B,
+                      int64_t rows, int64_t d, int64_t p, int64_t npairs) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // never launched: the host only picks this kernel on sm_80+
 #else
@@ -289,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < ga[c].num_elements; ++i) v += ga[c].x[i] * gg[c].x[i];
       v = block_sum(v, red);
-      if (threadIdx.x == 0) atomicAdd(out + b, I == J ? v : 2.0f * v);
+      if (threadIdx.x == 0) dev::add_share(out, shares, b, q, npairs, I == J ? v : 2.0f * v);
     }
   }
 #endif
@@ -308,8 +312,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     direct_simt_kernel(Mat<scalar_t> a, Mat<scalar_t> g, typename Traits<scalar_t>::acc_t* out,
-                       int64_t B, int64_t rows, int64_t d, int64_t p, int64_t nblk_p,
-                       int64_t ntiles) {
+                       typename Traits<scalar_t>::acc_t* shares, int64_t B, int64_t rows, int64_t d,
+                       int64_t p, int64_t nblk_p, int64_t ntiles) {
   using acc_t = typename Traits<scalar_t>::acc_t;
   constexpr int kChunk = Traits<scalar_t>::kChunk;
   __shared__ acc_t sA[kChunk][kTile];
@@ -366,7 +370,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < kRegTile; ++j) v += acc[i][j] * acc[i][j];
       v = block_sum(v, red);
-      if (threadIdx.x == 0) atomicAdd(out + b, v);
+      if (threadIdx.x == 0) dev::add_share(out, shares, b, tile, ntiles, v);
     }
   }
 }
@@ -381,8 +385,8 @@ __global__ void __launch_bounds__(kThreads)
 // not depend on the fragment layout.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    direct_wmma_kernel(Mat<scalar_t> a, Mat<scalar_t> g, float* out, int64_t B, int64_t rows,
-                       int64_t d, int64_t p, int64_t nblk_p, int64_t ntiles) {
+    direct_wmma_kernel(Mat<scalar_t> a, Mat<scalar_t> g, float* out, float* shares, int64_t B,
+                       int64_t rows, int64_t d, int64_t p, int64_t nblk_p, int64_t ntiles) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // never launched: the host only picks this kernel on sm_80+
 #else
@@ -438,7 +442,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < acc[c].num_elements; ++i) v += acc[c].x[i] * acc[c].x[i];
       v = block_sum(v, red);
-      if (threadIdx.x == 0) atomicAdd(out + b, v);
+      if (threadIdx.x == 0) dev::add_share(out, shares, b, tile, ntiles, v);
     }
   }
 #endif
@@ -461,50 +465,70 @@ Mat<scalar_t> typed(const Operand3d& x) {
   return Mat<scalar_t>{static_cast<const scalar_t*>(x.ptr), x.stride_b, x.stride_t};
 }
 
-template <typename scalar_t>
-void launch_ghost(const Operand3d& a, const Operand3d& g, void* out, int64_t B, int64_t T,
-                  int64_t d, int64_t p, cudaStream_t stream, bool wmma_ok) {
-  using acc_t = typename Traits<scalar_t>::acc_t;
+int64_t ghost_tiles(int64_t T) {
   const int64_t nblk = (T + kTile - 1) / kTile;
-  const int64_t npairs = nblk * (nblk + 1) / 2;
-  const dim3 grid = make_grid(npairs, B);
-  if constexpr (Traits<scalar_t>::kWmma) {
-    if (wmma_ok) {
-      ghost_wmma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          typed<scalar_t>(a), typed<scalar_t>(g), static_cast<float*>(out), B, T, d, p,
-          npairs);
-      return;
-    }
-  }
-  ghost_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), B, T, d, p, npairs);
+  return nblk * (nblk + 1) / 2;
+}
+
+int64_t direct_tiles(int64_t d, int64_t p) { return ((d + kTile - 1) / kTile) * ((p + kTile - 1) / kTile); }
+
+// With shares, the tiles' shares are summed per example afterwards, in a fixed order.
+template <typename acc_t>
+void sum_shares(void* shares, int64_t per_example, void* out, int64_t B, cudaStream_t stream) {
+  if (shares == nullptr) return;
+  dev::sum_shares_kernel<acc_t><<<grid_x(std::min<int64_t>(B, 65535)), kThreads, 0, stream>>>(
+      static_cast<const acc_t*>(shares), per_example, static_cast<acc_t*>(out), B);
 }
 
 template <typename scalar_t>
-void launch_direct(const Operand3d& a, const Operand3d& g, void* out, int64_t B, int64_t T,
-                   int64_t d, int64_t p, cudaStream_t stream, bool wmma_ok) {
+void launch_ghost(const Operand3d& a, const Operand3d& g, void* out, void* shares, int64_t B,
+                  int64_t T, int64_t d, int64_t p, cudaStream_t stream, bool wmma_ok) {
   using acc_t = typename Traits<scalar_t>::acc_t;
-  const int64_t nblk_d = (d + kTile - 1) / kTile;
+  const int64_t npairs = ghost_tiles(T);
+  const dim3 grid = make_grid(npairs, B);
+  bool launched = false;
+  if constexpr (Traits<scalar_t>::kWmma) {
+    if (wmma_ok) {
+      ghost_wmma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          typed<scalar_t>(a), typed<scalar_t>(g), static_cast<float*>(out), static_cast<float*>(shares), B, T,
+          d, p, npairs);
+      launched = true;
+    }
+  }
+  if (!launched)
+    ghost_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), static_cast<acc_t*>(shares), B, T, d,
+        p, npairs);
+  sum_shares<acc_t>(shares, npairs, out, B, stream);
+}
+
+template <typename scalar_t>
+void launch_direct(const Operand3d& a, const Operand3d& g, void* out, void* shares, int64_t B,
+                   int64_t T, int64_t d, int64_t p, cudaStream_t stream, bool wmma_ok) {
+  using acc_t = typename Traits<scalar_t>::acc_t;
   const int64_t nblk_p = (p + kTile - 1) / kTile;
-  const int64_t ntiles = nblk_d * nblk_p;
+  const int64_t ntiles = direct_tiles(d, p);
   const dim3 grid = make_grid(ntiles, B);
+  bool launched = false;
   if constexpr (Traits<scalar_t>::kWmma) {
     if (wmma_ok) {
       direct_wmma_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          typed<scalar_t>(a), typed<scalar_t>(g), static_cast<float*>(out), B, T, d, p,
-          nblk_p, ntiles);
-      return;
+          typed<scalar_t>(a), typed<scalar_t>(g), static_cast<float*>(out), static_cast<float*>(shares), B, T,
+          d, p, nblk_p, ntiles);
+      launched = true;
     }
   }
-  direct_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-      typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), B, T, d, p, nblk_p,
-      ntiles);
+  if (!launched)
+    direct_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), static_cast<acc_t*>(shares), B, T, d,
+        p, nblk_p, ntiles);
+  sum_shares<acc_t>(shares, ntiles, out, B, stream);
 }
 
 enum class Algo { ghost, direct };
 
 cudaError_t run(Algo algo, DType dtype, const Operand3d& a, const Operand3d& g, void* out,
-                int64_t B, int64_t T, int64_t d, int64_t p, cudaStream_t stream) {
+                int64_t B, int64_t T, int64_t d, int64_t p, cudaStream_t stream, void* shares) {
   if (B < 0 || T < 0 || d < 0 || p < 0) return cudaErrorInvalidValue;
   if (dtype != DType::f32 && dtype != DType::f64 && dtype != DType::f16 &&
       dtype != DType::bf16)
@@ -521,22 +545,22 @@ cudaError_t run(Algo algo, DType dtype, const Operand3d& a, const Operand3d& g, 
   const bool wmma_ok = half_type && use_wmma();
   switch (dtype) {
     case DType::f32:
-      if (algo == Algo::ghost) launch_ghost<float>(a, g, out, B, T, d, p, stream, false);
-      else launch_direct<float>(a, g, out, B, T, d, p, stream, false);
+      if (algo == Algo::ghost) launch_ghost<float>(a, g, out, shares, B, T, d, p, stream, false);
+      else launch_direct<float>(a, g, out, shares, B, T, d, p, stream, false);
       break;
     case DType::f64:
-      if (algo == Algo::ghost) launch_ghost<double>(a, g, out, B, T, d, p, stream, false);
-      else launch_direct<double>(a, g, out, B, T, d, p, stream, false);
+      if (algo == Algo::ghost) launch_ghost<double>(a, g, out, shares, B, T, d, p, stream, false);
+      else launch_direct<double>(a, g, out, shares, B, T, d, p, stream, false);
       break;
     case DType::f16:
-      if (algo == Algo::ghost) launch_ghost<__half>(a, g, out, B, T, d, p, stream, wmma_ok);
-      else launch_direct<__half>(a, g, out, B, T, d, p, stream, wmma_ok);
+      if (algo == Algo::ghost) launch_ghost<__half>(a, g, out, shares, B, T, d, p, stream, wmma_ok);
+      else launch_direct<__half>(a, g, out, shares, B, T, d, p, stream, wmma_ok);
       break;
     case DType::bf16:
       if (algo == Algo::ghost)
-        launch_ghost<__nv_bfloat16>(a, g, out, B, T, d, p, stream, wmma_ok);
+        launch_ghost<__nv_bfloat16>(a, g, out, shares, B, T, d, p, stream, wmma_ok);
       else
-        launch_direct<__nv_bfloat16>(a, g, out, B, T, d, p, stream, wmma_ok);
+        launch_direct<__nv_bfloat16>(a, g, out, shares, B, T, d, p, stream, wmma_ok);
       break;
   }
   return cudaGetLastError();
@@ -545,14 +569,17 @@ cudaError_t run(Algo algo, DType dtype, const Operand3d& a, const Operand3d& g, 
 }  // namespace
 
 cudaError_t ghost_norm(DType dtype, Operand3d a, Operand3d g, void* out, int64_t B, int64_t T,
-                       int64_t d, int64_t p, cudaStream_t stream) {
-  return run(Algo::ghost, dtype, a, g, out, B, T, d, p, stream);
+                       int64_t d, int64_t p, cudaStream_t stream, void* shares) {
+  return run(Algo::ghost, dtype, a, g, out, B, T, d, p, stream, shares);
 }
 
 cudaError_t direct_norm(DType dtype, Operand3d a, Operand3d g, void* out, int64_t B,
-                        int64_t T, int64_t d, int64_t p, cudaStream_t stream) {
-  return run(Algo::direct, dtype, a, g, out, B, T, d, p, stream);
+                        int64_t T, int64_t d, int64_t p, cudaStream_t stream, void* shares) {
+  return run(Algo::direct, dtype, a, g, out, B, T, d, p, stream, shares);
 }
+
+int64_t ghost_norm_shares(int64_t B, int64_t T) { return B * ghost_tiles(T); }
+int64_t direct_norm_shares(int64_t B, int64_t d, int64_t p) { return B * direct_tiles(d, p); }
 
 }  // namespace cuda
 }  // namespace bk

@@ -253,12 +253,25 @@ void test_embedding_norm(int64_t B, int64_t T, int64_t d, int64_t id_lo, int64_t
   DevBuf<I> ids_dev(ids);
   DevBuf<S> g_dev(g);
   DevBuf<A> out_dev(B);
-  const size_t ws_bytes = kc::embedding_workspace_bytes(B * T);
-  Bytes ws(ws_bytes);
+  // The full workspace (shares summed in a fixed order: run twice, bitwise equal), then the
+  // sort's alone (atomics).
+  const size_t full_bytes = kc::embedding_norm_workspace_bytes(B * T, d);
+  Bytes ws(full_bytes);
   CHECK_CUDA(kc::embedding_norm(dtype_of<S>, {ids_dev.ptr, sizeof(I) == 8}, {g_dev.ptr, g_sb, g_st},
-                                has_pad, pad, out_dev.ptr, B, T, d, ws.ptr, ws_bytes, nullptr));
-  const auto out = out_dev.download();
+                                has_pad, pad, out_dev.ptr, B, T, d, ws.ptr, full_bytes, nullptr));
+  const auto shared = out_dev.download();
+  CHECK_CUDA(kc::embedding_norm(dtype_of<S>, {ids_dev.ptr, sizeof(I) == 8}, {g_dev.ptr, g_sb, g_st},
+                                has_pad, pad, out_dev.ptr, B, T, d, ws.ptr, full_bytes, nullptr));
+  const auto again = out_dev.download();
+  for (int64_t b = 0; b < B; ++b)
+    cs.expect(std::memcmp(&shared[b], &again[b], sizeof(A)) == 0, "two runs differ at b=%lld", (long long)b);
+  CHECK_CUDA(kc::embedding_norm(dtype_of<S>, {ids_dev.ptr, sizeof(I) == 8}, {g_dev.ptr, g_sb, g_st},
+                                has_pad, pad, out_dev.ptr, B, T, d, ws.ptr, kc::embedding_workspace_bytes(B * T),
+                                nullptr));
+  const auto atomics = out_dev.download();
+  for (int run = 0; run < 2; ++run)
   for (int64_t b = 0; b < B; ++b) {
+    const auto& out = run == 0 ? shared : atomics;
     double want = 0, mag = 0;
     for (int64_t s = 0; s < T; ++s)
       for (int64_t t = 0; t < T; ++t) {

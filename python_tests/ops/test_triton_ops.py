@@ -623,3 +623,30 @@ def test_ops_on_a_second_gpu_while_the_first_is_current():
     with torch.cuda.device(0):
         gw, gb = torch.ops.bk.clipped_sum_triton(a, g, c, True)
     check_clipped_sum(gw, gb, a, g, c, True)
+
+
+def test_norms_are_bitwise_reproducible_and_chunk_their_shares(monkeypatch):
+    """Every Triton reduction stores per-program shares summed in a fixed order (no float
+    atomics): two runs are bitwise equal (on a GPU atomics would make them differ in the last
+    bits), and launches in chunks of examples (MAX_SHARES) give the same norms."""
+    from bk_kernels.ops import triton_common
+    from bk_kernels.ops import triton_norms as tnorms
+    a = make_operand(5, 40, 24, torch.float32, DEVICE, "contiguous")
+    g = make_operand(5, 40, 20, torch.float32, DEVICE, "transposed")
+    ids = torch.randint(0, 7, (5, 40), device=DEVICE)
+    c = torch.rand(5, device=DEVICE)
+    small = {"BLOCK_T": 16, "BLOCK_KA": 16, "BLOCK_KG": 16}
+    runs = {
+        "ghost": lambda: tnorms._launch_ghost(a, g, small),
+        "direct": lambda: tnorms._launch_direct(a, g, {"BLOCK_T": 16, "BLOCK_D": 16, "BLOCK_P": 16}),
+        "embedding": lambda: temb._launch_norm(ids, g, None, {"BLOCK_T": 16, "BLOCK_K": 16}),
+        "norm_layer": lambda: tnl._launch(a[..., :20], g, True, {"BLOCK_T": 16, "BLOCK_C": 16})[2],
+        "clipped_sum": lambda: tcs._launch(a, g, c, True,
+                                           {"BLOCK_P": 16, "BLOCK_D": 16, "BLOCK_K": 16, "ROWS_PER_SPLIT": 32})[0],
+    }
+    whole = {name: run() for name, run in runs.items()}
+    for name, run in runs.items():
+        assert torch.equal(run(), whole[name]), name
+    monkeypatch.setattr(triton_common, "MAX_SHARES", 7)  # one example per launch
+    for name in ("ghost", "direct", "embedding"):
+        assert torch.equal(runs[name](), whole[name]), name
