@@ -86,7 +86,23 @@ def time_call(fn, device, warmup=3, min_runs=15, max_runs=200, budget_s=1.0):
     return statistics.median(times), min(times), max(times)
 
 
+# The vector and matrix extensions that decide how fast torch's BLAS (and our kernels) run.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def isa():
+    """The CPU's relevant instruction-set extensions, e.g. "avx2 avx512f avx512_bf16"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.machine()
+    return " ".join(flag for flag in _ISA_FLAGS if flag in flags) or platform.machine()
+
+
 def machine(device):
+    """The device: the GPU's name, or the CPU's model, threads and ISA (every row carries it:
+    BLAS speed differs between CPU vendors and generations)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = platform.processor() or platform.machine()
@@ -95,7 +111,7 @@ def machine(device):
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model} ({torch.get_num_threads()} threads)"
+    return f"{model} ({torch.get_num_threads()} threads; {isa()})"
 
 
 def commit():
