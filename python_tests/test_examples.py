@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
+import image_classification  # noqa: E402
 import private_gpt2  # noqa: E402
 import private_mlp  # noqa: E402
 
@@ -47,3 +48,29 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     assert "ranks agree: True" in lines
     accuracy, epsilon = (float(w.rstrip(",")) for w in lines[-2].split()[4::3])
     assert accuracy > 0.3 and 0.99 * 3.0 <= epsilon <= 3.0
+
+
+def test_image_classification_quick_writes_its_summary(tmp_path):
+    summary = image_classification.main(["--quick", "--quiet", "--out", str(tmp_path)])
+    runs = {r["target_epsilon"]: r for r in summary["runs"]}
+    assert set(runs) == {None, 8.0} and all(r["steps"] == 3 for r in runs.values())
+    assert 0.99 * 8 * 0.98 < runs[8.0]["epsilon"] <= 8.0
+    assert (tmp_path / "image_classification.json").exists() and (tmp_path / "accuracy_vs_epsilon.png").exists()
+
+
+def test_digits_reach_the_stated_accuracy_at_epsilon_3(tmp_path):
+    """The README's claim: the default CNN on scikit-learn's digits, epsilon 3, at least 0.75 test
+    accuracy (measured 0.800 in 20 s on the 2-core EPYC)."""
+    summary = image_classification.main(["--no-baseline", "--epsilons", "3", "--quiet", "--out", str(tmp_path)])
+    run = summary["runs"][0]
+    assert run["epsilon"] <= 3.0 and run["test_accuracy"] >= 0.75
+
+
+def test_image_classification_resumes_each_run_exactly(tmp_path):
+    args = ["--epsilons", "3", "--steps", "6", "--save-every", "2", "--quiet", "--out", str(tmp_path)]
+    straight = image_classification.main(args)["runs"]
+    prefix = ["--checkpoint", str(tmp_path / "ck")]
+    image_classification.main(args + prefix + ["--stop-after", "3"])  # both runs interrupted after 3 steps
+    resumed = image_classification.main(args + prefix)["runs"]
+    for a, b in zip(straight, resumed):
+        assert (a["test_accuracy"], a["epsilon"]) == (b["test_accuracy"], b["epsilon"])
