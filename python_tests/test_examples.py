@@ -74,3 +74,36 @@ def test_image_classification_resumes_each_run_exactly(tmp_path):
     resumed = image_classification.main(args + prefix)["runs"]
     for a, b in zip(straight, resumed):
         assert (a["test_accuracy"], a["epsilon"]) == (b["test_accuracy"], b["epsilon"])
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_e2e_gpt2_quick_trains_decodes_and_scores(tmp_path):
+    """Offline: the generated E2E corpus, a small random GPT-2, PrivateTrainer, greedy decoding,
+    BLEU and ROUGE-L, end to end (the quality claims are the README's measured full runs)."""
+    import e2e_gpt2
+
+    summary = e2e_gpt2.main(["--quick", "--quiet", "--out", str(tmp_path)])
+    runs = {r["run"]: r for r in summary["runs"]}
+    assert set(runs) == {"untrained", "non-private", "epsilon 8"}
+    assert 0.99 * 8 * 0.98 < runs["epsilon 8"]["epsilon"] <= 8.0
+    assert all(0 <= r["bleu"] <= 100 and 0 <= r["rouge_l"] <= 100 for r in runs.values())
+    assert (tmp_path / "e2e_gpt2.json").exists()
+    assert "offline" in summary["data"] and "randomly initialised" in summary["model"]
+
+
+def test_e2e_scores_are_right_on_known_cases():
+    import e2e_gpt2
+
+    assert e2e_gpt2.rouge_l("the cat sat", ["the cat sat"]) == pytest.approx(1.0)
+    assert e2e_gpt2.rouge_l("a b c d", ["a x c y", "q"]) == pytest.approx((1 + 1.44) * 0.5 * 0.5 / (0.5 + 1.44 * 0.5))
+    bleu, rouge = e2e_gpt2.score(["The Eagle is a pub near Burger King."],
+                                 [["The Eagle is a pub near Burger King.", "A pub."]])
+    assert bleu == pytest.approx(100.0) and rouge == pytest.approx(100.0)
+
+
+def test_e2e_corpus_keeps_test_mrs_out_of_training():
+    import e2e_gpt2
+
+    train, test = e2e_gpt2.synthetic_e2e(500, 50, seed=1)
+    assert len(train) == 500 and len(test) == 50 and all(len(refs) == 3 for _, refs in test)
+    assert not {mr for mr, _ in train} & {mr for mr, _ in test}

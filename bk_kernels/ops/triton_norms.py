@@ -251,24 +251,8 @@ def _launch_ghost(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) 
     cfg = dict(config) if config is not None else _ghost_config(a, T, D, P)
     nt = triton.cdiv(T, cfg["BLOCK_T"])
     check_grid("bk::ghost_norm_triton", B * (nt * (nt + 1) // 2))
-    interp = is_interpreter(a.device)
-    return shares_summed(a, g, nt * (nt + 1) // 2, lambda a, g, out, grid: _ghost_grid(a, g, out, grid, cfg, interp))
-
-
-def _ghost_grid(a, g, out, grid, cfg, interp):
-    T, D, P = a.shape[1], a.shape[2], g.shape[2]
-    with on_device(a):  # Triton launches on the current device and stream
-        torch.library.wrap_triton(_ghost_norm_kernel)[grid](
-            a, g, out,
-            T, D, P,
-            a.stride(0), a.stride(1), a.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_KA=cfg["BLOCK_KA"],
-            BLOCK_KG=cfg["BLOCK_KG"],
-            UPCAST=interp,
-            num_warps=_GPU_NUM_WARPS,
-        )
+    return shares_summed(a, g, nt * (nt + 1) // 2,
+                         lambda a, g, out, grid: _launch_grid(_ghost_norm_kernel, a, g, out, grid, cfg))
 
 
 def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None) -> torch.Tensor:
@@ -279,22 +263,19 @@ def _launch_direct(a: torch.Tensor, g: torch.Tensor, config: dict | None = None)
     cfg = dict(config) if config is not None else _direct_config(a, T, D, P)
     tiles = triton.cdiv(D, cfg["BLOCK_D"]) * triton.cdiv(P, cfg["BLOCK_P"])
     check_grid("bk::direct_norm_triton", B * tiles)
-    interp = is_interpreter(a.device)
-    return shares_summed(a, g, tiles, lambda a, g, out, grid: _direct_grid(a, g, out, grid, cfg, interp))
+    return shares_summed(a, g, tiles, lambda a, g, out, grid: _launch_grid(_direct_norm_kernel, a, g, out, grid, cfg))
 
 
-def _direct_grid(a, g, out, grid, cfg, interp):
-    T, D, P = a.shape[1], a.shape[2], g.shape[2]
+def _launch_grid(kernel, a, g, out, grid, blocks):
+    """One launch of a norm kernel (same arguments for both; `blocks` its BLOCK_* sizes)."""
     with on_device(a):  # Triton launches on the current device and stream
-        torch.library.wrap_triton(_direct_norm_kernel)[grid](
+        torch.library.wrap_triton(kernel)[grid](
             a, g, out,
-            T, D, P,
+            a.shape[1], a.shape[2], g.shape[2],
             a.stride(0), a.stride(1), a.stride(2),
             g.stride(0), g.stride(1), g.stride(2),
-            BLOCK_T=cfg["BLOCK_T"],
-            BLOCK_D=cfg["BLOCK_D"],
-            BLOCK_P=cfg["BLOCK_P"],
-            UPCAST=interp,
+            **blocks,
+            UPCAST=is_interpreter(a.device),
             num_warps=_GPU_NUM_WARPS,
         )
 
