@@ -84,6 +84,19 @@ def example_losses(logits, labels, causal):
     return token.sum(1) / (labels != -100).sum(1).clamp(min=1)
 
 
+class _EpsilonOnTheBar(transformers.TrainerCallback):
+    """Shows the epsilon spent so far beside Trainer's progress bar after every step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for callback in self.trainer.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.set_postfix(epsilon=f"{self.trainer.engine.epsilon():.3f}", refresh=False)
+
+
 class PrivateTrainer(transformers.Trainer):
     """transformers.Trainer that trains privately with bk (see the module's docstring).
 
@@ -129,6 +142,7 @@ class PrivateTrainer(transformers.Trainer):
         # The sampling seed: given, or secret (saved in checkpoints, as the noise seed is).
         self._sampling_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._sampler = None
+        self.add_callback(_EpsilonOnTheBar(self))
         self._causal = bool(getattr(self.model, "can_generate", lambda: False)()) and not getattr(
             self.model.config, "is_encoder_decoder", False)
 

@@ -11,7 +11,8 @@ delta = 1/N^1.1.
     python examples/image_classification.py --model vit --epochs 30
     python examples/image_classification.py --dataset cifar10 --data ~/data --device cuda
     python examples/image_classification.py --quick             # a few steps (CI)
-    python examples/image_classification.py --checkpoint ck.pt  # save each run's progress; resume from it
+    python examples/image_classification.py --checkpoint ck.pt  # save each run's progress
+    python examples/image_classification.py --checkpoint ck.pt --resume   # ... and continue from it
 
 Writes OUT/image_classification.json (per run: epsilon, delta, steps, test accuracy, throughput,
 peak memory) and OUT/accuracy_vs_epsilon.png.
@@ -91,7 +92,7 @@ def train_one(args, epsilon, train, test, shape, dev, checkpoint):
         engine.attach(optimizer)
     loader = bk.data.poisson_loader(train, batch_size=batch_size, seed=args.seed)
     done, skip, interrupted = 0, 0, False
-    state = common.load_checkpoint(checkpoint)
+    state = common.load_checkpoint(checkpoint) if args.resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -182,7 +183,8 @@ def main(argv=None):
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping norm R")
     parser.add_argument("--seed", type=int, default=0, help="model, sampling and noise (a public seed is for research)")
     parser.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint file prefix: each run saves and resumes there")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint file prefix: each run saves there")
+    parser.add_argument("--resume", action="store_true", help="continue each run from its checkpoint (--checkpoint)")
     parser.add_argument("--save-every", type=int, default=20, help="steps between checkpoints")
     parser.add_argument("--stop-after", type=int, default=None, help="stop every run after this many steps "
                         "(with --checkpoint: to try resuming)")
@@ -190,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps of two runs: checks the whole path")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint PREFIX (where the runs were saved)")
     if args.quick:
         args.steps, args.epsilons = 3, [8.0]
     dev = common.device(args.device)

@@ -71,7 +71,7 @@ def test_image_classification_resumes_each_run_exactly(tmp_path):
     straight = image_classification.main(args)["runs"]
     prefix = ["--checkpoint", str(tmp_path / "ck")]
     image_classification.main(args + prefix + ["--stop-after", "3"])  # both runs interrupted after 3 steps
-    resumed = image_classification.main(args + prefix)["runs"]
+    resumed = image_classification.main(args + prefix + ["--resume"])["runs"]
     for a, b in zip(straight, resumed):
         assert (a["test_accuracy"], a["epsilon"]) == (b["test_accuracy"], b["epsilon"])
 
