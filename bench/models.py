@@ -39,9 +39,15 @@ CONFIGS = {
     "gpt2-355m": ("gpt2", dict(B=8, T=512, layers=24, width=1024)),
     "llama": ("llama", dict(B=8, T=128)),
     "llama-lora": ("llama", dict(B=8, T=128, lora=True)),
+    # Small batches, where the engine's fixed cost per step and per layer shows (issue 12's sizes)
+    "mlp-B64": ("mlp", dict(B=64)),
+    "cnn-B32": ("cnn", dict(B=32)),
+    "vit-B16": ("vit", dict(B=16)),
+    "gpt2-v8192": ("gpt2", dict(B=8, T=128, layers=4, width=256, vocab=8192)),
 }
-CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora"]
-GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora"]
+SMALL_BATCH = ["mlp-B64", "cnn-B32", "vit-B16", "gpt2-v8192"]
+CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora"] + SMALL_BATCH
+GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora"] + SMALL_BATCH
 # Baselines left out of the default CPU suite for time (--all-methods runs them): at T=512 one
 # step of either takes ~20 s on 2 cores; the T=128 rows show how they compare.
 SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T=128; --all-methods runs it"
@@ -49,8 +55,8 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       # 10 s a step: 15 rounds cost 2.5 of the 15 minutes of `make bench`
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
-for _llama in ("llama", "llama-lora"):  # bk against non-private only: the baselines' rows are GPT-2's
-    SKIP[_llama] = {m: "left out for time; the GPT-2 rows compare the baselines" for m in BASELINES}
+for _config in ("llama", "llama-lora", *SMALL_BATCH):  # bk against non-private only: the baselines are compared
+    SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
          "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64)}
 
