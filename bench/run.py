@@ -26,11 +26,13 @@ for i, arg in enumerate(sys.argv):
 import torch  # noqa: E402
 
 from bench import (clipped_sum, conv, embedding, harness, maxbatch, models, noise, norm_choice,  # noqa: E402
-                   norm_layer, norms, report)
+                   norm_layer, norms, overhead, report)
 
 SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice, "embedding": embedding,
-             "noise": noise, "conv": conv, "norm_layer": norm_layer, "models": models, "max_batch": maxbatch}
-ORDER = ["norms", "clipped_sum", "norm_choice", "embedding", "noise", "conv", "norm_layer", "models", "max_batch"]
+             "noise": noise, "conv": conv, "norm_layer": norm_layer, "overhead": overhead, "models": models,
+             "max_batch": maxbatch}
+ORDER = ["norms", "clipped_sum", "norm_choice", "embedding", "noise", "conv", "norm_layer", "overhead", "models",
+         "max_batch"]
 # The default run leaves out norm_choice (a tuning study of the ghost-or-direct rule, ~1 min):
 # `--scenario norm_choice` runs it.
 DEFAULT = [s for s in ORDER if s != "norm_choice"]

@@ -122,3 +122,12 @@ def test_gpu_bench_smoke(tmp_path):
     assert all("error" not in r and r["fraction"] > 0 for r in report["kernels"]), report["kernels"]
     assert {r["method"] for r in report["gpt2"]["rows"]} >= {"non-private", "bk (cpu)"}
     assert all("ratio" in r for r in report["gpt2"]["rows"]), report["gpt2"]
+
+
+def test_overhead_scenario_fits_per_step_and_per_layer_costs():
+    from bench import overhead
+
+    rows = overhead.run(CPU, torch.float32, True, "test")
+    assert [r["layers"] for r in rows] == [2, 8]
+    assert all(r["bk_us"] > 0 and r["non_private_us"] > 0 for r in rows)
+    assert rows[0]["per_layer_us"] == rows[1]["per_layer_us"] != ""
