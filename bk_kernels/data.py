@@ -37,9 +37,15 @@ class PoissonBatchSampler(Sampler):
 
     def __iter__(self):
         for _ in range(self.steps):
-            # float64 uniforms in [0, 1): P(u < q) = q to within 2^-53 (float32 would be off by up to 2^-24)
-            u = torch.rand(self.num_samples, dtype=torch.float64, generator=self.generator)
-            yield torch.nonzero(u < self.sample_rate).flatten().tolist()
+            yield poisson_sample(self.num_samples, self.sample_rate, self.generator).tolist()
+
+
+def poisson_sample(num_samples, sample_rate, generator):
+    """The indices of one Poisson sample of range(num_samples): each independently with
+    probability sample_rate. float64 uniforms in [0, 1): P(u < q) = q to within 2^-53 (float32
+    would be off by up to 2^-24)."""
+    u = torch.rand(num_samples, dtype=torch.float64, generator=generator)
+    return torch.nonzero(u < sample_rate).flatten()
 
 
 class PoissonDataLoader(DataLoader):

@@ -60,7 +60,7 @@ def test_image_classification_quick_writes_its_summary(tmp_path):
 
 def test_digits_reach_the_stated_accuracy_at_epsilon_3(tmp_path):
     """The README's claim: the default CNN on scikit-learn's digits, epsilon 3, at least 0.75 test
-    accuracy (measured 0.800 in 20 s on the 2-core EPYC)."""
+    accuracy (measured 0.800 in 10.5 s on the 2-core EPYC)."""
     summary = image_classification.main(["--no-baseline", "--epsilons", "3", "--quiet", "--out", str(tmp_path)])
     run = summary["runs"][0]
     assert run["epsilon"] <= 3.0 and run["test_accuracy"] >= 0.75

@@ -121,6 +121,14 @@ class BKLayer:
             return x.unflatten(0, (B, n // B))
         raise self._bk_layout_error(x, dim)
 
+    def _bk_row_wise(self, x, dim, apply):
+        """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows
+        folded example-major come in as [B, k, ...] and the output goes back as the caller
+        gave them."""
+        xe = self._bk_examples(x, dim, fold_rows=True)
+        y = apply(xe)
+        return y.flatten(0, 1) if xe.dim() > x.dim() else y
+
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""
         if self._bk_engine is None:

@@ -112,9 +112,7 @@ def linear(layer, x, weight, bias=None, *, transposed=False):
     (bk.register_layer). x is checked against the batch like every bk layer's input (a
     [1, T, d] input is expanded to the batch). transposed: weight stored [in, out] (GPT-2's Conv1D)."""
     bdim = layer._bk_batch_dim(x)
-    xe = layer._bk_examples(x, bdim, fold_rows=True)
-    y = _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim)
-    return y.flatten(0, 1) if xe.dim() > x.dim() else y  # rows folded back as the caller gave them
+    return layer._bk_row_wise(x, bdim, lambda xe: _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim))
 
 
 register_layer(torch.nn.Linear, Linear)

@@ -102,9 +102,7 @@ class _LastDimsNorm(BKLayer):
 
     def _bk_forward(self, x, bias):
         bdim = self._bk_batch_dim(x, len(self.normalized_shape))
-        xe = self._bk_examples(x, bdim, fold_rows=True)
-        y = _AffineNormFn.apply(xe, self.weight, bias, self, bdim)
-        return y.flatten(0, 1) if xe.dim() > x.dim() else y  # rows folded back as the caller gave them
+        return self._bk_row_wise(x, bdim, lambda xe: _AffineNormFn.apply(xe, self.weight, bias, self, bdim))
 
 
 class LayerNorm(_LastDimsNorm, torch.nn.LayerNorm):

@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    on_device,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -49,6 +48,7 @@ from .triton_common import (
     dtype_tag,
     is_interpreter,
     kernels_interpreted,
+    on_device,
     out_dtype,
 )
 

@@ -46,8 +46,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    on_device,
-    shares_summed,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -60,7 +58,9 @@ from .triton_common import (
     gram_tile,
     is_interpreter,
     kernels_interpreted,
+    on_device,
     out_dtype,
+    shares_summed,
 )
 
 __all__ = ["embedding_norm_triton", "embedding_clipped_sum_triton", "aot_compile_specs"]

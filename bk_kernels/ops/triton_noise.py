@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    on_device,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
     as_jit_function,
@@ -46,6 +45,7 @@ from .triton_common import (
     dtype_tag,
     is_interpreter,
     kernels_interpreted,
+    on_device,
 )
 
 __all__ = ["add_noise_triton", "aot_compile_specs"]

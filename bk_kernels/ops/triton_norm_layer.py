@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    on_device,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
     as_jit_function,
@@ -36,6 +35,7 @@ from .triton_common import (
     dtype_tag,
     is_interpreter,
     kernels_interpreted,
+    on_device,
     out_dtype,
 )
 

@@ -35,8 +35,6 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    on_device,
-    shares_summed,
     MIN_BLOCK,
     SUPPORTED_DTYPES,
     TRITON_PTR_TYPE,
@@ -50,7 +48,9 @@ from .triton_common import (
     gram_tile,
     is_interpreter,
     kernels_interpreted,
+    on_device,
     out_dtype,
+    shares_summed,
 )
 
 __all__ = [

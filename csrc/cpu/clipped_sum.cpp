@@ -35,19 +35,15 @@ void accumulate_blas(const at::Tensor& a, const at::Tensor& g, const at::Tensor&
   const int64_t B = a.size(0), T = a.size(1), d = a.size(2), p = g.size(2);
   const bool scale_a = d <= p;
   const int64_t chunk = std::max<int64_t>(1, kScaledChunk / std::max<int64_t>(T * std::min(d, p), 1));
-  at::Tensor wv = w;  // addmm_ into the caller's buffer
   for (int64_t lo = 0; lo < B; lo += chunk) {
     const int64_t n = std::min(chunk, B - lo);
     const at::Tensor cn = c.narrow(0, lo, n);
     const at::Tensor an = a.narrow(0, lo, n), gn = g.narrow(0, lo, n);
     const at::Tensor rows_a = (scale_a ? an * cn.view({n, 1, 1}) : an).reshape({n * T, d});
     const at::Tensor rows_g = (scale_a ? gn : gn * cn.view({n, 1, 1})).reshape({n * T, p});
-    wv.addmm_(rows_g.t(), rows_a);
-    if (b) {
-      at::Tensor bv = *b;
-      if (scale_a) bv.addmv_(gn.sum(1).t(), cn);  // sum_b c_b sum_t g_b,t
-      else bv.add_(rows_g.sum(0));
-    }
+    w.addmm_(rows_g.t(), rows_a);  // into the caller's buffer
+    if (b && scale_a) b->addmv_(gn.sum(1).t(), cn);  // sum_b c_b sum_t g_b,t
+    else if (b) b->add_(rows_g.sum(0));
   }
 }
 

@@ -141,6 +141,15 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned grid_x(int64_t n) { return static_cast<unsigned>(std::min(std::max<int64_t>(n, 1), kMaxGridX)); }
 inline unsigned grid_yz(int64_t n) { return static_cast<unsigned>(std::min(std::max<int64_t>(n, 1), kMaxGridYZ)); }
 
+// out[b] = the sum, in a fixed order, of shares[b, 0 .. per_example) (dev::add_share); nothing
+// without shares (the shares were added atomically).
+template <typename acc_t>
+void launch_sum_shares(const void* shares, int64_t per_example, void* out, int64_t B, cudaStream_t stream) {
+  if (shares == nullptr) return;
+  dev::sum_shares_kernel<acc_t><<<grid_x(std::min<int64_t>(B, kMaxGridYZ)), 256, 0, stream>>>(
+      static_cast<const acc_t*>(shares), per_example, static_cast<acc_t*>(out), B);
+}
+
 // Multiprocessors of the current device (1 if the query fails: launches then stay correct,
 // only smaller).
 inline int sm_count() {

@@ -345,9 +345,7 @@ cudaError_t norm_typed(Ids ids, Operand3d g, bool has_pad, int64_t pad, void* ou
   norm_groups_kernel<scalar_t><<<group_grid(N, d), kColThreads, 0, stream>>>(
       ws.items, ws.starts, ws.count, N, static_cast<unsigned int>(T), typed<scalar_t>(g), d,
       static_cast<acc_t*>(out), static_cast<acc_t*>(shares), ncb);
-  if (shares != nullptr)
-    dev::sum_shares_kernel<acc_t><<<grid_x(std::min<int64_t>(B, 65535)), kThreads, 0, stream>>>(
-        static_cast<const acc_t*>(shares), T * ncb, static_cast<acc_t*>(out), B);
+  launch_sum_shares<acc_t>(shares, T * ncb, out, B, stream);
   return cudaGetLastError();
 }
 

@@ -472,14 +472,6 @@ int64_t ghost_tiles(int64_t T) {
 
 int64_t direct_tiles(int64_t d, int64_t p) { return ((d + kTile - 1) / kTile) * ((p + kTile - 1) / kTile); }
 
-// With shares, the tiles' shares are summed per example afterwards, in a fixed order.
-template <typename acc_t>
-void sum_shares(void* shares, int64_t per_example, void* out, int64_t B, cudaStream_t stream) {
-  if (shares == nullptr) return;
-  dev::sum_shares_kernel<acc_t><<<grid_x(std::min<int64_t>(B, 65535)), kThreads, 0, stream>>>(
-      static_cast<const acc_t*>(shares), per_example, static_cast<acc_t*>(out), B);
-}
-
 template <typename scalar_t>
 void launch_ghost(const Operand3d& a, const Operand3d& g, void* out, void* shares, int64_t B,
                   int64_t T, int64_t d, int64_t p, cudaStream_t stream, bool wmma_ok) {
@@ -499,7 +491,7 @@ void launch_ghost(const Operand3d& a, const Operand3d& g, void* out, void* share
     ghost_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), static_cast<acc_t*>(shares), B, T, d,
         p, npairs);
-  sum_shares<acc_t>(shares, npairs, out, B, stream);
+  launch_sum_shares<acc_t>(shares, npairs, out, B, stream);
 }
 
 template <typename scalar_t>
@@ -522,7 +514,7 @@ void launch_direct(const Operand3d& a, const Operand3d& g, void* out, void* shar
     direct_simt_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         typed<scalar_t>(a), typed<scalar_t>(g), static_cast<acc_t*>(out), static_cast<acc_t*>(shares), B, T, d,
         p, nblk_p, ntiles);
-  sum_shares<acc_t>(shares, ntiles, out, B, stream);
+  launch_sum_shares<acc_t>(shares, ntiles, out, B, stream);
 }
 
 enum class Algo { ghost, direct };
