@@ -7,6 +7,7 @@ anything is changed.
 """
 import torch
 
+from . import _fsdp
 from . import nn as bknn
 from .nn import families
 from .nn.generic import generic_class, is_generic
@@ -65,6 +66,9 @@ def convert(model):
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"bk.convert: expected a torch.nn.Module, got {type(model).__name__}")
+    if _fsdp.is_fsdp2(model):  # fully_shard swapped the classes already, and the parameters are shards
+        raise TypeError("bk.convert: the model is already sharded by fully_shard; call bk.convert(model) first, then "
+                        "fully_shard, then bk.distributed.DistributedPrivacyEngine")
     swaps, problems = _plan(model)
     if problems:
         lines = "\n".join(f"  {path} ({type_name}): {why}" for path, type_name, why in problems)

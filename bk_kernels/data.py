@@ -215,18 +215,23 @@ def micro_batches(batch, max_size):
     backwards add their clipped sums, and the step adds noise once, divides by the engine's
     batch_size (the expected batch size) and counts one step for the accountant.
     """
+    return _chunks(batch, _batch_size_of(batch, max_size), max_size)
+
+
+def _batch_size_of(batch, max_size, who="micro_batches"):
+    """The batch's size (its tensors' common first dim), after checking the arguments."""
     if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size <= 0:
-        raise ValueError(f"micro_batches: max_size must be a positive int, got {max_size!r}")
+        raise ValueError(f"{who}: max_size must be a positive int, got {max_size!r}")
     leaves = []
     _tensor_leaves(batch, "batch", leaves)
     if not leaves:
-        raise ValueError("micro_batches: the batch holds no tensor")
+        raise ValueError(f"{who}: the batch holds no tensor")
     sizes = {path: t.shape[0] for path, t in leaves}
     n = leaves[0][1].shape[0]
     if any(s != n for s in sizes.values()):
-        raise ValueError(f"micro_batches: the tensors of the batch disagree on the batch size (first dimension): "
+        raise ValueError(f"{who}: the tensors of the batch disagree on the batch size (first dimension): "
                          f"{', '.join(f'{p}: {s}' for p, s in sizes.items())}")
-    return _chunks(batch, n, max_size)
+    return n
 
 
 def _chunks(batch, n, max_size):
@@ -253,15 +258,20 @@ def _tensor_leaves(batch, path, out):
 
 
 def _slice(batch, start, stop):
+    return _map_batch(batch, lambda t: t[start:stop])
+
+
+def _map_batch(batch, fn):
+    """The batch's structure with fn(tensor) for every tensor."""
     if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
+        return fn(batch)
     if isinstance(batch, Mapping):
-        items = {k: _slice(v, start, stop) for k, v in batch.items()}
+        items = {k: _map_batch(v, fn) for k, v in batch.items()}
         try:
             return type(batch)(items)
         except TypeError:
             return items
-    items = [_slice(v, start, stop) for v in batch]
+    items = [_map_batch(v, fn) for v in batch]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*items)
     return type(batch)(items)

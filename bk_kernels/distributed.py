@@ -26,15 +26,20 @@ shard (indices r, r + W, r + 2W, ...) independently with probability q from a ge
 so the union over ranks is a Poisson sample of the whole dataset.
 """
 import hashlib
+import threading
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Subset, default_collate
 
-from .data import PoissonDataLoader, _check_loader_args, epoch_steps
+from . import _fsdp, ops
+from ._fsdp import DTensor
+from .data import PoissonDataLoader, _batch_size_of, _check_loader_args, _chunks, _map_batch, epoch_steps
 from .engine import PrivacyEngine
+from .ops._norm_common import accumulation_dtype
 
-__all__ = ["DistributedPrivacyEngine", "poisson_loader"]
+__all__ = ["DistributedPrivacyEngine", "micro_batches", "poisson_loader"]
 
 # Gradients are all-reduced in flat buckets of at most this many bytes (one collective per bucket).
 BUCKET_BYTES = 64 << 20
@@ -57,33 +62,109 @@ class DistributedPrivacyEngine(PrivacyEngine):
     the ranks first agree that every one of them is ready (had a backward, no bad input): if one
     is not, all raise and no parameter moves anywhere.
 
+    Sharded models (FSDP2, `fully_shard`; docs/DESIGN.md "Sharded training"): call bk.convert,
+    then fully_shard on the blocks and the root, then make this engine. Each rank then keeps
+    its examples' clipped contributions in factored form (the layers' a and g with the clip
+    factors) until optimizer.step(), where, one parameter at a time, the full-size clipped
+    sum is formed, reduce-scattered into the rank's shard (one collective per parameter per
+    step, whatever the number of backwards) and noised there: element i of a parameter gets
+    the draw single-process training gives it (Philox counter offset + i), so every element
+    is drawn exactly once over the ranks, and a run is reproducible for any world size.
+    Sharded parameters are not broadcast (each rank keeps its own slice, as FSDP2 does: build
+    the model identically on every rank); replicated parameters and buffers are.
+
     Not supported: torch.amp.GradScaler (a rank's fp16 overflow would have to skip the step on
     every rank; use bf16 autocast, which needs no scaler).
     """
+
+    _shards_parameters = True
 
     def __init__(self, model, *, process_group=None, **engine_kwargs):
         self.process_group = process_group
         self.rank, self.world_size = _group_rank_and_size(process_group)
         self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        self._pending = defaultdict(list)  # id(sharded p) -> [(uses, clip factors)] until the step
         super().__init__(model, **engine_kwargs)
         try:
+            self._shards = self._find_shards(model)  # id(sharded p) -> _fsdp.Shard0
             self._check_ranks_agree()
         except ValueError:
             self.detach()  # leave the model as it was
             raise
-        with torch.no_grad():  # every rank starts from rank 0's model
+        with torch.no_grad():  # every rank starts from rank 0's model (its replicated part)
             for t in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(t.data, src=self._src, group=process_group)
+                if not _fsdp.is_sharded(t):
+                    dist.broadcast(t.data, src=self._src, group=process_group)
         seed = [self._seed]
         dist.broadcast_object_list(seed, src=self._src, group=process_group)
         self._seed = seed[0]
+
+    def _find_shards(self, model):
+        """The sharded parameters, where each rank's part lies, and FSDP2's unsharded stand-ins."""
+        self._fsdp_params = {id(sp): fp for sp, fp in _fsdp.fsdp_params(model)}
+        self._stand_ins = {}  # id(unsharded Parameter) -> (it, sharded p)
+        shards = {}
+        group_ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        for p in self._params:
+            if not _fsdp.is_sharded(p):
+                continue
+            name = self._names[id(p)]
+            if id(p) not in self._fsdp_params:
+                raise ValueError(f"DistributedPrivacyEngine: parameter {name!r} is a DTensor that fully_shard does not "
+                                 "manage; only FSDP2's sharding is supported")
+            if getattr(self._fsdp_params[id(p)], "offload_to_cpu", False):
+                raise ValueError(f"DistributedPrivacyEngine: parameter {name!r} is offloaded to the CPU "
+                                 "(fully_shard's CPUOffloadPolicy), which is not supported yet")
+            shard = _fsdp.Shard0(p, name)
+            if dist.get_process_group_ranks(shard.group) != group_ranks:
+                raise ValueError(f"DistributedPrivacyEngine: parameter {name!r} is sharded over ranks "
+                                 f"{dist.get_process_group_ranks(shard.group)}, but the engine's process group holds "
+                                 f"{group_ranks}; shard over the same ranks the engine sums over")
+            shards[id(p)] = shard
+        return shards
+
+    def _engine_param(self, module, p):
+        """FSDP2's unsharded stand-in (what the layer saw) -> the sharded Parameter."""
+        if self._shards and id(p) not in self._unit_of:
+            if id(p) not in self._stand_ins:
+                self._map_stand_ins()
+            if id(p) in self._stand_ins:
+                return self._stand_ins[id(p)][1]
+        return super()._engine_param(module, p)
+
+    def _map_stand_ins(self):
+        by_id = {id(p): p for p in self._params}
+        for id_p, fsdp_param in self._fsdp_params.items():
+            unsharded = _fsdp.unsharded_of(fsdp_param)
+            if unsharded is not None and id(unsharded) not in self._stand_ins and id_p in by_id:
+                self._stand_ins[id(unsharded)] = (unsharded, by_id[id_p])
+                # An ordinary gradient reaches the stand-in (FSDP2 would reduce it into the shard)
+                self._hooks.append(unsharded.register_hook(self._make_guard(self._names[id_p])))
+
+    def _forward_starts(self, args, kwargs):
+        super()._forward_starts(args, kwargs)
+        self._padding_forward = getattr(_padding, "current", False)
+
+    def _finish_backward(self):
+        if getattr(self, "_padding_forward", False):  # micro_batches' padding: its backward adds nothing
+            self._reset_backward_state()
+            self._ready_for_step = True
+            return
+        super()._finish_backward()
+
+    def _add_clipped(self, p, uses, c):
+        if id(p) in self._shards:  # kept factored until the step's reduce-scatter
+            self._pending[id(p)].append((uses, c))
+        else:
+            super()._add_clipped(p, uses, c)
 
     def _check_ranks_agree(self):
         mine = {"batch_size": self.batch_size, "sample_size": self.sample_size,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "clipping_fn": self.clipping_fn, "gamma": self.gamma, "clipping_style": repr(self.clipping_style),
                 "loss_reduction": self.loss_reduction, "accountant": self.accountant, "batch_first": self.batch_first,
-                "target_delta": self.target_delta, "parameters": self._parameter_signature()}
+                "target_delta": self.target_delta, "parameters": self._parameter_signature(),
+                "sharding": sorted((self._names[i], s.world, s.chunk) for i, s in self._shards.items())}
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.process_group)
         for r, theirs in enumerate(everyone):
@@ -114,17 +195,81 @@ class DistributedPrivacyEngine(PrivacyEngine):
         if flag.item() > 0:
             raise RuntimeError("DistributedPrivacyEngine: another rank could not take this step (see its error): no "
                                "parameter moved, no noise was added and no privacy budget was spent")
-        # Only rank 0 draws noise; every rank divides by the global batch size; the sum over
-        # ranks then holds one draw of noise per coordinate.
-        self._noise_and_scale(add_noise=self.rank == 0)
-        self._all_reduce_grads()
+        if self._shards:
+            self._step_shards()
+        else:
+            # Only rank 0 draws noise; every rank divides by the global batch size; the sum over
+            # ranks then holds one draw of noise per coordinate.
+            self._noise_and_scale(add_noise=self.rank == 0)
+            self._all_reduce_grads(self._params)
         self.steps += 1
         self._spend()
         self._ready_for_step = False
 
-    def _all_reduce_grads(self):
-        buckets, current, current_key, size = [], [], None, 0  # consecutive grads of one device and dtype
+    def _step_shards(self):
+        """Noise and 1/B for a model sharded by FSDP2, parameter by parameter in model order (the
+        noise counters advance as in one process): a sharded parameter's clipped sum is formed
+        at full size, reduce-scattered, and its shard noised with its own elements' counters;
+        a replicated one is noised by rank 0 and all-reduced, as without sharding."""
+        std, scale = self.noise_multiplier * self.max_grad_norm, 1.0 / self.batch_size
+        replicated = []
         for p in self._params:
+            shard = self._shards.get(id(p))
+            if shard is None:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if std > 0 and self.rank == 0:
+                    ops.add_noise_(p.grad, std, scale, self._seed, self._noise_offset, backend=self.backend)
+                else:
+                    p.grad.div_(self.batch_size)
+                replicated.append(p)
+            else:
+                local = shard.reduce_scatter(self._clipped_sum_of_pending(p))  # only this one at full size
+                if p.grad is not None:  # no zero_grad since the last step: add, as one process does
+                    local += p.grad.to_local().reshape(local.shape)
+                if std > 0:
+                    ops.add_noise_(local, std, scale, self._seed, self._noise_offset + shard.first_element(),
+                                   backend=self.backend)
+                else:
+                    local.mul_(scale)
+                local = local.view(p.to_local().shape).to(p.dtype)
+                if p.grad is None:
+                    p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                                shape=p.shape, stride=p.stride())
+                else:
+                    p.grad.to_local().copy_(local)
+            self._noise_offset += (p.numel() + 3) // 4 * 4
+        self._pending.clear()
+        self._all_reduce_grads(replicated)
+
+    def _clipped_sum_of_pending(self, p):
+        """sum over this step's backwards of sum_b C_b G_b, at p's full (unsharded) shape, in the
+        accumulation dtype (float32 for 16-bit and float32 parameters)."""
+        full = None
+        for uses, c in self._pending.pop(id(p), []):
+            c = c.to(p.device)
+            for use in uses:
+                if full is None:
+                    full = use.clipped(c, self.backend)
+                    if full is not None:
+                        continue
+                    full = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
+                use.add_clipped(full, c, self.backend)
+        if full is None:  # no example of this rank used p: it still joins the reduce-scatter
+            full = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
+        return full
+
+    def _zero_grad(self):
+        super()._zero_grad()
+        self._pending.clear()
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._pending.clear()
+
+    def _all_reduce_grads(self, params):
+        buckets, current, current_key, size = [], [], None, 0  # consecutive grads of one device and dtype
+        for p in params:
             key, nbytes = (p.grad.device, p.grad.dtype), p.grad.numel() * p.grad.element_size()
             if current and (key != current_key or size + nbytes > BUCKET_BYTES):
                 buckets.append(current)
@@ -181,6 +326,46 @@ def poisson_loader(dataset, sample_rate=None, batch_size=None, *, rank=None, wor
     shard = Subset(dataset, range(rank, n, world_size))
     return PoissonDataLoader(shard, q, epoch_steps(q), generator, collate_fn or default_collate,
                              num_workers=num_workers, pin_memory=pin_memory, **loader_kwargs)
+
+
+def micro_batches(batch, max_size, *, process_group=None):
+    """bk.data.micro_batches for data-parallel and sharded training: this rank's batch in
+    chunks of at most `max_size` examples, and as many chunks on every rank (the most any rank
+    needs, at least one). Poisson batches differ in size across ranks, and a model sharded by
+    fully_shard must run the same number of forwards and backwards on every rank: its
+    collectives would wait forever otherwise.
+
+    A rank with fewer chunks gets padding chunks: ONE all-zero example with the batch's
+    structure, dtypes and trailing shapes (models such as HF's attention cannot run on zero
+    examples). Run forward and backward on it like any chunk: the engine knows it while the
+    chunk is current (until the next one is drawn), keeps nothing of its backward and counts
+    no example of it. A generator: iterate it in the training loop (the padding is only known
+    as such while its chunk is the one being trained on). One small all-reduce per batch."""
+    n = _batch_size_of(batch, max_size, "bk.distributed.micro_batches")
+    _group_rank_and_size(process_group)
+    return _padded_chunks(batch, n, max_size, process_group)
+
+
+_padding = threading.local()  # .current: the chunk being trained on is padding (micro_batches)
+
+
+def _padded_chunks(batch, n, max_size, process_group):
+    count = torch.tensor([max(1, -(-n // max_size))])
+    if dist.get_backend(process_group) == "nccl":
+        count = count.cuda()
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=process_group)
+    count = int(count.item())
+    done = 0
+    if n:
+        for chunk in _chunks(batch, n, max_size):
+            yield chunk
+            done += 1
+    for _ in range(count - done):
+        _padding.current = True
+        try:
+            yield _map_batch(batch, lambda t: t.new_zeros((1, *t.shape[1:])))
+        finally:
+            _padding.current = False
 
 
 def _mix(seed, rank):

@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from . import accounting, ops
+from . import _fsdp, accounting, ops
 from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, check_declared_layouts
@@ -30,6 +30,8 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 
 class PrivacyEngine:
+    _shards_parameters = False  # DistributedPrivacyEngine takes FSDP2-sharded models
+
     def __init__(self, model, *, batch_size, sample_size, epochs=None, steps=None, target_epsilon=None,
                  noise_multiplier=None, target_delta=None, max_grad_norm=1.0, clipping_fn="abadi",
                  clipping_style="all-layer", clipping_mode="auto", backend="auto", loss_reduction="mean",
@@ -39,6 +41,16 @@ class PrivacyEngine:
                 f"PrivacyEngine: the model is wrapped in {type(model).__name__}, which averages the ordinary "
                 "gradients that bk layers never produce. Give the unwrapped module; for data-parallel training "
                 "use bk.distributed.DistributedPrivacyEngine, which sums the clipped gradients across ranks")
+        if _fsdp.is_fsdp1(model):
+            raise TypeError(
+                "PrivacyEngine: the model holds FullyShardedDataParallel (FSDP1) wrappers, which reduce the ordinary "
+                "gradients that bk layers never produce. Use FSDP2 instead: bk.convert(model), then "
+                "torch.distributed.fsdp.fully_shard on the blocks and the root, then "
+                "bk.distributed.DistributedPrivacyEngine(model, ...)")
+        if _fsdp.is_fsdp2(model) and not self._shards_parameters:
+            raise TypeError(
+                "PrivacyEngine: the model is sharded by fully_shard (FSDP2); use "
+                "bk.distributed.DistributedPrivacyEngine, which reduce-scatters the clipped gradients into the shards")
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(sample_size, "sample_size")
         if batch_size > sample_size:
@@ -208,7 +220,7 @@ class PrivacyEngine:
         # Bound methods (not plain functions), so that an LR scheduler made after attach can wrap
         # them like the class's own; once detached they pass straight through.
         def step(opt, *args, **kwargs):
-            if engine._optimizer is opt:
+            if engine._optimizer is opt and not engine._is_state_init_step(opt):
                 engine._privatize()
             return original_step(*args, **kwargs)
 
@@ -226,6 +238,16 @@ class PrivacyEngine:
         self._saved_methods = saved
         return optimizer
 
+    def _is_state_init_step(self, optimizer):
+        """torch.distributed.checkpoint's get_state_dict makes a fresh optimizer's state with one
+        step() on all-zero gradients at learning rate 0 (no backward before it). No data is in
+        it and nothing moves: it passes through, neither noised nor counted."""
+        if self._ready_for_step or self._overflow or not self._params:
+            return False
+        if any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
+            return False
+        return all(p.grad is not None and not p.grad.any() for p in self._params)
+
     def _check_optimizer_params(self, optimizer):
         known = {id(p) for p in self._params}
         for i, group in enumerate(optimizer.param_groups):
@@ -234,7 +256,9 @@ class PrivacyEngine:
                     raise ValueError(
                         f"PrivacyEngine: the optimizer's param group {i} holds a trainable parameter of shape "
                         f"{tuple(p.shape)} that is not part of the model given to the engine, so it would be "
-                        "trained without clipping or noise")
+                        "trained without clipping or noise" + (
+                            " (it is a sharded DTensor: make the engine after fully_shard, and the optimizer "
+                            "from model.parameters() after that)" if _fsdp.is_sharded(p) else ""))
 
     def detach(self):
         """Restores the optimizer and the modules to non-private training."""
@@ -266,10 +290,22 @@ class PrivacyEngine:
         """Called by a bk layer's backward with [(param, use)]."""
         self._queue_finish()  # already queued when the backward came through the model's output
         for p, use in uses:
+            p = self._engine_param(module, p)
             use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
             self._uses[id(p)].append(use)
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
+
+    def _engine_param(self, module, p):
+        """The engine's Parameter for the one a layer's backward saw (the same one here; FSDP2's
+        unsharded stand-in maps to its sharded Parameter in DistributedPrivacyEngine)."""
+        if id(p) not in self._unit_of:
+            raise RuntimeError(
+                f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) used a parameter of shape "
+                f"{tuple(p.shape)} that the engine does not know: the model's parameters were replaced after the "
+                "engine was made (fully_shard, to_empty, load_state_dict(assign=True)?). Make the engine last, "
+                "after bk.convert and fully_shard")
+        return p
 
     def _finish_backward(self):
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
@@ -321,15 +357,19 @@ class PrivacyEngine:
         by_id = {id(p): p for p in self._params}
         for id_p, us in uses.items():
             p = by_id[id_p]
-            c = factors[self._unit_of[id_p]].to(p.device)
-            for use in us:
-                if p.grad is None:  # the first sum writes the gradient (no zero fill to add into)
-                    fresh = use.clipped(c, self.backend)
-                    p.grad = fresh.to(p.dtype) if fresh is not None else torch.zeros_like(p)
-                    if fresh is not None:
-                        continue
-                use.add_clipped(p.grad, c, self.backend)
+            self._add_clipped(p, us, factors[self._unit_of[id_p]])
         self._ready_for_step = True
+
+    def _add_clipped(self, p, uses, c):
+        """p.grad += sum_b c_b G_b over the uses of p in this backward."""
+        c = c.to(p.device)
+        for use in uses:
+            if p.grad is None:  # the first sum writes the gradient (no zero fill to add into)
+                fresh = use.clipped(c, self.backend)
+                p.grad = fresh.to(p.dtype) if fresh is not None else torch.zeros_like(p)
+                if fresh is not None:
+                    continue
+            use.add_clipped(p.grad, c, self.backend)
 
     def _loss_scale(self):
         if self._grad_scaler is None or not self._grad_scaler.is_enabled():

@@ -16,10 +16,10 @@ from python_tests import dist_worker
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_ranks(scenario, world, tmp_path):
+def run_ranks(scenario, world, tmp_path, worker="python_tests.dist_worker"):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, "-m", "python_tests.dist_worker", scenario, str(rank), str(world),
+    procs = [subprocess.Popen([sys.executable, "-m", worker, scenario, str(rank), str(world),
                                str(tmp_path / "init"), str(tmp_path)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(world)]
