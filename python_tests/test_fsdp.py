@@ -1,7 +1,6 @@
 """Private training of FSDP2-sharded models (fully_shard) with bk.distributed on the CPU with
 gloo: each scenario runs python_tests/fsdp_worker.py in WORLD processes and is compared with one
 process training on the union of the ranks' batches (float64)."""
-
 import pytest
 import torch
 
