@@ -25,17 +25,17 @@ for i, arg in enumerate(sys.argv):
 
 import torch  # noqa: E402
 
-from bench import (clipped_sum, conv, embedding, harness, maxbatch, models, noise, norm_choice,  # noqa: E402
-                   norm_layer, norms, overhead, report)
+from bench import (clipped_sum, conv, embedding, fsdp_memory, harness, maxbatch, models, noise,  # noqa: E402
+                   norm_choice, norm_layer, norms, overhead, report)
 
 SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice, "embedding": embedding,
              "noise": noise, "conv": conv, "norm_layer": norm_layer, "overhead": overhead, "models": models,
-             "max_batch": maxbatch}
+             "max_batch": maxbatch, "fsdp": fsdp_memory}
 ORDER = ["norms", "clipped_sum", "norm_choice", "embedding", "noise", "conv", "norm_layer", "overhead", "models",
-         "max_batch"]
-# The default run leaves out norm_choice (a tuning study of the ghost-or-direct rule, ~1 min):
-# `--scenario norm_choice` runs it.
-DEFAULT = [s for s in ORDER if s != "norm_choice"]
+         "max_batch", "fsdp"]
+# The default run leaves out norm_choice (a tuning study of the ghost-or-direct rule, ~1 min) and
+# fsdp (sharded memory on 1, 2 and 4 gloo processes, ~2 min): `--scenario NAME` runs them.
+DEFAULT = [s for s in ORDER if s not in ("norm_choice", "fsdp")]
 
 
 def main():

@@ -131,3 +131,17 @@ def test_overhead_scenario_fits_per_step_and_per_layer_costs():
     assert [r["layers"] for r in rows] == [2, 8]
     assert all(r["bk_us"] > 0 and r["non_private_us"] > 0 for r in rows)
     assert rows[0]["per_layer_us"] == rows[1]["per_layer_us"] != ""
+
+
+def test_fsdp_memory_scenario_quick():
+    """bench/fsdp_memory.py --quick: a tiny Llama on 1 and 2 gloo processes, bk and non-private;
+    each rank's parameters, gradients and AdamW state are half of one process's at W = 2."""
+    from bench import fsdp_memory
+
+    rows = fsdp_memory.run(CPU, torch.float32, True, "test")
+    by = {(r["method"], r["W"]): r for r in rows}
+    assert set(by) == {(m, w) for m in fsdp_memory.METHODS for w in fsdp_memory.QUICK_WORLDS}
+    for method in fsdp_memory.METHODS:
+        one, two = by[(method, 1)], by[(method, 2)]
+        assert one["grad_MiB"] == one["param_MiB"] > 0 and one["optim_MiB"] == 2 * one["param_MiB"]
+        assert two["state_vs_W1"] <= 0.51 and two["peak_rss_extra_MiB"] > 0

@@ -1,0 +1,147 @@
+"""Sharded private training (FSDP2 + bk.distributed) on W = 1, 2, 4 gloo processes: memory per
+rank for parameters, gradients and optimizer state, and the peak RSS a rank adds while training.
+
+An HF Llama-style model (LlamaForCausalLM: RMSNorm, grouped-query attention, SwiGLU, untied head),
+fully_shard on every decoder layer and on the root, AdamW; each rank trains on B / W examples of
+a fixed global batch B (same shapes at every W). Every (W, method) runs in fresh processes:
+bk (DistributedPrivacyEngine, noise included) and non-private FSDP2 on the same model. The bytes
+of parameters, gradients and AdamW state are counted from each rank's local shards (exact); the
+peak RSS is VmHWM minus the RSS before the model was built (it also holds activations, the
+collectives' buffers and the allocator's slack). With W processes on a machine of fewer cores the
+step times are not a speed measure.
+
+    python bench/run.py --scenario fsdp            # or: python -m bench.fsdp_memory (one table)
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench import harness
+
+WORLDS = (1, 2, 4)
+QUICK_WORLDS = (1, 2)
+CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False)
+QUICK_CONFIG = dict(CONFIG, hidden_size=128, intermediate_size=344, num_hidden_layers=2, vocab_size=2048)
+BATCH, SEQ, STEPS = 8, 64, 3
+METHODS = ("non-private", "bk")
+
+
+def _rank_main(method, rank, world, init_file, out_file, quick):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import bk_kernels as bk
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _ = transformers.LlamaForCausalLM  # transformers loads its modeling code lazily: before the baseline
+    baseline = harness._status_kib("VmRSS") * 1024
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**(QUICK_CONFIG if quick else CONFIG))
+    model = transformers.LlamaForCausalLM(config)
+    if method == "bk":
+        model = bk.convert(model)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if method == "bk":
+        engine = bk.distributed.DistributedPrivacyEngine(model, batch_size=BATCH, sample_size=1000 * BATCH,
+                                                         noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+        opt = engine.attach(opt)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=gen)[rank::world]
+    times, grad_bytes = [], 0
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        grad_bytes = sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+        opt.zero_grad()
+    row = dict(method=method, world=world, rank=rank,
+               params=sum(p.numel() for p in model.parameters()),
+               param_bytes=sum(_local_bytes(p) for p in model.parameters()), grad_bytes=grad_bytes,
+               optim_bytes=sum(_local_bytes(t) for s in opt.state.values() for t in s.values()
+                               if isinstance(t, torch.Tensor) and t.dim() > 0),
+               peak_rss_extra=harness._status_kib("VmHWM") * 1024 - baseline,
+               step_s=sorted(times)[len(times) // 2])
+    with open(out_file, "w") as f:
+        json.dump(row, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _local_bytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def _run_world(method, world, quick):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [subprocess.Popen([sys.executable, "-m", "bench.fsdp_memory", "--rank", method, str(r), str(world),
+                                   f"{tmp}/init", f"{tmp}/rank{r}.json", "1" if quick else "0"], cwd=root, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in range(world)]
+        logs = [p.communicate(timeout=1800)[0] for p in procs]
+        for r, (p, log) in enumerate(zip(procs, logs)):
+            if p.returncode:
+                raise RuntimeError(f"fsdp_memory: {method} W={world} rank {r} failed:\n{log[-4000:]}")
+        ranks = []
+        for r in range(world):
+            with open(f"{tmp}/rank{r}.json") as f:
+                ranks.append(json.load(f))
+    return ranks
+
+
+def run(device, dtype, quick, command):
+    if device.type != "cpu":
+        raise SystemExit("fsdp: the sharded-memory scenario runs gloo processes on the CPU only")
+    ctx = harness.context(device, command)
+    worlds = QUICK_WORLDS if quick else WORLDS
+    progress = harness.Progress(len(worlds) * len(METHODS), "fsdp cpu")
+    rows, one = [], {}
+    for world in worlds:
+        for method in METHODS:
+            ranks = _run_world(method, world, quick)
+            worst = {k: max(r[k] for r in ranks) for k in ("param_bytes", "grad_bytes", "optim_bytes",
+                                                          "peak_rss_extra", "step_s")}
+            state = worst["param_bytes"] + worst["grad_bytes"] + worst["optim_bytes"]
+            one.setdefault(method, state)
+            rows.append(dict(ctx, op="fsdp", model="llama" + ("-quick" if quick else ""), method=method, W=world,
+                             params_M=round(ranks[0]["params"] / 1e6, 2),
+                             param_MiB=round(worst["param_bytes"] / 2**20, 1),
+                             grad_MiB=round(worst["grad_bytes"] / 2**20, 1),
+                             optim_MiB=round(worst["optim_bytes"] / 2**20, 1),
+                             state_vs_W1=round(state / one[method], 3),
+                             peak_rss_extra_MiB=round(worst["peak_rss_extra"] / 2**20, 1),
+                             step_ms=round(worst["step_s"] * 1e3, 1)))
+            progress.step(f"{method} W={world}")
+    return rows
+
+
+COLUMNS = ["method", "W", "params_M", "param_MiB", "grad_MiB", "optim_MiB", "state_vs_W1", "peak_rss_extra_MiB",
+           "step_ms"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--rank"]:
+        method, rank, world, init_file, out_file, quick = sys.argv[2:]
+        _rank_main(method, int(rank), int(world), init_file, out_file, quick == "1")
+    else:
+        quick = "--quick" in sys.argv
+        result = run(torch.device("cpu"), torch.float32, quick, "python -m bench.fsdp_memory")
+        print(harness.table(result, COLUMNS))
