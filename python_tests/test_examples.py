@@ -1,5 +1,6 @@
 """The example scripts run as a user would run them (small sizes), and the MLP one resumes from
 its checkpoint exactly."""
+import math
 import os
 import sys
 
@@ -48,6 +49,32 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     assert "ranks agree: True" in lines
     accuracy, epsilon = (float(w.rstrip(",")) for w in lines[-2].split()[4::3])
     assert accuracy > 0.3 and 0.99 * 3.0 <= epsilon <= 3.0
+
+
+def test_fsdp_example_runs_and_resumes_under_torchrun(tmp_path):
+    """The sharded example on two gloo processes (bf16 policy): it trains, spends at most its
+    budget, and a run stopped after one epoch and resumed from its checkpoint ends where the
+    uninterrupted run ends."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    small = ["--samples", "600", "--batch-size", "64", "--micro-batch", "16", "--epochs", "2", "--width", "32",
+             "--layers", "1", "--seq-len", "16", "--vocab", "64", "--epsilon", "8"]
+
+    def run(*extra):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              os.path.join(root, "examples", "private_fsdp.py"), *small, *extra], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return [line for line in out.stdout.splitlines() if line.startswith("epoch")]
+
+    straight = run()
+    assert len(straight) == 2
+    first, last = (float(line.split()[4].rstrip(",")) for line in straight)
+    assert last < first < math.log(64)  # it learns
+    assert 0.99 * 8 <= float(straight[-1].split()[-1]) <= 8.0
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--stop-after", "1") == straight[:1]
+    assert run("--checkpoint", str(tmp_path / "ckpt"), "--resume") == straight[1:]
 
 
 def test_image_classification_quick_writes_its_summary(tmp_path):
