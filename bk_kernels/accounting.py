@@ -71,9 +71,40 @@ def epsilon_of_history(history, delta, accountant="rdp"):
         events.append(dp_event.SelfComposedDpEvent(event, int(steps)))
     if not events:
         return 0.0
+    if accountant == "rdp" and _rdp_parts() is not None:
+        return _rdp_epsilon(history, delta)
     with _quiet_orders():
         acc.compose(dp_event.ComposedDpEvent(events))
         return float(acc.get_epsilon(delta))
+
+
+def _rdp_parts():
+    """dp-accounting's own RDP functions (what RdpAccountant composes and converts with), or
+    None if this version does not have them under these names."""
+    rdp = _dp_accounting()[2]
+    parts = (getattr(rdp, "DEFAULT_RDP_ORDERS", None), getattr(rdp, "_compute_rdp_poisson_subsampled_gaussian", None),
+             getattr(rdp, "compute_epsilon", None))
+    return parts if all(p is not None for p in parts) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_of_one_step(sample_rate, noise_multiplier):
+    """The RDP curve of one Poisson-subsampled Gaussian step, computed once per (q, sigma): it is
+    what costs (~100 ms); RDP composes by adding curves, so epsilon after any number of steps is
+    then a sum and a conversion (~0.3 ms). Same numbers as RdpAccountant (tested)."""
+    orders, step_rdp, _ = _rdp_parts()
+    with _quiet_orders():
+        return step_rdp(sample_rate, noise_multiplier, orders)
+
+
+def _rdp_epsilon(history, delta):
+    orders, _, compute_epsilon = _rdp_parts()
+    total = 0.0
+    for noise_multiplier, sample_rate, steps in history:
+        if steps:
+            total = total + _rdp_of_one_step(float(sample_rate), float(noise_multiplier)) * int(steps)
+    with _quiet_orders():
+        return float(compute_epsilon(orders, total, delta)[0])
 
 
 def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, accountant="rdp", rel_tol=0.01):

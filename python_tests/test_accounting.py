@@ -30,6 +30,19 @@ def test_epsilon_matches_dp_accounting(name):
     assert abs(got / want - 1) < 0.01
 
 
+@pytest.mark.parametrize("history", [[[1.0, 0.01, 100]], [[0.7, 0.004, 3000], [1.3, 0.01, 17]], [[5.0, 1.0, 1]],
+                                     [[0.3, 0.5, 10], [0.0, 0.5, 0]]])
+def test_cached_rdp_curves_give_the_accountants_epsilon(history):
+    """epsilon_of_history composes RDP curves cached per (q, sigma): the same number as
+    dp-accounting's RdpAccountant composing the whole history (non-converging orders included)."""
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n)
+        for s, q, n in history if n]))
+    for _ in range(2):  # the second call reads the cache
+        assert accounting.epsilon_of_history(history, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+
+
 def test_epsilon_matches_opacus_rdp():
     opacus = pytest.importorskip("opacus")
     acc = opacus.accountants.RDPAccountant()
