@@ -39,8 +39,8 @@ class _LinearFn(torch.autograd.Function):
         w = w.to(g.dtype)  # under autocast g is 16-bit while the weight is float32
         grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
         bias_grads = None
+        g3 = examples_first(g, batch_dim=bdim)
         if bias is not None and bias.requires_grad:
-            g3 = examples_first(g, batch_dim=bdim)
             acc = accumulation_dtype(g.dtype)
             # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
             bias_grads = g3[:, 0].to(acc) if g3.shape[1] == 1 else g3.sum(1, dtype=acc)
@@ -49,7 +49,7 @@ class _LinearFn(torch.autograd.Function):
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
         uses = []
         if x is not None:
-            uses.append((weight, LinearUse(examples_first(x, batch_dim=bdim), examples_first(g, batch_dim=bdim), transposed=transposed, rows=rows)))
+            uses.append((weight, LinearUse(examples_first(x, batch_dim=bdim), g3, transposed=transposed, rows=rows)))
         if bias_grads is not None:
             uses.append((bias, DenseUse(bias_grads)))
         if layer._bk_hand_off(uses):
