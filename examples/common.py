@@ -1,5 +1,6 @@
-"""What the task examples share: the device, a progress bar that shows epsilon, checkpoints, and
-the final JSON summary."""
+"""What the examples share: the device, the process group of the distributed ones, a progress bar
+that shows epsilon, checkpoints, and the final JSON summary."""
+import gc
 import json
 import os
 import time
@@ -12,6 +13,28 @@ def device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def init_distributed():
+    """The process group torchrun describes: NCCL when every local rank has a GPU (that GPU made
+    current), gloo otherwise. Returns this rank's device."""
+    import torch.distributed as dist
+
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+
+def finish_distributed():
+    import torch.distributed as dist
+
+    dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+    # Free the process group now, not in the interpreter's final collection: there, gloo's
+    # threads may still need the GIL and abort the process ("terminate called ...").
+    gc.collect()
 
 
 def progress(total, desc, quiet=False):

@@ -4,8 +4,6 @@ its shard of every Poisson batch (bk.distributed). Gloo on CPUs, NCCL when every
     torchrun --standalone --nproc_per_node 2 examples/private_ddp.py
 """
 import argparse
-import gc
-import os
 
 import torch
 import torch.distributed as dist
@@ -13,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bk_kernels as bk
+from common import finish_distributed, init_distributed
 from private_mlp import synthetic
 
 
@@ -26,11 +25,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="noise and sampling seed (default: secure, from the OS)")
     args = parser.parse_args(argv)
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    device = init_distributed()
     rank = dist.get_rank()
 
     train, test = synthetic(args.samples), synthetic(2000, seed=1)
@@ -60,11 +55,7 @@ def main(argv=None):
     dist.all_gather(everyone, checksum)
     if rank == 0:
         print(f"ranks agree: {all(torch.equal(c, checksum) for c in everyone)}", flush=True)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    # Free the process group now, not in the interpreter's final collection: there, gloo's
-    # threads may still need the GIL and abort the process ("terminate called ...").
-    gc.collect()
+    finish_distributed()
     return accuracy, engine.epsilon()
 
 

@@ -12,7 +12,6 @@ DistributedPrivacyEngine, then the optimizer. The data is synthetic (no download
 a noisy counting rule, so that the loss has somewhere to go.
 """
 import argparse
-import gc
 import os
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import bk_kernels as bk
+from common import finish_distributed, init_distributed
 
 
 def counting_sequences(n, vocab, length, seed):
@@ -64,11 +64,7 @@ def main(argv=None):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
 
     train = TensorDataset(counting_sequences(args.samples, args.vocab, args.seq_len, seed=0))
@@ -124,9 +120,7 @@ def main(argv=None):
                        os.path.join(args.checkpoint, f"bk_rank{rank}.pt"))
         if args.stop_after is not None and epoch + 1 - first_epoch >= args.stop_after:
             break
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    gc.collect()  # free the process group now, not in the interpreter's final collection
+    finish_distributed()
     return test_loss, engine.epsilon()
 
 
