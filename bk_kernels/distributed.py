@@ -43,6 +43,8 @@ __all__ = ["DistributedPrivacyEngine", "micro_batches", "poisson_loader"]
 
 # Gradients are all-reduced in flat buckets of at most this many bytes (one collective per bucket).
 BUCKET_BYTES = 64 << 20
+# When a sharded parameter's clipped sums are reduce-scattered: once at the step, or after each backward.
+REDUCE_SCATTER = ("step", "backward")
 
 
 def _group_rank_and_size(process_group):
@@ -73,13 +75,24 @@ class DistributedPrivacyEngine(PrivacyEngine):
     Sharded parameters are not broadcast (each rank keeps its own slice, as FSDP2 does: build
     the model identically on every rank); replicated parameters and buffers are.
 
+    reduce_scatter: "step" (default) keeps the factored contributions of all of a step's
+    backwards until the step: one reduce-scatter per parameter per step, memory that grows
+    with the number of micro-batches. "backward" reduce-scatters at the end of every backward
+    into a float32 shard accumulator and frees them: memory of one micro-batch, one
+    reduce-scatter per parameter per backward (what FSDP2 itself does by default).
+
     Not supported: torch.amp.GradScaler (a rank's fp16 overflow would have to skip the step on
     every rank; use bf16 autocast, which needs no scaler).
     """
 
     _shards_parameters = True
 
-    def __init__(self, model, *, process_group=None, **engine_kwargs):
+    def __init__(self, model, *, process_group=None, reduce_scatter="step", **engine_kwargs):
+        if reduce_scatter not in REDUCE_SCATTER:
+            raise ValueError(f"DistributedPrivacyEngine: reduce_scatter must be one of {REDUCE_SCATTER}, got "
+                             f"{reduce_scatter!r}")
+        self.reduce_scatter = reduce_scatter
+        self._partial = {}  # id(sharded p) -> this step's reduce-scattered shard so far (reduce_scatter="backward")
         self.process_group = process_group
         self.rank, self.world_size = _group_rank_and_size(process_group)
         self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
@@ -146,11 +159,35 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self._padding_forward = getattr(_padding, "current", False)
 
     def _finish_backward(self):
-        if getattr(self, "_padding_forward", False):  # micro_batches' padding: its backward adds nothing
-            self._reset_backward_state()
-            self._ready_for_step = True
+        problem = None
+        try:
+            if getattr(self, "_padding_forward", False):  # micro_batches' padding: its backward adds nothing
+                self._reset_backward_state()
+                self._ready_for_step = True
+            else:
+                super()._finish_backward()
+        except Exception as err:  # noqa: BLE001  (re-raised below, after the ranks agree)
+            problem = err
+        if not (self._shards and self.reduce_scatter == "backward"):
+            if problem is not None:
+                raise problem
             return
-        super()._finish_backward()
+        # Every rank joins this backward's reduce-scatters, or none does (no rank left waiting).
+        try:
+            self._agree(problem, "finish this backward (no gradient of it was kept)")
+        except Exception:
+            self._pending.clear()
+            self._partial.clear()
+            self._ready_for_step = False
+            raise
+        for p in self._params:
+            shard = self._shards.get(id(p))
+            if shard is not None:
+                local = shard.reduce_scatter(self._clipped_sum_of_pending(p))
+                if id(p) in self._partial:
+                    self._partial[id(p)] += local
+                else:
+                    self._partial[id(p)] = local
 
     def _add_clipped(self, p, uses, c):
         if id(p) in self._shards:  # kept factored until the step's reduce-scatter
@@ -164,6 +201,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 "clipping_fn": self.clipping_fn, "gamma": self.gamma, "clipping_style": repr(self.clipping_style),
                 "loss_reduction": self.loss_reduction, "accountant": self.accountant, "batch_first": self.batch_first,
                 "target_delta": self.target_delta, "parameters": self._parameter_signature(),
+                "reduce_scatter": self.reduce_scatter,
                 "sharding": sorted((self._names[i], s.world, s.chunk) for i, s in self._shards.items())}
         everyone = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=self.process_group)
@@ -179,6 +217,17 @@ class DistributedPrivacyEngine(PrivacyEngine):
                              "would have to skip the step on all); train under bf16 autocast instead")
         return super().attach(optimizer)
 
+    def _agree(self, problem, what):
+        """One small all-reduce: raises on every rank if `problem` (an error or None) is set on any."""
+        device = self._params[0].device
+        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+        if problem is not None:
+            raise problem
+        if flag.item() > 0:
+            raise RuntimeError(f"DistributedPrivacyEngine: another rank could not {what} (see its error): no "
+                               "parameter moved, no noise was added and no privacy budget was spent")
+
     def _privatize(self):
         # Agree first: a rank that cannot step must stop every rank before any collective on the
         # gradients, or the others would step (or hang) without it.
@@ -187,14 +236,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
             problem = None
         except (RuntimeError, ValueError) as err:
             problem = err
-        device = self._params[0].device
-        flag = torch.tensor([0.0 if problem is None else 1.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
-        if problem is not None:
-            raise problem
-        if flag.item() > 0:
-            raise RuntimeError("DistributedPrivacyEngine: another rank could not take this step (see its error): no "
-                               "parameter moved, no noise was added and no privacy budget was spent")
+        self._agree(problem, "take this step")
         if self._shards:
             self._step_shards()
         else:
@@ -224,7 +266,10 @@ class DistributedPrivacyEngine(PrivacyEngine):
                     p.grad.div_(self.batch_size)
                 replicated.append(p)
             else:
-                local = shard.reduce_scatter(self._clipped_sum_of_pending(p))  # only this one at full size
+                if self.reduce_scatter == "backward":  # reduced after each backward already
+                    local = self._partial.pop(id(p))
+                else:
+                    local = shard.reduce_scatter(self._clipped_sum_of_pending(p))  # only this one at full size
                 if p.grad is not None:  # no zero_grad since the last step: add, as one process does
                     local += p.grad.to_local().reshape(local.shape)
                 if std > 0:
@@ -240,6 +285,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
                     p.grad.to_local().copy_(local)
             self._noise_offset += (p.numel() + 3) // 4 * 4
         self._pending.clear()
+        self._partial.clear()
         self._all_reduce_grads(replicated)
 
     def _clipped_sum_of_pending(self, p):
@@ -262,10 +308,12 @@ class DistributedPrivacyEngine(PrivacyEngine):
     def _zero_grad(self):
         super()._zero_grad()
         self._pending.clear()
+        self._partial.clear()
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self._pending.clear()
+        self._partial.clear()
 
     def _all_reduce_grads(self, params):
         buckets, current, current_key, size = [], [], None, 0  # consecutive grads of one device and dtype

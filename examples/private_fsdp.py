@@ -52,6 +52,8 @@ def main(argv=None):
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--no-bf16", action="store_true", help="compute in float32 (default: bf16 policy)")
+    parser.add_argument("--reduce-scatter", choices=bk.distributed.REDUCE_SCATTER, default="step",
+                        help="once per step (memory grows with the micro-batches) or after every backward")
     parser.add_argument("--checkpoint", help="a folder: save the model, optimizer and engine there after each epoch")
     parser.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to resume later)")
@@ -81,7 +83,8 @@ def main(argv=None):
     fully_shard(model, mesh=mesh, mp_policy=policy)
     # batch_size and sample_size are global
     engine = bk.distributed.DistributedPrivacyEngine(model, batch_size=args.batch_size, sample_size=len(train),
-                                                     epochs=args.epochs, target_epsilon=args.epsilon, seed=args.seed)
+                                                     epochs=args.epochs, target_epsilon=args.epsilon, seed=args.seed,
+                                                     reduce_scatter=args.reduce_scatter)
     optimizer = engine.attach(torch.optim.AdamW(model.parameters(), lr=args.lr))
     loader = bk.distributed.poisson_loader(train, batch_size=args.batch_size, seed=args.seed)  # this rank's shard
 

@@ -16,8 +16,9 @@ DT = torch.float64
 # noise: sigma 1; layer-wise / groups: the clipping style; micro: one backward per example;
 # ckpt: activation checkpointing inside the FSDP units; bf16: MixedPrecisionPolicy(bf16, fp32);
 # adam: AdamW instead of SGD; resume: save after 2 steps, restore into a new model, go on;
-# partial: only every other unit sharded, no root (the other parameters replicated).
-OPTIONS = {"noise", "layer-wise", "groups", "micro", "ckpt", "bf16", "adam", "resume", "partial"}
+# partial: only every other unit sharded, no root (the other parameters replicated);
+# rs-backward: reduce_scatter="backward" (after every backward instead of once at the step).
+OPTIONS = {"noise", "layer-wise", "groups", "micro", "ckpt", "bf16", "adam", "resume", "partial", "rs-backward"}
 
 
 def build(model_name, options, seed=0):
@@ -90,6 +91,13 @@ def engine_kwargs(model_name, options, model):
                 max_grad_norm=0.05, clipping_style=style, seed=1234)
 
 
+def sharded_engine(model_name, options, model):
+    kwargs = engine_kwargs(model_name, options, model)
+    if "rs-backward" in options:
+        kwargs["reduce_scatter"] = "backward"
+    return bk.distributed.DistributedPrivacyEngine(model, **kwargs)
+
+
 def optimizer_of(model, options):
     if "adam" in options or "resume" in options:
         return torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -105,6 +113,10 @@ def train(model_name, model, opt, options, rank, world, steps):
         split = bk.distributed.micro_batches if dist.is_initialized() else bk.data.micro_batches
         for part in split(batch, size):
             loss_of(model_name, model, part).backward()
+            held = getattr(opt, "_bk_held", 0)  # factored contributions the engine holds (sharded runs)
+            engine = getattr(model, "_bk_test_engine", None)
+            if engine is not None:
+                opt._bk_held = max(held, sum(len(v) for v in engine._pending.values()))
         opt.step()
         opt.zero_grad()
 
@@ -116,8 +128,9 @@ def full_state(model):
 
 def run(model_name, options, rank, world, out_dir):
     model = shard(model_name, build(model_name, options), options, world)
-    engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(model_name, options, model))
+    engine = sharded_engine(model_name, options, model)
     opt = engine.attach(optimizer_of(model, options))
+    model._bk_test_engine = engine
     out = {"initial": full_state(model)}
     if "resume" not in options:
         train(model_name, model, opt, options, rank, world, range(3))
@@ -134,7 +147,7 @@ def run(model_name, options, rank, world, out_dir):
         out["straight_epsilon"] = engine.epsilon()
         # A new run: another initial model, restored from the checkpoint, then the same two steps
         model = shard(model_name, build(model_name, options, seed=99), options, world)
-        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(model_name, options, model))
+        engine = sharded_engine(model_name, options, model)
         opt = engine.attach(optimizer_of(model, options))
         model_state, optim_state = get_state_dict(model, opt)
         state = {"model": model_state, "optim": optim_state}
@@ -143,6 +156,7 @@ def run(model_name, options, rank, world, out_dir):
         engine.load_state_dict(saved_engine)
         train(model_name, model, opt, options, rank, world, range(2, 4))
     out["state"] = full_state(model)
+    out["held_after_backward"] = getattr(opt, "_bk_held", 0)
     out["engine"] = engine.state_dict()
     out["epsilon"] = engine.epsilon()
     out["optimizer_state_is_sharded"] = all(
@@ -181,6 +195,31 @@ def noise_draws(rank, world, out_dir):
             "full": {n: p.grad.full_tensor() for n, p in model.named_parameters()}}
 
 
+def failed_backward(rank, world):
+    """reduce_scatter="backward": rank 1's backward fails (a NaN loss: non-finite norms); both
+    ranks raise instead of one waiting in a reduce-scatter, and the next step is refused on
+    both, with nothing moved and no budget spent."""
+    model = shard("mlp", build("mlp", set()), set(), world)
+    engine = bk.distributed.DistributedPrivacyEngine(model, reduce_scatter="backward",
+                                                     **engine_kwargs("mlp", set(), model))
+    opt = engine.attach(optimizer_of(model, set()))
+    train("mlp", model, opt, set(), rank, world, range(1))
+    before = full_state(model)
+    out = {}
+    batch = {k: v[rank::world] for k, v in data("mlp", 2).items()}
+    loss = loss_of("mlp", model, batch)
+    for key, fn in (("backward", lambda: (loss * (float("nan") if rank == 1 else 1.0)).backward()),
+                    ("step", opt.step)):
+        try:
+            fn()
+            out[key] = None
+        except (RuntimeError, ValueError, FloatingPointError) as err:
+            out[key] = str(err)
+    out["unchanged"] = all(torch.equal(before[k], v) for k, v in full_state(model).items())
+    out["steps"], out["epsilon"] = engine.steps, engine.epsilon()
+    return out
+
+
 def refusals(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -215,6 +254,8 @@ def refusals(rank, world):
         attempt("fsdp1", lambda: bk.distributed.DistributedPrivacyEngine(fsdp1, **kw))
     attempt("shard_dim_1", lambda: bk.distributed.DistributedPrivacyEngine(
         sharded(shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0)), **kw))
+    attempt("reduce_scatter_value", lambda: bk.distributed.DistributedPrivacyEngine(
+        sharded(), reduce_scatter="never", **kw))
     from torch.distributed.fsdp import CPUOffloadPolicy
     attempt("offload", lambda: bk.distributed.DistributedPrivacyEngine(
         sharded(offload_policy=CPUOffloadPolicy(pin_memory=False)), **kw))
@@ -247,6 +288,8 @@ def main(scenario, rank, world, init_file, out_dir):
         out = noise_draws(rank, world, out_dir)
     elif model_name == "refusals":
         out = refusals(rank, world)
+    elif model_name == "failed_backward":
+        out = failed_backward(rank, world)
     else:
         out = run(model_name, options, rank, world, out_dir)
     torch.save(out, f"{out_dir}/rank{rank}.pt")

@@ -33,14 +33,20 @@ def check_against_one_process(scenario, world, tmp_path):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("options", ["", "noise", "layer-wise,micro", "groups,noise,adam", "partial,noise,adam"])
+@pytest.mark.parametrize("options", ["", "noise", "layer-wise,micro", "groups,noise,adam", "partial,noise,adam",
+                                     "noise,micro,rs-backward"])
 def test_sharded_mlp_takes_the_step_of_one_process(options, world, tmp_path):
     """Sharded steps equal one process's on the union of the batches, to float64 rounding: with
     noise too (each element gets the one draw a single process gives it), with a different
     number of backwards on each rank (micro: one per example; at world 4 one rank's batch is
     empty at step 1), for every clipping style, and with only some units sharded (the
-    replicated parameters take the data-parallel path: all-reduced, noised once)."""
-    check_against_one_process(f"mlp:{options}", world, tmp_path)
+    replicated parameters take the data-parallel path: all-reduced, noised once). With
+    reduce_scatter="backward" nothing factored is held past a backward; by default the
+    micro-batches' contributions wait for the step."""
+    ranks, _ = check_against_one_process(f"mlp:{options}", world, tmp_path)
+    if "micro" in options:
+        held = max(out["held_after_backward"] for out in ranks)
+        assert held == 0 if "rs-backward" in options else held > 0
 
 
 @pytest.mark.parametrize("scenario, world", [("gpt2:noise", 2), ("gpt2:micro", 3), ("llama:layer-wise,ckpt", 2)])
@@ -114,8 +120,19 @@ def test_refusals(tmp_path):
         assert "Shard(dim=1)" in errors["shard_dim_1"] and "Shard(0)" in errors["shard_dim_1"]
         assert "differs from rank 0 in max_grad_norm" in errors["mismatch"]
         assert "CPUOffloadPolicy" in errors["offload"]
+        assert "reduce_scatter must be one of ('step', 'backward'), got 'never'" in errors["reduce_scatter_value"]
         assert "make the engine after fully_shard" in errors["engine_before_shard_attach"]
         assert "Make the engine last" in errors["engine_before_shard_backward"]
         assert "FSDP1" in errors["fsdp1"] and "fully_shard" in errors["fsdp1"]
         assert unchanged["mismatch"] and unchanged["engine_before_shard"]
         assert unchanged["steps"] == 0
+
+
+def test_a_failed_backward_stops_every_rank_when_reducing_each_backward(tmp_path):
+    ranks = run_ranks("failed_backward", 2, tmp_path, worker="python_tests.fsdp_worker")
+    assert "non-finite" in ranks[1]["backward"]
+    assert "another rank could not finish this backward" in ranks[0]["backward"]
+    for out in ranks:
+        assert "without a backward" in out["step"]
+        assert out["unchanged"] and out["steps"] == 1
+    assert ranks[0]["epsilon"] == ranks[1]["epsilon"]
