@@ -362,13 +362,11 @@ class PrivacyEngine:
 
     def _add_clipped(self, p, uses, c):
         """p.grad += sum_b c_b G_b over the uses of p in this backward."""
-        if c.device != p.device:
-            c = c.to(p.device)
+        c = c.to(p.device)
         for use in uses:
             if p.grad is None:  # the first sum writes the gradient (no zero fill to add into)
                 fresh = use.clipped(c, self.backend)
-                p.grad = (fresh if fresh is None or fresh.dtype == p.dtype else fresh.to(p.dtype)) \
-                    if fresh is not None else torch.zeros_like(p)
+                p.grad = fresh.to(p.dtype) if fresh is not None else torch.zeros_like(p)
                 if fresh is not None:
                     continue
             use.add_clipped(p.grad, c, self.backend)
