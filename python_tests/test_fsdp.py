@@ -49,13 +49,14 @@ def test_sharded_mlp_takes_the_step_of_one_process(options, world, tmp_path):
         assert held == 0 if "rs-backward" in options else held > 0
 
 
-@pytest.mark.parametrize("scenario, world", [("gpt2:noise", 2), ("gpt2:micro", 3), ("llama:layer-wise,ckpt", 2)])
+@pytest.mark.parametrize("scenario, world", [("gpt2:noise", 2), ("gpt2:micro", 3), ("llama:layer-wise,ckpt", 2),
+                                             ("llama:noise,adam", 4)])
 def test_sharded_hf_models_take_the_step_of_one_process(scenario, world, tmp_path):
     """HF GPT-2 with its head tied to wte (one unit, the root); the same with one backward per
     example on 3 ranks holding 3, 3 and 2 examples (bk.distributed.micro_batches pads the last
     with a one-example zero chunk, which HF's attention can run and the engine ignores); HF
     Llama (RMSNorm on the generic path) with non-reentrant activation checkpointing inside each
-    sharded block."""
+    sharded block, and on 4 ranks with noise and AdamW."""
     check_against_one_process(scenario, world, tmp_path)
 
 
