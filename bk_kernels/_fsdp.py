@@ -35,6 +35,11 @@ def is_sharded(p):
     return DTensor is not None and isinstance(p, DTensor)
 
 
+def local(t):
+    """This rank's part of a DTensor, or the tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def fsdp_params(model):
     """[(sharded Parameter, FSDPParam)] of every fully_shard unit in `model`."""
     out = []

@@ -246,7 +246,8 @@ class PrivacyEngine:
             return False
         if any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
             return False
-        return all(p.grad is not None and not p.grad.any() for p in self._params)
+        # a sharded gradient is read locally: DTensor's any() would be a hidden collective
+        return all(p.grad is not None and not _fsdp.local(p.grad).any() for p in self._params)
 
     def _check_optimizer_params(self, optimizer):
         known = {id(p) for p in self._params}

@@ -118,6 +118,26 @@ def test_step_without_backward_moves_nothing():
     assert engine.steps == 0
 
 
+def test_checkpoint_state_init_step_passes_through_unspent():
+    """torch.distributed.checkpoint's get_state_dict makes a fresh optimizer's state by one step
+    on zero gradients at learning rate 0: it passes, creates the state, moves nothing and spends
+    nothing. Any other step without a backward is still refused."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, engine, _ = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    engine.detach()
+    opt = engine.attach(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    _, optim_state = get_state_dict(model, opt)
+    assert optim_state["state"] and all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert engine.steps == 0 and engine.epsilon() == 0.0
+    for p in model.parameters():  # zero gradients at a non-zero learning rate: refused
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+
+
 def test_non_finite_norms_refused_before_anything_moves():
     model, engine, opt = make()
     x, y = data()
