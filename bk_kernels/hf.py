@@ -117,8 +117,9 @@ class PrivateTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         targs = self.args
         if targs.world_size > 1:
-            raise NotImplementedError("PrivateTrainer: one process only for now; for data-parallel private "
-                                      "training use bk.distributed.DistributedPrivacyEngine in your own loop")
+            raise NotImplementedError("PrivateTrainer: one process only for now; for data-parallel or FSDP2-sharded "
+                                      "private training use bk.distributed.DistributedPrivacyEngine in your own loop "
+                                      "(examples/private_ddp.py, examples/private_fsdp.py)")
         if targs.fp16:
             raise NotImplementedError("PrivateTrainer: fp16 (GradScaler) is not supported yet; use bf16=True")
         if targs.max_grad_norm:
