@@ -325,18 +325,18 @@ class PrivacyEngine:
                     "are not where the engine reads them, so per-example gradients cannot be told apart. Call the "
                     "model itself (the engine takes the batch size from its input), and pass batch_first=False for "
                     "a sequence-first model; nothing was recorded and no budget was spent.")
-        unit_sq = {}
+        terms = defaultdict(list)  # unit -> [B] squared-norm terms: each use's own, 2 x each cross term
         for id_p, us in uses.items():
-            total = sum(self_norms[id_p])
+            unit_terms = terms[self._unit_of[id_p]]
+            unit_terms += self_norms[id_p]
             for i in range(len(us)):
                 for j in range(i + 1, len(us)):
                     try:
-                        total = total + 2 * cross(us[i], us[j])
+                        unit_terms.append(2 * cross(us[i], us[j]))
                     except UnsupportedSharingError as err:
                         raise RuntimeError(f"PrivacyEngine: parameter {self._names[id_p]!r} is used several times in "
                                            f"one forward in a way not supported yet ({err})") from None
-            u = self._unit_of[id_p]
-            unit_sq[u] = total if u not in unit_sq else unit_sq[u] + total
+        unit_sq = {u: _sum_terms(ts) for u, ts in terms.items()}
         # Per-example gradient = (batch size for a mean loss) / (GradScaler's scale) * the one seen here.
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         seen_to_true = scale / self._loss_scale()
@@ -497,6 +497,16 @@ class PrivacyEngine:
 
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
+
+
+def _sum_terms(terms):
+    """The sum of [B] tensors: one stacked reduction when they share a dtype (one op for a whole
+    unit, not one add per parameter), else added with type promotion."""
+    if len(terms) == 1:
+        return terms[0]
+    if all(t.dtype == terms[0].dtype for t in terms):
+        return torch.stack(terms).sum(0)
+    return sum(terms[1:], terms[0])
 
 
 def _check_positive_int(value, name):
