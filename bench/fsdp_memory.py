@@ -94,7 +94,9 @@ def _rank_main(method, rank, world, init_file, out_file, quick, micro=False):
 
 
 def _local_bytes(t):
-    t = t.to_local() if hasattr(t, "to_local") else t
+    from bk_kernels._fsdp import local
+
+    t = local(t)
     return t.numel() * t.element_size()
 
 

@@ -57,7 +57,6 @@ def epsilon_of_history(history, delta, accountant="rdp"):
     """The epsilon spent by the composition of [noise_multiplier, sample_rate, steps] segments."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
-    acc = _accountant(accountant)
     dp_event = _dp_accounting()[0]
     events = []
     for noise_multiplier, sample_rate, steps in history:
@@ -73,6 +72,7 @@ def epsilon_of_history(history, delta, accountant="rdp"):
         return 0.0
     if accountant == "rdp" and _rdp_parts() is not None:
         return _rdp_epsilon(history, delta)
+    acc = _accountant(accountant)
     with _quiet_orders():
         acc.compose(dp_event.ComposedDpEvent(events))
         return float(acc.get_epsilon(delta))

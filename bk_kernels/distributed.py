@@ -33,10 +33,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Subset, default_collate
 
-from . import _fsdp, ops
+from . import _fsdp
 from ._fsdp import DTensor
 from .data import PoissonDataLoader, _batch_size_of, _check_loader_args, _chunks, _map_batch, epoch_steps
-from .engine import PrivacyEngine
+from .engine import PrivacyEngine, clipped_sum_into
 from .ops._norm_common import accumulation_dtype
 
 __all__ = ["DistributedPrivacyEngine", "micro_batches", "poisson_loader"]
@@ -97,6 +97,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.rank, self.world_size = _group_rank_and_size(process_group)
         self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         self._pending = defaultdict(list)  # id(sharded p) -> [(uses, clip factors)] until the step
+        self._padding_forward = False  # the forward now running is micro_batches' padding chunk
         super().__init__(model, **engine_kwargs)
         try:
             self._shards = self._find_shards(model)  # id(sharded p) -> _fsdp.Shard0
@@ -161,7 +162,7 @@ class DistributedPrivacyEngine(PrivacyEngine):
     def _finish_backward(self):
         problem = None
         try:
-            if getattr(self, "_padding_forward", False):  # micro_batches' padding: its backward adds nothing
+            if self._padding_forward:  # micro_batches' padding: its backward adds nothing
                 self._reset_backward_state()
                 self._ready_for_step = True
             else:
@@ -253,17 +254,13 @@ class DistributedPrivacyEngine(PrivacyEngine):
         noise counters advance as in one process): a sharded parameter's clipped sum is formed
         at full size, reduce-scattered, and its shard noised with its own elements' counters;
         a replicated one is noised by rank 0 and all-reduced, as without sharding."""
-        std, scale = self.noise_multiplier * self.max_grad_norm, 1.0 / self.batch_size
         replicated = []
         for p in self._params:
             shard = self._shards.get(id(p))
             if shard is None:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if std > 0 and self.rank == 0:
-                    ops.add_noise_(p.grad, std, scale, self._seed, self._noise_offset, backend=self.backend)
-                else:
-                    p.grad.div_(self.batch_size)
+                self._noise_and_scale_one(p, p.grad, add_noise=self.rank == 0)
                 replicated.append(p)
             else:
                 if self.reduce_scatter == "backward":  # reduced after each backward already
@@ -272,18 +269,13 @@ class DistributedPrivacyEngine(PrivacyEngine):
                     local = shard.reduce_scatter(self._clipped_sum_of_pending(p))  # only this one at full size
                 if p.grad is not None:  # no zero_grad since the last step: add, as one process does
                     local += p.grad.to_local().reshape(local.shape)
-                if std > 0:
-                    ops.add_noise_(local, std, scale, self._seed, self._noise_offset + shard.first_element(),
-                                   backend=self.backend)
-                else:
-                    local.mul_(scale)
+                self._noise_and_scale_one(p, local, add_noise=True, first=shard.first_element())
                 local = local.view(p.to_local().shape).to(p.dtype)
                 if p.grad is None:
                     p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                                 shape=p.shape, stride=p.stride())
                 else:
                     p.grad.to_local().copy_(local)
-            self._noise_offset += (p.numel() + 3) // 4 * 4
         self._pending.clear()
         self._partial.clear()
         self._all_reduce_grads(replicated)
@@ -291,18 +283,11 @@ class DistributedPrivacyEngine(PrivacyEngine):
     def _clipped_sum_of_pending(self, p):
         """sum over this step's backwards of sum_b C_b G_b, at p's full (unsharded) shape, in the
         accumulation dtype (float32 for 16-bit and float32 parameters)."""
-        full = None
+        acc, full = accumulation_dtype(p.dtype), None
         for uses, c in self._pending.pop(id(p), []):
-            c = c.to(p.device)
-            for use in uses:
-                if full is None:
-                    full = use.clipped(c, self.backend)
-                    if full is not None:
-                        continue
-                    full = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
-                use.add_clipped(full, c, self.backend)
+            full = clipped_sum_into(full, uses, c.to(p.device), self.backend, p, acc)
         if full is None:  # no example of this rank used p: it still joins the reduce-scatter
-            full = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
+            full = torch.zeros(p.shape, dtype=acc, device=p.device)
         return full
 
     def _zero_grad(self):

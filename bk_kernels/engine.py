@@ -363,14 +363,7 @@ class PrivacyEngine:
 
     def _add_clipped(self, p, uses, c):
         """p.grad += sum_b c_b G_b over the uses of p in this backward."""
-        c = c.to(p.device)
-        for use in uses:
-            if p.grad is None:  # the first sum writes the gradient (no zero fill to add into)
-                fresh = use.clipped(c, self.backend)
-                p.grad = fresh.to(p.dtype) if fresh is not None else torch.zeros_like(p)
-                if fresh is not None:
-                    continue
-            use.add_clipped(p.grad, c, self.backend)
+        p.grad = clipped_sum_into(p.grad, uses, c.to(p.device), self.backend, p, p.dtype)
 
     def _loss_scale(self):
         if self._grad_scaler is None or not self._grad_scaler.is_enabled():
@@ -430,17 +423,22 @@ class PrivacyEngine:
     def _noise_and_scale(self, add_noise):
         """p.grad <- (p.grad + N(0, (sigma R)^2)) / batch_size for every trainable parameter; without
         add_noise only the division (the noise offset advances either way)."""
-        std = self.noise_multiplier * self.max_grad_norm
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if std == 0:
-                p.grad.div_(self.batch_size)
-                continue
-            if add_noise:
-                ops.add_noise_(p.grad, std, 1.0 / self.batch_size, self._seed, self._noise_offset, backend=self.backend)
-            else:
-                p.grad.div_(self.batch_size)
+            self._noise_and_scale_one(p, p.grad, add_noise)
+
+    def _noise_and_scale_one(self, p, grad, add_noise, first=0):
+        """grad <- (grad + N(0, (sigma R)^2)) / batch_size, grad holding p's elements from row-major
+        index `first` on (all of p, or a rank's shard): element i takes Philox counter offset +
+        first + i. Then the offset moves past p, noise or not, while sigma R > 0."""
+        std = self.noise_multiplier * self.max_grad_norm
+        if std > 0 and add_noise:
+            ops.add_noise_(grad, std, 1.0 / self.batch_size, self._seed, self._noise_offset + first,
+                           backend=self.backend)
+        else:
+            grad.div_(self.batch_size)
+        if std > 0:
             # Philox draws 4 normals per counter: each parameter starts on a fresh counter, so no
             # two coordinates of any step share a draw.
             self._noise_offset += (p.numel() + 3) // 4 * 4
@@ -497,6 +495,21 @@ class PrivacyEngine:
 
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
+
+
+def clipped_sum_into(total, uses, c, backend, param, dtype):
+    """total + sum over `uses` of sum_b c_b G_b, added in place into `total`; a None total
+    becomes the first use's own clipped sum cast to dtype (no zero fill to add into), or zeros
+    of param's shape when that use has no standalone sum (a block of a larger parameter)."""
+    for use in uses:
+        if total is None:
+            fresh = use.clipped(c, backend)
+            total = fresh.to(dtype) if fresh is not None else torch.zeros(param.shape, dtype=dtype,
+                                                                            device=param.device)
+            if fresh is not None:
+                continue
+        use.add_clipped(total, c, backend)
+    return total
 
 
 def _sum_terms(terms):
