@@ -24,6 +24,7 @@ from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, check_declared_layouts
 from .nn._core import BKLayer
 from .nn._uses import UnsupportedSharingError, cross
+from .ops._norm_common import accumulation_dtype
 from .ops.linear_norm import MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -107,6 +108,7 @@ class PrivacyEngine:
         self._params, self._names, self._owners = self._trainable_parameters(model)
         self._units = clipping_units(clipping_style, self._params, self._names, self._owners)  # [[param]]
         self._unit_of = {id(p): i for i, unit in enumerate(self._units) for p in unit}
+        self._param_of = {id(p): p for p in self._params}
         self._threshold = self.max_grad_norm / math.sqrt(len(self._units))
         self._shared = {id(p) for p in self._params if len(self._owners[id(p)]) > 1}
 
@@ -355,15 +357,18 @@ class PrivacyEngine:
         # unscale_ removes before the step (and its finiteness check still sees them).
         factors = {u: clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
                    for u, s in unit_sq.items()}
-        by_id = {id(p): p for p in self._params}
+        cast = {}  # a unit's factors in a parameter's accumulation dtype and device, converted once
         for id_p, us in uses.items():
-            p = by_id[id_p]
-            self._add_clipped(p, us, factors[self._unit_of[id_p]])
+            p = self._param_of[id_p]
+            key = (self._unit_of[id_p], accumulation_dtype(p.dtype), p.device)
+            if key not in cast:
+                cast[key] = factors[key[0]].to(device=key[2], dtype=key[1])
+            self._add_clipped(p, us, cast[key])
         self._ready_for_step = True
 
     def _add_clipped(self, p, uses, c):
-        """p.grad += sum_b c_b G_b over the uses of p in this backward."""
-        p.grad = clipped_sum_into(p.grad, uses, c.to(p.device), self.backend, p, p.dtype)
+        """p.grad += sum_b c_b G_b over the uses of p in this backward (c on p's device)."""
+        p.grad = clipped_sum_into(p.grad, uses, c, self.backend, p, p.dtype)
 
     def _loss_scale(self):
         if self._grad_scaler is None or not self._grad_scaler.is_enabled():
@@ -504,10 +509,10 @@ def clipped_sum_into(total, uses, c, backend, param, dtype):
     for use in uses:
         if total is None:
             fresh = use.clipped(c, backend)
-            total = fresh.to(dtype) if fresh is not None else torch.zeros(param.shape, dtype=dtype,
-                                                                            device=param.device)
             if fresh is not None:
+                total = fresh if fresh.dtype == dtype else fresh.to(dtype)
                 continue
+            total = torch.zeros(param.shape, dtype=dtype, device=param.device)
         use.add_clipped(total, c, backend)
     return total
 

@@ -55,7 +55,8 @@ class DenseUse:
     direct-mode linear layers, the generic path)."""
 
     def __init__(self, grads):
-        self.grads = grads.to(accumulation_dtype(grads.dtype))  # 16-bit squares overflow (fp16) or round
+        acc = accumulation_dtype(grads.dtype)  # 16-bit squares overflow (fp16) or round
+        self.grads = grads if grads.dtype == acc else grads.to(acc)
 
     @property
     def batch(self):
@@ -76,7 +77,8 @@ class DenseUse:
 
     def clipped(self, c, backend):
         # a vector-matrix product: tensordot's Python-side reshaping costs more than it on small layers
-        return (c.to(self.grads.dtype) @ self.grads.flatten(1)).view(self.grads.shape[1:])
+        c = c if c.dtype == self.grads.dtype else c.to(self.grads.dtype)
+        return (c @ self.grads.flatten(1)).view(self.grads.shape[1:])
 
     def add_clipped(self, grad, c, backend):
         grad.add_(self.clipped(c, backend).to(grad.dtype))

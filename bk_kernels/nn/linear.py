@@ -36,14 +36,16 @@ class _LinearFn(torch.autograd.Function):
         layer, transposed, weight, bias, rows, bdim = ctx.layer, ctx.transposed, ctx.weight, ctx.bias, ctx.rows, \
             ctx.batch_dim
         w = w[rows] if rows is not None else w
-        w = w.to(g.dtype)  # under autocast g is 16-bit while the weight is float32
+        if w.dtype != g.dtype:  # under autocast g is 16-bit while the weight is float32
+            w = w.to(g.dtype)
         grad_x = g @ (w.T if transposed else w) if ctx.needs_input_grad[0] else None
         bias_grads = None
         g3 = examples_first(g, batch_dim=bdim)
         if bias is not None and bias.requires_grad:
             acc = accumulation_dtype(g.dtype)
             # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
-            bias_grads = g3[:, 0].to(acc) if g3.shape[1] == 1 else g3.sum(1, dtype=acc)
+            bias_grads = (g3[:, 0] if g3.dtype == acc else g3[:, 0].to(acc)) if g3.shape[1] == 1 else \
+                g3.sum(1, dtype=acc)
             if rows is not None:  # place the block inside the whole bias
                 bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)

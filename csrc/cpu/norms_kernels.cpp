@@ -314,19 +314,45 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
   }
 }
 
+// sum_k x_k^2 of one contiguous row, in four vector accumulators: a single scalar accumulator
+// is one dependent add per element (measured 2.5x slower on [64, 784 + 512]).
+template <typename A>
+BK_ALWAYS_INLINE double row_square_sum_impl(const A* __restrict x, int64_t n) {
+  constexpr int64_t L = kLanes<A>;
+  Vec<A> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t k = 0;
+  for (; k + 4 * L <= n; k += 4 * L) {
+    const Vec<A> v0 = load_vec(x + k), v1 = load_vec(x + k + L), v2 = load_vec(x + k + 2 * L),
+                 v3 = load_vec(x + k + 3 * L);
+    s0 += v0 * v0;
+    s1 += v1 * v1;
+    s2 += v2 * v2;
+    s3 += v3 * v3;
+  }
+  for (; k + L <= n; k += L) {
+    const Vec<A> v = load_vec(x + k);
+    s0 += v * v;
+  }
+  A tail = 0;
+  for (; k < n; ++k) tail += x[k] * x[k];
+  return horizontal_sum<A>((s0 + s1) + (s2 + s3)) + double(tail);
+}
+BK_MULTIVERSION double row_square_sum(const float* x, int64_t n) { return row_square_sum_impl(x, n); }
+BK_MULTIVERSION double row_square_sum(const double* x, int64_t n) { return row_square_sum_impl(x, n); }
+template <typename scalar_t>
+double row_square_sum(const scalar_t* x, int64_t n) {  // bf16 / fp16: converted element by element
+  acc_t<scalar_t> total = 0;
+  for (int64_t k = 0; k < n; ++k) total += load(x[k]) * load(x[k]);
+  return double(total);
+}
+
 // T = 1 (a linear layer on [B, d] inputs): ||a_b g_b^T||^2 = ||a_b||^2 ||g_b||^2, no tiles.
 template <typename scalar_t>
 void one_position_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* out, int64_t B,
                        int64_t d, int64_t p) {
-  using A = acc_t<scalar_t>;
-  auto square_sum = [](const scalar_t* x, int64_t n) {
-    A total = 0;
-    for (int64_t k = 0; k < n; ++k) total += load(x[k]) * load(x[k]);
-    return double(total);
-  };
 #pragma omp parallel for schedule(static) if (B * (d + p) > (1 << 15))
   for (int64_t b = 0; b < B; ++b)
-    out[b] = out_t<scalar_t>(square_sum(a.ptr + b * a.stride_b, d) * square_sum(g.ptr + b * g.stride_b, p));
+    out[b] = out_t<scalar_t>(row_square_sum(a.ptr + b * a.stride_b, d) * row_square_sum(g.ptr + b * g.stride_b, p));
 }
 
 template <typename scalar_t>

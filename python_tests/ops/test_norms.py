@@ -49,6 +49,20 @@ def test_norm_matches_float64_reference(name, shape, dtype, layout, device, back
     assert_norms_close(name, out.cpu(), a.cpu(), g.cpu())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(40, 1, 1000, 33), (7, 1, 77, 300)], ids=lambda s: "B{}T{}d{}p{}".format(*s))
+def test_cpu_one_position_norm(shape, dtype, layout):
+    """T = 1 on the CPU (row sums of squares in vector accumulators): every loop of the row sum
+    (4 vectors, 1 vector, the tail), and enough work to take threads. The interpreter-slow Triton
+    backend is left to SHAPES."""
+    B, T, d, p = shape
+    a = make_operand(B, T, d, dtype, "cpu", layout)
+    g = make_operand(B, T, p, dtype, "cpu", layout)
+    for name, op in NORM_OPS.items():
+        assert_norms_close(name, op(a, g, backend="cpu"), a, g)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}d{}p{}".format(*s))
 def test_references_agree(shape):
     B, T, d, p = shape
