@@ -5,12 +5,15 @@ Parameter objects (and so any optimizer state), hooks and state_dict keys all st
 were. Every trainable module that cannot be privatized is named in ONE error, before
 anything is changed.
 """
+import inspect
+import re
+
 import torch
 
 from . import _fsdp
 from . import nn as bknn
 from .nn import families
-from .nn.generic import generic_class, is_generic
+from .nn.generic import ParametrizedGeneric, generic_class, is_generic
 
 
 class UnsupportedModuleError(ValueError):
@@ -19,6 +22,43 @@ class UnsupportedModuleError(ValueError):
 
 def _owns_trainable(module):
     return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _trainable_parametrization(module):
+    """A module with a torch.nn.utils.parametrize parametrization whose originals train."""
+    return torch.nn.utils.parametrize.is_parametrized(module) and any(
+        p.requires_grad for p in module.parametrizations.parameters())
+
+
+_DIRECT_USE = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
+
+
+def _children_used_directly(module):
+    """Children whose Parameters a module on the generic path reads in its own forward
+    (timm's EVA/BEiT/Swin-V2 attention: F.linear(x, self.qkv.weight, qkv_bias), its own q/v
+    biases in qkv_bias): they are absorbed, their Parameters recomputed per example with the
+    module's own, instead of reaching the layer as an ordinary gradient. Read from the source of
+    the forward; a forward without source absorbs nothing."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ()
+    names = dict.fromkeys(m.group(1) for m in _DIRECT_USE.finditer(source))
+    return tuple(n for n in names if isinstance(getattr(module, n, None), torch.nn.Module)
+                 and n in module._modules and any(p.requires_grad for p in getattr(module, n).parameters()))
+
+
+_PROMPT_REPEATED = {"PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}
+
+
+def _peft_prompt_owner(module):
+    """A PEFT model (found by shape, without importing peft) whose active adapter is prompt
+    tuning or P-tuning with a trainable prompt encoder."""
+    encoders = getattr(module, "prompt_encoder", None)
+    config = getattr(module, "active_peft_config", None) if callable(getattr(module, "get_prompt", None)) else None
+    kind = getattr(getattr(config, "peft_type", None), "value", None)
+    return (kind in _PROMPT_REPEATED and isinstance(encoders, torch.nn.ModuleDict)
+            and any(p.requires_grad for p in encoders.parameters()))
 
 
 def _plan(model):
@@ -33,10 +73,20 @@ def _plan(model):
             continue
         family, exact = families.lookup(type(module))
         outcome = family.plan(module, exact) if family is not None else families.GENERIC
+        if _peft_prompt_owner(module):
+            # PEFT prompt tuning / P-tuning: the prompts are looked up once for the batch and
+            # repeated to it (prompts.repeat(B, 1, 1)), so their per-example gradients exist only
+            # after the repeat: the PEFT model is recomputed per example with the prompt encoder
+            # as its own (the base model is frozen: one more forward and backward of it)
+            outcome = generic_class(type(module), absorb=("prompt_encoder",))
+        elif _trainable_parametrization(module):
+            # weight_norm, spectral_norm, orthogonal...: the weight is a function of other
+            # Parameters; the whole layer is recomputed per example with them as its own
+            outcome = generic_class(type(module), absorb=("parametrizations",), mixin=ParametrizedGeneric)
         if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()):
             continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)
         if outcome == families.GENERIC:  # any other module owning trainable Parameters: exact, by torch.func
-            outcome = generic_class(type(module))
+            outcome = generic_class(type(module), absorb=_children_used_directly(module))
         if isinstance(outcome, str):
             problems.append((path or "<model>", type(module).__name__, outcome))
             continue

@@ -21,7 +21,7 @@ import torch
 from . import _fsdp, accounting, ops
 from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
-from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, check_declared_layouts
+from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
 from .nn._core import BKLayer
 from .nn._uses import UnsupportedSharingError, cross
 from .ops._norm_common import accumulation_dtype
@@ -298,6 +298,20 @@ class PrivacyEngine:
             self._uses[id(p)].append(use)
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
+
+    def _is_model_state(self, x):
+        """Whether x is (a view of) one of the model's buffers or Parameters, which hold no
+        examples whatever their shape (timm's relative-position coordinates, a table of learned
+        queries). The model's own inputs are not: they are checked first, without a walk over the
+        model, which is done once per forward and only when needed."""
+        layout = self.layout
+        storage = _storage(x)
+        if storage is None or storage in layout.input_storages:
+            return False
+        if layout.state_storages is None:
+            layout.state_storages = {_storage(t) for t in (*self.model.buffers(), *self.model.parameters())
+                                     if t.numel()}
+        return storage in layout.state_storages
 
     def _engine_param(self, module, p):
         """The engine's Parameter for the one a layer's backward saw (the same one here; FSDP2's

@@ -22,11 +22,15 @@ class BatchLayout:
         self.batch = None         # examples in the model's forward now running
         self.input_shape = None   # the shape of the model's first tensor input
         self.guessed = False      # the batch came from a 1-D input: a guess that a layer may correct
+        self.input_storages = set()  # storages of the model's tensor inputs in the forward now running
+        self.state_storages = None
 
     def take(self, args, kwargs):
         """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
         with batch_first=False (dim 0 for a 1-D input); a PackedSequence's first step."""
         leaves = tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))
+        self.input_storages = {_storage(t) for t in leaves if isinstance(t, torch.Tensor)}
+        self.state_storages = None  # the model's buffers and Parameters, found when first asked (engine)
         first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         if isinstance(first, PackedSequence):
@@ -76,6 +80,14 @@ class BatchLayout:
         elif not causes:
             causes.append("the examples lie on another dim of the input")
         return causes
+
+
+def _storage(t):
+    """The address of t's storage (a sharded DTensor's local one), or None where there is none."""
+    try:
+        return getattr(t, "_local_tensor", t).untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 _SEQUENCE_FIRST_CONTAINERS = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)

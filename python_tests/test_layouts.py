@@ -168,12 +168,14 @@ class FoldedRows(nn.Module):
         shape = h.shape
         if self.fold == "reshape":
             rows = h.reshape(-1, self.d)
+        elif self.fold == "windows":  # Swin's shape: [B, T, d] -> [B*T/2, 2, d] windows -> [B*T, d] rows
+            rows = h.reshape(-1, 2, self.d).view(-1, self.d)
         elif self.fold == "interleaved":  # row r holds example r % B: examples mixed into rows
             rows = h.transpose(0, 1).reshape(-1, self.d)
         else:  # "rolled": the rows shifted by one, so row r no longer belongs to example r // T
             rows = torch.roll(h.reshape(-1, self.d), 1, 0)
         out = rows + self.fc2(F.relu(self.fc1(self.norm(rows))))
-        return self.head(out.view(shape).mean(1)) if self.fold == "reshape" else self.head(out).sum()
+        return self.head(out.view(shape).mean(1)) if self.fold in ("reshape", "windows") else self.head(out).sum()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,6 +191,16 @@ def test_rows_folded_example_major_are_exact(B, T, frozen, backend):
     inputs = {"x": torch.randn(B, T, 3, dtype=DT), "y": torch.randint(0, 2, (B,))}
     loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
     check_model(model, loss, inputs, style="all-layer", backend=backend)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_a_reshape_of_folded_rows_is_still_folded_example_major(B):
+    """A reshape keeps the elements' order: [B*T/2, 2, d] windows of the examples' rows, reshaped
+    to [B*T, d], are still example b's rows b*T .. b*T+T-1 (the proof walks through the chain)."""
+    torch.manual_seed(B)
+    inputs = {"x": torch.randn(B, 4, 3, dtype=DT), "y": torch.randint(0, 2, (B,))}
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(FoldedRows("windows").to(DT), loss, inputs, style="all-layer", backend="cpu")
 
 
 @pytest.mark.parametrize("fold", ["interleaved", "rolled"])
@@ -231,3 +243,107 @@ def test_a_layer_called_outside_the_model_still_checks_at_the_backward():
     with pytest.raises(bk.UnsupportedLayoutError, match="read 1 examples"):
         loss.backward()
     assert engine.steps == 0
+
+
+# ---------------------------------------------------------------- inputs that hold no examples
+# (found by running bk.verify over ~110 real models: shapes alone cannot tell a [T, T] table from
+# [B, T] examples when T == B, and each of these was silently mis-clipped at that batch size)
+
+
+class CoordsMLP(nn.Module):
+    """timm's RelPosMlp shape, without timm: a Linear fed a buffer of coordinates [n, n, 2]."""
+
+    def __init__(self, n=5):
+        super().__init__()
+        self.register_buffer("coords", torch.randn(n, n, 2, dtype=DT))
+        self.mlp, self.lin = nn.Linear(2, 1, dtype=DT), nn.Linear(5, 5, dtype=DT)
+
+    def forward(self, x):  # x [B, 5, 5]
+        return (self.lin(x) + self.mlp(self.coords)[..., 0]).sum()
+
+
+@pytest.mark.parametrize("B", [4, 5])
+def test_a_layer_fed_a_buffer_is_refused_even_when_its_dim_0_is_the_batch_size(B):
+    """B = 5 = the buffer's dim 0 used to be read as 5 examples (silently wrong)."""
+    torch.manual_seed(7)
+    model, engine, opt, before, _ = _one_step(CoordsMLP(), None)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(mlp\)"):
+        model(torch.randn(B, 5, 5, dtype=DT)).backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_buffers_expanded_over_the_batch_and_frozen_layers_on_buffers_still_pass():
+    """HF BERT's token-type ids are a buffer expanded to [B, T] (stride 0: the same row for every
+    example, which is exact to read per example); a frozen layer on a buffer records nothing."""
+    class ExpandedIds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("ids", torch.tensor([[1, 0, 2]]))
+            self.register_buffer("coords", torch.randn(5, 5, 2, dtype=DT))
+            self.emb, self.frozen = nn.Embedding(3, 4, dtype=DT), nn.Linear(2, 1, dtype=DT).requires_grad_(False)
+
+        def forward(self, x):  # x [B, 3, 4] -> [B]
+            shared = self.frozen(self.coords).sum()
+            return (x * self.emb(self.ids.expand(x.shape[0], 3))).sum((1, 2)) + shared
+
+    torch.manual_seed(8)
+    inputs = {"x": torch.randn(5, 3, 4, dtype=DT)}
+    check_model(ExpandedIds(), lambda m, b: m(b["x"]), inputs, style="all-layer", backend="cpu")
+
+
+class SharedPositions(nn.Module):
+    """Funnel's/XLNet's shape: a module on the generic path (its own Parameter r) given a [T, T]
+    tensor of positions shared by every example, next to the examples' [B, T, d]."""
+
+    def __init__(self, d=4):
+        super().__init__()
+        self.r = nn.Parameter(torch.randn(d, dtype=DT))
+
+    def forward(self, x, pos):
+        scores = x @ x.transpose(1, 2) + pos * (x @ self.r)[:, :, None]
+        return scores.softmax(-1) @ x
+
+
+class SharedPositionsNet(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.attn, self.head = SharedPositions(d), nn.Linear(d, 3, dtype=DT)
+
+    def forward(self, x):
+        T = x.shape[1]
+        pos = ((torch.arange(T)[None, :] - torch.arange(T)[:, None]) ** 2).to(DT) / T  # not Toeplitz-invariant
+        return self.head(self.attn(x, pos).mean(1))
+
+
+@pytest.mark.parametrize("B", [4, 6])
+def test_generic_path_finds_inputs_shared_by_every_example_by_recomputing(B):
+    """T = 6: at B = 6 the [T, T] positions have the batch size on dim 0 and were split per example
+    (update error 2.0 relative). The recompute of each example is now checked against its part of
+    the forward's output, and inputs with no gradient history are tried as shared until it agrees."""
+    torch.manual_seed(9)
+    inputs = {"x": torch.randn(B, 6, 4, dtype=DT), "y": torch.randint(0, 3, (B,))}
+    check_model(SharedPositionsNet(), lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"), inputs,
+                style="all-layer", backend="cpu")
+
+
+def test_generic_path_refuses_a_module_that_mixes_examples():
+    """A module whose output for one example depends on the others (a batch mean) has no
+    per-example gradients; the recompute check refuses it at the backward, before anything is
+    recorded (it used to give the gradients of each example alone, silently)."""
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4, dtype=DT))
+
+        def forward(self, x):
+            return (x - x.mean(0)) * self.scale
+
+    torch.manual_seed(10)
+    model, engine, opt, before, _ = _one_step(nn.Sequential(nn.Linear(4, 4, dtype=DT), Centred()), None)
+    with pytest.raises(bk.nn.generic.GenericError, match="mixes the examples"):
+        model(torch.randn(4, 4, dtype=DT)).square().sum().backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -333,3 +333,22 @@ def test_shared_parameters_in_every_form(mode):
     inputs = {"ids": torch.randint(0, 9, (4, 6)), "y": torch.randint(0, 3, (4,))}
     loss = lambda m, b: F.cross_entropy(m(b["ids"]), b["y"], reduction="none")  # noqa: E731
     check_model(SharedEverywhere().to(DT), loss, inputs, style="all-layer", backend="cpu", mode=mode, R=0.3)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal", "spectral_norm"])
+def test_parametrized_layers_are_exact(kind):
+    """torch.nn.utils.parametrizations (Wav2Vec2/HuBERT's weight-normed positional conv): the
+    layer is recomputed per example with the originals as its own Parameters. It used to crash
+    deep in the layer (the weight came back with a batch dim). spectral_norm is checked in eval
+    mode: in training each forward takes a power-iteration step, so the one-backward-per-example
+    reference would see B different weights."""
+    P = nn.utils.parametrizations
+    wrap = {"weight_norm": P.weight_norm, "orthogonal": P.orthogonal,
+            "spectral_norm": P.spectral_norm}[kind]
+    torch.manual_seed(11)
+    model = nn.Sequential(wrap(nn.Conv1d(3, 4, 3, padding=1)), nn.Tanh(), nn.Flatten(), wrap(nn.Linear(28, 28)),
+                          nn.Tanh(), nn.Linear(28, 3)).to(DT)
+    model.train(kind != "spectral_norm")
+    inputs = {"x": torch.randn(5, 3, 7, dtype=DT), "y": torch.randint(0, 3, (5,))}
+    assert len(bk.generic_modules(bk.convert(copy.deepcopy(model)))) == 2
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")

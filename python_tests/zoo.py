@@ -18,6 +18,12 @@ def causal_lm(model, batch):
     return _lm_loss(model(input_ids=ids).logits, ids)
 
 
+def prompted_lm(model, batch):
+    """A PEFT prompt-tuned causal LM: its logits start with the virtual tokens' positions."""
+    ids = batch["ids"]
+    return _lm_loss(model(input_ids=ids).logits[:, -ids.shape[1]:], ids)
+
+
 def masked_lm(model, batch):
     ids = batch["ids"]
     logits = model(input_ids=ids).logits
@@ -41,6 +47,14 @@ def classify_pixels(model, batch):
 
 def classify_images(model, batch):
     return F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+
+
+def classify_audio(model, batch):
+    return F.cross_entropy(model(input_values=batch["wav"]).logits, batch["y"], reduction="none")
+
+
+def audio_batch(B, samples=128, labels=3):
+    return {"wav": torch.randn(B, samples, dtype=DT), "y": torch.randint(0, labels, (B,))}
 
 
 def ids_batch(B, labels=3):
@@ -92,6 +106,23 @@ def distilbert():
                seq_classif_dropout=0.0)
 
 
+def mpnet():
+    return _hf(("MPNetConfig", "MPNetForSequenceClassification"), vocab_size=VOCAB, hidden_size=16,
+               num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, max_position_embeddings=16,
+               pad_token_id=1, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def wav2vec2():
+    """Its positional conv is weight-normed (torch.nn.utils.parametrizations.weight_norm); the
+    feature extractor uses GroupNorm."""
+    return _hf(("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification"), hidden_size=16, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=24, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4),
+               num_feat_extract_layers=2, feat_extract_norm="group", num_conv_pos_embeddings=4,
+               num_conv_pos_embedding_groups=2, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+               feat_proj_dropout=0.0, layerdrop=0.0, final_dropout=0.0, mask_time_prob=0.0, num_labels=3,
+               classifier_proj_size=8)
+
+
 def hf_vit():
     return _hf(("ViTConfig", "ViTForImageClassification"), image_size=16, patch_size=8, num_channels=3, hidden_size=16,
                num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3, hidden_dropout_prob=0.0,
@@ -138,6 +169,28 @@ def timm_vit():
                              depth=2, num_heads=2, num_classes=3, init_values=1e-1).to(DT)
 
 
+def timm_vit_relpos(shared=False):
+    """timm's ViT with an MLP of relative coordinates (RelPosMlp) in each block, or one for the
+    whole model (vit_srelpos): 32 px in patches of 8, so the coordinates are [7, 7, 2]. The
+    MLP's dropout (timm fixes it at 0.125) is set to 0: the generic path cannot replay it."""
+    import timm
+    model = timm.create_model("vit_srelpos_small_patch16_224" if shared else "vit_relpos_small_patch16_224",
+                              pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                              num_classes=3).to(DT)
+    for module in model.modules():
+        if type(module).__name__ == "RelPosMlp":
+            module.mlp.drop1.p = 0.0
+    return model
+
+
+def timm_attention_reads_qkv_weight(name):
+    """timm's BEiT and EVA-02: the attention owns its q/v biases and calls
+    F.linear(x, self.qkv.weight, qkv_bias) itself, so qkv is absorbed into its generic path."""
+    import timm
+    return timm.create_model(name, pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                             num_classes=3).to(DT)
+
+
 def timm_convnext():
     import timm
     return timm.create_model("convnext_atto", pretrained=False, num_classes=3, dims=(8, 16, 16, 16),
@@ -157,6 +210,15 @@ def lora(base, targets):
     return model
 
 
+def peft_prompt(kind):
+    """PEFT prompt tuning or P-tuning (an MLP prompt encoder) of GPT-2: PEFT looks the prompts
+    up once and repeats them to the batch."""
+    import peft
+    config = (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if kind == "prompt" else
+              peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=8))
+    return peft.get_peft_model(gpt2(), config).to(DT)  # the prompt encoder is made in float32
+
+
 def lora_gpt2():
     return lora(gpt2(), ["c_attn", "c_proj"])
 
@@ -173,7 +235,9 @@ ZOO = {
     "bert": (bert, classify_ids, ids_batch),
     "roberta_mlm": (roberta_mlm, masked_lm, ids_batch),
     "distilbert": (distilbert, classify_ids, ids_batch),
+    "mpnet": (mpnet, classify_ids, ids_batch),
     "hf_vit": (hf_vit, classify_pixels, image_batch),
+    "wav2vec2": (wav2vec2, classify_audio, audio_batch),
     "llama": (llama, causal_lm, ids_batch),
     "mistral": (mistral, causal_lm, ids_batch),
     "qwen2": (qwen2, causal_lm, ids_batch),
@@ -182,8 +246,14 @@ ZOO = {
     "t5": (t5, seq2seq_lm, ids_batch),
     "bart": (bart, seq2seq_lm, ids_batch),
     "timm_vit": (timm_vit, classify_images, image_batch),
+    "timm_vit_relpos": (timm_vit_relpos, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_vit_srelpos": (lambda: timm_vit_relpos(shared=True), classify_images, lambda B: image_batch(B, size=32)),
+    "timm_beit": (lambda: timm_attention_reads_qkv_weight("beit_base_patch16_224"), classify_images, image_batch),
+    "timm_eva02": (lambda: timm_attention_reads_qkv_weight("eva02_tiny_patch14_224"), classify_images, image_batch),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
+    "peft_prompt_tuning": (lambda: peft_prompt("prompt"), prompted_lm, ids_batch),
+    "peft_ptuning": (lambda: peft_prompt("ptuning"), prompted_lm, ids_batch),
     "lora_llama": (lora_llama, causal_lm, ids_batch),
 }

@@ -105,6 +105,13 @@ class BKLayer:
             return x
         B = layout.batch
         if x.dim() > dim and x.shape[dim] == B:  # the common case, first: one compare per forward
+            if B > 1 and x.grad_fn is None and x.stride(dim) != 0 and self._bk_reads_model_state(x):
+                raise self._bk_layout_error(x, dim, why=(
+                    f"its input of shape {tuple(x.shape)} is (a view of) a buffer or Parameter of the model, which holds "
+                    f"no examples, although its dim {dim} has the batch size {B} (a table of relative positions or "
+                    "learned queries of that length): its per-example gradients live in a broadcast after the layer, "
+                    "where this layer cannot see them. Freeze the layer, or let the module that owns the table take "
+                    "the generic path (bk.register_layer); nothing was recorded and no budget was spent."))
             return x
         if not any(p.requires_grad for p in self._parameters.values() if p is not None):
             return x  # frozen: nothing to book-keep
@@ -120,6 +127,13 @@ class BKLayer:
         if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
             return x.unflatten(0, (B, n // B))
         raise self._bk_layout_error(x, dim)
+
+    def _bk_reads_model_state(self, x):
+        """A trainable layer fed (a view of) a buffer or Parameter of the model (checked only for
+        inputs with no gradient history: the model's own inputs pass at one set lookup)."""
+        if not any(p.requires_grad for p in self._parameters.values() if p is not None):
+            return False
+        return self._bk_engine._is_model_state(x)
 
     def _bk_row_wise(self, x, dim, apply):
         """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows
@@ -150,8 +164,9 @@ _MAX_NODES = 64
 def folded_rows(x, B):
     """Whether x [k*B, ...] holds the examples' rows folded example-major: x is (through
     row-wise ops only) a reshape of a tensor with the B examples on dim 0 and x's number of
-    elements, whose row-major order puts example b's elements in rows b*k .. b*k+k-1. As
-    everywhere in a batch-first model, a size-B dim 0 is read as the examples."""
+    elements, whose row-major order puts example b's elements in rows b*k .. b*k+k-1, or a
+    reshape of such a fold (a reshape keeps the elements' order). As everywhere in a
+    batch-first model, a size-B dim 0 is read as the examples."""
     if B == 0 or x.dim() < 2 or x.shape[0] % B:
         return False
     numel = x.numel()
@@ -170,8 +185,10 @@ def folded_rows(x, B):
         name = node.name()
         if name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
-            if not (len(sizes) >= 2 and sizes[0] == B and math.prod(sizes) == numel):
+            if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
                 return False
+            if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
+                stack.extend(f for f, _ in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
             if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
                 return False

@@ -19,7 +19,9 @@ layer scales; for a model whose ROOT owns a Parameter (timm's ViT cls token) the
 the whole model. Random ops in the module's forward (dropout with p > 0 in training mode)
 cannot be replayed per example and are refused.
 """
+import contextlib
 import copy
+import itertools
 import re
 import warnings
 
@@ -27,7 +29,7 @@ import torch
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._core import BKLayer, in_plain_forward, plain_forward
+from ._core import BKLayer, folded_rows, in_plain_forward, plain_forward
 from ._uses import DenseUse
 
 # Examples per vmap chunk: their per-example gradients stay within this many elements.
@@ -69,14 +71,20 @@ class GenericLayer(BKLayer):
     _bk_absorb = ()
 
     def forward(self, *args, **kwargs):
+        return self._bk_generic_call("forward", *args, **kwargs)
+
+    def _bk_generic_call(self, method, *args, **kwargs):
+        """The module's own `method` (its forward, or one method that alone uses the own
+        Parameters, as MPNet's compute_position_bias) on the generic path."""
         own = self._bk_own_trainable()
         engine = self._bk_engine
+        original = getattr(super(GenericLayer, self), method)
         if in_plain_forward() or engine is None or not own or not torch.is_grad_enabled():
-            return super().forward(*args, **kwargs)
+            return original(*args, **kwargs)
         in_leaves, in_spec = tree_flatten((args, kwargs))
         kept = [t.detach() if isinstance(t, torch.Tensor) else _snapshot(t) for t in in_leaves]  # before the call
         with _reparametrize_module(self, {n: p.detach() for n, p in own}):
-            out = super().forward(*args, **kwargs)
+            out = original(*args, **kwargs)
         out_leaves, out_spec = tree_flatten(out)
         B = engine.layout.batch
         picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -85,20 +93,29 @@ class GenericLayer(BKLayer):
             B = next((out_leaves[i].shape[d] for i, d in zip(picked, out_dims) if out_leaves[i].dim() > d), 1)
         in_dims = [self._bk_input_dim(t) if isinstance(t, torch.Tensor) else None for t in in_leaves]
         batched_in = [d is not None and t.dim() > d and t.shape[d] == B for t, d in zip(in_leaves, in_dims)]
+        folds_in = self._bk_folded_inputs(in_leaves, in_dims, batched_in, B)
+        self._bk_check_unbatched_inputs(in_leaves, in_dims, batched_in, folds_in, B)
+        fold_sizes = {k * B for k in folds_in if k}
         layouts, outs = [], []
         for i, d in zip(picked, out_dims):
-            layout = self._bk_output_layout(out_leaves[i], d, B, any(batched_in))
+            layout = self._bk_output_layout(out_leaves[i], d, B, any(batched_in) or bool(fold_sizes), fold_sizes)
             layouts.append(layout)
             outs.append(_to_batch(out_leaves[i], layout, B, d))
         self._bk_warn_if_large(B, own)
         autocast = _autocast_state(next((t.device.type for t in outs), "cpu"))
-        call = dict(in_leaves=kept,
-                    in_spec=in_spec, in_dims=in_dims, batched_in=batched_in, picked=picked, out_dims=out_dims,
+        call = dict(method=method, in_leaves=kept, fingerprints=[_fingerprint(t, d, B) for t, d in zip(outs, out_dims)],
+                    grad_history=[isinstance(t, torch.Tensor) and t.requires_grad for t in in_leaves],
+                    in_spec=in_spec, in_dims=in_dims, batched_in=batched_in, folds_in=folds_in, picked=picked,
+                    out_dims=out_dims,
                     layouts=layouts, B=B, own=[n for n, _ in own], autocast=autocast)
         tapped = _GenericTap.apply(self, call, len(outs), *outs, *[p for _, p in own])
         for i, t in zip(picked, tapped):
             out_leaves[i] = t
         return tree_unflatten(out_leaves, out_spec)
+
+    def _bk_recompute_context(self):
+        """Entered around each example's recompute (ParametrizedGeneric puts state updates off)."""
+        return contextlib.nullcontext()
 
     def _bk_own_trainable(self):
         """[(name, Parameter)]: this module's own trainable Parameters and its absorbed children's."""
@@ -121,9 +138,55 @@ class GenericLayer(BKLayer):
         """The dim of the k-th floating output that holds the examples."""
         return 0
 
-    def _bk_output_layout(self, t, dim, B, any_batched_input):
-        """How an output holds the examples on `dim`: "batched" (size B), "broadcast" (size 1,
-        expanded to the batch) or "shared" (made from no per-example input: given a batch dim)."""
+    def _bk_folded_inputs(self, in_leaves, in_dims, batched_in, B):
+        """[k or None] per input: k for an input [k*B, ...] whose rows are the examples' rows folded
+        example-major (proven from the autograd graph by folded_rows: Swin's windows
+        [B*nW, N, C], OPT-style reshape(-1, d)); an input with no gradient history and as many
+        rows as such a fold (an index or mask per row) is split with it. Each example's recompute
+        then takes its k rows, and the recompute check compares it with the forward."""
+        folds = [None] * len(in_leaves)
+        if not B or not self._bk_engine.layout.batch_first:
+            return folds
+
+        def rows(t, d, batched):
+            return (not batched and isinstance(t, torch.Tensor) and d == 0 and t.dim() >= 1 and t.shape[0] > B
+                    and t.shape[0] % B == 0)
+
+        for i, (t, d, b) in enumerate(zip(in_leaves, in_dims, batched_in)):
+            if rows(t, d, b) and t.is_floating_point() and t.dim() >= 2 and folded_rows(t, B):
+                folds[i] = t.shape[0] // B
+        sizes = {k for k in folds if k}
+        for i, (t, d, b) in enumerate(zip(in_leaves, in_dims, batched_in)):
+            if folds[i] is None and rows(t, d, b) and not t.requires_grad and t.shape[0] // B in sizes:
+                folds[i] = t.shape[0] // B
+        return folds
+
+    def _bk_check_unbatched_inputs(self, in_leaves, in_dims, batched_in, folds_in, B):
+        """An input that is neither the batch (size B on its example dim) nor broadcast over it
+        (size 1) is given whole to every example's recompute, and an output made from no batched
+        input is read as shared by all examples. Both are right only for values that hold no
+        examples (ids of positions, T5's relative buckets); an input with a gradient history of
+        another size may hold several examples' rows ([B*T, d] folded, as MoE routers and experts
+        take them), whose per-example gradients would mix. Refused here, in the forward."""
+        for t, d, batched, fold in zip(in_leaves, in_dims, batched_in, folds_in):
+            if (batched or fold or not isinstance(t, torch.Tensor) or d is None or t.dim() <= d or t.shape[d] == 1
+                    or not t.requires_grad):
+                continue
+            raise GenericError(
+                f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic path "
+                f"(its own Parameters {[n for n, _ in self._bk_own_trainable()]} are used in its forward) and is "
+                f"called on a tensor of shape {tuple(t.shape)} that comes from trained values but does not hold the "
+                f"batch's {B} examples on dim {d}: rows folded from several examples ([B*T, d], as MoE routers and "
+                "experts take them) or another module's Parameter (a relative-position table) cannot be split per "
+                "example on this path. Call the module on [B, ...] inputs, or let a bk layer own its Parameters "
+                "(bk.register_layer); nothing was recorded and no budget was spent")
+
+    def _bk_output_layout(self, t, dim, B, any_batched_input, fold_sizes=()):
+        """How an output holds the examples on `dim`: "batched" (size B), "folded" (k*B rows, as
+        a folded input), "broadcast" (size 1, expanded to the batch) or "shared" (made from no
+        per-example input: given a batch dim)."""
+        if dim == 0 and t.dim() > 0 and t.shape[0] in fold_sizes:
+            return "folded"
         if not any_batched_input and B > 1:
             return "broadcast" if t.dim() > dim and t.shape[dim] == 1 else "shared"
         if t.dim() > dim and t.shape[dim] == B:
@@ -156,40 +219,77 @@ class GenericLayer(BKLayer):
         return [per_example[n].sum(0).to(params[n].dtype) for n in call["own"]]
 
     def _bk_per_example_grads(self, call, grads, params):
+        """Per-example gradients from the recompute, checked against the forward: each example's
+        recomputed outputs must match its part of the batch's outputs (a fingerprint of them).
+        They do not when the module mixes examples, or when an input of size B on dim 0 holds
+        no examples ([T, T] relative positions, found silently wrong when T == B): then the
+        inputs with no gradient history are tried as shared by all examples, and the first split
+        that reproduces the forward is used; if none does, the module is refused."""
+        batched_in = call["batched_in"]
+        per_example, ok = self._bk_recompute(call, grads, params, batched_in)
+        if ok:
+            return per_example
+        candidates = [i for i, b in enumerate(batched_in) if b and not call["grad_history"][i]][:4]
+        for size in range(1, len(candidates) + 1):
+            for shared in itertools.combinations(candidates, size):
+                trial = [b and i not in shared for i, b in enumerate(batched_in)]
+                if not any(trial):
+                    continue
+                try:
+                    per_example, ok = self._bk_recompute(call, grads, params, trial)
+                except GenericError:  # that split cannot even run (shapes): not it
+                    continue
+                if ok:
+                    return per_example
+        raise GenericError(
+            f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic path (its "
+            "own Parameters are used in its forward), and its forward recomputed for one example does not give that "
+            "example's part of the batch's output: the module mixes the examples of the batch (a batch statistic, "
+            "a reduction over dim 0), or one of its inputs with the batch size on dim 0 does not hold examples. "
+            "Its per-example gradients cannot be computed this way; no gradient was recorded and no budget spent")
+
+    def _bk_recompute(self, call, grads, params, batched_in):
+        """(per-example gradients, whether the recomputed outputs match the forward's), with the
+        inputs flagged in batched_in split into examples and the others given whole to each."""
         B, layouts, out_dims = call["B"], call["layouts"], call["out_dims"]
-        in_leaves, batched_in, in_dims = call["in_leaves"], call["batched_in"], call["in_dims"]
+        in_leaves, in_dims, folds_in = call["in_leaves"], call["in_dims"], call["folds_in"]
+        split = [b or bool(k) for b, k in zip(batched_in, folds_in)]
         primal = {n: p.detach() for n, p in params.items()}
         module = self
 
         def one_example(example_leaves, example_grads):
             # example_leaves: the batched inputs of one example, each with its example dim of size 1
             it = iter(example_leaves)
-            leaves = [next(it) if b else _snapshot(t) for t, b in zip(in_leaves, batched_in)]
+            leaves = [next(it) if s else _snapshot(t) for t, s in zip(in_leaves, split)]
             args, kwargs = tree_unflatten(leaves, call["in_spec"])
 
             def forward(own):
-                with plain_forward(), _reparametrize_module(module, own), torch.autocast(**call["autocast"]):
-                    out = super(GenericLayer, module).forward(*args, **kwargs)
+                with plain_forward(), module._bk_recompute_context(), _reparametrize_module(module, own), \
+                        torch.autocast(**call["autocast"]):
+                    out = getattr(super(GenericLayer, module), call["method"])(*args, **kwargs)
                 out_leaves = tree_flatten(out)[0]
                 return tuple(_to_batch(out_leaves[i], layout, 1, d)
                              for i, layout, d in zip(call["picked"], layouts, out_dims))
 
-            _, vjp = torch.func.vjp(forward, primal)
-            return vjp(tuple(example_grads))[0]
+            out, vjp = torch.func.vjp(forward, primal)
+            prints = tuple(_fingerprint(o.detach(), d, 1)[0][0] for o, d in zip(out, out_dims))
+            return vjp(tuple(example_grads))[0], prints
 
         # Each example keeps a size-1 example dim (code that reads the batch size still works):
-        # [.., B, ..] -> [.., B, 1, ..], vmapped over the B.
-        batched = [(t.unsqueeze(d + 1), d) for t, b, d in zip(in_leaves, batched_in, in_dims) if b]
-        per_grad = [(g.unsqueeze(d + 1), d) for g, d in zip(grads, out_dims)]
+        # [.., B, ..] -> [.., B, 1, ..], vmapped over the B; folded rows [k*B, ..] -> [B, k, ..].
+        batched = [(t.unflatten(0, (B, k)), 0) if k else (t.unsqueeze(d + 1), d)
+                   for t, b, k, d in zip(in_leaves, batched_in, folds_in, in_dims) if b or k]
+        per_grad = [(g.unflatten(0, (B, g.shape[0] // B)), 0) if layout == "folded" else (g.unsqueeze(d + 1), d)
+                    for g, d, layout in zip(grads, out_dims, layouts)]
         in_vmap_dims = ([d for _, d in batched], [d for _, d in per_grad])
         width = max(1, sum(p.numel() for p in params.values()))
         step = max(1, CHUNK_ELEMENTS // width)
-        chunks = []
+        chunks, ok = [], True
         for lo in range(0, B, step):
             hi = min(B, lo + step)
             try:
-                chunks.append(torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
-                    [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad]))
+                grads_part, prints = torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
+                    [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad])
             except RuntimeError as err:
                 if "randomness" not in str(err):
                     raise GenericError(
@@ -201,9 +301,53 @@ class GenericLayer(BKLayer):
                     f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
                     "path, which recomputes its forward per example, and its forward draws random numbers "
                     "(dropout with p > 0 in training mode?) that cannot be replayed: set its dropout to 0") from None
+            chunks.append(grads_part)
+            ok = ok and all(_prints_match(got, want[lo:hi], scale[lo:hi], rtol)
+                            for got, (want, scale, rtol) in zip(prints, call["fingerprints"]))
         if not chunks:
-            return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}
-        return {n: torch.cat([c[n] for c in chunks]) for n in params}
+            return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}, True
+        return {n: torch.cat([c[n] for c in chunks]) for n in params}, ok
+
+
+# Relative tolerance of the recompute check, by output dtype: the recompute runs the same ops on
+# one example (other kernels, other rounding); a wrong split of the examples changes the
+# outputs at order one.
+_PRINT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+_PRINT_RTOL_LOWP = 1e-2
+
+
+def _fingerprint(t, dim, B):
+    """([B] a fixed weighted sum of each example's elements, [B] the same sum of absolute values,
+    the check's tolerance for t's dtype): what the recompute check compares, without keeping the
+    outputs."""
+    rtol = _PRINT_RTOL.get(t.dtype, _PRINT_RTOL_LOWP)
+    x = t.detach().movedim(dim, 0).reshape(B, t.numel() // B if B else 0)  # example-major for folded rows too
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    weights = torch.cos(torch.arange(x.shape[1], device=x.device, dtype=x.dtype) * 0.7548776662466927)
+    return x @ weights, x.abs() @ weights.abs(), rtol
+
+
+def _prints_match(got, want, scale, rtol):
+    return bool(((got - want).abs() <= rtol * scale).all())
+
+
+class ParametrizedGeneric(GenericLayer):
+    """A layer with a torch parametrization of a trained weight (weight_norm, spectral_norm,
+    orthogonal): the layer is recomputed per example with the parametrizations' originals as its
+    own Parameters. The recompute runs the parametrizations in eval mode: their training-time
+    state updates (spectral_norm's power iteration) happened in the forward, whose weight the
+    recompute must see again."""
+
+    @contextlib.contextmanager
+    def _bk_recompute_context(self):
+        modes = [(m, m.training) for m in self.parametrizations.modules()]
+        for m, _ in modes:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
@@ -222,7 +366,7 @@ def _snapshot(leaf):
 
 
 def _to_batch(t, layout, B, dim=0):
-    if layout == "batched":
+    if layout in ("batched", "folded"):
         return t
     if layout == "broadcast":
         return t.expand(*[B if i == dim else -1 for i in range(t.dim())])
@@ -240,18 +384,19 @@ def _autocast_state(device_type):
 _GENERIC_CLASSES = {}
 
 
-def generic_class(cls, absorb=()):
+def generic_class(cls, absorb=(), mixin=GenericLayer):
     """The generic-path subclass of `cls` (made once per class), absorbing the children named
-    in `absorb` (their Parameters become the module's own; they stay unconverted)."""
+    in `absorb` (their Parameters become the module's own; they stay unconverted). mixin: a
+    GenericLayer subclass that puts only some method on the generic path."""
     absorb = tuple(absorb)
-    if (cls, absorb) not in _GENERIC_CLASSES:
+    if (cls, absorb, mixin) not in _GENERIC_CLASSES:
         # Named in this module, so that pickle finds the class within this process.
         name = "Generic_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}") + "".join(
-            f"__{a}" for a in absorb)
-        new = type(cls.__name__, (GenericLayer, cls), {"__module__": __name__, "__qualname__": name,
-                                                       "_bk_absorb": absorb})
-        globals()[name] = _GENERIC_CLASSES[cls, absorb] = new
-    return _GENERIC_CLASSES[cls, absorb]
+            f"__{a}" for a in absorb) + ("" if mixin is GenericLayer else f"__{mixin.__name__}")
+        new = type(cls.__name__, (mixin, cls), {"__module__": __name__, "__qualname__": name,
+                                                "_bk_absorb": absorb})
+        globals()[name] = _GENERIC_CLASSES[cls, absorb, mixin] = new
+    return _GENERIC_CLASSES[cls, absorb, mixin]
 
 
 def is_generic(module):
