@@ -5,6 +5,7 @@ Parameter objects (and so any optimizer state), hooks and state_dict keys all st
 were. Every trainable module that cannot be privatized is named in ONE error, before
 anything is changed.
 """
+import functools
 import inspect
 import re
 
@@ -30,7 +31,9 @@ def _trainable_parametrization(module):
         p.requires_grad for p in module.parametrizations.parameters())
 
 
-_DIRECT_USE = re.compile(r"self\.(\w+)\.(?:weight|bias)\b")
+# self.<child>.weight / .bias used as a value (not only its dtype, device or shape)
+_DIRECT_USE = re.compile(r"self\.(\w+)\.(?:weight|bias)\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|dim|numel|"
+                         r"requires_grad|is_\w+|stride|element_size|data_ptr)\b)")
 
 
 def _children_used_directly(module):
@@ -39,13 +42,17 @@ def _children_used_directly(module):
     biases in qkv_bias): they are absorbed, their Parameters recomputed per example with the
     module's own, instead of reaching the layer as an ordinary gradient. Read from the source of
     the forward; a forward without source absorbs nothing."""
+    return tuple(n for n in _names_used_directly(type(module)) if isinstance(module._modules.get(n), torch.nn.Module)
+                 and any(p.requires_grad for p in module._modules[n].parameters()))
+
+
+@functools.lru_cache(maxsize=None)
+def _names_used_directly(cls):
     try:
-        source = inspect.getsource(type(module).forward)
+        source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return ()
-    names = dict.fromkeys(m.group(1) for m in _DIRECT_USE.finditer(source))
-    return tuple(n for n in names if isinstance(getattr(module, n, None), torch.nn.Module)
-                 and n in module._modules and any(p.requires_grad for p in getattr(module, n).parameters()))
+    return tuple(dict.fromkeys(m.group(1) for m in _DIRECT_USE.finditer(source)))
 
 
 _PROMPT_REPEATED = {"PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}

@@ -145,6 +145,12 @@ def gemma():
     return _hf(("GemmaConfig", "GemmaForCausalLM"), head_dim=8, **_decoder_config())
 
 
+def mamba():
+    """HF Mamba: its mixer owns A_log and D and reads dt_proj.weight itself (absorbed)."""
+    return _hf(("MambaConfig", "MambaForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,
+               num_hidden_layers=2, expand=2, conv_kernel=3, use_mambapy=False, use_cache=False)
+
+
 def opt():
     return _hf(("OPTConfig", "OPTForCausalLM"), vocab_size=VOCAB, hidden_size=16, ffn_dim=24, num_hidden_layers=2,
                num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0,
@@ -243,6 +249,7 @@ ZOO = {
     "qwen2": (qwen2, causal_lm, ids_batch),
     "gemma": (gemma, causal_lm, ids_batch),
     "opt": (opt, causal_lm, ids_batch),
+    "mamba": (mamba, causal_lm, ids_batch),
     "t5": (t5, seq2seq_lm, ids_batch),
     "bart": (bart, seq2seq_lm, ids_batch),
     "timm_vit": (timm_vit, classify_images, image_batch),
