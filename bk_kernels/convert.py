@@ -31,6 +31,13 @@ def _trainable_parametrization(module):
         p.requires_grad for p in module.parametrizations.parameters())
 
 
+def _parameter_containers(module):
+    """Names of the module's ParameterDict/ParameterList children holding trainable Parameters."""
+    return tuple(n for n, c in module._modules.items()
+                 if isinstance(c, (torch.nn.ParameterDict, torch.nn.ParameterList))
+                 and any(p.requires_grad for p in c.parameters()))
+
+
 # self.<child>.weight / .bias used as a value (not only its dtype, device or shape)
 _DIRECT_USE = re.compile(r"self\.(\w+)\.(?:weight|bias)\b(?!\s*\.\s*(?:dtype|device|shape|size|ndim|dim|numel|"
                          r"requires_grad|is_\w+|stride|element_size|data_ptr)\b)")
@@ -90,6 +97,12 @@ def _plan(model):
             # weight_norm, spectral_norm, orthogonal...: the weight is a function of other
             # Parameters; the whole layer is recomputed per example with them as its own
             outcome = generic_class(type(module), absorb=("parametrizations",), mixin=ParametrizedGeneric)
+        elif outcome == families.GENERIC and _parameter_containers(module):
+            # a ParameterDict/ParameterList cannot be called: its parent uses its Parameters (PEFT's
+            # IA3, LoHa, LoKr, VeRA, BOFT, AdaLoRA layers, LoRA on embeddings): the parent takes the
+            # generic path with the containers (and any child it reads directly) absorbed
+            outcome = generic_class(type(module), absorb=_parameter_containers(module) + tuple(
+                n for n in _children_used_directly(module) if n not in _parameter_containers(module)))
         if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()):
             continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)
         if outcome == families.GENERIC:  # any other module owning trainable Parameters: exact, by torch.func

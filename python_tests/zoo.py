@@ -225,6 +225,19 @@ def peft_prompt(kind):
     return peft.get_peft_model(gpt2(), config).to(DT)  # the prompt encoder is made in float32
 
 
+def peft_adapter(kind):
+    """PEFT adapters whose Parameters sit in ParameterDicts that the adapter layer uses itself
+    (IA3's scaling vectors on Llama, LoRA on GPT-2's tied embedding): that layer takes the
+    generic path."""
+    import peft
+    if kind == "ia3":
+        return peft.get_peft_model(llama(), peft.IA3Config(
+            task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"])).to(DT)
+    return peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["wte", "c_attn"],
+                                                       lora_dropout=0.0)).to(DT)
+
+
 def lora_gpt2():
     return lora(gpt2(), ["c_attn", "c_proj"])
 
@@ -260,6 +273,8 @@ ZOO = {
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
+    "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
+    "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),
     "peft_prompt_tuning": (lambda: peft_prompt("prompt"), prompted_lm, ids_batch),
     "peft_ptuning": (lambda: peft_prompt("ptuning"), prompted_lm, ids_batch),
     "lora_llama": (lora_llama, causal_lm, ids_batch),
