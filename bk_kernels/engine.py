@@ -299,6 +299,11 @@ class PrivacyEngine:
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
 
+    def _is_model_input(self, x):
+        """Whether x is (a view of) one of the tensors given to the model's forward now running."""
+        storage = _storage(x)
+        return storage is not None and storage in self.layout.input_storages
+
     def _is_model_state(self, x):
         """Whether x is (a view of) one of the model's buffers or Parameters, which hold no
         examples whatever their shape (timm's relative-position coordinates, a table of learned

@@ -347,3 +347,38 @@ def test_generic_path_refuses_a_module_that_mixes_examples():
     with pytest.raises(RuntimeError, match="without a backward"):
         opt.step()
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class EyeNorm(nn.Module):
+    """PEFT DoRA's shape: lora_B(lora_A(eye(d))) of an identity made in the forward (no examples),
+    whose result is used detached (a weight norm) or, with detach=False, with its gradient."""
+
+    def __init__(self, detach=True, d=5):
+        super().__init__()
+        self.detach = detach
+        self.a, self.b, self.head = nn.Linear(d, 2, dtype=DT), nn.Linear(2, d, dtype=DT), nn.Linear(d, 3, dtype=DT)
+
+    def forward(self, x):  # x [B, d]
+        eye = torch.eye(x.shape[1], dtype=x.dtype)
+        norm = self.b(self.a(eye)).norm(dim=1)
+        norm = norm.detach() if self.detach else norm
+        return self.head(self.b(self.a(x)) / norm)
+
+
+def test_a_layer_on_an_input_with_no_examples_used_only_detached_is_exact():
+    """DoRA on B != d: the layout refusal of lora_A(eye) waits for a gradient that never comes."""
+    torch.manual_seed(12)
+    inputs = {"x": torch.randn(4, 5, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    check_model(EyeNorm(), lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"), inputs,
+                style="all-layer", backend="cpu")
+
+
+def test_a_layer_on_an_input_with_no_examples_is_refused_when_its_gradient_arrives():
+    torch.manual_seed(13)
+    model, engine, opt, before, _ = _one_step(EyeNorm(detach=False), None)
+    out = model(torch.randn(4, 5, dtype=DT))  # the forward passes: the eye's uses may never need a gradient
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(b\)"):
+        out.sum().backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -234,6 +234,9 @@ def peft_adapter(kind):
         return peft.get_peft_model(llama(), peft.IA3Config(
             task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"],
             feedforward_modules=["down_proj"])).to(DT)
+    if kind == "dora":  # its weight norm runs lora_B(lora_A(eye)) and uses the result detached
+        return peft.get_peft_model(llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                            lora_dropout=0.0, use_dora=True)).to(DT)
     return peft.get_peft_model(gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["wte", "c_attn"],
                                                        lora_dropout=0.0)).to(DT)
 
@@ -275,6 +278,7 @@ ZOO = {
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
     "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),
+    "peft_dora_llama": (lambda: peft_adapter("dora"), causal_lm, ids_batch),
     "peft_prompt_tuning": (lambda: peft_prompt("prompt"), prompted_lm, ids_batch),
     "peft_ptuning": (lambda: peft_prompt("ptuning"), prompted_lm, ids_batch),
     "lora_llama": (lora_llama, causal_lm, ids_batch),

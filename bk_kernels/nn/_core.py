@@ -139,7 +139,17 @@ class BKLayer:
         """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows
         folded example-major come in as [B, k, ...] and the output goes back as the caller
         gave them."""
-        xe = self._bk_examples(x, dim, fold_rows=True)
+        try:
+            xe = self._bk_examples(x, dim, fold_rows=True)
+        except Exception as err:  # the layout error (its class lives in layout.py, which imports nothing of ours)
+            deferred_input = isinstance(x.grad_fn, _RefusedAtBackward._backward_cls)
+            if (x.grad_fn is not None and not deferred_input) or (x.grad_fn is None and x.requires_grad) or \
+                    self._bk_engine._is_model_input(x):
+                raise
+            # An input made inside the forward from no examples (PEFT DoRA's lora_A(torch.eye(d)),
+            # then lora_B of that, whose result is used only detached): the refusal waits until a
+            # gradient reaches this call's output, if one ever does.
+            return _RefusedAtBackward.apply(apply(x), err)
         y = apply(xe)
         return y.flatten(0, 1) if xe.dim() > x.dim() else y
 
@@ -149,6 +159,20 @@ class BKLayer:
             return False
         self._bk_engine._record(self, [(p, u) for p, u in uses if self._bk_trainable(p)])
         return True
+
+
+class _RefusedAtBackward(torch.autograd.Function):
+    """Identity on a layer's output whose input holds no examples; raises the layer's layout
+    error when a gradient reaches it, before the layer's backward records anything."""
+
+    @staticmethod
+    def forward(ctx, y, error):
+        ctx.error = error
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        raise ctx.error
 
 
 # Autograd nodes that keep rows apart: row r of the output depends only on row r of each input
