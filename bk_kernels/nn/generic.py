@@ -295,8 +295,15 @@ class GenericLayer(BKLayer):
                     raise GenericError(
                         f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
                         "path (it uses its own Parameters in its forward), which recomputes that forward per example "
-                        f"under torch.func.vmap, and the forward cannot be vmapped: {err}. Move the Parameter into a "
-                        "small module of its own (so that only that module is recomputed)") from err
+                        f"under torch.func.vmap, and the forward cannot be vmapped: {err}. "
+                        + (f"One of its outputs holds the batch's {B} examples on a second dim (shapes "
+                           f"{[tuple(g.shape) for g in grads]}): an output that pairs examples (contrastive logits "
+                           "[B, B], as CLIPModel's) has no per-example gradient: DP-SGD needs each example's loss to "
+                           "depend on that example alone. "
+                           if any(B in g.shape[d + 1:] or B in g.shape[:d] for g, d in zip(grads, out_dims)) and B > 1
+                           else "")
+                        + "Move the Parameter into a small module of its own (so that only that module is recomputed)"
+                    ) from err
                 raise GenericError(
                     f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
                     "path, which recomputes its forward per example, and its forward draws random numbers "
