@@ -335,7 +335,9 @@ def _fingerprint(t, dim, B):
 
 
 def _prints_match(got, want, scale, rtol):
-    return bool(((got - want).abs() <= rtol * scale).all())
+    """Non-finite outputs (an fp16 overflow) are left to the engine, which skips such a step."""
+    close = (got - want).abs() <= rtol * scale
+    return bool((close | ~torch.isfinite(want) | ~torch.isfinite(got)).all())
 
 
 class ParametrizedGeneric(GenericLayer):
