@@ -12,6 +12,8 @@ import threading
 
 import torch
 
+from ..layout import UnsupportedLayoutError
+
 _plain = threading.local()
 
 
@@ -141,7 +143,7 @@ class BKLayer:
         gave them."""
         try:
             xe = self._bk_examples(x, dim, fold_rows=True)
-        except Exception as err:  # the layout error (its class lives in layout.py, which imports nothing of ours)
+        except UnsupportedLayoutError as err:
             deferred_input = isinstance(x.grad_fn, _RefusedAtBackward._backward_cls)
             if (x.grad_fn is not None and not deferred_input) or (x.grad_fn is None and x.requires_grad) or \
                     self._bk_engine._is_model_input(x):

@@ -140,8 +140,8 @@ class GenericLayer(BKLayer):
 
     def _bk_folded_inputs(self, in_leaves, in_dims, batched_in, B):
         """[k or None] per input: k for an input [k*B, ...] whose rows are the examples' rows folded
-        example-major (proven from the autograd graph by folded_rows: Swin's windows
-        [B*nW, N, C], OPT-style reshape(-1, d)); an input with no gradient history and as many
+        example-major (proven from the autograd graph by folded_rows: OPT-style reshape(-1, d)
+        of [B, T, d], or a reshape of such rows); an input with no gradient history and as many
         rows as such a fold (an index or mask per row) is split with it. Each example's recompute
         then takes its k rows, and the recompute check compares it with the forward."""
         folds = [None] * len(in_leaves)
