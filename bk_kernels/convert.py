@@ -103,6 +103,10 @@ def _plan(model):
             # generic path with the containers (and any child it reads directly) absorbed
             outcome = generic_class(type(module), absorb=_parameter_containers(module) + tuple(
                 n for n in _children_used_directly(module) if n not in _parameter_containers(module)))
+        refused = isinstance(outcome, str) and outcome != families.GENERIC
+        if refused and any(p.requires_grad for p in module.parameters()):  # itself or a child trains
+            problems.append((path or "<model>", type(module).__name__, outcome))
+            continue
         if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()):
             continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)
         if outcome == families.GENERIC:  # any other module owning trainable Parameters: exact, by torch.func

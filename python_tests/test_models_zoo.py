@@ -174,6 +174,23 @@ def test_generic_path_refuses_rows_folded_in_another_order():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("relative", [True, False])
+def test_deberta_relative_attention_is_refused_at_convert(relative):
+    """DeBERTa-v2's relative attention projects the encoder's shared position table and repeats
+    it to the batch inside the attention: refused by bk.convert, naming the attention (it used to
+    crash with a shape error inside transformers). Without relative attention it converts."""
+    model = zoo._hf(("DebertaV2Config", "DebertaV2ForSequenceClassification"), vocab_size=zoo.VOCAB, hidden_size=16,
+                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, max_position_embeddings=16,
+                    num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    relative_attention=relative, position_buckets=4, max_relative_positions=8,
+                    pos_att_type=["c2p", "p2c"] if relative else [])
+    if relative:
+        with pytest.raises(bk.UnsupportedModuleError, match=r"attention\.self \(DisentangledSelfAttention\): DeBERTa"):
+            bk.convert(model)
+    else:
+        check_model(model, zoo.classify_ids, zoo.ids_batch(B), style="all-layer", backend="cpu", R=0.05)
+
+
 def test_generic_path_refuses_dropout_it_cannot_replay():
     import timm
     torch.manual_seed(0)

@@ -109,9 +109,9 @@ class BKLayer:
         if x.dim() > dim and x.shape[dim] == B:  # the common case, first: one compare per forward
             if B > 1 and x.grad_fn is None and x.stride(dim) != 0 and self._bk_reads_model_state(x):
                 raise self._bk_layout_error(x, dim, why=(
-                    f"its input of shape {tuple(x.shape)} is (a view of) a buffer or Parameter of the model, which holds "
-                    f"no examples, although its dim {dim} has the batch size {B} (a table of relative positions or "
-                    "learned queries of that length): its per-example gradients live in a broadcast after the layer, "
+                    f"its input of shape {tuple(x.shape)} is (a view of) a buffer or Parameter of the model, which "
+                    f"holds no examples, although its dim {dim} has the batch size {B} (a table of relative positions "
+                    "or learned queries of that length): its per-example gradients live in a broadcast after the layer, "
                     "where this layer cannot see them. Freeze the layer, or let the module that owns the table take "
                     "the generic path (bk.register_layer); nothing was recorded and no budget was spent."))
             return x

@@ -196,3 +196,20 @@ def _position_bias_class(module):
 
 
 register_layer(None, _position_bias_class, matches=_is_position_bias_owner)
+
+
+def _is_hf_disentangled_attention(cls):
+    """DeBERTa's (v1, v2, v3) attention, known by name without importing transformers."""
+    return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.")
+
+
+def _disentangled_attention_reason(module):
+    if not getattr(module, "relative_attention", False):
+        return None
+    return ("DeBERTa's relative attention runs its query/key projections on the encoder's relative-position "
+            "table ([1, 2k, d], shared by every example, the encoder's own Parameter) and repeats the result to the "
+            "batch inside the attention, so those projections' and the table's per-example gradients are not "
+            "available to bk; not supported yet (a config with relative_attention=False trains exactly)")
+
+
+register_layer(None, None, unsupported_reason=_disentangled_attention_reason, matches=_is_hf_disentangled_attention)

@@ -293,9 +293,9 @@ class GenericLayer(BKLayer):
             except RuntimeError as err:
                 if "randomness" not in str(err):
                     raise GenericError(
-                        f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
-                        "path (it uses its own Parameters in its forward), which recomputes that forward per example "
-                        f"under torch.func.vmap, and the forward cannot be vmapped: {err}. "
+                        f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the "
+                        "generic path (it uses its own Parameters in its forward), which recomputes that forward per "
+                        f"example under torch.func.vmap, and the forward cannot be vmapped: {err}. "
                         + (f"One of its outputs holds the batch's {B} examples on a second dim (shapes "
                            f"{[tuple(g.shape) for g in grads]}): an output that pairs examples (contrastive logits "
                            "[B, B], as CLIPModel's) has no per-example gradient: DP-SGD needs each example's loss to "
