@@ -111,9 +111,9 @@ class BKLayer:
                 raise self._bk_layout_error(x, dim, why=(
                     f"its input of shape {tuple(x.shape)} is (a view of) a buffer or Parameter of the model, which "
                     f"holds no examples, although its dim {dim} has the batch size {B} (a table of relative positions "
-                    "or learned queries of that length): its per-example gradients live in a broadcast after the layer, "
-                    "where this layer cannot see them. Freeze the layer, or let the module that owns the table take "
-                    "the generic path (bk.register_layer); nothing was recorded and no budget was spent."))
+                    "or learned queries of that length): its per-example gradients live in a broadcast after the "
+                    "layer, where this layer cannot see them. Freeze the layer, or let the module that owns the "
+                    "table take the generic path (bk.register_layer); nothing was recorded and no budget was spent."))
             return x
         if not any(p.requires_grad for p in self._parameters.values() if p is not None):
             return x  # frozen: nothing to book-keep
