@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bk_kernels as bk
-from python_tests.test_models import BACKENDS, check_model
+from python_tests.test_models import BACKENDS, check_model, classification_loss
 
 DT = torch.float64
 
@@ -382,3 +382,36 @@ def test_a_layer_on_an_input_with_no_examples_is_refused_when_its_gradient_arriv
     with pytest.raises(RuntimeError, match="without a backward"):
         opt.step()
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class _Square(torch.autograd.Function):
+    """A custom autograd Function in the old style (no setup_context): torch.func.vmap cannot run
+    it, as PEFT LoHa's weight product."""
+
+    @staticmethod
+    def forward(ctx, w):
+        ctx.save_for_backward(w)
+        return w * w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return 2 * w * g
+
+
+class SquaredScale(nn.Module):
+    def __init__(self, d=4):
+        super().__init__()
+        self.scale = nn.Parameter(torch.rand(d, dtype=DT) + 0.5)
+
+    def forward(self, x):
+        return x * _Square.apply(self.scale)
+
+
+def test_generic_path_loops_over_examples_when_vmap_cannot_run_the_forward():
+    """vmap refuses the Function; the recompute then takes one example at a time by ordinary
+    autograd (checked against the forward like the vmapped one)."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(4, 4, dtype=DT), SquaredScale(), nn.Tanh(), nn.Linear(4, 3, dtype=DT))
+    inputs = {"x": torch.randn(5, 4, dtype=DT), "y": torch.randint(0, 3, (5,))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")

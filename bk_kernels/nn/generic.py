@@ -257,7 +257,7 @@ class GenericLayer(BKLayer):
         primal = {n: p.detach() for n, p in params.items()}
         module = self
 
-        def one_example(example_leaves, example_grads):
+        def forward_of(example_leaves):
             # example_leaves: the batched inputs of one example, each with its example dim of size 1
             it = iter(example_leaves)
             leaves = [next(it) if s else _snapshot(t) for t, s in zip(in_leaves, split)]
@@ -270,10 +270,26 @@ class GenericLayer(BKLayer):
                 out_leaves = tree_flatten(out)[0]
                 return tuple(_to_batch(out_leaves[i], layout, 1, d)
                              for i, layout, d in zip(call["picked"], layouts, out_dims))
+            return forward
 
-            out, vjp = torch.func.vjp(forward, primal)
-            prints = tuple(_fingerprint(o.detach(), d, 1)[0][0] for o, d in zip(out, out_dims))
-            return vjp(tuple(example_grads))[0], prints
+        def prints_of(out):
+            return tuple(_fingerprint(o.detach(), d, 1)[0][0] for o, d in zip(out, out_dims))
+
+        def one_example(example_leaves, example_grads):
+            out, vjp = torch.func.vjp(forward_of(example_leaves), primal)
+            return vjp(tuple(example_grads))[0], prints_of(out)
+
+        def looped(example_leaves, example_grads):
+            """One example by ordinary autograd: for forwards vmap cannot run (data-dependent
+            shapes, custom autograd Functions without vmap support)."""
+            own = {n: p.detach().requires_grad_() for n, p in primal.items()}
+            with torch.enable_grad():
+                out = forward_of(example_leaves)(own)
+            pairs = [(o, g) for o, g in zip(out, example_grads) if o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], list(own.values()), [g for _, g in pairs],
+                                      allow_unused=True) if pairs else [None] * len(own)
+            return {n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(own.items(), got)}, \
+                prints_of(out)
 
         # Each example keeps a size-1 example dim (code that reads the batch size still works):
         # [.., B, ..] -> [.., B, 1, ..], vmapped over the B; folded rows [k*B, ..] -> [B, k, ..].
@@ -284,14 +300,28 @@ class GenericLayer(BKLayer):
         in_vmap_dims = ([d for _, d in batched], [d for _, d in per_grad])
         width = max(1, sum(p.numel() for p in params.values()))
         step = max(1, CHUNK_ELEMENTS // width)
-        chunks, ok = [], True
+        chunks, ok, loop = [], True, False
         for lo in range(0, B, step):
             hi = min(B, lo + step)
             try:
+                if loop:
+                    raise _VmapFailed
                 grads_part, prints = torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
                     [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad])
-            except RuntimeError as err:
+            except (RuntimeError, _VmapFailed) as err:
                 if "randomness" not in str(err):
+                    try:  # the forward cannot be vmapped: one example at a time by ordinary autograd
+                        per = [looped([t.select(d, b) for t, d in batched], [g.select(d, b) for g, d in per_grad])
+                               for b in range(lo, hi)]
+                    except RuntimeError:
+                        per = None
+                    if per is not None:
+                        loop = True
+                        chunks.append({n: torch.stack([grads_b[n] for grads_b, _ in per]) for n in params})
+                        ok = ok and all(_prints_match(torch.stack([prints_b[i] for _, prints_b in per]), want[lo:hi],
+                                                      scale[lo:hi], rtol)
+                                        for i, (want, scale, rtol) in enumerate(call["fingerprints"]))
+                        continue
                     raise GenericError(
                         f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the "
                         "generic path (it uses its own Parameters in its forward), which recomputes that forward per "
@@ -314,6 +344,10 @@ class GenericLayer(BKLayer):
         if not chunks:
             return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}, True
         return {n: torch.cat([c[n] for c in chunks]) for n in params}, ok
+
+
+class _VmapFailed(Exception):
+    """vmap failed on an earlier chunk of this recompute: the later chunks loop at once."""
 
 
 # Relative tolerance of the recompute check, by output dtype: the recompute runs the same ops on
