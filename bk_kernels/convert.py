@@ -97,12 +97,12 @@ def _plan(model):
             # weight_norm, spectral_norm, orthogonal...: the weight is a function of other
             # Parameters; the whole layer is recomputed per example with them as its own
             outcome = generic_class(type(module), absorb=("parametrizations",), mixin=ParametrizedGeneric)
-        elif outcome == families.GENERIC and _parameter_containers(module):
+        elif outcome == families.GENERIC and (containers := _parameter_containers(module)):
             # a ParameterDict/ParameterList cannot be called: its parent uses its Parameters (PEFT's
             # IA3, LoHa, LoKr, VeRA, BOFT, AdaLoRA layers, LoRA on embeddings): the parent takes the
             # generic path with the containers (and any child it reads directly) absorbed
-            outcome = generic_class(type(module), absorb=_parameter_containers(module) + tuple(
-                n for n in _children_used_directly(module) if n not in _parameter_containers(module)))
+            outcome = generic_class(type(module), absorb=tuple(dict.fromkeys(
+                containers + _children_used_directly(module))))
         refused = isinstance(outcome, str) and outcome != families.GENERIC
         if refused and any(p.requires_grad for p in module.parameters()):  # itself or a child trains
             problems.append((path or "<model>", type(module).__name__, outcome))

@@ -115,7 +115,7 @@ class BKLayer:
                     "layer, where this layer cannot see them. Freeze the layer, or let the module that owns the "
                     "table take the generic path (bk.register_layer); nothing was recorded and no budget was spent."))
             return x
-        if not any(p.requires_grad for p in self._parameters.values() if p is not None):
+        if not self._bk_trains():
             return x  # frozen: nothing to book-keep
         if x.dim() <= dim:  # an unbatched input: one example
             if B == 1:
@@ -133,9 +133,11 @@ class BKLayer:
     def _bk_reads_model_state(self, x):
         """A trainable layer fed (a view of) a buffer or Parameter of the model (checked only for
         inputs with no gradient history: the model's own inputs pass at one set lookup)."""
-        if not any(p.requires_grad for p in self._parameters.values() if p is not None):
-            return False
-        return self._bk_engine._is_model_state(x)
+        return self._bk_trains() and self._bk_engine._is_model_state(x)
+
+    def _bk_trains(self):
+        """Whether any of this layer's own Parameters trains."""
+        return any(p.requires_grad for p in self._parameters.values() if p is not None)
 
     def _bk_row_wise(self, x, dim, apply):
         """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows

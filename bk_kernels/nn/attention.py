@@ -121,6 +121,19 @@ def _is_relative_bias_attention(cls):
     return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention")
 
 
+def _table_owner_class(module, table, mixin=GenericLayer):
+    """A module owning a table looked up (or an MLP run) on values that hold no examples, whose
+    output is broadcast over the batch: the module takes the generic path with the table
+    absorbed (mixin: only the method that uses it, when the module has no Parameters of its
+    own); without a trainable table, only its own Parameters (if any) take the generic path."""
+    own = any(p.requires_grad for p in module.parameters(recurse=False))
+    child = getattr(module, table, None)
+    if isinstance(child, torch.nn.Module) and any(p.requires_grad for p in child.parameters()):
+        # Parameters of its own would be used outside the method: then the whole forward
+        return generic_class(type(module), absorb=(table,), mixin=GenericLayer if own else mixin)
+    return generic_class(type(module)) if own else None
+
+
 def _relative_bias_class(module):
     """The relative-bias attention that owns the bias table takes the generic path with the table
     absorbed: its lookup ids [q, k] hold no examples (the bias is broadcast over the batch after
@@ -128,39 +141,37 @@ def _relative_bias_class(module):
     position_bias output, [1, H, q, k], is expanded to the batch by the generic path so that its
     gradient is per example. The q/k/v/o projections stay bk Linears. The other layers' copies
     (no table) are left alone: their children convert as usual."""
-    table = getattr(module, "relative_attention_bias", None)
-    if isinstance(table, torch.nn.Embedding) and any(p.requires_grad for p in table.parameters()):
-        return generic_class(type(module), absorb=("relative_attention_bias",))
-    return None if not any(p.requires_grad for p in module.parameters(recurse=False)) else generic_class(type(module))
+    return _table_owner_class(module, "relative_attention_bias")
 
 
 register_layer(None, _relative_bias_class, matches=_is_relative_bias_attention)
 
 
-class _PositionBiasOwner(GenericLayer):
+class _OneMethodOnGenericPath(GenericLayer):
+    """The module's forward runs as usual (its children are bk layers); a subclass routes the one
+    method that uses the absorbed table through the generic path."""
+
+    def forward(self, *args, **kwargs):
+        return super(GenericLayer, self).forward(*args, **kwargs)
+
+
+class _PositionBiasOwner(_OneMethodOnGenericPath):
     """MPNet's encoder (and copies of it): compute_position_bias(x) looks up a
     relative_attention_bias Embedding with [q, k] buckets that hold no examples, then expands
     the bias to the batch, [B, H, q, k]. Only that method takes the generic path, with the table
     absorbed: its input x and its output hold the examples, so the per-example recompute is one
-    lookup per example, not the whole encoder. The encoder's forward and its layers run as
-    usual (the layers are bk layers)."""
-
-    def forward(self, *args, **kwargs):
-        return super(GenericLayer, self).forward(*args, **kwargs)
+    lookup per example, not the whole encoder."""
 
     def compute_position_bias(self, *args, **kwargs):
         return self._bk_generic_call("compute_position_bias", *args, **kwargs)
 
 
-class _RelPosMlpOwner(GenericLayer):
+class _RelPosMlpOwner(_OneMethodOnGenericPath):
     """timm's RelPosMlp (vit_relpos_*, vit_srelpos_*): get_bias() runs a small MLP on a buffer of
     relative coordinates, [2g-1, 2g-1, 2], that holds no examples, and its [1, H, N, N] bias is
     added to every example's attention scores. get_bias takes the generic path with the MLP
     absorbed: its output is expanded to the batch, so its gradient, and the MLP's recomputed
     per-example gradients, are per example (one tiny MLP per example)."""
-
-    def forward(self, *args, **kwargs):
-        return super(GenericLayer, self).forward(*args, **kwargs)
 
     def get_bias(self, *args, **kwargs):
         return self._bk_generic_call("get_bias", *args, **kwargs)
@@ -170,32 +181,15 @@ def _is_timm_rel_pos_mlp(cls):
     return cls.__name__ == "RelPosMlp" and cls.__module__.startswith("timm.")
 
 
-def _rel_pos_mlp_class(module):
-    if any(p.requires_grad for p in module.parameters(recurse=False)):
-        return generic_class(type(module))
-    if any(p.requires_grad for p in module.mlp.parameters()):
-        return generic_class(type(module), absorb=("mlp",), mixin=_RelPosMlpOwner)
-    return None
-
-
-register_layer(None, _rel_pos_mlp_class, matches=_is_timm_rel_pos_mlp)
+register_layer(None, lambda module: _table_owner_class(module, "mlp", _RelPosMlpOwner), matches=_is_timm_rel_pos_mlp)
 
 
 def _is_position_bias_owner(cls):
     return callable(getattr(cls, "compute_position_bias", None))
 
 
-def _position_bias_class(module):
-    table = getattr(module, "relative_attention_bias", None)
-    own = any(p.requires_grad for p in module.parameters(recurse=False))
-    if isinstance(table, torch.nn.Embedding) and any(p.requires_grad for p in table.parameters()):
-        # Parameters of its own (none in MPNet) would be used outside the method: the whole forward
-        return generic_class(type(module), absorb=("relative_attention_bias",),
-                             mixin=GenericLayer if own else _PositionBiasOwner)
-    return generic_class(type(module)) if own else None
-
-
-register_layer(None, _position_bias_class, matches=_is_position_bias_owner)
+register_layer(None, lambda module: _table_owner_class(module, "relative_attention_bias", _PositionBiasOwner),
+               matches=_is_position_bias_owner)
 
 
 def _is_hf_disentangled_attention(cls):

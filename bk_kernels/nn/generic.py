@@ -21,6 +21,7 @@ cannot be replayed per example and are refused.
 """
 import contextlib
 import copy
+import functools
 import itertools
 import re
 import warnings
@@ -248,6 +249,18 @@ class GenericLayer(BKLayer):
             "a reduction over dim 0), or one of its inputs with the batch size on dim 0 does not hold examples. "
             "Its per-example gradients cannot be computed this way; no gradient was recorded and no budget spent")
 
+    def _bk_vmap_error(self, err, B, grads, out_dims):
+        pairs = B > 1 and any(B in g.shape[d + 1:] or B in g.shape[:d] for g, d in zip(grads, out_dims))
+        return GenericError(
+            f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic path (it "
+            "uses its own Parameters in its forward), which recomputes that forward per example under "
+            f"torch.func.vmap, and the forward cannot be vmapped: {err}. "
+            + (f"One of its outputs holds the batch's {B} examples on a second dim (shapes "
+               f"{[tuple(g.shape) for g in grads]}): an output that pairs examples (contrastive logits [B, B], as "
+               "CLIPModel's) has no per-example gradient: DP-SGD needs each example's loss to depend on that "
+               "example alone. " if pairs else "")
+            + "Move the Parameter into a small module of its own (so that only that module is recomputed)")
+
     def _bk_recompute(self, call, grads, params, batched_in):
         """(per-example gradients, whether the recomputed outputs match the forward's), with the
         inputs flagged in batched_in split into examples and the others given whole to each."""
@@ -300,54 +313,35 @@ class GenericLayer(BKLayer):
         in_vmap_dims = ([d for _, d in batched], [d for _, d in per_grad])
         width = max(1, sum(p.numel() for p in params.values()))
         step = max(1, CHUNK_ELEMENTS // width)
-        chunks, ok, loop = [], True, False
+        chunks, ok, vmap_error = [], True, None
         for lo in range(0, B, step):
             hi = min(B, lo + step)
-            try:
-                if loop:
-                    raise _VmapFailed
-                grads_part, prints = torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
-                    [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad])
-            except (RuntimeError, _VmapFailed) as err:
-                if "randomness" not in str(err):
-                    try:  # the forward cannot be vmapped: one example at a time by ordinary autograd
-                        per = [looped([t.select(d, b) for t, d in batched], [g.select(d, b) for g, d in per_grad])
-                               for b in range(lo, hi)]
-                    except RuntimeError:
-                        per = None
-                    if per is not None:
-                        loop = True
-                        chunks.append({n: torch.stack([grads_b[n] for grads_b, _ in per]) for n in params})
-                        ok = ok and all(_prints_match(torch.stack([prints_b[i] for _, prints_b in per]), want[lo:hi],
-                                                      scale[lo:hi], rtol)
-                                        for i, (want, scale, rtol) in enumerate(call["fingerprints"]))
-                        continue
-                    raise GenericError(
-                        f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the "
-                        "generic path (it uses its own Parameters in its forward), which recomputes that forward per "
-                        f"example under torch.func.vmap, and the forward cannot be vmapped: {err}. "
-                        + (f"One of its outputs holds the batch's {B} examples on a second dim (shapes "
-                           f"{[tuple(g.shape) for g in grads]}): an output that pairs examples (contrastive logits "
-                           "[B, B], as CLIPModel's) has no per-example gradient: DP-SGD needs each example's loss to "
-                           "depend on that example alone. "
-                           if any(B in g.shape[d + 1:] or B in g.shape[:d] for g, d in zip(grads, out_dims)) and B > 1
-                           else "")
-                        + "Move the Parameter into a small module of its own (so that only that module is recomputed)"
-                    ) from err
-                raise GenericError(
-                    f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic "
-                    "path, which recomputes its forward per example, and its forward draws random numbers "
-                    "(dropout with p > 0 in training mode?) that cannot be replayed: set its dropout to 0") from None
+            if vmap_error is None:
+                try:
+                    grads_part, prints = torch.func.vmap(one_example, in_dims=in_vmap_dims, randomness="error")(
+                        [t.narrow(d, lo, hi - lo) for t, d in batched], [g.narrow(d, lo, hi - lo) for g, d in per_grad])
+                except RuntimeError as err:
+                    if "randomness" in str(err):
+                        raise GenericError(
+                            f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the "
+                            "generic path, which recomputes its forward per example, and its forward draws random "
+                            "numbers (dropout with p > 0 in training mode?) that cannot be replayed: set its dropout "
+                            "to 0") from None
+                    vmap_error = err  # this chunk and the later ones loop over their examples
+            if vmap_error is not None:  # the forward cannot be vmapped: one example at a time by ordinary autograd
+                try:
+                    per = [looped([t.select(d, b) for t, d in batched], [g.select(d, b) for g, d in per_grad])
+                           for b in range(lo, hi)]
+                except RuntimeError:
+                    raise self._bk_vmap_error(vmap_error, B, grads, out_dims) from vmap_error
+                grads_part = {n: torch.stack([grads_b[n] for grads_b, _ in per]) for n in params}
+                prints = [torch.stack([prints_b[i] for _, prints_b in per]) for i in range(len(out_dims))]
             chunks.append(grads_part)
             ok = ok and all(_prints_match(got, want[lo:hi], scale[lo:hi], rtol)
                             for got, (want, scale, rtol) in zip(prints, call["fingerprints"]))
         if not chunks:
             return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}, True
         return {n: torch.cat([c[n] for c in chunks]) for n in params}, ok
-
-
-class _VmapFailed(Exception):
-    """vmap failed on an earlier chunk of this recompute: the later chunks loop at once."""
 
 
 # Relative tolerance of the recompute check, by output dtype: the recompute runs the same ops on
@@ -364,8 +358,15 @@ def _fingerprint(t, dim, B):
     rtol = _PRINT_RTOL.get(t.dtype, _PRINT_RTOL_LOWP)
     x = t.detach().movedim(dim, 0).reshape(B, t.numel() // B if B else 0)  # example-major for folded rows too
     x = x.double() if x.dtype == torch.float64 else x.float()
-    weights = torch.cos(torch.arange(x.shape[1], device=x.device, dtype=x.dtype) * 0.7548776662466927)
+    weights = _fingerprint_weights(x.shape[1], x.dtype, x.device)
     return x @ weights, x.abs() @ weights.abs(), rtol
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint_weights(n, dtype, device):
+    """Fixed weights of the fingerprint, made once per size (the forward of every generic module
+    computes one)."""
+    return torch.cos(torch.arange(n, device=device, dtype=dtype) * 0.7548776662466927)
 
 
 def _prints_match(got, want, scale, rtol):
