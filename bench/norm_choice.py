@@ -1,7 +1,8 @@
-"""The ghost-or-direct rule (bk_kernels.ops.linear_norm.use_ghost) against both alternatives.
+"""The ghost-or-direct choice against both alternatives.
 
-For each shape both norms are timed; the row says which the rule picks and how the pick
-compares with the faster of the two (1.0 = the rule chose the faster one).
+For each shape both norms are timed; the row says which the FLOP rule (ops.use_ghost) picks and
+how the pick compares with the faster of the two (1.0 = the rule chose the faster one), and the
+same for linear_norm's "auto" (on the CPU it times both where the FLOP counts are close).
 """
 import torch
 
@@ -27,14 +28,16 @@ def run(device, dtype, quick, command):
         budget = 0.2 if quick else 0.5
         ghost = harness.time_call(lambda: ops.ghost_norm(a, g, backend=backend), device, budget_s=budget)[0]
         direct = harness.time_call(lambda: ops.direct_norm(a, g, backend=backend), device, budget_s=budget)[0]
+        auto = harness.time_call(lambda: ops.linear_norm(a, g, backend=backend), device, budget_s=budget)[0]
         pick = "ghost" if ops.use_ghost(T, d, p) else "direct"
         picked = ghost if pick == "ghost" else direct
         rows.append(dict(ctx, op="norm_choice", method=f"bk ({backend})", B=B, T=T, d=d, p=p,
                          dtype=str(dtype).split(".")[1], ghost_ms=round(ghost * 1e3, 4),
                          direct_ms=round(direct * 1e3, 4), rule_picks=pick,
-                         pick_vs_best=round(picked / min(ghost, direct), 3)))
+                         pick_vs_best=round(picked / min(ghost, direct), 3), auto_ms=round(auto * 1e3, 4),
+                         auto_vs_best=round(auto / min(ghost, direct), 3)))
         progress.step(f"T={T} d={d} p={p}")
     return rows
 
 
-COLUMNS = ["B", "T", "d", "p", "ghost_ms", "direct_ms", "rule_picks", "pick_vs_best"]
+COLUMNS = ["B", "T", "d", "p", "ghost_ms", "direct_ms", "rule_picks", "pick_vs_best", "auto_ms", "auto_vs_best"]

@@ -2,7 +2,9 @@
 
 Stock paths: the Gram matrices via bmm (what a plain ghost-norm implementation does, B*T*T
 memory) and the per-example gradients via einsum (B*d*p memory). The fused ops compute the
-same [B] norms tile by tile.
+same [B] norms tile by tile. On the CPU each op also runs with each implementation forced
+(ops.set_cpu_norm_impl: the hand-written kernel, torch's BLAS on chunks of examples); the plain
+"(cpu)" rows are the default, which times both once per shape class and keeps the faster.
 """
 import torch
 
@@ -19,15 +21,18 @@ def stock_einsum_grads(a, g):
 
 
 def methods(device):
-    """name -> (function, the stock method it replaces)."""
+    """name -> (function, the stock method it replaces, the CPU norm implementation setting)."""
     found = {}
     for backend in ops.available_backends(device):
         if backend == "torch":
             continue  # the chunked pure-PyTorch fallback; the stock paths below stand for it
-        found[f"bk ghost ({backend})"] = (lambda a, g, b=backend: ops.ghost_norm(a, g, backend=b), "stock gram bmm")
-        found[f"bk direct ({backend})"] = (lambda a, g, b=backend: ops.direct_norm(a, g, backend=b), "stock einsum grads")
-    found["stock gram bmm"] = (stock_gram_bmm, None)
-    found["stock einsum grads"] = (stock_einsum_grads, None)
+        for impl in ("auto", "kernel", "blas") if backend == "cpu" else ("auto",):
+            tag = backend if impl == "auto" else f"{backend} {impl}"
+            found[f"bk ghost ({tag})"] = (lambda a, g, b=backend: ops.ghost_norm(a, g, backend=b), "stock gram bmm", impl)
+            found[f"bk direct ({tag})"] = (lambda a, g, b=backend: ops.direct_norm(a, g, backend=b),
+                                           "stock einsum grads", impl)
+    found["stock gram bmm"] = (stock_gram_bmm, None, "auto")
+    found["stock einsum grads"] = (stock_einsum_grads, None, "auto")
     return found
 
 
@@ -53,7 +58,8 @@ def run(device, dtype, quick, command):
         g = torch.randn(B, T, p, device=device, dtype=dtype)
         want = ops.direct_norm_ref(a, g)
         medians = {}
-        for name, (fn, _) in found.items():
+        for name, (fn, _, impl) in found.items():
+            ops.set_cpu_norm_impl(impl)  # "auto" forgets earlier choices: its first call measures
             got = fn(a, g).double()
             torch.testing.assert_close(got, want, rtol=1e-3 if dtype != torch.float64 else 1e-9, atol=0)
             peak = harness.peak_extra_bytes(lambda: fn(a, g), device)
@@ -63,6 +69,7 @@ def run(device, dtype, quick, command):
                              median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4), max_ms=round(hi * 1e3, 4),
                              peak_extra_mib=round(peak / 2**20, 3), vs_stock=""))
             progress.step(f"{name} T={T} d={d} p={p}")
+        ops.set_cpu_norm_impl("auto")
         for row in rows[-len(found):]:
             stock = found[row["method"]][1]
             if stock:

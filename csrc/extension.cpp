@@ -2,6 +2,7 @@
 // registered per device in cpu/*.cpp and cuda/*_binding.cpp) and build information.
 #include <torch/extension.h>
 
+#include "cpu/norm_impl.h"
 #include "cpu/norms_kernels.h"
 
 #ifdef BK_WITH_CUDA
@@ -77,10 +78,35 @@ pybind11::dict build_info() {
   return info;
 }
 
+pybind11::list cpu_norm_choices() {
+  pybind11::list rows;
+  for (const auto& c : bk::cpu_norm_choices()) {
+    pybind11::dict row;
+    row["op"] = c.op;
+    row["dtype"] = c.dtype;
+    row["B"] = c.B;
+    row["T"] = c.T;
+    row["d"] = c.d;
+    row["p"] = c.p;
+    row["threads"] = c.threads;
+    row["impl"] = c.impl;
+    row["kernel_us"] = c.kernel_us;
+    row["blas_us"] = c.blas_us;
+    rows.append(row);
+  }
+  return rows;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "bk_kernels compiled kernels; importing this module registers the torch.ops.bk ops";
   m.def("build_info", &build_info,
         "dict: version, torch_version, cuda, cuda_version, cuda_archs, openmp, omp_max_threads");
+  m.def("set_cpu_norm_impl", &bk::set_cpu_norm_impl, pybind11::arg("mode"),
+        "'auto' (time kernel and BLAS once per shape class), 'kernel' or 'blas'; forgets past choices");
+  m.def("cpu_norm_impl", &bk::cpu_norm_impl, "the CPU norm implementation mode now in force");
+  m.def("cpu_norm_choices", &cpu_norm_choices,
+        "list of dict: each shape class's measured choice (op, dtype, B, T, d, p, threads, impl, "
+        "kernel_us, blas_us)");
 }

@@ -9,7 +9,7 @@ from .direct_norm import direct_norm, direct_norm_ref
 from .embedding import embedding_clipped_sum, embedding_clipped_sum_ref, embedding_norm, embedding_norm_ref
 from .ghost_norm import ghost_norm, ghost_norm_ref
 from .layerwise import clipped_sum_layerwise
-from .linear_norm import choose_mode, linear_norm, use_ghost
+from .linear_norm import choose_mode, cpu_norm_choices, cpu_norm_impl, linear_norm, set_cpu_norm_impl, use_ghost
 from .norm_layer import norm_layer_grads, norm_layer_grads_ref
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "clipped_sum_layerwise",
     "clipped_sum_ref",
     "conv_clipped_sum",
+    "cpu_norm_choices",
+    "cpu_norm_impl",
     "conv_norm",
     "conv_per_example_grads",
     "conv_per_example_grads_ref",
@@ -36,5 +38,6 @@ __all__ = [
     "linear_norm",
     "norm_layer_grads",
     "norm_layer_grads_ref",
+    "set_cpu_norm_impl",
     "use_ghost",
 ]

@@ -89,11 +89,11 @@ def conv_norm(x, g, *, kernel_size, stride=1, padding=0, dilation=1, groups=1, b
     B = x.shape[0]
     L = math.prod(g.shape[2:])
     width = x.shape[1] // groups * math.prod(k)
-    method = choose_mode(mode, L, width, g.shape[1] // groups)
+    choose_mode(mode, L, width, g.shape[1] // groups)  # checks mode; linear_norm chooses per chunk
     out = torch.zeros(B, dtype=accumulation_dtype(x.dtype), device=x.device)
     for lo, hi in example_chunks(B, groups * L * (width + g.shape[1] // groups)):
         a_rows, g_rows = _grouped_rows(x[lo:hi], g[lo:hi], groups, k, s, p, dl)
-        out[lo:hi] = linear_norm(a_rows, g_rows, mode=method, backend=backend).view(hi - lo, groups).sum(1)
+        out[lo:hi] = linear_norm(a_rows, g_rows, mode=mode, backend=backend).view(hi - lo, groups).sum(1)
     if bias:
         out += g.sum(tuple(range(2, g.dim())), dtype=out.dtype).square().sum(1)
     return out

@@ -1,10 +1,12 @@
 """clipped_sum (and its accumulating form) on every backend against float64 per-example
 gradients; clip_factors; the layer-wise fused path; the ghost/direct choice."""
 import sys
+import time
 
 import pytest
 import torch
 
+from bk_kernels import ops
 from bk_kernels.ops.clipped_sum import clipped_sum, clipped_sum_ref
 from bk_kernels.ops.layerwise import clipped_sum_layerwise
 from bk_kernels.ops.linear_norm import choose_mode, linear_norm, use_ghost
@@ -162,3 +164,51 @@ def test_choice_is_made_per_call(monkeypatch):
     linear_norm(torch.randn(2, 4, 64), torch.randn(2, 4, 64))
     linear_norm(torch.randn(2, 400, 64), torch.randn(2, 400, 64))
     assert calls == ["ghost", "direct"]
+
+
+@pytest.fixture
+def slow_ghost(monkeypatch):
+    """The ghost norm made 2 ms slower than the direct norm; calls recorded by method."""
+    calls = []
+    module = sys.modules["bk_kernels.ops.linear_norm"]
+
+    def ghost(a, g, backend):
+        calls.append("ghost")
+        time.sleep(2e-3)
+        return ops.ghost_norm_ref(a, g)
+
+    def direct(a, g, backend):
+        calls.append("direct")
+        return ops.direct_norm_ref(a, g)
+
+    monkeypatch.setattr(module, "ghost_norm", ghost)
+    monkeypatch.setattr(module, "direct_norm", direct)
+    before = ops.cpu_norm_impl()
+    ops.set_cpu_norm_impl("auto")
+    yield calls
+    ops.set_cpu_norm_impl(before)
+
+
+def test_cpu_auto_times_close_choices_once_per_shape_class(slow_ghost):
+    """Where the FLOP counts are within 4x (here 2x, the rule says ghost), the CPU times both
+    methods once per shape class and keeps the faster: the (slowed) ghost norm loses."""
+    a, g = torch.randn(4, 16, 64, dtype=torch.float64), torch.randn(4, 16, 64, dtype=torch.float64)
+    assert use_ghost(16, 64, 64)
+    torch.testing.assert_close(linear_norm(a, g), ops.direct_norm_ref(a, g), rtol=1e-12, atol=0)
+    assert slow_ghost.count("ghost") == 3 and slow_ghost.count("direct") == 4  # 3 timed, 1 kept
+    slow_ghost.clear()
+    linear_norm(a[:3, :9], g[:3, :9])  # the same class (sizes round up alike): no timing
+    assert slow_ghost == ["direct"]
+    (made,) = [c for c in ops.cpu_norm_choices() if c["op"] == "linear_norm"]
+    assert (made["impl"], made["T"], made["dtype"]) == ("direct", 16, "float64")
+    assert made["ghost_us"] > made["direct_us"] + 1000
+
+
+def test_cpu_rule_outside_the_band_and_when_forced(slow_ghost):
+    linear_norm(torch.randn(2, 2, 256), torch.randn(2, 2, 256))  # 8x fewer FLOPs: the rule
+    linear_norm(torch.randn(3, 16, 64), torch.randn(3, 16, 64), backend="torch")  # not the CPU kernels
+    assert slow_ghost == ["ghost"] * 2
+    ops.set_cpu_norm_impl("kernel")  # a forced implementation turns the timing off
+    linear_norm(torch.randn(3, 16, 64), torch.randn(3, 16, 64))
+    assert slow_ghost == ["ghost"] * 3
+    assert not [c for c in ops.cpu_norm_choices() if c["op"] == "linear_norm"]

@@ -3,6 +3,10 @@
 The independent reference is the per-example gradient itself (direct_norm_ref: one d x p
 matrix per example, float64); ghost_norm_ref (full Gram matrices) is checked against it too.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -143,3 +147,78 @@ def test_torch_compile_fullgraph_through_the_dispatcher_ops():
     compiled = torch.compile(both_norms, fullgraph=True)
     a, g = torch.randn(3, 37, 12, dtype=torch.float64), torch.randn(3, 37, 5, dtype=torch.float64)
     torch.testing.assert_close(compiled(a, g), 2 * ops.direct_norm_ref(a, g), rtol=1e-10, atol=0)
+
+
+@pytest.fixture
+def cpu_norm_impl():
+    """Sets the CPU norm implementation for one test and restores the setting after it."""
+    before = ops.cpu_norm_impl()
+    yield ops.set_cpu_norm_impl
+    ops.set_cpu_norm_impl(before)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "blas", "auto"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[1] > 1], ids=lambda s: "B{}T{}d{}p{}".format(*s))
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_cpu_implementations_match_reference(name, shape, dtype, layout, impl, cpu_norm_impl):
+    """Each CPU implementation (hand-written kernel, chunked BLAS, the measured pick) on its own."""
+    cpu_norm_impl(impl)
+    B, T, d, p = shape
+    a = make_operand(B, T, d, dtype, "cpu", layout)
+    g = make_operand(B, T, p, dtype, "cpu", layout)
+    for _ in range(2):  # auto: the measuring call, then the chosen implementation
+        assert_norms_close(name, NORM_OPS[name](a, g, backend="cpu"), a, g)
+
+
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_cpu_blas_chunks_examples(name, cpu_norm_impl):
+    """More examples than one BLAS chunk holds (2^22 elements: 64 examples' 256 x 256 Gram
+    matrices for the ghost norm, 4 examples' 1024 x 1024 gradients for the direct norm), so the
+    chunk loop runs more than once, with a short last chunk."""
+    cpu_norm_impl("blas")
+    B, T, d, p = (67, 256, 3, 2) if name == "ghost_norm" else (6, 2, 1024, 1024)
+    a, g = torch.randn(B, T, d, dtype=torch.float64), torch.randn(B, T, p, dtype=torch.float64)
+    assert_norms_close(name, NORM_OPS[name](a, g, backend="cpu"), a, g)
+
+
+def test_cpu_auto_measures_once_per_shape_class(cpu_norm_impl):
+    cpu_norm_impl("auto")  # forgets earlier choices
+    assert ops.cpu_norm_choices() == []
+    a, g = torch.randn(4, 30, 20), torch.randn(4, 30, 10)
+    ops.ghost_norm(a, g, backend="cpu")
+    ops.ghost_norm(a[:3, :29], g[:3, :29], backend="cpu")  # same class: B, T, d, p round up alike
+    (made,) = ops.cpu_norm_choices()
+    assert (made["op"], made["dtype"], made["B"], made["T"], made["d"], made["p"]) == ("ghost_norm", "float32", 4, 30, 20, 10)
+    assert made["threads"] == torch.get_num_threads()
+    assert made["kernel_us"] > 0 and made["blas_us"] > 0
+    assert made["impl"] == ("blas" if made["blas_us"] < made["kernel_us"] else "kernel")
+    ops.direct_norm(a, g, backend="cpu")  # another op
+    ops.ghost_norm(a.double(), g.double(), backend="cpu")  # another dtype
+    ops.ghost_norm(a[:, :1], g[:, :1], backend="cpu")  # T = 1: the kernel, nothing to measure
+    ops.ghost_norm(a.bfloat16(), g.bfloat16(), backend="cpu")  # 16-bit: the kernel
+    assert sorted((c["op"], c["dtype"]) for c in ops.cpu_norm_choices()) == [
+        ("direct_norm", "float32"), ("ghost_norm", "float32"), ("ghost_norm", "float64")]
+
+
+def test_cpu_norm_impl_setting_is_checked(cpu_norm_impl):
+    cpu_norm_impl("kernel")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.set_cpu_norm_impl("mkl")
+    assert ops.cpu_norm_impl() == "kernel"  # unchanged
+
+
+def _run_with_cpu_norms_env(value):
+    code = ("import torch, bk_kernels.ops as o; "
+            "o.ghost_norm(torch.randn(2, 3, 4), torch.randn(2, 3, 5)); print(o.cpu_norm_impl())")
+    env = {**os.environ, "BK_CPU_NORMS": value}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+def test_cpu_norm_impl_environment_variable():
+    ok = _run_with_cpu_norms_env("blas")
+    assert ok.returncode == 0 and ok.stdout.strip() == "blas", ok.stderr
+    bad = _run_with_cpu_norms_env("fast")  # refused at import, naming the variable
+    assert bad.returncode != 0
+    assert "BK_CPU_NORMS must be 'auto', 'kernel' or 'blas', got 'fast'" in bad.stderr
