@@ -415,3 +415,40 @@ def test_generic_path_loops_over_examples_when_vmap_cannot_run_the_forward():
     model = nn.Sequential(nn.Linear(4, 4, dtype=DT), SquaredScale(), nn.Tanh(), nn.Linear(4, 3, dtype=DT))
     inputs = {"x": torch.randn(5, 4, dtype=DT), "y": torch.randint(0, 3, (5,))}
     check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+def _rows(B=2, T=3, d=4):
+    """[B*T, d] rows folded example-major from a [B, T, d] tensor with a gradient history."""
+    x = torch.randn(B, T, d, dtype=DT, requires_grad=True)
+    return torch.tanh(x).reshape(-1, d)
+
+
+def test_folded_rows_through_a_router():
+    """An MoE router's weights: a linear map by a Parameter (trained or frozen, plain or a bk
+    Linear), softmax and top-k along the last dim, renormalised; each row is still one token's."""
+    from bk_kernels.nn._core import folded_rows
+
+    for trained in (True, False):
+        weight = nn.Parameter(torch.randn(5, 4, dtype=DT), requires_grad=trained)
+        for bias in (None, nn.Parameter(torch.zeros(5, dtype=DT), requires_grad=trained)):
+            probs = F.linear(_rows(), weight, bias).softmax(-1)
+            top = probs.topk(2, dim=-1).values
+            assert folded_rows(top / top.sum(-1, keepdim=True), 2)
+            assert folded_rows(F.log_softmax(F.linear(_rows(), weight, bias), dim=1), 2)
+    router = bk.nn.Linear(4, 5, dtype=DT).requires_grad_(False)
+    assert folded_rows(router(_rows()).softmax(-1).mean(-1, keepdim=True), 2)
+
+
+def test_folded_rows_refuses_what_mixes_rows():
+    from bk_kernels.nn._core import folded_rows
+
+    weight = nn.Parameter(torch.randn(5, 4, dtype=DT))
+    assert not folded_rows(F.linear(_rows(), weight).softmax(0), 2)  # along the rows
+    assert not folded_rows(F.linear(_rows(), weight).topk(2, dim=0).values, 2)
+    logits = F.linear(_rows(), weight)
+    assert not folded_rows(logits - logits.mean(0, keepdim=True), 2)  # a mean over the rows
+    data = torch.randn(6, 4, dtype=DT)  # no Parameter: may hold examples (here: the other rows)
+    assert not folded_rows(_rows() @ data.t(), 2)
+    assert not folded_rows(_rows() @ _rows().t(), 2)  # rows times rows: every pair of examples
+    y = torch.randn(2, 2, dtype=DT, requires_grad=True)  # [B, 2] flattened into one shared row
+    assert not folded_rows(_rows() * torch.tanh(y).view(1, 4), 2)

@@ -174,6 +174,17 @@ def test_generic_path_refuses_rows_folded_in_another_order():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_experts_with_frozen_routers_are_exact(name):
+    """Routers frozen (a common MoE fine-tuning recipe): their weights reach the experts through
+    plain softmax/top-k ops, proven row-wise; the experts train exactly."""
+    model, loss, inputs = _build(name)
+    for module_name, module in model.named_modules():
+        if module_name.endswith(("mlp.gate", "shared_expert_gate")):
+            module.requires_grad_(False)
+    check_model(model, loss, inputs, style="all-layer", backend="cpu", R=_median_norm(model, loss, inputs))
+
+
 @pytest.mark.parametrize("relative", [True, False])
 def test_deberta_relative_attention_is_refused_at_convert(relative):
     """DeBERTa-v2's relative attention projects the encoder's shared position table and repeats

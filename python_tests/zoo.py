@@ -145,6 +145,20 @@ def gemma():
     return _hf(("GemmaConfig", "GemmaForCausalLM"), head_dim=8, **_decoder_config())
 
 
+def mixtral():
+    """Mixtral's sparse MoE: a router (its own Parameter, generic path) on [B*T, d] rows, top-2
+    of 4 experts stored as 3-D Parameters, each called on the rows routed to it."""
+    return _hf(("MixtralConfig", "MixtralForCausalLM"), num_local_experts=4, num_experts_per_tok=2,
+               router_jitter_noise=0.0, experts_implementation="eager", **_decoder_config())
+
+
+def qwen2_moe():
+    """Qwen2-MoE: routed experts as Mixtral's, plus a shared expert with a sigmoid gate."""
+    return _hf(("Qwen2MoeConfig", "Qwen2MoeForCausalLM"), num_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=8, shared_expert_intermediate_size=12, decoder_sparse_step=1,
+               experts_implementation="eager", **_decoder_config())
+
+
 def mamba():
     """HF Mamba: its mixer owns A_log and D and reads dt_proj.weight itself (absorbed)."""
     return _hf(("MambaConfig", "MambaForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,
@@ -266,6 +280,8 @@ ZOO = {
     "gemma": (gemma, causal_lm, ids_batch),
     "opt": (opt, causal_lm, ids_batch),
     "mamba": (mamba, causal_lm, ids_batch),
+    "mixtral": (mixtral, causal_lm, ids_batch),
+    "qwen2_moe": (qwen2_moe, causal_lm, ids_batch),
     "t5": (t5, seq2seq_lm, ids_batch),
     "bart": (bart, seq2seq_lm, ids_batch),
     "timm_vit": (timm_vit, classify_images, image_batch),

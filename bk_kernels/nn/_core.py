@@ -186,6 +186,14 @@ _ROW_WISE_NODES = frozenset(
                                   "Hardswish", "Mish", "Softplus", "NativeDropout", "Clone", "ToCopy", "Neg",
                                   "Add", "Sub", "Mul", "Div") for v in (0, 1))
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
+# Nodes that keep rows apart when they work along dims other than 0 (an MoE router's softmax,
+# top-k and renormalisation): node name -> where the input's sizes are read.
+_ROW_WISE_ALONG = {"SoftmaxBackward0": "_saved_result", "LogSoftmaxBackward0": "_saved_result",
+                   "TopkBackward0": "_saved_self_sym_sizes", "SumBackward1": "_saved_self_sym_sizes",
+                   "MeanBackward1": "_saved_self_sym_sizes"}
+# x @ W with W a Parameter (a linear map of the rows; a frozen router's F.linear): node name ->
+# (the index in next_functions of the rows operand, of W)
+_ROWS_TIMES_WEIGHT = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}
 _MAX_NODES = 64
 
 
@@ -193,7 +201,9 @@ def folded_rows(x, B):
     """Whether x [k*B, ...] holds the examples' rows folded example-major: x is (through
     row-wise ops only) a reshape of a tensor with the B examples on dim 0 and x's number of
     elements, whose row-major order puts example b's elements in rows b*k .. b*k+k-1, or a
-    reshape of such a fold (a reshape keeps the elements' order). As everywhere in a
+    reshape of such a fold (a reshape keeps the elements' order), or an output of a module on
+    the generic path that it laid out as such a fold (its rows split per example in the
+    recompute, which checks each example's rows against the forward). As everywhere in a
     batch-first model, a size-B dim 0 is read as the examples."""
     if B == 0 or x.dim() < 2 or x.shape[0] % B:
         return False
@@ -202,29 +212,79 @@ def folded_rows(x, B):
         base = x._base
         return (base is not None and base.dim() >= 2 and base.shape[0] == B and base.numel() == numel
                 and base.is_contiguous() and x.is_contiguous() and x.storage_offset() == base.storage_offset())
-    stack, seen = [x.grad_fn], set()
+    # (node, which of its outputs, that output's number of elements): a view's input must have
+    # as many elements as its output (then its rows are the fold's), and the nodes that change
+    # the row width (a matmul, top-k, a reduction) say how many their input has.
+    stack, seen = [(x.grad_fn, x.output_nr, x.numel())], set()
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, output_nr, numel = stack.pop()
+        if node is None or (node, output_nr, numel) in seen:
             continue
-        seen.add(node)
+        seen.add((node, output_nr, numel))
         if len(seen) > _MAX_NODES:
             return False
         name = node.name()
-        if name in _VIEW_NODES:
+        folded_outputs = getattr(node, "_bk_folded_outputs", None)
+        row_wise_input = getattr(node, "_bk_row_wise_input", None)
+        if folded_outputs is not None:  # a generic-path module's output (an MoE router's weights)
+            if output_nr not in folded_outputs:
+                return False
+        elif row_wise_input is not None:  # a bk layer's map of the rows (a frozen bk Linear router)
+            i, input_numel = row_wise_input
+            f, nr = node.next_functions[i]
+            stack.append((f, nr, input_numel))
+        elif name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
             if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
                 return False
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
-                stack.extend(f for f, _ in node.next_functions)
+                stack.extend((f, nr, numel) for f, nr in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
             if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
                 return False
         elif name in _ROW_WISE_NODES:
-            stack.extend(f for f, _ in node.next_functions)
+            stack.extend((f, nr, numel) for f, nr in node.next_functions)
+        elif name in _ROW_WISE_ALONG:
+            if not _along_other_dims(node, _ROW_WISE_ALONG[name]):
+                return False
+            sizes = getattr(node, _ROW_WISE_ALONG[name])
+            input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
+            stack.extend((f, nr, input_numel) for f, nr in node.next_functions)
+        elif name in _ROWS_TIMES_WEIGHT:
+            rows, weight = _ROWS_TIMES_WEIGHT[name]
+            if not _is_weight(node, node.next_functions[weight][0]):
+                return False
+            if name == "AddmmBackward0" and node.next_functions[0][0] is not None:  # a trained bias: 1-D
+                bias = node.next_functions[0][0]
+                if bias.name() != "torch::autograd::AccumulateGrad" or bias.variable.dim() != 1:
+                    return False
+            sizes = node._saved_self_sym_sizes if name == "MmBackward0" else node._saved_mat1_sym_sizes
+            f, nr = node.next_functions[rows]
+            stack.append((f, nr, math.prod(sizes)))
         else:
             return False
     return True
+
+
+def _along_other_dims(node, sizes_from):
+    """Whether a softmax/top-k/reduction node works along dims other than dim 0."""
+    sizes = getattr(node, sizes_from)
+    ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
+    dims = node._saved_dim if isinstance(node._saved_dim, tuple) else (node._saved_dim,)
+    # -1 comes back as 2^64 - 1; an empty dim list is a full reduction
+    return bool(dims) and all((d - 2**64 if d >= 2**63 else d) % ndim != 0 for d in dims)
+
+
+def _is_weight(node, fn):
+    """Whether the second operand of a matmul node is a Parameter (or its transpose): trained
+    (its gradient goes to an AccumulateGrad) or frozen (no gradient; the saved operand's storage
+    is a Parameter's)."""
+    if fn is not None and fn.name() == "TBackward0":
+        fn = fn.next_functions[0][0]
+    if fn is not None:
+        return fn.name() == "torch::autograd::AccumulateGrad" and isinstance(fn.variable, torch.nn.Parameter)
+    mat2 = node._saved_mat2
+    return isinstance(mat2, torch.nn.Parameter) or isinstance(mat2._base, torch.nn.Parameter)
 
 
 def examples_first(x, features_dims=1, batch_dim=0):

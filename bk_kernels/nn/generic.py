@@ -53,6 +53,9 @@ class _GenericTap(torch.autograd.Function):
         ctx.layer, ctx.call, ctx.n_out = layer, call, n_out
         ctx.n_params = len(tensors) - n_out
         ctx.out_meta = [(t.shape, t.dtype, t.device) for t in tensors[:n_out]]
+        # Outputs whose rows are the examples' rows folded example-major: folded_rows reads this
+        # (an MoE router's weights feed its experts so).
+        ctx._bk_folded_outputs = frozenset(k for k, layout in enumerate(call["layouts"]) if layout == "folded")
         return tuple(t.clone() for t in tensors[:n_out])  # not views: later in-place ops (ReLU) are allowed
 
     @staticmethod

@@ -23,6 +23,8 @@ class _LinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, transposed, rows, batch_dim=0):
         ctx.layer, ctx.transposed, ctx.weight, ctx.bias, ctx.rows = layer, transposed, weight, bias, rows
         ctx.batch_dim = batch_dim
+        if batch_dim == 0:  # row r of the output is a map of row r of x (folded_rows reads this)
+            ctx._bk_row_wise_input = (0, x.numel())
         x = autocast_input(x)
         # Frozen weights (bias-only fine-tuning) keep no activation.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
