@@ -159,6 +159,16 @@ def qwen2_moe():
                experts_implementation="eager", **_decoder_config())
 
 
+def deepseek_v3():
+    """DeepSeek-V3: multi-head latent attention; a sigmoid router with group-limited top-k that
+    flattens its [B, T, d] input itself (its rows checked in the forward); routed + shared experts.
+    Not in ZOO: its router computes in float32 even in a float64 model (test_moe.py)."""
+    return _hf(("DeepseekV3Config", "DeepseekV3ForCausalLM"), n_routed_experts=4, num_experts_per_tok=2,
+               moe_intermediate_size=8, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=8, q_lora_rank=8,
+               qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1,
+               experts_implementation="eager", **_decoder_config())
+
+
 def mamba():
     """HF Mamba: its mixer owns A_log and D and reads dt_proj.weight itself (absorbed)."""
     return _hf(("MambaConfig", "MambaForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,

@@ -100,9 +100,11 @@ class GenericLayer(BKLayer):
         folds_in = self._bk_folded_inputs(in_leaves, in_dims, batched_in, B)
         self._bk_check_unbatched_inputs(in_leaves, in_dims, batched_in, folds_in, B)
         fold_sizes = {k * B for k in folds_in if k}
-        layouts, outs = [], []
+        layouts, outs, folded_here = [], [], False
         for i, d in zip(picked, out_dims):
-            layout = self._bk_output_layout(out_leaves[i], d, B, any(batched_in) or bool(fold_sizes), fold_sizes)
+            layout = self._bk_output_layout(out_leaves[i], d, B, any(batched_in), fold_sizes)
+            if layout == "folded_here":  # folded rows, to be checked below
+                layout, folded_here = "folded", True
             layouts.append(layout)
             outs.append(_to_batch(out_leaves[i], layout, B, d))
         self._bk_warn_if_large(B, own)
@@ -112,6 +114,8 @@ class GenericLayer(BKLayer):
                     in_spec=in_spec, in_dims=in_dims, batched_in=batched_in, folds_in=folds_in, picked=picked,
                     out_dims=out_dims,
                     layouts=layouts, B=B, own=[n for n, _ in own], autocast=autocast)
+        if folded_here:
+            self._bk_check_folded_outputs(call, outs, own)
         tapped = _GenericTap.apply(self, call, len(outs), *outs, *[p for _, p in own])
         for i, t in zip(picked, tapped):
             out_leaves[i] = t
@@ -187,22 +191,38 @@ class GenericLayer(BKLayer):
 
     def _bk_output_layout(self, t, dim, B, any_batched_input, fold_sizes=()):
         """How an output holds the examples on `dim`: "batched" (size B), "folded" (k*B rows, as
-        a folded input), "broadcast" (size 1, expanded to the batch) or "shared" (made from no
-        per-example input: given a batch dim)."""
+        a folded input), "folded_here" (k*B rows made from [B, ...] inputs: DeepSeek's router
+        flattens its [B, T, d] input; checked in the forward), "broadcast" (size 1, expanded to
+        the batch) or "shared" (made from no per-example input: given a batch dim)."""
         if dim == 0 and t.dim() > 0 and t.shape[0] in fold_sizes:
             return "folded"
-        if not any_batched_input and B > 1:
+        if not any_batched_input and not fold_sizes and B > 1:
             return "broadcast" if t.dim() > dim and t.shape[dim] == 1 else "shared"
         if t.dim() > dim and t.shape[dim] == B:
             return "batched"
         if t.dim() > dim and t.shape[dim] == 1:
             return "broadcast"
+        if dim == 0 and any_batched_input and t.dim() > 0 and B and t.shape[0] > B and t.shape[0] % B == 0:
+            return "folded_here"
         engine = self._bk_engine
         raise GenericError(
             f"PrivacyEngine: {type(self).__name__} ({engine._module_path(self)}) takes the generic path (its own "
             f"Parameters {[n for n, _ in self._bk_own_trainable()]} are used in its forward), but its output of "
             f"shape {tuple(t.shape)} does not hold the batch's {B} examples on dim {dim}: a module that mixes "
             "examples cannot be trained privately")
+
+    def _bk_check_folded_outputs(self, call, outs, own):
+        """Outputs of k*B rows made from [B, ...] inputs are read as each example's k rows in
+        turn (example-major), which the layers after this module rely on in their own forward.
+        So it is checked here, before them: each example's recompute must reproduce its rows."""
+        _, ok = self._bk_recompute(call, [torch.zeros_like(o) for o in outs], dict(own), call["batched_in"])
+        if not ok:
+            shapes = [tuple(o.shape) for o, layout in zip(outs, call["layouts"]) if layout == "folded"]
+            raise GenericError(
+                f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic path "
+                f"and returns {shapes} from inputs holding the batch's {call['B']} examples, but one example's "
+                "recomputed output is not its rows taken in turn (rows folded example-major): its rows mix or "
+                "interleave the examples. Nothing was recorded and no budget was spent")
 
     def _bk_warn_if_large(self, B, own):
         elements = B * sum(p.numel() for _, p in own)

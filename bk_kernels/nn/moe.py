@@ -1,0 +1,241 @@
+"""Mixture-of-experts layers as Hugging Face writes them (transformers' experts classes made with
+@use_experts_implementation: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS and ~60 more).
+
+The experts' weights are 3-D Parameters: gate_up_proj [E, p, d] (or up_proj), down_proj, each
+expert e a linear map applied to the rows routed to it. Example b's gradient of expert e's
+weight is sum over its rows routed to e of g_r a_r^T, so the ghost norm applies per (expert,
+example) group: the rows of one expert are padded into [B, L, d] (L the most rows any example
+sends there, at most its tokens) and go through the same norm ops as a Linear layer; the clipped
+sum is one matmul per expert with each row's gradient scaled by its example's clip factor.
+Nothing of size B x E x p x d is ever formed (the generic path held B copies of all experts).
+
+The forward follows transformers' experts interface (the contract its batched_mm and grouped_mm
+implementations meet): every (token, top-k slot) pair goes through its expert's up projection,
+the class's own gate (_apply_gate) or activation, the down projection, is weighted by its routing
+weight and summed into its token. Rows are the tokens of [B*T, d] folded example-major (proven as
+for any row-wise layer), so row r belongs to example r // T.
+"""
+import inspect
+
+import torch
+
+from ..ops._norm_common import accumulation_dtype
+from ._core import BKLayer, in_plain_forward
+from ._uses import DenseUse
+from .families import register_layer
+from .. import ops
+
+# Padded rows of one chunk of experts' norm call stay within this many elements.
+_NORM_CHUNK_ELEMENTS = 1 << 24
+
+
+class ExpertsUse:
+    """G_b = sum over rows r of example b routed to expert e of g_r a_r^T, in block e of a
+    stacked expert weight [E, p, d] ([E, d, p] when transposed). Rows come grouped by expert
+    (counts[e] each, in expert order), each expert's rows in example order; examples[r] says
+    whose row r is. See the use protocol in _uses.py."""
+
+    def __init__(self, a, g, counts, examples, B, transposed):
+        self.a, self.g, self.counts, self.examples, self.B, self.transposed = a, g, counts, examples, B, transposed
+
+    @property
+    def batch(self):
+        return self.B
+
+    def factors(self):
+        return None  # a second use of the same experts in one forward is refused (cross term)
+
+    def dense(self):
+        return None
+
+    def densify(self, mode):
+        return self
+
+    def sq_norm(self, mode, backend):
+        acc = accumulation_dtype(self.a.dtype)
+        total = torch.zeros(self.B, dtype=acc, device=self.a.device)
+        if self.B == 0 or not self.a.shape[0]:
+            return total
+        padded = self._padded_positions()
+        d, p = self.a.shape[1], self.g.shape[1]
+        per_expert = self.B * padded["L"] * (d + p)
+        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, per_expert))
+        hit = [e for e, n in enumerate(self.counts) if n]
+        for lo in range(0, len(hit), step):
+            chunk = hit[lo : lo + step]
+            a_pad = self.a.new_zeros(len(chunk) * self.B, padded["L"], d)
+            g_pad = self.g.new_zeros(len(chunk) * self.B, padded["L"], p)
+            for i, e in enumerate(chunk):
+                rows = slice(padded["starts"][e], padded["starts"][e] + self.counts[e])
+                slot = i * self.B + self.examples[rows]
+                a_pad[slot, padded["pos"][rows]] = self.a[rows]
+                g_pad[slot, padded["pos"][rows]] = self.g[rows]
+            total += ops.linear_norm(a_pad, g_pad, mode=mode, backend=backend).view(len(chunk), self.B).sum(0)
+        return total
+
+    def _padded_positions(self):
+        """Each row's position among its example's rows of its expert, their most, and where each
+        expert's rows start."""
+        counts = torch.tensor(self.counts, device=self.a.device)
+        starts = torch.cumsum(counts, 0) - counts
+        expert = torch.repeat_interleave(torch.arange(len(self.counts), device=self.a.device), counts)
+        group = expert * self.B + self.examples  # (expert, example), ascending along the rows
+        sizes = torch.bincount(group, minlength=len(self.counts) * self.B)
+        first = torch.cumsum(sizes, 0) - sizes
+        pos = torch.arange(len(group), device=self.a.device) - first[group]
+        return dict(pos=pos, L=int(sizes.max()), starts=starts.tolist())
+
+    def clipped(self, c, backend):
+        return None  # added into zeros of the stacked weight's shape
+
+    def add_clipped(self, grad, c, backend):
+        acc = accumulation_dtype(self.a.dtype)
+        c = c.to(device=self.g.device, dtype=acc)
+        scaled = self.g.to(acc) * c[self.examples].unsqueeze(1)
+        a = self.a.to(acc)
+        start = 0
+        for e, n in enumerate(self.counts):
+            if n:
+                ge, ae = scaled[start : start + n], a[start : start + n]
+                block = ae.T @ ge if self.transposed else ge.T @ ae
+                grad[e].add_(block.to(grad.dtype))
+            start += n
+
+
+class _ExpertsLinearFn(torch.autograd.Function):
+    """y_r = x_r W[e]^T (+ b[e]) (x_r W[e] when transposed) for rows grouped by expert: counts[e]
+    rows of expert e, in expert order; examples[r]: whose row r is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, counts, examples, B, transposed):
+        ctx.layer, ctx.weight, ctx.bias, ctx.counts, ctx.examples = layer, weight, bias, counts, examples
+        ctx.B, ctx.transposed = B, transposed
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                w = weight[e] if transposed else weight[e].T
+                y = x[start : start + n] @ w
+                outs.append(y + bias[e] if bias is not None else y)
+            start += n
+        p = weight.shape[2] if transposed else weight.shape[1]
+        return torch.cat(outs) if outs else x.new_zeros(0, p)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        counts, transposed, bias = ctx.counts, ctx.transposed, ctx.bias
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            parts, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    parts.append(g[start : start + n] @ (weight[e].T if transposed else weight[e]))
+                start += n
+            grad_x = torch.cat(parts) if parts else g.new_zeros(0, weight.shape[1] if transposed else weight.shape[2])
+        uses = []
+        if x is not None:
+            uses.append((ctx.weight, ExpertsUse(x, g, counts, ctx.examples, ctx.B, transposed)))
+        if bias is not None and bias.requires_grad:
+            uses.append((bias, DenseUse(_per_example_bias_grads(g, counts, ctx.examples, ctx.B, bias.shape))))
+        if ctx.layer._bk_hand_off(uses):
+            return grad_x, None, None, None, None, None, None, None
+        # No engine: the ordinary gradients.
+        grad_w = torch.zeros_like(weight) if x is not None else None
+        grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ge = g[start : start + n]
+                if grad_w is not None:
+                    xe = x[start : start + n]
+                    grad_w[e] = xe.T @ ge if transposed else ge.T @ xe
+                if grad_b is not None:
+                    grad_b[e] = ge.sum(0)
+            start += n
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _per_example_bias_grads(g, counts, examples, B, shape):
+    """[B, E, p]: each example's summed output gradients per expert."""
+    acc = accumulation_dtype(g.dtype)
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=g.device), torch.tensor(counts, device=g.device))
+    grads = torch.zeros(B * shape[0], shape[1], dtype=acc, device=g.device)
+    grads.index_add_(0, examples * shape[0] + expert, g.to(acc))
+    return grads.view(B, *shape)
+
+
+class ExpertsMixin(BKLayer):
+    """Put in front of a transformers experts class (see experts_class)."""
+
+    def forward(self, *args, **kwargs):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(*args, **kwargs)
+        bound = self._bk_signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        hidden_states, top_k_index, top_k_weights = list(bound.arguments.values())[:3]
+        return self._bk_experts_forward(hidden_states, top_k_index, top_k_weights)
+
+    def _bk_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+        N, K = top_k_index.shape
+        rows = self._bk_examples(hidden_states, 0, fold_rows=True)  # [B, N/B, d] when folded
+        B = rows.shape[0]
+        per_example = rows.shape[1] if rows.dim() == 3 else 1
+        if top_k_weights.requires_grad and rows.dim() == 3:
+            rows_of_weights = self._bk_examples(top_k_weights, 0, fold_rows=True)
+            if rows_of_weights.shape[:2] != rows.shape[:2]:
+                raise self._bk_layout_error(top_k_weights, 0)
+        # (token, slot) pairs, grouped by expert; within an expert, tokens (so examples) ascending
+        expert_of_pair = top_k_index.reshape(-1)
+        if expert_of_pair.numel() and int(expert_of_pair.max()) >= self.num_experts:
+            raise RuntimeError(f"bk: {type(self).__name__}: expert ids beyond its {self.num_experts} experts "
+                               "(expert parallelism is not supported)")
+        order = torch.argsort(expert_of_pair, stable=True)
+        token = order // K
+        counts = torch.bincount(expert_of_pair, minlength=self.num_experts).tolist()
+        examples = token // per_example
+        x = hidden_states[token]
+        up, up_bias = (self.gate_up_proj, getattr(self, "gate_up_proj_bias", None)) if self.has_gate else \
+            (self.up_proj, getattr(self, "up_proj_bias", None))
+        h = _ExpertsLinearFn.apply(x, up, up_bias if self.has_bias else None, self, counts, examples, B,
+                                   self.is_transposed)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+        out = _ExpertsLinearFn.apply(h, self.down_proj, getattr(self, "down_proj_bias", None) if self.has_bias else None,
+                                     self, counts, examples, B, self.is_transposed)
+        if getattr(self, "has_post_expert_norm", False):  # frozen (a trained one is refused by convert)
+            out = self.post_expert_norm(out)
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        final = torch.zeros(N, out.shape[-1], dtype=out.dtype, device=out.device).index_add_(0, token, out)
+        return final.to(hidden_states.dtype)
+
+
+_EXPERTS_CLASSES = {}
+
+
+def is_hf_experts(cls):
+    """transformers' experts classes (made with @use_experts_implementation), by what that
+    decorator leaves on them, without importing transformers."""
+    return (cls.__module__.startswith("transformers.") and "_apply_gate" in cls.__dict__
+            and getattr(cls.forward, "__wrapped__", None) is not None)
+
+
+def experts_class(module):
+    cls = type(module)
+    if cls not in _EXPERTS_CLASSES:
+        made = type(cls.__name__, (ExpertsMixin, cls), {"__module__": __name__})
+        made._bk_signature = inspect.signature(cls.forward.__wrapped__).replace(
+            parameters=list(inspect.signature(cls.forward.__wrapped__).parameters.values())[1:])
+        _EXPERTS_CLASSES[cls] = made
+    return _EXPERTS_CLASSES[cls]
+
+
+def experts_unsupported_reason(module):
+    if getattr(module, "has_post_expert_norm", False) and any(
+            p.requires_grad for p in module.post_expert_norm.parameters()):
+        return "a trained norm after each expert (has_post_expert_norm) is not supported yet; freeze it"
+    if getattr(module, "_is_expert_parallel", False):
+        return "expert parallelism is not supported"
+    return None
+
+
+register_layer(None, experts_class, unsupported_reason=experts_unsupported_reason, matches=is_hf_experts)
