@@ -195,13 +195,12 @@ class ExpertsMixin(BKLayer):
         counts = torch.bincount(expert_of_pair, minlength=self.num_experts).tolist()
         examples = token // per_example
         x = hidden_states[token]
-        up, up_bias = (self.gate_up_proj, getattr(self, "gate_up_proj_bias", None)) if self.has_gate else \
-            (self.up_proj, getattr(self, "up_proj_bias", None))
-        h = _ExpertsLinearFn.apply(x, up, up_bias if self.has_bias else None, self, counts, examples, B,
-                                   self.is_transposed)
+        up = "gate_up_proj" if self.has_gate else "up_proj"
+        bias_of = lambda name: getattr(self, f"{name}_bias") if self.has_bias else None  # noqa: E731
+        h = _ExpertsLinearFn.apply(x, getattr(self, up), bias_of(up), self, counts, examples, B, self.is_transposed)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        out = _ExpertsLinearFn.apply(h, self.down_proj, getattr(self, "down_proj_bias", None) if self.has_bias else None,
-                                     self, counts, examples, B, self.is_transposed)
+        out = _ExpertsLinearFn.apply(h, self.down_proj, bias_of("down_proj"), self, counts, examples, B,
+                                     self.is_transposed)
         if getattr(self, "has_post_expert_norm", False):  # frozen (a trained one is refused by convert)
             out = self.post_expert_norm(out)
         out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
