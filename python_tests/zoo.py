@@ -159,6 +159,15 @@ def qwen2_moe():
                experts_implementation="eager", **_decoder_config())
 
 
+def gpt_oss():
+    """GPT-OSS: attention with learned sinks (its own Parameter: the generic path, which also gets
+    the layer's DynamicCache), alternating sliding/full attention, experts with biases stored
+    transposed and a clamped interleaved gate."""
+    return _hf(("GptOssConfig", "GptOssForCausalLM"), num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+               sliding_window=8, layer_types=["sliding_attention", "full_attention"], experts_implementation="eager",
+               **_decoder_config())
+
+
 def deepseek_v3():
     """DeepSeek-V3: multi-head latent attention; a sigmoid router with group-limited top-k that
     flattens its [B, T, d] input itself (its rows checked in the forward); routed + shared experts.
@@ -292,6 +301,7 @@ ZOO = {
     "mamba": (mamba, causal_lm, ids_batch),
     "mixtral": (mixtral, causal_lm, ids_batch),
     "qwen2_moe": (qwen2_moe, causal_lm, ids_batch),
+    "gpt_oss": (gpt_oss, causal_lm, ids_batch),
     "t5": (t5, seq2seq_lm, ids_batch),
     "bart": (bart, seq2seq_lm, ids_batch),
     "timm_vit": (timm_vit, classify_images, image_batch),

@@ -85,7 +85,7 @@ class GenericLayer(BKLayer):
         original = getattr(super(GenericLayer, self), method)
         if in_plain_forward() or engine is None or not own or not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        in_leaves, in_spec = tree_flatten((args, kwargs))
+        in_leaves, in_spec = tree_flatten((args, kwargs), is_leaf=_is_kv_cache)
         kept = [t.detach() if isinstance(t, torch.Tensor) else _snapshot(t) for t in in_leaves]  # before the call
         with _reparametrize_module(self, {n: p.detach() for n, p in own}):
             out = original(*args, **kwargs)
@@ -421,15 +421,41 @@ _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, to
               torch.memory_format, torch.layout)
 
 
+def _is_kv_cache(x):
+    """transformers' key/value caches (DynamicCache...): one leaf, snapshotted whole. Flattened as
+    the pytree nodes transformers registers them as, their layers' tensors would be read back from
+    the live cache, after the forward has appended this call's keys for all B examples."""
+    cls = type(x)
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("Cache")
+
+
 def _snapshot(leaf):
     """A copy of a mutable non-tensor argument (a key/value cache that the forward updates, as
     HF's DynamicCache): the recompute must see it as the call did, and must not update it."""
     if isinstance(leaf, (torch.Tensor, torch.nn.Module, _IMMUTABLE)) or callable(leaf):
         return leaf
+    # Tensors inside with a gradient history (a cache's keys from trained projections) cannot be
+    # deep-copied as they are: detached copies stand in for them.
+    memo = {id(t): t.detach().clone() for t in _tensors_in(leaf)}
     try:
-        return copy.deepcopy(leaf)
+        return copy.deepcopy(leaf, memo)
     except Exception:  # not copyable: the recompute reads it as it is then
         return leaf
+
+
+def _tensors_in(obj, depth=4):
+    """The tensors held by obj's attributes, lists, tuples and dicts, a few levels deep."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0 or isinstance(obj, (_IMMUTABLE, torch.nn.Module)):
+        return []
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    else:
+        items = getattr(obj, "__dict__", {}).values()
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
 
 
 def _to_batch(t, layout, B, dim=0):
