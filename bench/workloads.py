@@ -118,6 +118,28 @@ def llama(B=8, T=128, layers=4, width=256, vocab=32000, lora=False):
                     dict(model="llama-lora" if lora else "llama", layers=layers, width=width, T=T, B=B))
 
 
+def mixtral(B=8, T=128, layers=4, width=256, experts=8, top_k=2, vocab=32000):
+    """Hugging Face Mixtral (sparse MoE: top-2 of 8 experts per token), full fine-tuning. Its
+    experts take bk's MoE path (per (expert, example) ghost/direct norms); the routers and the
+    RMSNorm layers take the generic path."""
+    import transformers
+
+    config = transformers.MixtralConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 2,
+                                        num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+                                        num_key_value_heads=max(1, width // 128), num_local_experts=experts,
+                                        num_experts_per_tok=top_k, max_position_embeddings=max(T, 128),
+                                        router_jitter_noise=0.0, experts_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config)
+    ids = torch.randint(0, vocab, (B, T + 1))
+
+    def forward(m, ids):
+        return m(input_ids=ids).logits
+
+    return Workload("mixtral", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
+                    dict(model="mixtral", layers=layers, width=width, T=T, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -158,7 +180,7 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="vit", layers=layers, width=width, T=model.patches, B=B))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama}
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral}
 
 
 # ---------------------------------------------------------------- methods
