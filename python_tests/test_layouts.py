@@ -452,3 +452,20 @@ def test_folded_rows_refuses_what_mixes_rows():
     assert not folded_rows(_rows() @ _rows().t(), 2)  # rows times rows: every pair of examples
     y = torch.randn(2, 2, dtype=DT, requires_grad=True)  # [B, 2] flattened into one shared row
     assert not folded_rows(_rows() * torch.tanh(y).view(1, 4), 2)
+
+
+def test_folded_rows_through_window_partitions():
+    """Swin's windows: [B, H, W, C] (rolled along H, W for shifted windows) -> view -> permute
+    keeping dim 0 first -> [B * windows, N, C]: the view of the [B, ...] tensor proves the fold;
+    windows taken before the examples are refused."""
+    from bk_kernels.nn._core import folded_rows
+
+    def windows(x, order=(0, 1, 3, 2, 4, 5), shift=True):
+        B, H, W, C = x.shape
+        x = torch.roll(torch.tanh(x), shifts=(1, 1), dims=(1, 2)) if shift else torch.tanh(x)
+        parts = x.view(B, H // 2, 2, W // 2, 2, C).permute(*order).contiguous().view(-1, 2, 2, C)
+        return parts.view(-1, 4, C)
+
+    x = lambda: torch.randn(3, 4, 4, 5, dtype=DT, requires_grad=True)  # noqa: E731
+    assert folded_rows(windows(x()), 3) and folded_rows(windows(x(), shift=False), 3)
+    assert not folded_rows(windows(x(), order=(1, 0, 3, 2, 4, 5)), 3)  # windows before examples

@@ -208,6 +208,23 @@ def timm_vit():
                              depth=2, num_heads=2, num_classes=3, init_values=1e-1).to(DT)
 
 
+def timm_swin(version="swin_tiny_patch4_window7_224"):
+    """timm Swin (v1 or v2): window attention on [B * windows, N, C] windows. 32 x 32 images, 4 x 4
+    patches and windows of 2 x 2: 16 windows per image at stage 0, and 4 at stage 1 (whose second
+    block shifts its windows), as many as the zoo's 4 examples: its [windows, N, N] shift mask has
+    the batch size on dim 0 and holds no examples."""
+    import timm
+    return timm.create_model(version, pretrained=False, img_size=32, patch_size=4, window_size=2, embed_dim=8,
+                             depths=(1, 2), num_heads=(1, 2), num_classes=3, drop_path_rate=0.0).to(DT)
+
+
+def hf_swin(config="SwinConfig", model="SwinForImageClassification"):
+    """HF Swin (v1 or v2), the same sizes as timm_swin."""
+    return _hf((config, model), image_size=32, patch_size=4, embed_dim=8, depths=[1, 2], num_heads=[2, 2],
+               window_size=2, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+               drop_path_rate=0.0)
+
+
 def timm_vit_relpos(shared=False):
     """timm's ViT with an MLP of relative coordinates (RelPosMlp) in each block, or one for the
     whole model (vit_srelpos): 32 px in patches of 8, so the coordinates are [7, 7, 2]. The
@@ -310,6 +327,11 @@ ZOO = {
     "timm_beit": (lambda: timm_attention_reads_qkv_weight("beit_base_patch16_224"), classify_images, image_batch),
     "timm_eva02": (lambda: timm_attention_reads_qkv_weight("eva02_tiny_patch14_224"), classify_images, image_batch),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
+    "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_swinv2": (lambda: hf_swin("Swinv2Config", "Swinv2ForImageClassification"), classify_pixels,
+                  lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),

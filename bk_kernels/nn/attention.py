@@ -6,6 +6,7 @@ when query, key and value differ), out_proj is a bk.nn.Linear, and the attention
 ordinary autograd (it has no parameters).
 """
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +208,28 @@ def _disentangled_attention_reason(module):
 
 
 register_layer(None, None, unsupported_reason=_disentangled_attention_reason, matches=_is_hf_disentangled_attention)
+
+
+def _is_window_attention(cls):
+    """Swin's window attention, called on [B * windows, N, C] windows: timm's (v1, v2, v2-cr) and
+    transformers' (Swin, Swinv2 and their copies: Donut, MaskFormer, Swin2SR, CLAP's audio)."""
+    if cls.__module__.startswith("timm.models.swin"):
+        return cls.__name__ in ("WindowAttention", "WindowMultiHeadAttention")
+    return cls.__module__.startswith("transformers.") and re.fullmatch(r"\w*Swin\w*Attention|ClapAudioAttention",
+                                                                       cls.__name__) is not None
+
+
+def _window_attention_class(module):
+    """The window attention on the generic path with its trained children absorbed (qkv, proj,
+    v2's position MLP): its windows are rows folded from the examples (proven through the
+    partition's permute and roll), which the recompute splits per example, but the softmax over
+    each window's positions would need a proof through attention that the Linear layers inside
+    cannot give; absorbed, they are recomputed per example with the attention (v2-cr's meta MLP
+    on the relative coordinates too, whose input holds no examples)."""
+    trained = tuple(name for name, child in module.named_children()
+                    if any(p.requires_grad for p in child.parameters()))
+    own = any(p.requires_grad for p in module.parameters(recurse=False))
+    return generic_class(type(module), absorb=trained) if own or trained else None
+
+
+register_layer(None, _window_attention_class, matches=_is_window_attention)
