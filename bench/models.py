@@ -40,6 +40,7 @@ CONFIGS = {
     "llama": ("llama", dict(B=8, T=128)),
     "llama-lora": ("llama", dict(B=8, T=128, lora=True)),
     "mixtral": ("mixtral", dict(B=8, T=128)),
+    "timm-vit": ("timm_vit", dict(B=32)),
     # Small batches, where the engine's fixed cost per step and per layer shows (issue 12's sizes)
     "mlp-B64": ("mlp", dict(B=64)),
     "cnn-B32": ("cnn", dict(B=32)),
@@ -47,9 +48,9 @@ CONFIGS = {
     "gpt2-v8192": ("gpt2", dict(B=8, T=128, layers=4, width=256, vocab=8192)),
 }
 SMALL_BATCH = ["mlp-B64", "cnn-B32", "vit-B16", "gpt2-v8192"]
-CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora", "mixtral"] + SMALL_BATCH
+CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora", "mixtral", "timm-vit"] + SMALL_BATCH
 GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora",
-               "mixtral"] + SMALL_BATCH
+               "mixtral", "timm-vit"] + SMALL_BATCH
 # Baselines left out of the default CPU suite for time (--all-methods runs them): at T=512 one
 # step of either takes ~20 s on 2 cores; the T=128 rows show how they compare.
 SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T=128; --all-methods runs it"
@@ -57,10 +58,10 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       # 10 s a step: 15 rounds cost 2.5 of the 15 minutes of `make bench`
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
-for _config in ("llama", "llama-lora", "mixtral", *SMALL_BATCH):  # bk against non-private only: the baselines are compared
+for _config in ("llama", "llama-lora", "mixtral", "timm-vit", *SMALL_BATCH):  # bk against non-private only: the baselines are compared
     SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
-         "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64), "mixtral": dict(B=4, T=64)}
+         "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64), "mixtral": dict(B=4, T=64), "timm-vit": dict(B=8)}
 
 
 def sizes_of(config, quick):
@@ -81,7 +82,8 @@ def _rss_kib():
 TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
         "vit": dict(B=2, width=32, layers=1, heads=2, size=8), "gpt2": dict(B=2, T=8, layers=1, width=32, vocab=53),
         "llama": dict(B=2, T=8, layers=1, width=64, vocab=53),
-        "mixtral": dict(B=2, T=8, layers=1, width=64, experts=4, vocab=53)}
+        "mixtral": dict(B=2, T=8, layers=1, width=64, experts=4, vocab=53),
+        "timm_vit": dict(B=2, size=8, patch=4, width=32, layers=1, heads=2)}
 _warmed = set()
 
 

@@ -140,6 +140,20 @@ def mixtral(B=8, T=128, layers=4, width=256, experts=8, top_k=2, vocab=32000):
                     dict(model="mixtral", layers=layers, width=width, T=T, B=B))
 
 
+def timm_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
+    """timm's vit_tiny_patch16_224 at 32 x 32 images, 4 x 4 patches: the root model owns the cls
+    token and the positions (used only in its _pos_embed, which takes the generic path); timm's
+    LayerNorm subclass takes the generic path too."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, patch_size=patch,
+                              embed_dim=width, depth=layers, num_heads=heads, num_classes=classes)
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("timm_vit", model, (x,), y, lambda m, x: m(x),
+                    dict(model="timm_vit", layers=layers, width=width, T=(size // patch) ** 2 + 1, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -180,7 +194,7 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="vit", layers=layers, width=width, T=model.patches, B=B))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral}
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit}
 
 
 # ---------------------------------------------------------------- methods

@@ -86,6 +86,47 @@ def test_generic_path_modules_are_listed():
     assert {t for _, t, _ in bk.generic_modules(bk.convert(llama))} == {"LlamaRMSNorm"}
 
 
+def test_timm_vit_recomputes_only_its_position_embedding():
+    """The root owns cls_token and pos_embed and reads them only in _pos_embed: only that method
+    is recomputed per example (it used to be the whole model: 2.4x non-private, bench timm-vit);
+    timm's LayerNorm (F.layer_norm in its own forward) is bk's fused LayerNorm."""
+    from bk_kernels.nn.attention import _PosEmbedOwner
+
+    model = bk.convert(_build("timm_vit")[0])
+    assert isinstance(model, _PosEmbedOwner)
+    norms = [m for m in model.modules() if type(m).__name__ == "LayerNorm"]
+    assert norms and all(isinstance(m, bk.nn.LayerNorm) for m in norms)
+    assert not [path for path, t, _ in bk.generic_modules(model) if t == "LayerNorm"]
+
+
+def test_timm_root_reading_its_parameters_elsewhere_is_recomputed_whole():
+    """A timm-style root with a _pos_embed method whose own Parameter is also read in its forward:
+    the whole forward takes the generic path, as for any module (and stays exact)."""
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 4)
+            self.pos_embed = torch.nn.Parameter(torch.randn(1, 5, 4, dtype=zoo.DT))
+            self.scale = torch.nn.Parameter(torch.ones(4, dtype=zoo.DT))
+            self.head = torch.nn.Linear(4, 2)
+
+        def _pos_embed(self, x):
+            return x + self.pos_embed
+
+        def forward(self, x):
+            return self.head(self._pos_embed(self.proj(x)).mean(1) * self.scale)
+
+    Root.__module__ = "timm.models.fake"
+    from bk_kernels.nn.attention import _PosEmbedOwner
+
+    torch.manual_seed(0)
+    model = Root().to(zoo.DT)
+    assert not isinstance(bk.convert(copy.deepcopy(model)), _PosEmbedOwner)
+    inputs = {"x": torch.randn(B, 5, 3, dtype=zoo.DT), "y": torch.randint(0, 2, (B,))}
+    check_model(model, lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["y"], reduction="none"), inputs,
+                style="all-layer", backend="cpu")
+
+
 def test_t5_with_as_many_examples_as_positions_is_exact():
     """T5's bias table is looked up with [q, k] bucket ids that hold no examples. With q == B a
     bk Embedding alone would read the rows as examples (silently wrong); the table is absorbed

@@ -5,6 +5,7 @@ through the BK linear map (one use for self-attention; three uses of disjoint ro
 when query, key and value differ), out_proj is a bk.nn.Linear, and the attention itself is
 ordinary autograd (it has no parameters).
 """
+import inspect
 import math
 import re
 
@@ -233,3 +234,50 @@ def _window_attention_class(module):
 
 
 register_layer(None, _window_attention_class, matches=_is_window_attention)
+
+
+class _PosEmbedOwner(_OneMethodOnGenericPath):
+    """timm's ViT family (VisionTransformer, DeiT's distilled one, ...): the root model owns
+    cls_token, reg_token, pos_embed (dist_token) and uses them only in _pos_embed(x), which
+    prepends the tokens and adds the positions to the patch embeddings. Only that method takes the
+    generic path: its input and output hold the examples, so the per-example recompute is one
+    concatenation and add per example, not the whole model."""
+
+    def _pos_embed(self, *args, **kwargs):
+        return self._bk_generic_call("_pos_embed", *args, **kwargs)
+
+    def _bk_passed_through(self, method, out_leaves):
+        # EVA's _pos_embed also returns its rotary embedding, [N, d] from the rope module's buffers
+        # (no Parameter): at N == B it would read as a batch. Outputs after the first that need no
+        # gradient are passed through; the own Parameters are used only for the first.
+        return {i for i, t in enumerate(out_leaves) if i > 0 and isinstance(t, torch.Tensor) and not t.requires_grad}
+
+
+def _is_timm_pos_embed_owner(cls):
+    return cls.__module__.startswith("timm.") and callable(getattr(cls, "_pos_embed", None))
+
+
+def _pos_embed_owner_class(module):
+    """_PosEmbedOwner when every trained Parameter of the module's own is read (as self.<name>) in
+    _pos_embed and in none of the methods its forward runs besides; else the whole forward on the
+    generic path, as for any module."""
+    own = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if not own:
+        return None
+    cls = type(module)
+    pos_embed_source = _source(cls._pos_embed)
+    others = "".join(_source(getattr(cls, m)) for m in ("forward", "forward_features", "forward_head")
+                     if callable(getattr(cls, m, None)))
+    if all(f"self.{n}" in pos_embed_source and not re.search(rf"self\.{n}\b", others) for n in own):
+        return generic_class(cls, mixin=_PosEmbedOwner)
+    return generic_class(cls)
+
+
+def _source(fn):
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)

@@ -91,7 +91,9 @@ class GenericLayer(BKLayer):
             out = original(*args, **kwargs)
         out_leaves, out_spec = tree_flatten(out)
         B = engine.layout.batch
-        picked = [i for i, t in enumerate(out_leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        passed = self._bk_passed_through(method, out_leaves)
+        picked = [i for i, t in enumerate(out_leaves)
+                  if isinstance(t, torch.Tensor) and t.is_floating_point() and i not in passed]
         out_dims = [self._bk_output_dim(k, out_leaves[i]) for k, i in enumerate(picked)]
         if B is None:  # called outside the model's forward: its first floating output says
             B = next((out_leaves[i].shape[d] for i, d in zip(picked, out_dims) if out_leaves[i].dim() > d), 1)
@@ -120,6 +122,11 @@ class GenericLayer(BKLayer):
         for i, t in zip(picked, tapped):
             out_leaves[i] = t
         return tree_unflatten(out_leaves, out_spec)
+
+    def _bk_passed_through(self, method, out_leaves):
+        """Indices of outputs that hold no examples and depend on no own Parameter, returned as
+        they are (not expanded to the batch, no gradient taken through them); none by default."""
+        return ()
 
     def _bk_recompute_context(self):
         """Entered around each example's recompute (ParametrizedGeneric puts state updates off)."""
