@@ -107,7 +107,8 @@ def _plan(model):
         if refused and any(p.requires_grad for p in module.parameters()):  # itself or a child trains
             problems.append((path or "<model>", type(module).__name__, outcome))
             continue
-        if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()):
+        if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()) and \
+                not getattr(outcome, "_bk_swap_without_parameters", False):
             continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)
         if outcome == families.GENERIC:  # any other module owning trainable Parameters: exact, by torch.func
             outcome = generic_class(type(module), absorb=_children_used_directly(module))

@@ -226,21 +226,38 @@ def test_moe_experts_with_frozen_routers_are_exact(name):
     check_model(model, loss, inputs, style="all-layer", backend="cpu", R=_median_norm(model, loss, inputs))
 
 
-@pytest.mark.parametrize("relative", [True, False])
-def test_deberta_relative_attention_is_refused_at_convert(relative):
-    """DeBERTa-v2's relative attention projects the encoder's shared position table and repeats
-    it to the batch inside the attention: refused by bk.convert, naming the attention (it used to
-    crash with a shape error inside transformers). Without relative attention it converts."""
-    model = zoo._hf(("DebertaV2Config", "DebertaV2ForSequenceClassification"), vocab_size=zoo.VOCAB, hidden_size=16,
-                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, max_position_embeddings=16,
-                    num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                    relative_attention=relative, position_buckets=4, max_relative_positions=8,
-                    pos_att_type=["c2p", "p2c"] if relative else [])
-    if relative:
-        with pytest.raises(bk.UnsupportedModuleError, match=r"attention\.self \(DisentangledSelfAttention\): DeBERTa"):
-            bk.convert(model)
-    else:
-        check_model(model, zoo.classify_ids, zoo.ids_batch(B), style="all-layer", backend="cpu", R=0.05)
+def _deberta(version="v2", **config):
+    names = {"v1": ("DebertaConfig", "DebertaForSequenceClassification"),
+             "v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification")}
+    base = dict(vocab_size=zoo.VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                max_position_embeddings=16, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                relative_attention=True, position_buckets=4, max_relative_positions=8, pos_att_type=["p2c", "c2p"])
+    return zoo._hf(names[version], **{**base, **config})
+
+
+@pytest.mark.parametrize("config", [dict(share_att_key=True, norm_rel_ebd="layer_norm"),  # DeBERTa-v3's
+                                    dict(share_att_key=False, norm_rel_ebd="none"), dict(pos_att_type=["c2p"]),
+                                    dict(relative_attention=False, pos_att_type=[])], ids=str)
+@pytest.mark.parametrize("frozen_table", [False, True])
+def test_deberta_v2_relative_attention_is_exact(config, frozen_table):
+    """DeBERTa-v2/v3: the encoder's relative-position table is projected by every attention's
+    query/key projections and repeated to the batch inside it. It is made per example where it is
+    read (the encoder's get_rel_embedding on the generic path, or expanded in the attention when
+    frozen), so the projections' and the table's per-example gradients stay apart. It used to be
+    refused by bk.convert (before that, a shape error inside transformers)."""
+    torch.manual_seed(0)
+    model = _deberta(**config)
+    if frozen_table:
+        for name, child in model.deberta.encoder.named_children():
+            if name in ("rel_embeddings", "LayerNorm"):
+                child.requires_grad_(False)
+    check_model(model, zoo.classify_ids, zoo.ids_batch(B), style="all-layer", backend="cpu", R=0.05)
+
+
+def test_deberta_v1_relative_attention_is_refused_at_convert():
+    """DeBERTa (v1)'s attention has its own position projections: still refused, naming it."""
+    with pytest.raises(bk.UnsupportedModuleError, match=r"attention\.self \(DisentangledSelfAttention\): DeBERTa"):
+        bk.convert(_deberta("v1", pos_att_type=["p2c", "c2p"]))
 
 
 def test_generic_path_refuses_dropout_it_cannot_replay():
