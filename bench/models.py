@@ -58,7 +58,8 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       # 10 s a step: 15 rounds cost 2.5 of the 15 minutes of `make bench`
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
-for _config in ("llama", "llama-lora", "mixtral", "timm-vit", *SMALL_BATCH):  # bk against non-private only: the baselines are compared
+# bk against non-private only on these: the default-size rows compare the baselines
+for _config in ("llama", "llama-lora", "mixtral", "timm-vit", *SMALL_BATCH):
     SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
          "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64), "mixtral": dict(B=4, T=64), "timm-vit": dict(B=8)}
