@@ -50,6 +50,22 @@ def test_every_method_steps(name):
     assert {"non-private", "vmap", "opacus hooks", "opacus ghost", "bk (cpu)"} <= set(ran)
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral", "timm_vit"])
+def test_library_model_workloads_step(name):
+    """The workloads built from transformers and timm classes (bk against non-private only in the
+    suite): two steps of each, on the sizes the memory subprocess warms up with."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    w = workloads.build(name, CPU, torch.float32, **models.TINY[name])
+    for method in ("non-private", "bk (cpu)"):
+        module, step = workloads.make_step(w, method)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        step()
+        step()
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+        assert any(not torch.equal(before[n], p) for n, p in module.named_parameters()), f"{method} did not move"
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "gpt2"])
 def test_private_methods_agree_without_noise(name):
     """sigma = 0, float64: one step of vmap, Opacus (hooks, ghost) and bk give one update."""
