@@ -41,6 +41,7 @@ CONFIGS = {
     "llama-lora": ("llama", dict(B=8, T=128, lora=True)),
     "mixtral": ("mixtral", dict(B=8, T=128)),
     "timm-vit": ("timm_vit", dict(B=32)),
+    "timm-convnext": ("timm_convnext", dict(B=16)),  # opt-in (--config): not in the 15-minute suite
     # Small batches, where the engine's fixed cost per step and per layer shows (issue 12's sizes)
     "mlp-B64": ("mlp", dict(B=64)),
     "cnn-B32": ("cnn", dict(B=32)),
@@ -59,7 +60,7 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
 # bk against non-private only on these: the default-size rows compare the baselines
-for _config in ("llama", "llama-lora", "mixtral", "timm-vit", *SMALL_BATCH):
+for _config in ("llama", "llama-lora", "mixtral", "timm-vit", "timm-convnext", *SMALL_BATCH):
     SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
          "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64), "mixtral": dict(B=4, T=64), "timm-vit": dict(B=8)}
@@ -84,7 +85,8 @@ TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
         "vit": dict(B=2, width=32, layers=1, heads=2, size=8), "gpt2": dict(B=2, T=8, layers=1, width=32, vocab=53),
         "llama": dict(B=2, T=8, layers=1, width=64, vocab=53),
         "mixtral": dict(B=2, T=8, layers=1, width=64, experts=4, vocab=53),
-        "timm_vit": dict(B=2, size=8, patch=4, width=32, layers=1, heads=2)}
+        "timm_vit": dict(B=2, size=8, patch=4, width=32, layers=1, heads=2),
+        "timm_convnext": dict(B=2, size=32)}
 _warmed = set()
 
 

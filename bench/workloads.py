@@ -154,6 +154,19 @@ def timm_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="timm_vit", layers=layers, width=width, T=(size // patch) ** 2 + 1, B=B))
 
 
+def timm_convnext(B=16, size=64, classes=10, model="convnext_atto"):
+    """timm's ConvNeXt-atto (3.4M parameters) at 64 x 64: its blocks multiply by their gamma inline
+    and its norms are LayerNorm2d (bk.nn.scale and bk's fused LayerNorm)."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(model, pretrained=False, num_classes=classes)
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("timm_convnext", net, (x,), y, lambda m, x: m(x),
+                    dict(model="timm_convnext", layers=sum(len(s.blocks) for s in net.stages), width=net.num_features,
+                         T=(size // 32) ** 2, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -194,7 +207,8 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="vit", layers=layers, width=width, T=model.patches, B=B))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit}
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit,
+          "timm_convnext": timm_convnext}
 
 
 # ---------------------------------------------------------------- methods

@@ -81,7 +81,7 @@ def test_generic_path_modules_are_listed():
     model, _, _ = _build("timm_vit")
     generic = dict((path, n) for path, _, n in bk.generic_modules(bk.convert(model)))
     assert generic["<model>"] == model.cls_token.numel() + model.pos_embed.numel()  # the root owns them
-    assert any(path.endswith("ls1") for path in generic)  # timm's LayerScale
+    assert not any(path.endswith("ls1") for path in generic)  # timm's LayerScale: bk.nn.scale
     llama, _, _ = _build("llama")
     assert {t for _, t, _ in bk.generic_modules(bk.convert(llama))} == {"LlamaRMSNorm"}
 
@@ -294,3 +294,34 @@ def test_agrees_with_opacus_hooks_mode(name):
     dp_opt.step()
     for (name, a), b in zip(ours.named_parameters(), theirs._module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_timm_layer_scales_and_convnext_blocks_take_the_scale_path(inplace):
+    """timm's LayerScale/LayerScale2d and ConvNeXt blocks (gamma multiplied inline) book-keep
+    their gamma with bk.nn.scale, and timm's LayerNorm2d is bk's fused LayerNorm: no generic
+    path (a timm ConvNeXt used to recompute every block per example); exact, in place or not."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_atto", pretrained=False, num_classes=3, dims=(8, 8, 8, 8),
+                              depths=(1, 1, 1, 1)).to(zoo.DT)
+    assert not bk.generic_modules(bk.convert(copy.deepcopy(model)))
+    check_model(model, zoo.classify_images, zoo.image_batch(B, size=32), style="all-layer", backend="cpu")
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Conv2d(3, 4, 3)
+            self.ls2d = timm.layers.LayerScale2d(4, init_values=0.5, inplace=inplace)
+            self.mid = torch.nn.Linear(4, 4)
+            self.ls = timm.layers.LayerScale(4, init_values=0.7, inplace=inplace)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):  # (in place on outputs whose backward does not need them: conv, linear)
+            h = torch.tanh(self.ls2d(self.inp(x))).flatten(2).transpose(1, 2)  # [B, N, 4]
+            return self.head(torch.tanh(self.ls(self.mid(h))).mean(1))
+
+    scaled = Scaled().to(zoo.DT)
+    assert not bk.generic_modules(bk.convert(copy.deepcopy(scaled)))
+    check_model(scaled, zoo.classify_images, zoo.image_batch(B, size=8), style="all-layer", backend="cpu")

@@ -9,7 +9,7 @@ from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer
 from .families import register_layer
 from .linear import Linear, linear
-from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 attention, MoE experts)
+from . import deberta, moe, scale  # noqa: F401  (register DeBERTa-v2 attention, MoE experts, timm scales)
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 

@@ -1,0 +1,126 @@
+"""Per-channel scales (LayerScale): y = x * gamma, gamma broadcast along one channel dim.
+
+Example b's gradient of gamma is sum over its other positions of g * x, a [B, C] tensor kept as
+it is (a DenseUse): cheaper than the generic path's recompute of the module. bk.nn.scale is the
+building block; timm's LayerScale/LayerScale2d and ConvNeXt block (whose forward multiplies by
+its gamma inline) use it. timm's LayerNorm2d (a LayerNorm over the channels of NCHW) goes on
+bk's fused LayerNorm here too.
+"""
+import torch
+
+from ..ops._norm_common import accumulation_dtype
+from ._core import BKLayer, in_plain_forward
+from ._uses import DenseUse
+from .families import register_layer
+from .norm import LayerNorm
+
+
+class _ScaleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, layer, dim):
+        ctx.layer, ctx.gamma, ctx.dim = layer, gamma, dim
+        ctx.save_for_backward(x if gamma.requires_grad else None, gamma)
+        return x * gamma.view(_channel_shape(x, dim))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, gamma = ctx.saved_tensors
+        grad_x = g * gamma.view(_channel_shape(g, ctx.dim)) if ctx.needs_input_grad[0] else None
+        uses = []
+        if x is not None:
+            acc = accumulation_dtype(g.dtype)
+            others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim()]
+            per_example = (g.to(acc) * x.to(acc)).sum(others) if others else g.to(acc) * x.to(acc)  # [B, C]
+            uses.append((ctx.gamma, DenseUse(per_example)))
+        if ctx.layer._bk_hand_off(uses):
+            return grad_x, None, None, None
+        grad_gamma = uses[0][1].grads.sum(0).to(gamma.dtype) if uses else None
+        return grad_x, grad_gamma, None, None
+
+
+def _channel_shape(x, dim):
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return shape
+
+
+def scale(layer, x, gamma, dim=-1):
+    """x * gamma with gamma [C] along dim `dim` of x, book-kept as a use of `gamma` owned by
+    `layer` (a bk.nn.BKLayer); x holds the examples on dim 0 (checked against the batch)."""
+    x = layer._bk_examples(x, 0)
+    return _ScaleFn.apply(x, gamma, layer, dim)
+
+
+class _TimmLayerScale(BKLayer):
+    """timm's LayerScale (channels last) and LayerScale2d (NCHW)."""
+
+    _bk_channel_dim = -1
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self.gamma.requires_grad:
+            return super().forward(x)
+        # inplace=True: the scaled tensor is returned, x itself is left as it was (its value is
+        # saved for gamma's per-example gradient); timm's blocks use the returned value
+        return scale(self, x, self.gamma, self._bk_channel_dim)
+
+
+class _TimmLayerScale2d(_TimmLayerScale):
+    _bk_channel_dim = 1
+
+
+class _TimmConvNeXtBlock(BKLayer):
+    """timm's ConvNeXtBlock: its forward, with the inline x.mul(gamma) book-kept by bk.nn.scale
+    (the block owns gamma; its convolution, norm and MLP are bk layers of their own)."""
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or self.gamma is None or not self.gamma.requires_grad:
+            return super().forward(x)
+        shortcut = x
+        x = self.conv_dw(x)
+        if self.use_conv_mlp:
+            x = self.mlp(self.norm(x))
+        else:
+            x = self.mlp(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        x = scale(self, x, self.gamma, 1)
+        return self.drop_path(x) + self.shortcut(shortcut)
+
+
+class _TimmLayerNorm2d(LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of NCHW, on bk's fused LayerNorm."""
+
+    def forward(self, x):
+        if in_plain_forward():
+            return super().forward(x)
+        return self._bk_forward(x.permute(0, 2, 3, 1), self.bias).permute(0, 3, 1, 2)
+
+
+_CLASSES = {}
+
+
+def _made(cls, mixin):
+    if cls not in _CLASSES:
+        name = f"{mixin.__name__}_{cls.__name__}"
+        _CLASSES[cls] = globals()[name] = type(cls.__name__, (mixin, cls), {"__module__": __name__,
+                                                                             "__qualname__": name})
+    return _CLASSES[cls]
+
+
+def _timm_class(name):
+    return lambda cls: cls.__name__ == name and cls.__module__.startswith("timm.")
+
+
+def _unless_fast_norm(mixin):
+    """timm's norms with fast-norm set compute otherwise: the generic path then."""
+    def plan(module):
+        if getattr(module, "_fast_norm", False):
+            from .generic import generic_class
+
+            return generic_class(type(module))
+        return _made(type(module), mixin)
+    return plan
+
+
+register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
+register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
+register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
+register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
