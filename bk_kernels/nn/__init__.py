@@ -9,7 +9,8 @@ from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer
 from .families import register_layer
 from .linear import Linear, linear
-from . import deberta, moe, scale  # noqa: F401  (register DeBERTa-v2 attention, MoE experts, timm scales)
+from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 attention, MoE experts)
+from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 
@@ -35,6 +36,7 @@ __all__ = [
     "RNN",
     "linear",
     "register_layer",
+    "scale",
     "in_plain_forward",
     "plain_forward",
 ]
