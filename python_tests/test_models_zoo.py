@@ -324,4 +324,5 @@ def test_timm_layer_scales_and_convnext_blocks_take_the_scale_path(inplace):
 
     scaled = Scaled().to(zoo.DT)
     assert not bk.generic_modules(bk.convert(copy.deepcopy(scaled)))
+    assert not bk.generic_modules(bk.convert(zoo.hf_convnext()))  # its ConvNextLayer's inline layer scale
     check_model(scaled, zoo.classify_images, zoo.image_batch(B, size=8), style="all-layer", backend="cpu")

@@ -225,6 +225,13 @@ def hf_swin(config="SwinConfig", model="SwinForImageClassification"):
                drop_path_rate=0.0)
 
 
+def hf_convnext():
+    """HF ConvNeXt: each ConvNextLayer multiplies by its layer_scale_parameter inline."""
+    return _hf(("ConvNextConfig", "ConvNextForImageClassification"), num_channels=3, patch_size=4,
+               hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, layer_scale_init_value=0.5,
+               drop_path_rate=0.0)
+
+
 def timm_vit_relpos(shared=False):
     """timm's ViT with an MLP of relative coordinates (RelPosMlp) in each block, or one for the
     whole model (vit_srelpos): 32 px in patches of 8, so the coordinates are [7, 7, 2]. The
@@ -330,6 +337,7 @@ ZOO = {
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_swinv2": (lambda: hf_swin("Swinv2Config", "Swinv2ForImageClassification"), classify_pixels,
                   lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),

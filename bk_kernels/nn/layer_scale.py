@@ -2,8 +2,8 @@
 
 Example b's gradient of gamma is sum over its other positions of g * x, a [B, C] tensor kept as
 it is (a DenseUse): cheaper than the generic path's recompute of the module. bk.nn.scale is the
-building block; timm's LayerScale/LayerScale2d and ConvNeXt block (whose forward multiplies by
-its gamma inline) use it. timm's LayerNorm2d (a LayerNorm over the channels of NCHW) goes on
+building block; timm's LayerScale/LayerScale2d and ConvNeXt block and transformers' ConvNextLayer
+(whose forwards multiply by their gamma inline) use it. timm's LayerNorm2d (a LayerNorm over the channels of NCHW) goes on
 bk's fused LayerNorm here too.
 """
 import torch
@@ -85,6 +85,20 @@ class _TimmConvNeXtBlock(BKLayer):
         return self.drop_path(x) + self.shortcut(shortcut)
 
 
+class _HFConvNextLayer(BKLayer):
+    """transformers' ConvNextLayer: its forward, with the inline layer_scale_parameter * features
+    book-kept by bk.nn.scale (its convolutions, norm and Linear layers are bk layers)."""
+
+    def forward(self, features):
+        gamma = self.layer_scale_parameter
+        if in_plain_forward() or self._bk_layout() is None or gamma is None or not gamma.requires_grad:
+            return super().forward(features)
+        residual = features
+        features = self.layernorm(self.dwconv(features).permute(0, 2, 3, 1))  # (N, H, W, C)
+        features = scale(self, self.pwconv2(self.act(self.pwconv1(features))), gamma, -1)
+        return residual + self.drop_path(features.permute(0, 3, 1, 2))
+
+
 class _TimmLayerNorm2d(LayerNorm):
     """timm's LayerNorm2d: a LayerNorm over the channels of NCHW, on bk's fused LayerNorm."""
 
@@ -124,3 +138,6 @@ register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matche
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
+register_layer(None, lambda module: _made(type(module), _HFConvNextLayer),
+               matches=lambda cls: cls.__name__ == "ConvNextLayer" and cls.__module__.startswith(
+                   "transformers.models.convnext."))
