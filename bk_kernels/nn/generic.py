@@ -389,7 +389,10 @@ def _fingerprint(t, dim, B):
     x = t.detach().movedim(dim, 0).reshape(B, t.numel() // B if B else 0)  # example-major for folded rows too
     x = x.double() if x.dtype == torch.float64 else x.float()
     weights = _fingerprint_weights(x.shape[1], x.dtype, x.device)
-    return x @ weights, x.abs() @ weights.abs(), rtol
+    # in x's own precision: the forward's fingerprint is taken inside the model's autocast region,
+    # which would run these products in 16 bits (and the recompute's outside it)
+    with torch.autocast(x.device.type, enabled=False):
+        return x @ weights, x.abs() @ weights.abs(), rtol
 
 
 @functools.lru_cache(maxsize=64)

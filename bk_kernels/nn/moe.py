@@ -20,7 +20,7 @@ import inspect
 import torch
 
 from ..ops._norm_common import accumulation_dtype
-from ._core import BKLayer, in_plain_forward
+from ._core import BKLayer, autocast_input, in_plain_forward
 from ._uses import DenseUse
 from .families import register_layer
 from .. import ops
@@ -36,6 +36,9 @@ class ExpertsUse:
     whose row r is. See the use protocol in _uses.py."""
 
     def __init__(self, a, g, counts, examples, B, transposed):
+        if a.dtype != g.dtype:  # under autocast, a bias added in float32 promotes g (GPT-OSS's experts)
+            acc = accumulation_dtype(torch.promote_types(a.dtype, g.dtype))
+            a, g = a.to(acc), g.to(acc)
         self.a, self.g, self.counts, self.examples, self.B, self.transposed = a, g, counts, examples, B, transposed
 
     @property
@@ -110,6 +113,7 @@ class _ExpertsLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer, counts, examples, B, transposed):
         ctx.layer, ctx.weight, ctx.bias, ctx.counts, ctx.examples = layer, weight, bias, counts, examples
         ctx.B, ctx.transposed = B, transposed
+        x = autocast_input(x)  # what autocast's matmul reads; the backward runs outside autocast
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
         outs, start = [], 0
         for e, n in enumerate(counts):
@@ -125,6 +129,8 @@ class _ExpertsLinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         counts, transposed, bias = ctx.counts, ctx.transposed, ctx.bias
+        if weight.dtype != g.dtype:  # under autocast g is 16-bit while the weight is float32
+            weight = weight.to(g.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             parts, start = [], 0
@@ -140,7 +146,8 @@ class _ExpertsLinearFn(torch.autograd.Function):
             uses.append((bias, DenseUse(_per_example_bias_grads(g, counts, ctx.examples, ctx.B, bias.shape))))
         if ctx.layer._bk_hand_off(uses):
             return grad_x, None, None, None, None, None, None, None
-        # No engine: the ordinary gradients.
+        # No engine: the ordinary gradients (in the weight's dtype).
+        weight = ctx.weight
         grad_w = torch.zeros_like(weight) if x is not None else None
         grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
         start = 0
@@ -149,9 +156,9 @@ class _ExpertsLinearFn(torch.autograd.Function):
                 ge = g[start : start + n]
                 if grad_w is not None:
                     xe = x[start : start + n]
-                    grad_w[e] = xe.T @ ge if transposed else ge.T @ xe
+                    grad_w[e] = (xe.T @ ge if transposed else ge.T @ xe).to(grad_w.dtype)
                 if grad_b is not None:
-                    grad_b[e] = ge.sum(0)
+                    grad_b[e] = ge.sum(0).to(grad_b.dtype)
             start += n
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
