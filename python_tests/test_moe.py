@@ -209,3 +209,16 @@ def test_deepseek_v3_under_verify(B):
     assert report.ok, str(report)
     generic = [path for path, _, _ in report.generic_modules]
     assert any(path.endswith("mlp.gate") for path in generic) and not any("experts" in path for path in generic)
+
+
+def test_converted_moe_model_pickles():
+    """torch.save of a whole converted model: the experts' bk class is found by pickle (it was
+    not: made without a name in its module)."""
+    import io
+
+    model = bk.convert(zoo.mixtral())
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded.model.layers[0].mlp.experts, ExpertsMixin)

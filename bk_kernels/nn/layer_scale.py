@@ -3,7 +3,7 @@
 Example b's gradient of gamma is sum over its other positions of g * x, a [B, C] tensor kept as
 it is (a DenseUse): cheaper than the generic path's recompute of the module. bk.nn.scale is the
 building block; timm's LayerScale/LayerScale2d and ConvNeXt block and transformers' ConvNextLayer
-(whose forwards multiply by their gamma inline) use it. timm's LayerNorm2d (a LayerNorm over the channels of NCHW) goes on
+(whose forwards multiply by their gamma inline) use it. timm's LayerNorm and LayerNorm2d go on
 bk's fused LayerNorm here too.
 """
 import torch
@@ -138,6 +138,10 @@ register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matche
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
+# timm's LayerNorm overrides forward without calling torch's, but computes what torch's does
+# (F.layer_norm of the same attributes): bk's LayerNorm goes in front of it (its plain forward is timm's)
+register_layer(None, _unless_fast_norm(LayerNorm),
+               matches=lambda cls: cls.__name__ == "LayerNorm" and cls.__module__ == "timm.layers.norm")
 register_layer(None, lambda module: _made(type(module), _HFConvNextLayer),
                matches=lambda cls: cls.__name__ == "ConvNextLayer" and cls.__module__.startswith(
                    "transformers.models.convnext."))

@@ -228,10 +228,12 @@ def is_hf_experts(cls):
 def experts_class(module):
     cls = type(module)
     if cls not in _EXPERTS_CLASSES:
-        made = type(cls.__name__, (ExpertsMixin, cls), {"__module__": __name__})
-        made._bk_signature = inspect.signature(cls.forward.__wrapped__).replace(
-            parameters=list(inspect.signature(cls.forward.__wrapped__).parameters.values())[1:])
-        _EXPERTS_CLASSES[cls] = made
+        signature = inspect.signature(cls.forward.__wrapped__)
+        name = "Experts_" + cls.__name__  # named in this module, so that pickle finds the class
+        made = type(cls.__name__, (ExpertsMixin, cls), {
+            "__module__": __name__, "__qualname__": name,
+            "_bk_signature": signature.replace(parameters=list(signature.parameters.values())[1:])})
+        _EXPERTS_CLASSES[cls] = globals()[name] = made
     return _EXPERTS_CLASSES[cls]
 
 

@@ -237,28 +237,3 @@ register_layer(torch.nn.modules.batchnorm._BatchNorm, None, unsupported_reason=l
     "BatchNorm mixes the examples of a batch, so per-example gradients do not exist: use GroupNorm (or "
     "LayerNorm) instead"))
 
-
-_SAME_MATH = {}
-
-
-def _is_timm_layer_norm(cls):
-    return cls.__name__ == "LayerNorm" and cls.__module__ == "timm.layers.norm"
-
-
-def _timm_layer_norm_class(module):
-    """timm's LayerNorm overrides forward without calling torch's, but computes what torch's does
-    (F.layer_norm of the same attributes) unless its fast-norm flag is set: bk's LayerNorm goes in
-    front of it (its plain forward is timm's). With fast norm, the generic path."""
-    cls = type(module)
-    if getattr(module, "_fast_norm", False):
-        from .generic import generic_class
-
-        return generic_class(cls)
-    if cls not in _SAME_MATH:
-        _SAME_MATH[cls] = type(cls.__name__, (LayerNorm, cls), {"__module__": __name__,
-                                                                 "__qualname__": "timm_" + cls.__qualname__})
-        globals()["timm_" + cls.__qualname__] = _SAME_MATH[cls]  # for pickle
-    return _SAME_MATH[cls]
-
-
-register_layer(None, _timm_layer_norm_class, matches=_is_timm_layer_norm)
