@@ -222,3 +222,20 @@ def test_converted_moe_model_pickles():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert isinstance(loaded.model.layers[0].mlp.experts, ExpertsMixin)
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_an_empty_batch_through_the_experts_is_a_noise_only_step(name):
+    """An empty Poisson batch: no row reaches any expert; the step still adds noise and counts."""
+    torch.manual_seed(0)
+    model = bk.convert(BLOCKS[name]())
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=1.0, seed=3)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    _loss(model, _inputs(0)).mean().backward()  # a nan mean over no examples: no gradient at all
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    opt.step()
+    assert engine.steps == 1
+    for p, b in zip(model.parameters(), before):
+        moved = p.detach() - b
+        assert torch.isfinite(moved).all() and (moved != 0).all()  # noise, and nothing else
