@@ -15,6 +15,7 @@ import sys
 import torch
 
 from ._core import BKLayer
+from ._made import made_class
 from .families import register_layer
 from .generic import generic_class
 from .attention import _OneMethodOnGenericPath
@@ -97,24 +98,16 @@ def _rel_embedding_owner_class(module):
     return generic_class(type(module), absorb=trained, mixin=_RelEmbeddingOwner) if trained else None
 
 
-_ATTENTION_CLASSES = {}
-
-
 def _is_deberta_v2_attention(cls):
     return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.models.deberta_v2.")
 
 
-def _per_example_table_class(module):
-    cls = type(module)
-    if not getattr(module, "relative_attention", False):
-        return None
-    if cls not in _ATTENTION_CLASSES:
-        _ATTENTION_CLASSES[cls] = type(cls.__name__, (_PerExampleTableAttention, cls),
-                                       {"__module__": __name__, "__qualname__": "PerExampleTable_" + cls.__name__,
-                                        "_bk_transformers_module": cls.__module__})
-        globals()["PerExampleTable_" + cls.__name__] = _ATTENTION_CLASSES[cls]
-    return _ATTENTION_CLASSES[cls]
+def per_example_table_class(cls):
+    return made_class(per_example_table_class, (cls,), cls.__name__, (_PerExampleTableAttention, cls),
+                      {"__module__": __name__, "__qualname__": "PerExampleTable_" + cls.__name__,
+                       "_bk_transformers_module": cls.__module__})
 
 
 register_layer(None, _rel_embedding_owner_class, matches=_is_deberta_v2_encoder)
-register_layer(None, _per_example_table_class, matches=_is_deberta_v2_attention)
+register_layer(None, lambda module: per_example_table_class(type(module))
+               if getattr(module, "relative_attention", False) else None, matches=_is_deberta_v2_attention)

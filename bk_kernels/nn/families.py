@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from ._core import BKLayer, in_plain_forward
+from ._made import made_class
 
 GENERIC = "generic"  # plan()'s answer for the generic exact path
 
@@ -116,12 +117,7 @@ class _SubclassCheck(BKLayer):
         return out
 
 
-_SUBCLASSES = {}
-
-
 def subclass_adapter(cls, bk_class):
     """cls with the bk layer under it: MRO cls -> bk layer -> torch layer."""
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(cls.__name__, (_SubclassCheck, cls, bk_class), {"__module__": cls.__module__,
-                                                                                "__qualname__": cls.__qualname__})
-    return _SUBCLASSES[cls]
+    return made_class(subclass_adapter, (cls, bk_class), cls.__name__, (_SubclassCheck, cls, bk_class),
+                      {"__module__": cls.__module__, "__qualname__": cls.__qualname__})

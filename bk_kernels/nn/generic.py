@@ -23,7 +23,6 @@ import contextlib
 import copy
 import functools
 import itertools
-import re
 import warnings
 
 import torch
@@ -31,6 +30,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._core import BKLayer, folded_rows, in_plain_forward, plain_forward
+from ._made import made_class
 from ._uses import DenseUse
 
 # Examples per vmap chunk: their per-example gradients stay within this many elements.
@@ -484,22 +484,13 @@ def _autocast_state(device_type):
     return state
 
 
-_GENERIC_CLASSES = {}
-
-
 def generic_class(cls, absorb=(), mixin=GenericLayer):
     """The generic-path subclass of `cls` (made once per class), absorbing the children named
     in `absorb` (their Parameters become the module's own; they stay unconverted). mixin: a
     GenericLayer subclass that puts only some method on the generic path."""
     absorb = tuple(absorb)
-    if (cls, absorb, mixin) not in _GENERIC_CLASSES:
-        # Named in this module, so that pickle finds the class within this process.
-        name = "Generic_" + re.sub(r"\W", "_", f"{cls.__module__}.{cls.__qualname__}") + "".join(
-            f"__{a}" for a in absorb) + ("" if mixin is GenericLayer else f"__{mixin.__name__}")
-        new = type(cls.__name__, (mixin, cls), {"__module__": __name__, "__qualname__": name,
-                                                "_bk_absorb": absorb})
-        globals()[name] = _GENERIC_CLASSES[cls, absorb, mixin] = new
-    return _GENERIC_CLASSES[cls, absorb, mixin]
+    return made_class(generic_class, (cls, absorb, mixin), cls.__name__, (mixin, cls),
+                      {"__module__": __name__, "__qualname__": f"Generic_{cls.__qualname__}", "_bk_absorb": absorb})
 
 
 def is_generic(module):

@@ -11,6 +11,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
+from ._made import made_class
 from .families import register_layer
 from .norm import LayerNorm
 
@@ -108,15 +109,9 @@ class _TimmLayerNorm2d(LayerNorm):
         return self._bk_forward(x.permute(0, 2, 3, 1), self.bias).permute(0, 3, 1, 2)
 
 
-_CLASSES = {}
-
-
 def _made(cls, mixin):
-    if cls not in _CLASSES:
-        name = f"{mixin.__name__}_{cls.__name__}"
-        _CLASSES[cls] = globals()[name] = type(cls.__name__, (mixin, cls), {"__module__": __name__,
-                                                                             "__qualname__": name})
-    return _CLASSES[cls]
+    return made_class(_made, (cls, mixin), cls.__name__, (mixin, cls),
+                      {"__module__": __name__, "__qualname__": f"{mixin.__name__}_{cls.__name__}"})
 
 
 def _timm_class(name):

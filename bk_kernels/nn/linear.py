@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, examples_first, in_plain_forward
+from ._made import made_class
 from .families import register_layer
 from ._uses import DenseUse, LinearUse
 
@@ -95,9 +96,6 @@ class _GPT2Conv1DMixin(BKLayer):
         return linear(self, x, self.weight, self.bias, transposed=True)
 
 
-_CONV1D_CLASSES = {}
-
-
 def is_gpt2_conv1d(cls):
     """Detects transformers' Conv1D class without importing transformers."""
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
@@ -105,9 +103,7 @@ def is_gpt2_conv1d(cls):
 
 def gpt2_conv1d_class(cls):
     """The bk subclass of transformers' Conv1D class `cls` (made once, on first use)."""
-    if cls not in _CONV1D_CLASSES:
-        _CONV1D_CLASSES[cls] = type("Conv1D", (_GPT2Conv1DMixin, cls), {"__module__": __name__})
-    return _CONV1D_CLASSES[cls]
+    return made_class(gpt2_conv1d_class, (cls,), "Conv1D", (_GPT2Conv1DMixin, cls), {"__module__": __name__})
 
 
 def linear(layer, x, weight, bias=None, *, transposed=False):

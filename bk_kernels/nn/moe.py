@@ -22,6 +22,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
 from ._uses import DenseUse
+from ._made import made_class
 from .families import register_layer
 from .. import ops
 
@@ -215,9 +216,6 @@ class ExpertsMixin(BKLayer):
         return final.to(hidden_states.dtype)
 
 
-_EXPERTS_CLASSES = {}
-
-
 def is_hf_experts(cls):
     """transformers' experts classes (made with @use_experts_implementation), by what that
     decorator leaves on them, without importing transformers."""
@@ -225,16 +223,11 @@ def is_hf_experts(cls):
             and getattr(cls.forward, "__wrapped__", None) is not None)
 
 
-def experts_class(module):
-    cls = type(module)
-    if cls not in _EXPERTS_CLASSES:
-        signature = inspect.signature(cls.forward.__wrapped__)
-        name = "Experts_" + cls.__name__  # named in this module, so that pickle finds the class
-        made = type(cls.__name__, (ExpertsMixin, cls), {
-            "__module__": __name__, "__qualname__": name,
-            "_bk_signature": signature.replace(parameters=list(signature.parameters.values())[1:])})
-        _EXPERTS_CLASSES[cls] = globals()[name] = made
-    return _EXPERTS_CLASSES[cls]
+def experts_class(cls):
+    signature = inspect.signature(cls.forward.__wrapped__)
+    return made_class(experts_class, (cls,), cls.__name__, (ExpertsMixin, cls), {
+        "__module__": __name__, "__qualname__": "Experts_" + cls.__name__,
+        "_bk_signature": signature.replace(parameters=list(signature.parameters.values())[1:])})
 
 
 def experts_unsupported_reason(module):
@@ -246,4 +239,5 @@ def experts_unsupported_reason(module):
     return None
 
 
-register_layer(None, experts_class, unsupported_reason=experts_unsupported_reason, matches=is_hf_experts)
+register_layer(None, lambda module: experts_class(type(module)), unsupported_reason=experts_unsupported_reason,
+               matches=is_hf_experts)

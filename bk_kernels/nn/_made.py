@@ -1,0 +1,42 @@
+"""The classes bk makes while converting: a bk mixin put before a user's class in the MRO
+(generic path, subclass adapters, transformers' Conv1D, MoE experts, ...).
+
+Each is made once per (factory, args) and pickles as that call: `factory(*args)`, both found by
+name. So a whole converted model can be torch.save'd and loaded in another process (where
+importing bk_kernels is enough: the load makes the class again), and the made class keeps the
+user's class name in reprs and error messages.
+"""
+import copyreg
+
+_MADE = {}          # (factory, args) -> the class it made
+_METACLASSES = {}   # the user class's metaclass -> the metaclass of the classes made from it
+
+
+def made_class(factory, args, name, bases, attrs):
+    """The class `type(name, bases, attrs)`, made once for `factory(*args)` (a module-level
+    function whose args pickle: classes, strings, tuples of them)."""
+    key = (factory, args)
+    if key not in _MADE:
+        meta = _metaclass_for(bases)
+        made = meta(name, bases, dict(attrs))
+        made._bk_made_by = key
+        _MADE[key] = made
+    return _MADE[key]
+
+
+def _metaclass_for(bases):
+    winner = type
+    for base in bases:  # the most derived metaclass, as class creation requires
+        if issubclass(type(base), winner):
+            winner = type(base)
+    if winner not in _METACLASSES:
+        _METACLASSES[winner] = type(f"Made{winner.__name__}", (winner,), {"__module__": __name__})
+        copyreg.pickle(_METACLASSES[winner], _reduce_made_class)
+    return _METACLASSES[winner]
+
+
+def _reduce_made_class(cls):
+    if "_bk_made_by" not in cls.__dict__:  # a user's subclass of a made class: pickled by its name
+        return cls.__qualname__
+    factory, args = cls._bk_made_by
+    return factory, args
