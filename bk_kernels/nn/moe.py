@@ -30,17 +30,31 @@ from .. import ops
 _NORM_CHUNK_ELEMENTS = 1 << 24
 
 
+class Routing:
+    """Where the experts' rows come from. Rows are grouped by expert (counts[e] rows of expert e,
+    in expert order), each expert's rows in example order; experts[r] and examples[r] say whose
+    row r is; B examples in all."""
+
+    def __init__(self, counts, experts, examples, B):
+        self.counts, self.experts, self.examples, self.B = counts, experts, examples, B
+
+    def by_expert(self, *tensors):
+        """(e, each tensor's rows of expert e) for every expert that got rows."""
+        parts = zip(*(t.split(self.counts) for t in tensors))
+        return [(e, *rows) for e, (n, rows) in enumerate(zip(self.counts, parts)) if n]
+
+
 class ExpertsUse:
     """G_b = sum over rows r of example b routed to expert e of g_r a_r^T, in block e of a
-    stacked expert weight [E, p, d] ([E, d, p] when transposed). Rows come grouped by expert
-    (counts[e] each, in expert order), each expert's rows in example order; examples[r] says
-    whose row r is. See the use protocol in _uses.py."""
+    stacked expert weight [E, p, d] ([E, d, p] when transposed). See the use protocol in
+    _uses.py."""
 
-    def __init__(self, a, g, counts, examples, B, transposed):
+    def __init__(self, a, g, routing, transposed):
         if a.dtype != g.dtype:  # under autocast, a bias added in float32 promotes g (GPT-OSS's experts)
             acc = accumulation_dtype(torch.promote_types(a.dtype, g.dtype))
             a, g = a.to(acc), g.to(acc)
-        self.a, self.g, self.counts, self.examples, self.B, self.transposed = a, g, counts, examples, B, transposed
+        self.a, self.g, self.routing, self.transposed = a, g, routing, transposed
+        self.counts, self.examples, self.B = routing.counts, routing.examples, routing.B
 
     @property
     def batch(self):
@@ -82,8 +96,7 @@ class ExpertsUse:
         expert's rows start."""
         counts = torch.tensor(self.counts, device=self.a.device)
         starts = torch.cumsum(counts, 0) - counts
-        expert = torch.repeat_interleave(torch.arange(len(self.counts), device=self.a.device), counts)
-        group = expert * self.B + self.examples  # (expert, example), ascending along the rows
+        group = self.routing.experts * self.B + self.examples  # (expert, example), ascending along the rows
         sizes = torch.bincount(group, minlength=len(self.counts) * self.B)
         first = torch.cumsum(sizes, 0) - sizes
         pos = torch.arange(len(group), device=self.a.device) - first[group]
@@ -96,81 +109,60 @@ class ExpertsUse:
         acc = accumulation_dtype(self.a.dtype)
         c = c.to(device=self.g.device, dtype=acc)
         scaled = self.g.to(acc) * c[self.examples].unsqueeze(1)
-        a = self.a.to(acc)
-        start = 0
-        for e, n in enumerate(self.counts):
-            if n:
-                ge, ae = scaled[start : start + n], a[start : start + n]
-                block = ae.T @ ge if self.transposed else ge.T @ ae
-                grad[e].add_(block.to(grad.dtype))
-            start += n
+        for e, ae, ge in self.routing.by_expert(self.a.to(acc), scaled):
+            block = ae.T @ ge if self.transposed else ge.T @ ae
+            grad[e].add_(block.to(grad.dtype))
 
 
 class _ExpertsLinearFn(torch.autograd.Function):
-    """y_r = x_r W[e]^T (+ b[e]) (x_r W[e] when transposed) for rows grouped by expert: counts[e]
-    rows of expert e, in expert order; examples[r]: whose row r is."""
+    """y_r = x_r W[e]^T (+ b[e]) (x_r W[e] when transposed) for rows grouped by expert (a Routing)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, counts, examples, B, transposed):
-        ctx.layer, ctx.weight, ctx.bias, ctx.counts, ctx.examples = layer, weight, bias, counts, examples
-        ctx.B, ctx.transposed = B, transposed
+    def forward(ctx, x, weight, bias, layer, routing, transposed):
+        ctx.layer, ctx.weight, ctx.bias, ctx.routing, ctx.transposed = layer, weight, bias, routing, transposed
         x = autocast_input(x)  # what autocast's matmul reads; the backward runs outside autocast
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                w = weight[e] if transposed else weight[e].T
-                y = x[start : start + n] @ w
-                outs.append(y + bias[e] if bias is not None else y)
-            start += n
+        outs = []
+        for e, xe in routing.by_expert(x):
+            y = xe @ (weight[e] if transposed else weight[e].T)
+            outs.append(y + bias[e] if bias is not None else y)
         p = weight.shape[2] if transposed else weight.shape[1]
         return torch.cat(outs) if outs else x.new_zeros(0, p)
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
-        counts, transposed, bias = ctx.counts, ctx.transposed, ctx.bias
+        routing, transposed, bias = ctx.routing, ctx.transposed, ctx.bias
         if weight.dtype != g.dtype:  # under autocast g is 16-bit while the weight is float32
             weight = weight.to(g.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            parts, start = [], 0
-            for e, n in enumerate(counts):
-                if n:
-                    parts.append(g[start : start + n] @ (weight[e].T if transposed else weight[e]))
-                start += n
+            parts = [ge @ (weight[e].T if transposed else weight[e]) for e, ge in routing.by_expert(g)]
             grad_x = torch.cat(parts) if parts else g.new_zeros(0, weight.shape[1] if transposed else weight.shape[2])
         uses = []
         if x is not None:
-            uses.append((ctx.weight, ExpertsUse(x, g, counts, ctx.examples, ctx.B, transposed)))
+            uses.append((ctx.weight, ExpertsUse(x, g, routing, transposed)))
         if bias is not None and bias.requires_grad:
-            uses.append((bias, DenseUse(_per_example_bias_grads(g, counts, ctx.examples, ctx.B, bias.shape))))
+            uses.append((bias, DenseUse(_per_example_bias_grads(g, routing, bias.shape))))
         if ctx.layer._bk_hand_off(uses):
-            return grad_x, None, None, None, None, None, None, None
+            return grad_x, None, None, None, None, None
         # No engine: the ordinary gradients (in the weight's dtype).
         weight = ctx.weight
         grad_w = torch.zeros_like(weight) if x is not None else None
         grad_b = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ge = g[start : start + n]
-                if grad_w is not None:
-                    xe = x[start : start + n]
-                    grad_w[e] = (xe.T @ ge if transposed else ge.T @ xe).to(grad_w.dtype)
-                if grad_b is not None:
-                    grad_b[e] = ge.sum(0).to(grad_b.dtype)
-            start += n
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        for e, xe, ge in routing.by_expert(x, g) if grad_w is not None else ():
+            grad_w[e] = (xe.T @ ge if transposed else ge.T @ xe).to(grad_w.dtype)
+        for e, ge in routing.by_expert(g) if grad_b is not None else ():
+            grad_b[e] = ge.sum(0).to(grad_b.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def _per_example_bias_grads(g, counts, examples, B, shape):
+def _per_example_bias_grads(g, routing, shape):
     """[B, E, p]: each example's summed output gradients per expert."""
     acc = accumulation_dtype(g.dtype)
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=g.device), torch.tensor(counts, device=g.device))
-    grads = torch.zeros(B * shape[0], shape[1], dtype=acc, device=g.device)
-    grads.index_add_(0, examples * shape[0] + expert, g.to(acc))
-    return grads.view(B, *shape)
+    grads = torch.zeros(routing.B * shape[0], shape[1], dtype=acc, device=g.device)
+    grads.index_add_(0, routing.examples * shape[0] + routing.experts, g.to(acc))
+    return grads.view(routing.B, *shape)
 
 
 class ExpertsMixin(BKLayer):
@@ -201,14 +193,13 @@ class ExpertsMixin(BKLayer):
         order = torch.argsort(expert_of_pair, stable=True)
         token = order // K
         counts = torch.bincount(expert_of_pair, minlength=self.num_experts).tolist()
-        examples = token // per_example
+        routing = Routing(counts, expert_of_pair[order], token // per_example, B)
         x = hidden_states[token]
         up = "gate_up_proj" if self.has_gate else "up_proj"
         bias_of = lambda name: getattr(self, f"{name}_bias") if self.has_bias else None  # noqa: E731
-        h = _ExpertsLinearFn.apply(x, getattr(self, up), bias_of(up), self, counts, examples, B, self.is_transposed)
+        h = _ExpertsLinearFn.apply(x, getattr(self, up), bias_of(up), self, routing, self.is_transposed)
         h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-        out = _ExpertsLinearFn.apply(h, self.down_proj, bias_of("down_proj"), self, counts, examples, B,
-                                     self.is_transposed)
+        out = _ExpertsLinearFn.apply(h, self.down_proj, bias_of("down_proj"), self, routing, self.is_transposed)
         if getattr(self, "has_post_expert_norm", False):  # frozen (a trained one is refused by convert)
             out = self.post_expert_norm(out)
         out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
