@@ -2,7 +2,7 @@
 `est_max_batch` extends the two largest fitting probes linearly to the budget (for batches past
 the largest one tried, where the step itself would take too long to run).
 
-For each method one subprocess (python -m bench.models --child ...) builds the model at growing
+For each method one fresh process (bench/fresh.py) builds the model at growing
 batch sizes, doubling while the step memory (what two steps add over the built model and data,
 as in the models scenario) stays within the budget, then bisects between the last batch that
 fit and the first that did not, to within 1/16. Every probe (B, memory) is kept: they are the
@@ -12,7 +12,7 @@ import gc
 
 import torch
 
-from bench import harness, models, workloads
+from bench import fresh, harness, models, workloads
 
 # name -> (model, starting sizes, largest batch tried: beyond it the row gives the linear estimate)
 # The MLP is capped at 8192 examples (est_max_batch extends the line past it): larger probes
@@ -90,29 +90,28 @@ def run(device, dtype, quick, command, configs=None, budget_gib=None, all_method
         model, sizes, cap = CONFIGS[config]
         if quick:
             cap = min(cap, 4096 if model == "mlp" else 8)
-        with harness.progress(len(methods), f"max batch {config} ({budget_gib:g} GiB)") as bar:
-            for m in methods:
-                bar.set_postfix_str(m)
-                row = dict(ctx, scenario="max_batch", config=config, model=model, T=sizes.get("T", 1), method=m,
-                           dtype=dname, budget_gib=budget_gib, max_batch="", capped="", est_max_batch="",
-                           probes="", status="ok")
-                if device.type == "cpu" and m in SKIP.get(config, ()) and not all_methods:
-                    row["status"] = "skipped for time on the CPU (--all-methods runs it)"
-                    rows.append(row)
-                    bar.update(1)
-                    continue
-                got = models.in_subprocess(model=model, sizes=sizes, method=m, device=str(device), dtype=dname,
-                                           budget=budget, cap=cap)
-                if got is None:
-                    row["status"] = "unsupported"
-                elif isinstance(got, str):
-                    row["status"] = got
-                else:
-                    row.update(max_batch=got["max_batch"], capped=bool(got.get("capped")),
-                               est_max_batch=estimate(got["probes"], budget) or "",
-                               probes=";".join(f"{b}:{round(v / 2**20, 1)}" for b, v in got["probes"]))
-                rows.append(row)
-                bar.update(1)
+        searched = [m for m in methods if not (device.type == "cpu" and m in SKIP.get(config, ()) and not all_methods)]
+        jobs = [dict(model=model, sizes=sizes, method=m, device=str(device), dtype=dname, budget=budget, cap=cap)
+                for m in searched]
+        with harness.progress(len(jobs), f"max batch {config} ({budget_gib:g} GiB)") as bar:
+            found = dict(zip(searched, fresh.run(models.measure, jobs, parallel=fresh.parallel(device),
+                                                 on_done=lambda i: bar.update(1))))
+        for m in methods:
+            row = dict(ctx, scenario="max_batch", config=config, model=model, T=sizes.get("T", 1), method=m,
+                       dtype=dname, budget_gib=budget_gib, max_batch="", capped="", est_max_batch="",
+                       probes="", status="ok")
+            got = found.get(m, "skipped")
+            if got == "skipped":
+                row["status"] = "skipped for time on the CPU (--all-methods runs it)"
+            elif got is None:
+                row["status"] = "unsupported"
+            elif isinstance(got, str):
+                row["status"] = got
+            else:
+                row.update(max_batch=got["max_batch"], capped=bool(got.get("capped")),
+                           est_max_batch=estimate(got["probes"], budget) or "",
+                           probes=";".join(f"{b}:{round(v / 2**20, 1)}" for b, v in got["probes"]))
+            rows.append(row)
     return rows
 
 

@@ -5,28 +5,30 @@ Timing: each method gets its own copy of the model and optimizer; after warm-up,
 runs one step of each method in turn (interleaved, so the machine's drift hits all alike), and
 the per-round ratio to the non-private step is reported (median, min, max over rounds). A
 baseline (vmap, Opacus) whose step takes more than SLOW times the non-private one (2 times, where one round of
-all methods would exceed ROUND_BUDGET_S) is timed in 3 rounds (the row says how many).
-Memory: each method runs in its OWN subprocess (python -m bench.models --child ...): the peak
+all methods would exceed ROUND_BUDGET_S) is timed in 3 rounds (the row says how many). A
+config's rounds stop at 15, or once they have taken TIMING_BUDGET_S (after at least MIN_ROUNDS).
+Memory: each method runs in a fresh process of its own (bench/fresh.py): the peak
 memory two steps add over what is resident once the model and data are built (CPU: peak RSS,
 VmHWM reset through /proc/self/clear_refs, else ru_maxrss; GPU: max_memory_allocated), and its
 ratio to the non-private step's.
 """
 import gc
-import json
-import os
 import resource
 import statistics
-import subprocess
-import sys
+import time
 import warnings
 
 import torch
 
-from bench import harness, workloads
+from bench import fresh, harness, workloads
 
 SLOW = 15.0  # methods slower than this many non-private steps get 3 rounds (--quick: 2)
 BASELINES = ("vmap", "opacus hooks", "opacus ghost")  # only these get fewer rounds: never bk
 ROUND_BUDGET_S = 8.0  # ... and those slower than 2x, when one round of every method takes longer
+# A config's rounds stop once they have taken this long, after at least MIN_ROUNDS (unless
+# --rounds is given): GPT-2 at T=512 takes ~12 s a round on 2 cores, so 7 rounds instead of 15.
+TIMING_BUDGET_S = 90.0
+MIN_ROUNDS = 5
 
 # name -> (model builder, sizes); the GPU sizes are GPT-2 small (124M) and medium (355M).
 CONFIGS = {
@@ -80,8 +82,9 @@ def _rss_kib():
     return harness._status_kib("VmRSS")
 
 
-# Tiny versions of the models: a non-private step on one loads the libraries' lazy state
-# (oneDNN primitives, thread pools, the autograd engine) before the measured steps.
+# Tiny versions of the models: steps on one (non-private, then the method measured) load the
+# libraries' lazy state (oneDNN primitives, thread pools, the autograd engine, code pages that a
+# process forked from bench/fresh.py's server has not touched yet) before the measured steps.
 TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
         "vit": dict(B=2, width=32, layers=1, heads=2, size=8), "gpt2": dict(B=2, T=8, layers=1, width=32, vocab=53),
         "llama": dict(B=2, T=8, layers=1, width=64, vocab=53),
@@ -91,22 +94,26 @@ TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
 _warmed = set()
 
 
-def _warm_process(model, device, dtype):
-    if (model, str(device), dtype) in _warmed:
-        return
-    w = workloads.build(model, device, dtype, **TINY[model])
-    step = workloads.make_step(w, "non-private", fresh=False, check=False)[1]
-    step()
-    step()
-    del w, step
-    gc.collect()
-    _warmed.add((model, str(device), dtype))
+def _warm_process(model, device, dtype, method):
+    for m in dict.fromkeys(["non-private", method]):
+        if (model, str(device), dtype, m) in _warmed:
+            continue
+        w = workloads.build(model, device, dtype, **TINY[model])
+        try:
+            step = workloads.make_step(w, m, fresh=False, check=False)[1]
+        except workloads.Unsupported:
+            continue
+        step()
+        step()
+        del w, step
+        gc.collect()
+        _warmed.add((model, str(device), dtype, m))
 
 
 def step_memory(model, sizes, method, device, dtype, steps=2):
     """Bytes the training steps add over what is resident after building model, data and
     method (this process only; call it in a fresh one). None when unsupported."""
-    _warm_process(model, device, dtype)
+    _warm_process(model, device, dtype, method)
     w = workloads.build(model, device, dtype, **sizes)
     try:
         _, step = workloads.make_step(w, method, fresh=False, check=False)
@@ -135,33 +142,16 @@ def step_memory(model, sizes, method, device, dtype, steps=2):
         return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 
 
-def _child(args):
-    """Entry point of the subprocess: prints one JSON line."""
+def measure(args):
+    """One measurement, run in a fresh process (bench/fresh.py): the step memory of one method,
+    or (with a "budget") maxbatch's search."""
     device, dtype = torch.device(args["device"]), getattr(torch, args["dtype"])
     if "budget" in args:
         from bench import maxbatch
 
-        result = maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
-                                 args.get("cap"))
-    else:
-        result = step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
-    print("RESULT " + json.dumps(result))
-
-
-def in_subprocess(timeout=1800, **args):
-    """Runs _child(args) in a fresh python; its result, or an error string."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [harness.ROOT, os.environ.get("PYTHONPATH")])))
-    env.setdefault("TQDM_DISABLE", "1")
-    try:
-        done = subprocess.run([sys.executable, "-m", "bench.models", "--child", json.dumps(args)], cwd=harness.ROOT,
-                              env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"error: subprocess timed out after {timeout} s"
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-    return f"error: subprocess exited {done.returncode}: {tail[:200]}"
+        return maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
+                               args.get("cap"))
+    return step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
 
 
 # ---------------------------------------------------------------- the scenario
@@ -171,6 +161,7 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
     if quick:
         configs = [c for c in configs if c in QUICK] or configs
     methods = workloads.method_names(device)
+    budget_s = None if rounds else TIMING_BUDGET_S
     rounds = rounds or (3 if quick else 15)
     warmup = warmup or (1 if quick else 2)
     slow_rounds = min(rounds, 2 if quick else 3)
@@ -201,6 +192,7 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
         total = sum(n_rounds.values())
         times = {m: [] for m in steps}
         workloads.GENERIC_SECONDS[0] = 0.0
+        started = time.perf_counter()
         with harness.progress(total, f"steps {config}") as bar:
             for r in range(rounds):
                 for m, fn in steps.items():
@@ -208,6 +200,8 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                         times[m].append(harness.timed(fn, device))
                         bar.update(1)
                         bar.set_postfix_str(f"round {r} {m}")
+                if budget_s and r + 1 >= MIN_ROUNDS and time.perf_counter() - started > budget_s:
+                    break
         generic_share = {}
         for m, fn in steps.items():  # the generic path's share of bk's step (one bk method per device)
             if getattr(fn, "generic", None) and times[m]:
@@ -215,12 +209,12 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
                 status[m] += (f" (generic path: {len(fn.generic)} modules, {generic_share[m]:.0%} of the step)")
         mem = {}
         if memory:
-            with harness.progress(len(methods), f"memory {config}") as bar:
-                for m in methods:
-                    if status[m].startswith("ok"):
-                        mem[m] = in_subprocess(model=model, sizes=sizes, method=m, device=str(device), dtype=dname,
-                                               steps=1 if sizes.get("T", 1) >= 512 else 2)
-                    bar.update(1)
+            measured = [m for m in methods if status[m].startswith("ok")]
+            jobs = [dict(model=model, sizes=sizes, method=m, device=str(device), dtype=dname,
+                         steps=1 if sizes.get("T", 1) >= 512 else 2) for m in measured]
+            with harness.progress(len(jobs), f"memory {config}") as bar:
+                results = fresh.run(measure, jobs, parallel=fresh.parallel(device), on_done=lambda i: bar.update(1))
+            mem = dict(zip(measured, results))
         del steps, w
         gc.collect()
         base_mem = mem.get("non-private")
@@ -248,10 +242,3 @@ def run(device, dtype, quick, command, configs=None, memory=True, rounds=None, w
 
 COLUMNS = ["config", "layers", "width", "T", "B", "method", "rounds", "median_ms", "min_ms", "max_ms", "ratio",
            "ratio_min", "ratio_max", "mem_mib", "mem_ratio", "status"]
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        _child(json.loads(sys.argv[2]))
-    else:
-        sys.exit("usage: python -m bench.models --child JSON (the scenario runs from bench/run.py)")

@@ -25,9 +25,10 @@ SECTIONS = {
                "`bk.PrivacyEngine`): Abadi clipping of the whole gradient to R=1, noise multiplier 1.0, SGD, "
                "noise included. Rounds interleave one step of each method; `ratio` is the median per-round "
                "time over non-private (min and max beside it); baselines slower than 15x non-private (2x where "
-               "a round of all methods takes over 8 s) get 3 rounds. `mem_mib`: what two steps add to the peak memory over the built model and data, "
-               "each method in its own process (CPU: peak RSS; GPU: max_memory_allocated); `mem_ratio`: over "
-               "non-private's.",
+               "a round of all methods takes over 8 s) get 3 rounds; a config's rounds stop at 15, or after 90 s "
+               "(at least 5 rounds). `mem_mib`: what two steps add to the peak memory over the built model and "
+               "data, each method in a fresh process of its own (CPU: peak RSS; GPU: max_memory_allocated); "
+               "`mem_ratio`: over non-private's.",
                ["config", "B", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max", "mem_mib",
                 "mem_ratio", "note"]),
     "max_batch": ("Largest batch within a memory budget",

@@ -3,6 +3,7 @@ private methods' updates against each other (noise 0, float64), so the baselines
 timed against compute the same clipped step."""
 import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import harness, maxbatch, models, workloads  # noqa: E402
+from bench import fresh, harness, maxbatch, models, workloads  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = {
@@ -123,6 +124,41 @@ def test_step_memory_and_max_batch():
     found = maxbatch.search("mlp", dict(TINY["mlp"], B=64, width=256), "bk (cpu)", CPU, torch.float32,
                             budget=big, cap=1 << 14)
     assert found["max_batch"] >= 64 and found["probes"]
+
+
+def _square(x):
+    return x * x
+
+
+def _raise(x):
+    raise ValueError(f"bad {x}")
+
+
+def _exit(code):
+    os._exit(code)
+
+
+def _sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_fresh_processes_return_results_in_order_and_report_failures():
+    """bench/fresh.py: each call in its own process, two at a time; an exception, a process that
+    dies without a result and one past its timeout each give an error string, not a hang."""
+    assert fresh.run(_square, [2, 3, 4, 5], parallel=2) == [4, 9, 16, 25]
+    assert fresh.run(_raise, [7]) == ["error: ValueError: bad 7"]
+    assert fresh.run(_exit, [3]) == ["error: subprocess exited 3"]
+    assert fresh.run(_sleep, [60], timeout=2) == ["error: subprocess timed out after 2 s"]
+
+
+def test_step_memory_in_fresh_processes(monkeypatch):
+    """The models scenario's memory columns (each method in a fresh process, two at a time)."""
+    monkeypatch.setitem(models.CONFIGS, "tiny-mlp", ("mlp", dict(TINY["mlp"], B=64, width=256)))
+    rows = models.run(CPU, torch.float32, False, "test", configs=["tiny-mlp"], rounds=1, warmup=1)
+    by = {r["method"]: r for r in rows}
+    assert by["non-private"]["mem_mib"] > 0 and by["non-private"]["mem_ratio"] == 1.0
+    assert by["vmap"]["mem_ratio"] > 1  # B per-example gradients
 
 
 def test_gpu_bench_smoke(tmp_path):
