@@ -254,10 +254,40 @@ def test_deberta_v2_relative_attention_is_exact(config, frozen_table):
     check_model(model, zoo.classify_ids, zoo.ids_batch(B), style="all-layer", backend="cpu", R=0.05)
 
 
-def test_deberta_v1_relative_attention_is_refused_at_convert():
-    """DeBERTa (v1)'s attention has its own position projections: still refused, naming it."""
-    with pytest.raises(bk.UnsupportedModuleError, match=r"attention\.self \(DisentangledSelfAttention\): DeBERTa"):
-        bk.convert(_deberta("v1", pos_att_type=["p2c", "c2p"]))
+@pytest.mark.parametrize("config", [dict(), dict(pos_att_type=["c2p"]), dict(talking_head=True),
+                                    dict(relative_attention=False, pos_att_type=[])], ids=str)
+@pytest.mark.parametrize("frozen_table", [False, True])
+def test_deberta_v1_relative_attention_is_exact(config, frozen_table):
+    """DeBERTa (v1): each attention projects the encoder's table with its own pos_proj/pos_q_proj
+    and adds its own q_bias/v_bias to the heads. The table is made per example as for v2, the
+    attention's forward book-keeps the two biases (no per-example recompute of the attention).
+    It was refused by bk.convert."""
+    torch.manual_seed(0)
+    model = _deberta("v1", **config)
+    for layer in model.deberta.encoder.layer:  # transformers initialises them to zeros
+        torch.nn.init.normal_(layer.attention.self.q_bias, std=0.1)
+        torch.nn.init.normal_(layer.attention.self.v_bias, std=0.1)
+    if frozen_table and config.get("relative_attention", True):
+        model.deberta.encoder.rel_embeddings.requires_grad_(False)
+    converted = bk.convert(copy.deepcopy(model))
+    assert not [path for path, _, _ in bk.generic_modules(converted) if path.endswith("attention.self")]
+    check_model(model, zoo.classify_ids, zoo.ids_batch(B), style="all-layer", backend="cpu", R=0.05)
+
+
+def test_deberta_v1_z_steps_query_states_are_refused_in_the_forward():
+    """query_states (z_steps > 1: the last layer run again on its own output) multiplies by
+    in_proj's weight read as a value: refused in the forward, nothing moved or spent."""
+    torch.manual_seed(0)
+    model = bk.convert(_deberta("v1"))
+    model.deberta.z_steps = 2
+    engine = bk.PrivacyEngine(model, batch_size=B, sample_size=40, noise_multiplier=1.0)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(bk.UnsupportedLayoutError, match="query_states"):
+        zoo.classify_ids(model, zoo.ids_batch(B)).sum().backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert engine.epsilon() == 0 and all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_generic_path_refuses_dropout_it_cannot_replay():

@@ -26,12 +26,13 @@ B = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _deberta_v3():
+def _deberta(version):
     from python_tests.test_models_zoo import _deberta
-    return _deberta(share_att_key=True, norm_rel_ebd="layer_norm")
+    return _deberta(share_att_key=True, norm_rel_ebd="layer_norm") if version == "v3" else _deberta("v1")
 
 
-MODELS = {**zoo.ZOO, "deberta_v3": (_deberta_v3, zoo.classify_ids, zoo.ids_batch)}
+MODELS = {**zoo.ZOO, "deberta_v3": (lambda: _deberta("v3"), zoo.classify_ids, zoo.ids_batch),
+          "deberta_v1": (lambda: _deberta("v1"), zoo.classify_ids, zoo.ids_batch)}
 
 
 def _pickles(model):

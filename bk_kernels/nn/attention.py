@@ -194,24 +194,6 @@ register_layer(None, lambda module: _table_owner_class(module, "relative_attenti
                matches=_is_position_bias_owner)
 
 
-def _is_hf_disentangled_attention(cls):
-    """DeBERTa v1's attention, known by name without importing transformers (v2/v3's: deberta.py)."""
-    return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.models.deberta.")
-
-
-def _disentangled_attention_reason(module):
-    if not getattr(module, "relative_attention", False):
-        return None
-    return ("DeBERTa (v1)'s relative attention runs its position projections on the encoder's relative-position "
-            "table ([1, 2k, d], shared by every example, the encoder's own Parameter) and repeats the result to the "
-            "batch inside the attention, so those projections' and the table's per-example gradients are not "
-            "available to bk; not supported yet (DeBERTa-v2/v3 is; a config with relative_attention=False trains "
-            "exactly)")
-
-
-register_layer(None, None, unsupported_reason=_disentangled_attention_reason, matches=_is_hf_disentangled_attention)
-
-
 def _is_window_attention(cls):
     """Swin's window attention, called on [B * windows, N, C] windows: timm's (v1, v2, v2-cr) and
     transformers' (Swin, Swinv2 and their copies: Donut, MaskFormer, Swin2SR, CLAP's audio)."""

@@ -1,4 +1,5 @@
-"""DeBERTa-v2/v3's relative attention (transformers' DebertaV2Encoder and DisentangledSelfAttention).
+"""DeBERTa's relative attention (transformers' DebertaV2Encoder/DebertaEncoder and their
+DisentangledSelfAttention), v2/v3 and v1.
 
 The encoder owns a table of relative-position embeddings ([2k, d], layer-normed) that every
 layer's attention projects with its query/key projections and then repeats to the batch. The
@@ -9,12 +10,19 @@ output is the table expanded to [B, 2k, d] (a broadcast: no copy) with per-examp
 each attention projects that per-example table with its bk Linear layers (a second use of the
 same weights, with its cross term) and uses the [B*H, 2k, hd] result where the original repeats.
 The attention scores are the same values; only the gradients stay apart.
+
+DeBERTa (v1) is the same, with its own position projections (pos_proj, pos_q_proj) on the table
+and two bias Parameters of its own (q_bias, v_bias) added to the query and value heads: its
+forward is transformers' with those adds book-kept (example b's bias gradient sums its output
+gradient over b's positions), so the attention needs no per-example recompute.
 """
 import sys
 
 import torch
 
-from ._core import BKLayer
+from ..ops._norm_common import accumulation_dtype
+from ._core import BKLayer, in_plain_forward
+from ._uses import DenseUse
 from ._made import made_class
 from .families import register_layer
 from .generic import generic_class
@@ -84,9 +92,111 @@ class _PerExampleTableAttention(BKLayer):
         return score
 
 
-def _is_deberta_v2_encoder(cls):
-    return cls.__module__.startswith("transformers.models.deberta_v2.") and callable(
-        getattr(cls, "get_rel_embedding", None))
+class _AddBiasFn(torch.autograd.Function):
+    """x + bias.view(shape); example b's gradient of bias sums g over b's positions."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, shape):
+        ctx.layer, ctx.bias, ctx.shape = layer, bias, shape
+        return x + bias.view(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        acc = accumulation_dtype(g.dtype)
+        summed = [d for d in range(1, g.dim()) if ctx.shape[d] == 1]
+        per_example = g.to(acc).sum(summed, keepdim=True).reshape(g.shape[0], *ctx.bias.shape)
+        uses = [(ctx.bias, DenseUse(per_example))]
+        if ctx.layer._bk_hand_off(uses):
+            return g, None, None, None
+        return g, per_example.sum(0).to(ctx.bias.dtype), None, None
+
+
+class _V1Attention(BKLayer):
+    """DeBERTa (v1)'s DisentangledSelfAttention: transformers' forward, with q_bias and v_bias
+    added by _AddBiasFn and the position projections run on a per-example table."""
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
+                rel_embeddings=None):
+        if in_plain_forward() or self._bk_layout() is None:
+            return super().forward(hidden_states, attention_mask, output_attentions, query_states, relative_pos,
+                                   rel_embeddings)
+        if query_states is not None:  # DeBERTa's z_steps > 1
+            raise self._bk_layout_error(query_states, 0, why=(
+                "query_states (config.z_steps > 1) multiplies by in_proj's weight read as a value, which bk cannot "
+                "book-keep; not supported. Nothing was recorded and no budget was spent."))
+        helpers = sys.modules[self._bk_transformers_module]
+        query_layer, key_layer, value_layer = self.transpose_for_scores(self.in_proj(hidden_states)).chunk(3, dim=-1)
+        query_layer = self._bk_add_bias(query_layer, self.q_bias)
+        value_layer = self._bk_add_bias(value_layer, self.v_bias)
+        scale_factor = 1 + len(self.pos_att_type)
+        scale = helpers.scaled_size_sqrt(query_layer, scale_factor)
+        query_layer = query_layer / scale.to(dtype=query_layer.dtype)
+        attention_scores = torch.matmul(query_layer, key_layer.transpose(-1, -2))
+        if self.relative_attention and rel_embeddings is not None and relative_pos is not None:
+            if rel_embeddings.dim() == 2:  # a frozen table (get_rel_embedding stays as it is): per example here
+                rel_embeddings = rel_embeddings.unsqueeze(0).expand(query_layer.shape[0], -1, -1)
+            rel_embeddings = self.pos_dropout(rel_embeddings)
+            attention_scores = attention_scores + self._bk_relative_scores(
+                helpers, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor)
+        if self.head_logits_proj is not None:
+            attention_scores = self.head_logits_proj(attention_scores.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        attention_scores = attention_scores.masked_fill(~attention_mask.bool(), torch.finfo(query_layer.dtype).min)
+        attention_probs = self.dropout(torch.nn.functional.softmax(attention_scores, dim=-1))
+        if self.head_weights_proj is not None:
+            attention_probs = self.head_weights_proj(attention_probs.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        context_layer = torch.matmul(attention_probs, value_layer).permute(0, 2, 1, 3).contiguous()
+        context_layer = context_layer.view(context_layer.size()[:-2] + (-1,))
+        return (context_layer, attention_probs if output_attentions else None)
+
+    def _bk_add_bias(self, heads, bias):
+        """heads [B, H, T, hd] + bias [H * hd] (as transformers' transpose_for_scores lays it out)."""
+        shape = (1, self.num_attention_heads, 1, -1)
+        if not bias.requires_grad:
+            return heads + bias.view(shape)
+        return _AddBiasFn.apply(self._bk_examples(heads, 0), bias, self, shape)
+
+    def _bk_relative_scores(self, helpers, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
+        """transformers' disentangled_att_bias on the per-example table [B, 2k, d]."""
+        if relative_pos.dim() == 2:
+            relative_pos = relative_pos.unsqueeze(0).unsqueeze(0)
+        elif relative_pos.dim() == 3:
+            relative_pos = relative_pos.unsqueeze(1)
+        elif relative_pos.dim() != 4:
+            raise ValueError(f"Relative position ids must be of dim 2 or 3 or 4. {relative_pos.dim()}")
+        span = helpers.compute_attention_span(query_layer, key_layer, self.max_relative_positions)
+        relative_pos = relative_pos.long()
+        table = rel_embeddings[:, self.max_relative_positions - span : self.max_relative_positions + span]
+        score = 0
+        if "c2p" in self.pos_att_type:
+            pos_key = self.transpose_for_scores(self.pos_proj(table))  # [B, H, 2span, hd]
+            c2p = torch.matmul(query_layer, pos_key.transpose(-1, -2))
+            c2p_pos = torch.clamp(relative_pos + span, 0, span * 2 - 1)
+            score += torch.gather(c2p, dim=-1, index=helpers.c2p_dynamic_expand(c2p_pos, query_layer, relative_pos))
+        if "p2c" in self.pos_att_type:
+            pos_query = self.transpose_for_scores(self.pos_q_proj(table))
+            pos_query = pos_query / helpers.scaled_size_sqrt(pos_query, scale_factor)
+            r_pos = helpers.build_rpos(query_layer, key_layer, relative_pos)
+            p2c_pos = torch.clamp(-r_pos + span, 0, span * 2 - 1)
+            p2c = torch.matmul(key_layer, pos_query.transpose(-1, -2).to(dtype=key_layer.dtype))
+            p2c = torch.gather(p2c, dim=-1, index=helpers.p2c_dynamic_expand(p2c_pos, query_layer, key_layer))
+            score += helpers.uneven_size_corrected(p2c.transpose(-1, -2), query_layer, key_layer, relative_pos)
+        return score
+
+
+def _is_deberta_v1_attention(cls):
+    return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.models.deberta.")
+
+
+def v1_attention_class(cls):
+    return made_class(v1_attention_class, (cls,), cls.__name__, (_V1Attention, cls),
+                      {"__module__": __name__, "__qualname__": "V1Attention_" + cls.__name__,
+                       "_bk_transformers_module": cls.__module__})
+
+
+def _is_deberta_encoder(cls):
+    """v2/v3's DebertaV2Encoder and v1's DebertaEncoder."""
+    return cls.__module__.startswith(("transformers.models.deberta_v2.", "transformers.models.deberta.")) and \
+        callable(getattr(cls, "get_rel_embedding", None))
 
 
 def _rel_embedding_owner_class(module):
@@ -108,6 +218,8 @@ def per_example_table_class(cls):
                        "_bk_transformers_module": cls.__module__})
 
 
-register_layer(None, _rel_embedding_owner_class, matches=_is_deberta_v2_encoder)
+register_layer(None, _rel_embedding_owner_class, matches=_is_deberta_encoder)
 register_layer(None, lambda module: per_example_table_class(type(module))
                if getattr(module, "relative_attention", False) else None, matches=_is_deberta_v2_attention)
+register_layer(None, lambda module: v1_attention_class(type(module)),
+               matches=_is_deberta_v1_attention)
