@@ -222,7 +222,8 @@ class GenericLayer(BKLayer):
         """Outputs of k*B rows made from [B, ...] inputs are read as each example's k rows in
         turn (example-major), which the layers after this module rely on in their own forward.
         So it is checked here, before them: each example's recompute must reproduce its rows."""
-        _, ok = self._bk_recompute(call, [torch.zeros_like(o) for o in outs], dict(own), call["batched_in"])
+        _, ok = self._bk_recompute(call, [torch.zeros_like(o) for o in outs], dict(own), call["batched_in"],
+                                   forward_only=True)
         if not ok:
             shapes = [tuple(o.shape) for o, layout in zip(outs, call["layouts"]) if layout == "folded"]
             raise GenericError(
@@ -291,9 +292,10 @@ class GenericLayer(BKLayer):
                "example alone. " if pairs else "")
             + "Move the Parameter into a small module of its own (so that only that module is recomputed)")
 
-    def _bk_recompute(self, call, grads, params, batched_in):
+    def _bk_recompute(self, call, grads, params, batched_in, forward_only=False):
         """(per-example gradients, whether the recomputed outputs match the forward's), with the
-        inputs flagged in batched_in split into examples and the others given whole to each."""
+        inputs flagged in batched_in split into examples and the others given whole to each.
+        forward_only: only the check (no vjp; the gradients come back empty)."""
         B, layouts, out_dims = call["B"], call["layouts"], call["out_dims"]
         in_leaves, in_dims, folds_in = call["in_leaves"], call["in_dims"], call["folds_in"]
         split = [b or bool(k) for b, k in zip(batched_in, folds_in)]
@@ -318,13 +320,20 @@ class GenericLayer(BKLayer):
         def prints_of(out):
             return tuple(_fingerprint(o.detach(), d, 1)[0][0] for o, d in zip(out, out_dims))
 
+        names = [] if forward_only else list(params)  # whose per-example gradients are computed
+
         def one_example(example_leaves, example_grads):
+            if forward_only:
+                return {}, prints_of(forward_of(example_leaves)(primal))
             out, vjp = torch.func.vjp(forward_of(example_leaves), primal)
             return vjp(tuple(example_grads))[0], prints_of(out)
 
         def looped(example_leaves, example_grads):
             """One example by ordinary autograd: for forwards vmap cannot run (data-dependent
             shapes, custom autograd Functions without vmap support)."""
+            if forward_only:
+                with torch.no_grad():
+                    return {}, prints_of(forward_of(example_leaves)(primal))
             own = {n: p.detach().requires_grad_() for n, p in primal.items()}
             with torch.enable_grad():
                 out = forward_of(example_leaves)(own)
@@ -364,14 +373,14 @@ class GenericLayer(BKLayer):
                            for b in range(lo, hi)]
                 except RuntimeError:
                     raise self._bk_vmap_error(vmap_error, B, grads, out_dims) from vmap_error
-                grads_part = {n: torch.stack([grads_b[n] for grads_b, _ in per]) for n in params}
+                grads_part = {n: torch.stack([grads_b[n] for grads_b, _ in per]) for n in names}
                 prints = [torch.stack([prints_b[i] for _, prints_b in per]) for i in range(len(out_dims))]
             chunks.append(grads_part)
             ok = ok and all(_prints_match(got, want[lo:hi], scale[lo:hi], rtol)
                             for got, (want, scale, rtol) in zip(prints, call["fingerprints"]))
         if not chunks:
-            return {n: p.new_zeros(0, *p.shape) for n, p in params.items()}, True
-        return {n: torch.cat([c[n] for c in chunks]) for n in params}, ok
+            return {n: params[n].new_zeros(0, *params[n].shape) for n in names}, True
+        return {n: torch.cat([c[n] for c in chunks]) for n in names}, ok
 
 
 # Relative tolerance of the recompute check, by output dtype: the recompute runs the same ops on
