@@ -29,6 +29,17 @@ from .generic import generic_class
 from .attention import _OneMethodOnGenericPath
 
 
+def _four_dims(relative_pos):
+    """[q, k] or [B, q, k] relative positions as [B or 1, 1, q, k] (transformers' own check)."""
+    if relative_pos.dim() == 2:
+        return relative_pos.unsqueeze(0).unsqueeze(0)
+    if relative_pos.dim() == 3:
+        return relative_pos.unsqueeze(1)
+    if relative_pos.dim() != 4:
+        raise ValueError(f"Relative position ids must be of dim 2 or 3 or 4. {relative_pos.dim()}")
+    return relative_pos
+
+
 class _RelEmbeddingOwner(_OneMethodOnGenericPath):
     """DebertaV2Encoder: get_rel_embedding() reads its rel_embeddings table (and LayerNorm)."""
 
@@ -56,12 +67,7 @@ class _PerExampleTableAttention(BKLayer):
         if relative_pos is None:
             relative_pos = helpers.build_relative_position(query_layer, key_layer, bucket_size=self.position_buckets,
                                                            max_position=self.max_relative_positions)
-        if relative_pos.dim() == 2:
-            relative_pos = relative_pos.unsqueeze(0).unsqueeze(0)
-        elif relative_pos.dim() == 3:
-            relative_pos = relative_pos.unsqueeze(1)
-        elif relative_pos.dim() != 4:
-            raise ValueError(f"Relative position ids must be of dim 2 or 3 or 4. {relative_pos.dim()}")
+        relative_pos = _four_dims(relative_pos)
         span = self.pos_ebd_size
         relative_pos = relative_pos.to(device=query_layer.device, dtype=torch.long)
         table = rel_embeddings[:, : span * 2]  # [B, 2k, d]: each example's own (equal) table
@@ -157,12 +163,7 @@ class _V1Attention(BKLayer):
 
     def _bk_relative_scores(self, helpers, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
         """transformers' disentangled_att_bias on the per-example table [B, 2k, d]."""
-        if relative_pos.dim() == 2:
-            relative_pos = relative_pos.unsqueeze(0).unsqueeze(0)
-        elif relative_pos.dim() == 3:
-            relative_pos = relative_pos.unsqueeze(1)
-        elif relative_pos.dim() != 4:
-            raise ValueError(f"Relative position ids must be of dim 2 or 3 or 4. {relative_pos.dim()}")
+        relative_pos = _four_dims(relative_pos)
         span = helpers.compute_attention_span(query_layer, key_layer, self.max_relative_positions)
         relative_pos = relative_pos.long()
         table = rel_embeddings[:, self.max_relative_positions - span : self.max_relative_positions + span]
@@ -183,13 +184,16 @@ class _V1Attention(BKLayer):
         return score
 
 
-def _is_deberta_v1_attention(cls):
-    return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.models.deberta.")
+def _is_attention_of(package):
+    """transformers' DisentangledSelfAttention of deberta (v1) or deberta_v2, known by name."""
+    return lambda cls: cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith(
+        f"transformers.models.{package}.")
 
 
-def v1_attention_class(cls):
-    return made_class(v1_attention_class, (cls,), cls.__name__, (_V1Attention, cls),
-                      {"__module__": __name__, "__qualname__": "V1Attention_" + cls.__name__,
+def attention_class(cls, mixin):
+    """cls with `mixin` before it: v2's per-example table, or v1's book-kept forward."""
+    return made_class(attention_class, (cls, mixin), cls.__name__, (mixin, cls),
+                      {"__module__": __name__, "__qualname__": f"{mixin.__name__.strip('_')}_{cls.__name__}",
                        "_bk_transformers_module": cls.__module__})
 
 
@@ -208,18 +212,7 @@ def _rel_embedding_owner_class(module):
     return generic_class(type(module), absorb=trained, mixin=_RelEmbeddingOwner) if trained else None
 
 
-def _is_deberta_v2_attention(cls):
-    return cls.__name__ == "DisentangledSelfAttention" and cls.__module__.startswith("transformers.models.deberta_v2.")
-
-
-def per_example_table_class(cls):
-    return made_class(per_example_table_class, (cls,), cls.__name__, (_PerExampleTableAttention, cls),
-                      {"__module__": __name__, "__qualname__": "PerExampleTable_" + cls.__name__,
-                       "_bk_transformers_module": cls.__module__})
-
-
 register_layer(None, _rel_embedding_owner_class, matches=_is_deberta_encoder)
-register_layer(None, lambda module: per_example_table_class(type(module))
-               if getattr(module, "relative_attention", False) else None, matches=_is_deberta_v2_attention)
-register_layer(None, lambda module: v1_attention_class(type(module)),
-               matches=_is_deberta_v1_attention)
+register_layer(None, lambda module: attention_class(type(module), _PerExampleTableAttention)
+               if getattr(module, "relative_attention", False) else None, matches=_is_attention_of("deberta_v2"))
+register_layer(None, lambda module: attention_class(type(module), _V1Attention), matches=_is_attention_of("deberta"))
