@@ -2,7 +2,8 @@
 
 For each shape both norms are timed; the row says which the FLOP rule (ops.use_ghost) picks and
 how the pick compares with the faster of the two (1.0 = the rule chose the faster one), and the
-same for linear_norm's "auto" (on the CPU it times both where the FLOP counts are close).
+same for linear_norm under set_cpu_norm_impl("auto") (on the CPU it times both where the FLOP
+counts are close; the default, "kernel", uses the rule).
 """
 import torch
 
@@ -21,6 +22,16 @@ def run(device, dtype, quick, command):
     grid = shapes(quick)
     progress = harness.Progress(len(grid), f"norm choice {device.type}")
     ctx = harness.context(device, command)
+    rows, before = [], ops.cpu_norm_impl()
+    ops.set_cpu_norm_impl("auto")
+    try:
+        rows += _rows(grid, backend, device, dtype, quick, ctx, progress)
+    finally:
+        ops.set_cpu_norm_impl(before)
+    return rows
+
+
+def _rows(grid, backend, device, dtype, quick, ctx, progress):
     rows = []
     for B, T, d, p in grid:
         a = torch.randn(B, T, d, device=device, dtype=dtype)

@@ -3,8 +3,9 @@
 Stock paths: the Gram matrices via bmm (what a plain ghost-norm implementation does, B*T*T
 memory) and the per-example gradients via einsum (B*d*p memory). The fused ops compute the
 same [B] norms tile by tile. On the CPU each op also runs with each implementation forced
-(ops.set_cpu_norm_impl: the hand-written kernel, torch's BLAS on chunks of examples); the plain
-"(cpu)" rows are the default, which times both once per shape class and keeps the faster.
+(ops.set_cpu_norm_impl): the plain "(cpu)" rows are the default, the hand-written kernels;
+"(cpu auto)" times the kernel and torch's BLAS on chunks of examples once per shape class and
+keeps the faster; "(cpu blas)" forces BLAS.
 """
 import torch
 
@@ -26,13 +27,13 @@ def methods(device):
     for backend in ops.available_backends(device):
         if backend == "torch":
             continue  # the chunked pure-PyTorch fallback; the stock paths below stand for it
-        for impl in ("auto", "kernel", "blas") if backend == "cpu" else ("auto",):
-            tag = backend if impl == "auto" else f"{backend} {impl}"
+        for impl in ("kernel", "auto", "blas") if backend == "cpu" else ("kernel",):
+            tag = backend if impl == "kernel" else f"{backend} {impl}"  # "kernel": the default
             found[f"bk ghost ({tag})"] = (lambda a, g, b=backend: ops.ghost_norm(a, g, backend=b), "stock gram bmm", impl)
             found[f"bk direct ({tag})"] = (lambda a, g, b=backend: ops.direct_norm(a, g, backend=b),
                                            "stock einsum grads", impl)
-    found["stock gram bmm"] = (stock_gram_bmm, None, "auto")
-    found["stock einsum grads"] = (stock_einsum_grads, None, "auto")
+    found["stock gram bmm"] = (stock_gram_bmm, None, "kernel")
+    found["stock einsum grads"] = (stock_einsum_grads, None, "kernel")
     return found
 
 
@@ -57,21 +58,21 @@ def run(device, dtype, quick, command):
         a = torch.randn(B, T, d, device=device, dtype=dtype)
         g = torch.randn(B, T, p, device=device, dtype=dtype)
         want = ops.direct_norm_ref(a, g)
-        medians = {}
+        medians, before = {}, ops.cpu_norm_impl()
         for name, (fn, _, impl) in found.items():
             ops.set_cpu_norm_impl(impl)  # "auto" forgets earlier choices: its first call measures
             got = fn(a, g).double()
             torch.testing.assert_close(got, want, rtol=1e-3 if dtype != torch.float64 else 1e-9, atol=0)
             peak = harness.peak_extra_bytes(lambda: fn(a, g), device)
             # the forced implementations are a comparison beside the default: a shorter budget
-            budget = (0.5 if quick else 1.0) * (1.0 if impl == "auto" else 0.3)
+            budget = (0.5 if quick else 1.0) * (1.0 if impl == "kernel" else 0.3)
             med, lo, hi = harness.time_call(lambda: fn(a, g), device, budget_s=budget)
             medians[name] = med
             rows.append(dict(ctx, op="norm", method=name, B=B, T=T, d=d, p=p, dtype=str(dtype).split(".")[1],
                              median_ms=round(med * 1e3, 4), min_ms=round(lo * 1e3, 4), max_ms=round(hi * 1e3, 4),
                              peak_extra_mib=round(peak / 2**20, 3), vs_stock=""))
             progress.step(f"{name} T={T} d={d} p={p}")
-        ops.set_cpu_norm_impl("auto")
+        ops.set_cpu_norm_impl(before)
         for row in rows[-len(found):]:
             stock = found[row["method"]][1]
             if stock:

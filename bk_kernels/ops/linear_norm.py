@@ -7,9 +7,9 @@ call's shapes, so a sequence length that changes between batches is handled.
 On the CPU backend, where the two FLOP counts are within a factor of 4 of each other, the rule
 can be off by 2x (the kernels reach different fractions of peak: measured on a 2-core EPYC,
 GPT-2's 768 x 3072 layer at T = 1024 ran the ghost norm 2.2x faster than the direct norm the
-rule picks). There both are timed once per shape class and the faster is kept; the same
-measurement picks each op's implementation (set_cpu_norm_impl). "kernel" or "blas" turn both
-measurements off.
+rule picks). Under set_cpu_norm_impl("auto") both are timed there once per shape class and the
+faster is kept; the same measurement picks each op's implementation. The default ("kernel") and
+"blas" turn both measurements off: the FLOP rule and one implementation, in every process alike.
 """
 import time
 
@@ -94,13 +94,17 @@ def _measured_method(a, g, T, d, p):
 def set_cpu_norm_impl(impl):
     """How float32/float64 ghost and direct norms with T > 1 run on the CPU backend.
 
-    "auto" (the default): the hand-written kernel or torch's BLAS on chunks of examples
-    (bounded buffers, never B*T*T or B*d*p), whichever ran faster the first time this process
-    saw the shape class (T, d, p and B up to the next power of two, the dtype and the thread
-    count). Which wins depends on the CPU's BLAS, so it is measured on the machine itself.
-    "kernel" or "blas" forces one (BLAS only where one example's Gram matrices or gradient fit
-    its buffer). The environment variable BK_CPU_NORMS sets the starting value. Setting it
-    forgets every measured choice.
+    "kernel" (the default): the hand-written kernels, the same path in every process, so a
+    resumed or repeated run is bitwise the same. "auto": the kernel or torch's BLAS on chunks
+    of examples (bounded buffers, never B*T*T or B*d*p), whichever ran faster the first time
+    this process saw the shape class (T, d, p and B up to the next power of two, the dtype and
+    the thread count), and linear_norm's ghost-or-direct choice timed where the FLOP counts are
+    close. Which wins depends on the CPU's BLAS (the kernels on the AMD EPYC we measured; BLAS
+    was faster on an Intel Xeon with AMX), but the choice is made per process by a timing, so
+    two processes may round differently: faster, not bitwise reproducible across processes.
+    "blas" forces BLAS (where one example's Gram matrices or gradient fit its buffer). The
+    environment variable BK_CPU_NORMS sets the starting value. Setting it forgets every
+    measured choice.
     """
     if impl not in CPU_NORM_IMPLS:
         raise ValueError(f"set_cpu_norm_impl: impl must be one of {CPU_NORM_IMPLS}, got {impl!r}")

@@ -20,7 +20,7 @@ struct NormImplChoice {
   double kernel_us, blas_us;  // the best timed run of each (-1: not timed)
 };
 
-// "auto" (default, or the BK_CPU_NORMS environment variable), "kernel" or "blas" (where the
+// "kernel" (default, or the BK_CPU_NORMS environment variable), "auto" or "blas" (where the
 // chunked BLAS path applies; see norms.cpp). Setting a mode forgets every choice made so far.
 void set_cpu_norm_impl(const std::string& mode);
 std::string cpu_norm_impl();

@@ -102,7 +102,9 @@ Mode parse_mode(const std::string& s, const char* what) {
 
 Mode initial_mode() {
   const char* env = std::getenv("BK_CPU_NORMS");
-  return (env == nullptr || *env == '\0') ? Mode::kAuto : parse_mode(env, "BK_CPU_NORMS");
+  // The default is the kernels: the same path in every process, so a resumed or repeated run is
+  // bitwise the same. "auto" times per process and may pick differently between processes.
+  return (env == nullptr || *env == '\0') ? Mode::kKernel : parse_mode(env, "BK_CPU_NORMS");
 }
 
 // A shape class: sizes that round up to the same powers of two share a choice.

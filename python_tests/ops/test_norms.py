@@ -218,6 +218,8 @@ def _run_with_cpu_norms_env(value):
 
 
 def test_cpu_norm_impl_environment_variable():
+    default = _run_with_cpu_norms_env("")  # unset: the kernels, the same path in every process
+    assert default.returncode == 0 and default.stdout.strip() == "kernel", default.stderr
     ok = _run_with_cpu_norms_env("blas")
     assert ok.returncode == 0 and ok.stdout.strip() == "blas", ok.stderr
     bad = _run_with_cpu_norms_env("fast")  # refused at import, naming the variable
