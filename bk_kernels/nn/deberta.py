@@ -20,9 +20,8 @@ import sys
 
 import torch
 
-from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
-from ._uses import DenseUse
+from .layer_scale import shift
 from ._made import made_class
 from .families import register_layer
 from .generic import generic_class
@@ -98,28 +97,9 @@ class _PerExampleTableAttention(BKLayer):
         return score
 
 
-class _AddBiasFn(torch.autograd.Function):
-    """x + bias.view(shape); example b's gradient of bias sums g over b's positions."""
-
-    @staticmethod
-    def forward(ctx, x, bias, layer, shape):
-        ctx.layer, ctx.bias, ctx.shape = layer, bias, shape
-        return x + bias.view(shape)
-
-    @staticmethod
-    def backward(ctx, g):
-        acc = accumulation_dtype(g.dtype)
-        summed = [d for d in range(1, g.dim()) if ctx.shape[d] == 1]
-        per_example = g.to(acc).sum(summed, keepdim=True).reshape(g.shape[0], *ctx.bias.shape)
-        uses = [(ctx.bias, DenseUse(per_example))]
-        if ctx.layer._bk_hand_off(uses):
-            return g, None, None, None
-        return g, per_example.sum(0).to(ctx.bias.dtype), None, None
-
-
 class _V1Attention(BKLayer):
     """DeBERTa (v1)'s DisentangledSelfAttention: transformers' forward, with q_bias and v_bias
-    added by _AddBiasFn and the position projections run on a per-example table."""
+    added by bk's shift and the position projections run on a per-example table."""
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
                 rel_embeddings=None):
@@ -159,7 +139,7 @@ class _V1Attention(BKLayer):
         shape = (1, self.num_attention_heads, 1, -1)
         if not bias.requires_grad:
             return heads + bias.view(shape)
-        return _AddBiasFn.apply(self._bk_examples(heads, 0), bias, self, shape)
+        return shift(self, heads, bias, shape)
 
     def _bk_relative_scores(self, helpers, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
         """transformers' disentangled_att_bias on the per-example table [B, 2k, d]."""

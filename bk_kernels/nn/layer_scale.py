@@ -1,4 +1,5 @@
-"""Per-channel scales (LayerScale): y = x * gamma, gamma broadcast along one channel dim.
+"""Per-channel scales (LayerScale): y = x * gamma, gamma broadcast along one channel dim; and
+per-channel shifts, y = x + beta (DeBERTa's q_bias/v_bias and its LayerNorm's bias).
 
 Example b's gradient of gamma is sum over its other positions of g * x, a [B, C] tensor kept as
 it is (a DenseUse): cheaper than the generic path's recompute of the module. bk.nn.scale is the
@@ -37,6 +38,52 @@ class _ScaleFn(torch.autograd.Function):
             return grad_x, None, None, None
         grad_gamma = uses[0][1].grads.sum(0).to(gamma.dtype) if uses else None
         return grad_x, grad_gamma, None, None
+
+
+class _ShiftFn(torch.autograd.Function):
+    """x + beta.view(shape); example b's gradient of beta sums g over b's positions."""
+
+    @staticmethod
+    def forward(ctx, x, beta, layer, shape):
+        ctx.layer, ctx.beta, ctx.shape = layer, beta, shape
+        return x + beta.view(shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        acc = accumulation_dtype(g.dtype)
+        summed = [d for d in range(1, g.dim()) if ctx.shape[d] == 1]
+        per_example = g.to(acc).sum(summed, keepdim=True).reshape(g.shape[0], *ctx.beta.shape)
+        if ctx.layer._bk_hand_off([(ctx.beta, DenseUse(per_example))]):
+            return g, None, None, None
+        return g, per_example.sum(0).to(ctx.beta.dtype), None, None
+
+
+def shift(layer, x, beta, shape):
+    """x + beta.view(shape) (shape: 1 on dim 0 and on the dims beta is broadcast along),
+    book-kept as a use of `beta` owned by `layer`; x holds the examples on dim 0."""
+    if not beta.requires_grad:
+        return x + beta.view(shape)
+    return _ShiftFn.apply(layer._bk_examples(x, 0), beta, layer, shape)
+
+
+class _DebertaLayerNorm(BKLayer):
+    """transformers' DebertaLayerNorm (v1): its own normalisation (in float32), then its
+    weight * h + bias through scale and shift: the same arithmetic, per-example gradients with
+    no recompute of the module."""
+
+    def forward(self, hidden_states):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(hidden_states)
+        input_type = hidden_states.dtype
+        h = hidden_states.float()
+        mean = h.mean(-1, keepdim=True)
+        variance = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = ((h - mean) / torch.sqrt(variance + self.variance_epsilon)).to(input_type)
+        if self.weight.requires_grad:
+            h = scale(self, h, self.weight, -1)
+        else:
+            h = self.weight * h
+        return shift(self, h, self.bias, (1,) * (h.dim() - 1) + (-1,))
 
 
 def _channel_shape(x, dim):
@@ -137,6 +184,9 @@ register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("L
 # (F.layer_norm of the same attributes): bk's LayerNorm goes in front of it (its plain forward is timm's)
 register_layer(None, _unless_fast_norm(LayerNorm),
                matches=lambda cls: cls.__name__ == "LayerNorm" and cls.__module__ == "timm.layers.norm")
+register_layer(None, lambda module: _made(type(module), _DebertaLayerNorm),
+               matches=lambda cls: cls.__name__ == "DebertaLayerNorm" and cls.__module__.startswith(
+                   "transformers.models.deberta."))
 register_layer(None, lambda module: _made(type(module), _HFConvNextLayer),
                matches=lambda cls: cls.__name__ == "ConvNextLayer" and cls.__module__.startswith(
                    "transformers.models.convnext."))
