@@ -136,10 +136,7 @@ class _V1Attention(BKLayer):
 
     def _bk_add_bias(self, heads, bias):
         """heads [B, H, T, hd] + bias [H * hd] (as transformers' transpose_for_scores lays it out)."""
-        shape = (1, self.num_attention_heads, 1, -1)
-        if not bias.requires_grad:
-            return heads + bias.view(shape)
-        return shift(self, heads, bias, shape)
+        return shift(self, heads, bias, (1, self.num_attention_heads, 1, -1))
 
     def _bk_relative_scores(self, helpers, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor):
         """transformers' disentangled_att_bias on the per-example table [B, 2k, d]."""

@@ -18,26 +18,24 @@ from .norm import LayerNorm
 
 
 class _ScaleFn(torch.autograd.Function):
+    """x * gamma (a trained gamma: scale() multiplies by a frozen one directly)."""
+
     @staticmethod
     def forward(ctx, x, gamma, layer, dim):
         ctx.layer, ctx.gamma, ctx.dim = layer, gamma, dim
-        ctx.save_for_backward(x if gamma.requires_grad else None, gamma)
+        ctx.save_for_backward(x, gamma)
         return x * gamma.view(_channel_shape(x, dim))
 
     @staticmethod
     def backward(ctx, g):
         x, gamma = ctx.saved_tensors
         grad_x = g * gamma.view(_channel_shape(g, ctx.dim)) if ctx.needs_input_grad[0] else None
-        uses = []
-        if x is not None:
-            acc = accumulation_dtype(g.dtype)
-            others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim()]
-            per_example = (g.to(acc) * x.to(acc)).sum(others) if others else g.to(acc) * x.to(acc)  # [B, C]
-            uses.append((ctx.gamma, DenseUse(per_example)))
-        if ctx.layer._bk_hand_off(uses):
+        acc = accumulation_dtype(g.dtype)
+        others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim()]
+        per_example = (g.to(acc) * x.to(acc)).sum(others) if others else g.to(acc) * x.to(acc)  # [B, C]
+        if ctx.layer._bk_hand_off([(ctx.gamma, DenseUse(per_example))]):
             return grad_x, None, None, None
-        grad_gamma = uses[0][1].grads.sum(0).to(gamma.dtype) if uses else None
-        return grad_x, grad_gamma, None, None
+        return grad_x, per_example.sum(0).to(gamma.dtype), None, None
 
 
 class _ShiftFn(torch.autograd.Function):
@@ -79,11 +77,7 @@ class _DebertaLayerNorm(BKLayer):
         mean = h.mean(-1, keepdim=True)
         variance = (h - mean).pow(2).mean(-1, keepdim=True)
         h = ((h - mean) / torch.sqrt(variance + self.variance_epsilon)).to(input_type)
-        if self.weight.requires_grad:
-            h = scale(self, h, self.weight, -1)
-        else:
-            h = self.weight * h
-        return shift(self, h, self.bias, (1,) * (h.dim() - 1) + (-1,))
+        return shift(self, scale(self, h, self.weight, -1), self.bias, (1,) * (h.dim() - 1) + (-1,))
 
 
 def _channel_shape(x, dim):
@@ -94,9 +88,11 @@ def _channel_shape(x, dim):
 
 def scale(layer, x, gamma, dim=-1):
     """x * gamma with gamma [C] along dim `dim` of x, book-kept as a use of `gamma` owned by
-    `layer` (a bk.nn.BKLayer); x holds the examples on dim 0 (checked against the batch)."""
-    x = layer._bk_examples(x, 0)
-    return _ScaleFn.apply(x, gamma, layer, dim)
+    `layer` (a bk.nn.BKLayer); x holds the examples on dim 0 (checked against the batch). A
+    frozen gamma is a plain product."""
+    if not gamma.requires_grad:
+        return x * gamma.view(_channel_shape(x, dim))
+    return _ScaleFn.apply(layer._bk_examples(x, 0), gamma, layer, dim)
 
 
 class _TimmLayerScale(BKLayer):
