@@ -335,11 +335,12 @@ class PrivacyEngine:
         self._reset_backward_state()
         if not uses:
             return
-        batches = {id_p: {u.batch for u in us} for id_p, us in uses.items()}
-        B = max(b for bs in batches.values() for b in bs)
-        for id_p, bs in batches.items():
-            if bs != {B}:  # a layer called outside the model's forward (no batch size to check against)
+        sizes = {u.batch for us in uses.values() for u in us}
+        B = max(sizes)
+        for id_p, us in uses.items() if len(sizes) > 1 else ():
+            if any(u.batch != B for u in us):  # a layer called outside the model's forward (no batch size to check)
                 module = recorders[id_p]
+                bs = {u.batch for u in us}
                 raise UnsupportedLayoutError(
                     f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) read {min(bs)} examples "
                     f"from its input while other layers read {B} (batch_first={self.batch_first}): its examples "
@@ -350,7 +351,7 @@ class PrivacyEngine:
         for id_p, us in uses.items():
             unit_terms = terms[self._unit_of[id_p]]
             unit_terms += self_norms[id_p]
-            for i in range(len(us)):
+            for i in range(len(us) - 1):  # cross terms of a parameter used several times
                 for j in range(i + 1, len(us)):
                     try:
                         unit_terms.append(2 * cross(us[i], us[j]))
@@ -450,6 +451,14 @@ class PrivacyEngine:
         for p in self._params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+        std = self.noise_multiplier * self.max_grad_norm
+        grads = [p.grad for p in self._params]
+        if std > 0 and add_noise and len({g.device for g in grads}) == 1:
+            # one call for the whole step (each parameter's counters as _noise_and_scale_one's)
+            self._noise_offset = ops.add_noise_list_(grads, std, 1.0 / self.batch_size, self._seed,
+                                                     self._noise_offset, backend=self.backend)
+            return
+        for p in self._params:
             self._noise_and_scale_one(p, p.grad, add_noise)
 
     def _noise_and_scale_one(self, p, grad, add_noise, first=0):

@@ -1,10 +1,13 @@
 // Ops built from the other ops, registered once for every device (CompositeImplicitAutograd):
-// the clipping rule lives here and nowhere else.
+// the clipping rule lives here and nowhere else; a whole step's noise in one call.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string>
 #include <tuple>
+
+#include "checks.h"
 
 namespace bk {
 namespace {
@@ -52,11 +55,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clipped_sum_layerwise
   return {grad_weight, grad_bias, sq_norms, c};
 }
 
+// Every gradient of a step noised by bk::add_noise_ on its own device, in one call from Python
+// (one call per parameter cost a few microseconds each in the engine's step).
+void add_noise_list_(at::TensorList grads, double std, double scale, int64_t seed, int64_t offset) {
+  static const auto add_noise = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("bk::add_noise_", "")
+                                    .typed<void(const at::Tensor&, double, double, int64_t, int64_t)>();
+  constexpr const char* op = "bk::add_noise_list_";
+  // Everything is checked first: an error found halfway would leave some gradients noised.
+  int64_t end = offset;
+  for (const at::Tensor& grad : grads) {
+    check_add_noise_args(grad, std, scale, end, op);
+    const int64_t span = (grad.numel() + 3) / 4 * 4;
+    TORCH_CHECK(end <= std::numeric_limits<int64_t>::max() - span, op, ": offset ", offset,
+                " plus the gradients' elements overflows int64");
+    end += span;
+  }
+  for (const at::Tensor& grad : grads) {
+    add_noise.call(grad, std, scale, seed, offset);
+    offset += (grad.numel() + 3) / 4 * 4;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bk, CompositeImplicitAutograd, m) {
   m.impl("clip_factors", &clip_factors);
   m.impl("clipped_sum_layerwise", &clipped_sum_layerwise);
+  m.impl("add_noise_list_", &add_noise_list_);
 }
 
 }  // namespace bk

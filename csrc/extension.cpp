@@ -38,6 +38,9 @@ TORCH_LIBRARY(bk, m) {
   m.def("norm_layer_grads(Tensor xhat, Tensor g, bool bias) -> (Tensor, Tensor, Tensor)");
   // Gaussian noise and the 1/B scale in one pass: grad = (grad + std * z) * scale.
   m.def("add_noise_(Tensor(a!) grad, float std, float scale, int seed, int offset) -> ()");
+  // A whole step's noise in one call: grads[k] starts at offset + the numels of grads[0..k),
+  // each rounded up to a multiple of 4 (the counters successive add_noise_ calls would take).
+  m.def("add_noise_list_(Tensor(a!)[] grads, float std, float scale, int seed, int offset) -> ()");
   // Composites (csrc/composite.cpp), on every device.
   m.def("clip_factors(Tensor sq_norms, float threshold, str clip_fn, float gamma) -> Tensor");
   m.def("clipped_sum_layerwise(Tensor a, Tensor g, bool bias, float threshold, str clip_fn, "

@@ -2,7 +2,7 @@
 "torch" (chunked pure PyTorch), and has a pure-PyTorch float64 `<op>_ref` beside it.
 docs/OPS.md lists the dispatcher ops (torch.ops.bk.*) behind them."""
 from ._backend import BACKENDS, available_backends
-from .add_noise import add_noise_, add_noise_ref
+from .add_noise import add_noise_, add_noise_list_, add_noise_ref
 from .clipped_sum import clipped_sum, clipped_sum_ref
 from .conv import conv_clipped_sum, conv_norm, conv_per_example_grads, conv_per_example_grads_ref
 from .direct_norm import direct_norm, direct_norm_ref
@@ -15,6 +15,7 @@ from .norm_layer import norm_layer_grads, norm_layer_grads_ref
 __all__ = [
     "BACKENDS",
     "add_noise_",
+    "add_noise_list_",
     "add_noise_ref",
     "available_backends",
     "choose_mode",

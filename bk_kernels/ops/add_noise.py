@@ -44,6 +44,36 @@ def add_noise_(grad, std, scale, seed, offset, *, backend="auto"):
     return grad
 
 
+def add_noise_list_(grads, std, scale, seed, offset, *, backend="auto"):
+    """add_noise_ on each tensor of `grads` in turn, grads[k] starting at offset + the numels of
+    grads[0..k), each rounded up to a multiple of 4: the same values as one add_noise_ call per
+    tensor, in one call on the cpu and cuda backends. Everything is checked before anything is
+    noised. Returns the next free offset (offset + all those rounded numels).
+
+    grads: a list of tensors on one device (see add_noise_ for the other arguments).
+    """
+    grads = list(grads)
+    if not grads:
+        return offset
+    std, scale, seed, offset = _check(grads[0], std, scale, seed, offset)
+    end = offset
+    for grad in grads:
+        _check(grad, std, scale, seed, end)  # dtype and overflow of each, before any is noised
+        if grad.device != grads[0].device:
+            raise ValueError(f"add_noise_list_: grads must be on one device, got {grads[0].device} and {grad.device}")
+        end += (grad.numel() + 3) // 4 * 4
+    if end > _INT64_MAX:
+        raise ValueError(f"add_noise_list_: offset {offset} plus the gradients' elements overflows int64")
+    backend = _backend.resolve(backend, grads[0].device, "add_noise_list_")
+    if backend in ("cpu", "cuda"):
+        torch.ops.bk.add_noise_list_.default(grads, std, scale, seed, offset)
+        return end
+    for grad in grads:  # triton, torch: one call per tensor
+        add_noise_(grad, std, scale, seed, offset, backend=backend)
+        offset += (grad.numel() + 3) // 4 * 4
+    return end
+
+
 def _check(grad, std, scale, seed, offset):
     """The arguments as the op takes them (seed as a signed int64), or a clear error."""
     if not isinstance(grad, torch.Tensor):

@@ -12,6 +12,7 @@ import torch
 
 from bk_kernels.ops.add_noise import (
     add_noise_,
+    add_noise_list_,
     add_noise_ref,
     philox4x32_10_ref,
     philox_normals_ref,
@@ -347,6 +348,75 @@ def test_successive_calls_never_reuse_a_counter():
     starts = [0, 8, 16, 20]
     for start, n, part in zip(starts, sizes, parts):
         assert torch.equal(part, stream[start : start + n])
+
+
+# --- a whole step in one call ---------------------------------------------------------------
+
+
+def _step_grads(dtype, device):
+    """A step's gradients: odd sizes (so the rounding of each offset to 4 shows), a scalar, an
+    empty one and a transposed (non-contiguous) one."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(7, 3), (), (0,), (5,), (4, 9), (1,)]
+    grads = [torch.randn(s, generator=gen).to(dtype).to(device) for s in shapes]
+    grads[4] = grads[4].t()
+    return grads
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_list_is_bitwise_one_call_per_tensor(dtype, device, backend):
+    """add_noise_list_ gives each tensor the counters that successive add_noise_ calls advancing
+    the offset by numel rounded up to 4 give it, bit for bit, and returns the next offset."""
+    skip_missing(backend)
+    grads = _step_grads(dtype, device)
+    want = [g.clone() for g in grads]
+    offset = 6
+    for g in want:
+        add_noise_(g, 0.7, 0.125, 2**63 + 11, offset, backend=backend)
+        offset += (g.numel() + 3) // 4 * 4
+    end = add_noise_list_(grads, 0.7, 0.125, 2**63 + 11, 6, backend=backend)
+    assert end == offset == 6 + 24 + 4 + 0 + 8 + 36 + 4
+    for got, expected in zip(grads, want):
+        assert torch.equal(got, expected)
+    assert not grads[4].is_contiguous()  # noised in place, layout kept
+
+
+def test_list_op_matches_the_reference_stream():
+    """The dispatcher op on its own (no Python wrapper) against the float64 reference."""
+    grads = _step_grads(torch.float64, "cpu")
+    before = [g.clone() for g in grads]
+    torch.ops.bk.add_noise_list_(grads, 1.5, 0.5, 3, 2)
+    offset = 2
+    for got, old in zip(grads, before):
+        assert_noised_close(got, old, 1.5, 0.5, 3, offset)
+        offset += (old.numel() + 3) // 4 * 4
+
+
+def test_list_of_nothing_returns_the_offset():
+    assert add_noise_list_([], 1.0, 1.0, 0, 12) == 12
+    torch.ops.bk.add_noise_list_([], 1.0, 1.0, 0, 12)
+
+
+def test_list_bad_input_changes_nothing():
+    """A bad tensor anywhere in the list is found before any tensor is noised."""
+    good, bad = torch.randn(10), torch.randn(10).int()
+    before = good.clone()
+    with pytest.raises(ValueError, match="float32, float64, float16 or bfloat16"):
+        add_noise_list_([good, bad], 1.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        torch.ops.bk.add_noise_list_([good, bad], 1.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="sharing memory"):
+        torch.ops.bk.add_noise_list_([good, torch.randn(1, 5).expand(3, 5)], 1.0, 1.0, 0, 0)
+    with pytest.raises(ValueError, match="overflows int64"):
+        add_noise_list_([good, good], 1.0, 1.0, 0, 2**63 - 20)
+    with pytest.raises(RuntimeError, match="overflows int64"):
+        torch.ops.bk.add_noise_list_([good, good], 1.0, 1.0, 0, 2**63 - 20)
+    with pytest.raises(ValueError, match="std must be finite"):
+        add_noise_list_([good], -1.0, 1.0, 0, 0)
+    with pytest.raises(ValueError, match="one device"):
+        add_noise_list_([good, torch.randn(3, device="meta")], 1.0, 1.0, 0, 0)
+    assert torch.equal(good, before)
 
 
 # --- bad input ------------------------------------------------------------------------------
