@@ -72,6 +72,11 @@ class BKLayer:
     def _bk_trainable(self, param):
         return param is not None and param.requires_grad
 
+    def _bk_count_call(self):
+        """Every bk forward passes here (the subclass check of convert.py counts); set in the
+        instance's __dict__, past nn.Module.__setattr__'s lookups (a few us per layer call)."""
+        self.__dict__["_bk_calls"] = self._bk_calls + 1
+
     def _bk_layout(self):
         """The engine's BatchLayout (layout.py) while one is attached and a backward will follow."""
         engine = self._bk_engine
@@ -101,7 +106,7 @@ class BKLayer:
         fold_rows (row-wise layers: Linear, LayerNorm): an input [k*B, d] whose rows are the
         examples' rows folded example-major (OPT's reshape(-1, d) of [B, T, d]), proven by
         folded_rows, comes back as [B, k, d]; the caller flattens its output back."""
-        self._bk_calls += 1  # every bk forward passes here (the subclass check of convert.py counts)
+        self._bk_count_call()
         layout = self._bk_layout()
         if layout is None or layout.batch is None:
             return x
@@ -290,6 +295,11 @@ def _is_weight(node, fn):
 def examples_first(x, features_dims=1, batch_dim=0):
     """[B, *, f...] -> [B, T, prod(f)] with T the product of the middle dims (1 for [B, f]);
     batch_dim=1 reads a sequence-first [T, B, *, f...] input."""
+    if batch_dim == 0 and features_dims == 1 and x.dim() <= 3:  # the common cases, without the shape arithmetic
+        if x.dim() == 3:
+            return x
+        if x.dim() == 2:
+            return x.unsqueeze(1)
     if x.dim() == features_dims:  # unbatched input: one example
         x = x.unsqueeze(0)
     if batch_dim:

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..ops._backend import resolve
 from ..ops._norm_common import accumulation_dtype, example_chunks
+from ..ops.clipped_sum import clipped_sum_3d
+from ..ops.linear_norm import linear_norm_3d
 
 # A direct-mode linear or conv layer keeps its per-example gradients when they fit this many
 # elements: the clipped sum is then a cheap weighted sum instead of a second matmul.
@@ -78,6 +81,8 @@ class DenseUse:
     def clipped(self, c, backend):
         # a vector-matrix product: tensordot's Python-side reshaping costs more than it on small layers
         c = c if c.dtype == self.grads.dtype else c.to(self.grads.dtype)
+        if self.grads.dim() == 2:  # a bias: no reshapes
+            return c @ self.grads
         return (c @ self.grads.flatten(1)).view(self.grads.shape[1:])
 
     def add_clipped(self, grad, c, backend):
@@ -100,7 +105,8 @@ class LinearUse:
         return self.a.shape[0]
 
     def sq_norm(self, mode, backend):
-        return ops.linear_norm(self.a, self.g, mode=mode, backend=backend)
+        # a and g come 3-D from the layer's backward: past the public op's argument checks
+        return linear_norm_3d(self.a, self.g, mode, resolve(backend, self.a.device, "linear_norm"))
 
     def factors(self):
         if self.transposed:
@@ -125,13 +131,13 @@ class LinearUse:
     def clipped(self, c, backend):
         if self.rows is not None or self.transposed:  # a block, or the [d, p] layout: add into zeros
             return None
-        return ops.clipped_sum(self.a, self.g, c, backend=backend)[0]
+        return clipped_sum_3d(self.a, self.g, c, False, None, None, resolve(backend, self.a.device, "clipped_sum"))[0]
 
     def add_clipped(self, grad, c, backend):
         target = grad[self.rows] if self.rows is not None else grad
         if self.transposed:
             target = target.T
-        ops.clipped_sum(self.a, self.g, c, out=target, backend=backend)
+        clipped_sum_3d(self.a, self.g, c, False, target, None, resolve(backend, self.a.device, "clipped_sum"))
 
 
 class EmbeddingUse:

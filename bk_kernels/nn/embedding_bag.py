@@ -88,7 +88,7 @@ class EmbeddingBag(BKLayer, torch.nn.EmbeddingBag):
             raise ValueError("bk.nn.EmbeddingBag: 1-D input needs offsets")
         bags = input.shape[0] if input.dim() == 2 else offsets.shape[0] - int(self.include_last_offset)
         self._bk_claim_batch(bags)
-        self._bk_calls += 1
+        self._bk_count_call()
         return _EmbeddingBagFn.apply(input, offsets, per_sample_weights, self.weight, self)
 
     def _bk_claim_batch(self, bags):

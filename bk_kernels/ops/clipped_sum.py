@@ -29,13 +29,18 @@ def clipped_sum(a, g, c, *, bias=False, out=None, backend="auto"):
     if out_w is not None and out_w.shape != (g.shape[2], a.shape[2]):
         raise ValueError(f"clipped_sum: out grad_weight must have shape [p, d] = "
                          f"{[g.shape[2], a.shape[2]]}, got {list(out_w.shape)}")
-    backend = _backend.resolve(backend, a.device, "clipped_sum")
+    if bias and out_w is not None and out_b is None:
+        raise ValueError("clipped_sum: with bias=True, out must be a (grad_weight, grad_bias) pair")
+    return clipped_sum_3d(a, g, c, bias, out_w, out_b, _backend.resolve(backend, a.device, "clipped_sum"))
+
+
+def clipped_sum_3d(a, g, c, bias, out_w, out_b, backend):
+    """clipped_sum of inputs already checked (a, g 3-D; c [B]; out_w/out_b None or of the right
+    shapes) on a resolved backend: the engine's path, whose layers made a and g."""
     if backend in ("cpu", "cuda"):
         if out_w is None:
             w, b = torch.ops.bk.clipped_sum(a, g, c, bias)
             return w, (b if bias else None)
-        if bias and out_b is None:
-            raise ValueError("clipped_sum: with bias=True, out must be a (grad_weight, grad_bias) pair")
         torch.ops.bk.clipped_sum_(out_w, out_b, a, g, c)
         return out_w, out_b
     if backend == "triton":
@@ -50,8 +55,6 @@ def clipped_sum(a, g, c, *, bias=False, out=None, backend="auto"):
 def _accumulate(w, b, out_w, out_b, bias):
     if out_w is None:
         return w, b
-    if bias and out_b is None:
-        raise ValueError("clipped_sum: with bias=True, out must be a (grad_weight, grad_bias) pair")
     out_w.add_(w)
     if bias:
         out_b.add_(b)

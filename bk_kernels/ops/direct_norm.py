@@ -18,7 +18,12 @@ def direct_norm(a, g, *, backend="auto"):
     Returns float64 for float64 inputs, float32 otherwise (bf16/fp16 accumulate in float32).
     """
     a, g = check_norm_inputs(a, g, "direct_norm")
-    backend = _backend.resolve(backend, a.device, "direct_norm")
+    return direct_norm_3d(a, g, _backend.resolve(backend, a.device, "direct_norm"))
+
+
+def direct_norm_3d(a, g, backend):
+    """direct_norm of inputs already checked (3-D) on a resolved backend: the engine's path,
+    whose layers made a and g (the checks cost about as much as a small layer's kernel)."""
     if backend in ("cpu", "cuda"):
         return torch.ops.bk.direct_norm(a, g)
     if backend == "triton":

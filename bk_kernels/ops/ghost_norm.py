@@ -19,7 +19,12 @@ def ghost_norm(a, g, *, backend="auto"):
     Returns float64 for float64 inputs, float32 otherwise (bf16/fp16 accumulate in float32).
     """
     a, g = check_norm_inputs(a, g, "ghost_norm")
-    backend = _backend.resolve(backend, a.device, "ghost_norm")
+    return ghost_norm_3d(a, g, _backend.resolve(backend, a.device, "ghost_norm"))
+
+
+def ghost_norm_3d(a, g, backend):
+    """ghost_norm of inputs already checked (3-D) on a resolved backend: the engine's path,
+    whose layers made a and g (the checks cost about as much as a small layer's kernel)."""
     if backend in ("cpu", "cuda"):
         return torch.ops.bk.ghost_norm(a, g)
     if backend == "triton":

@@ -17,8 +17,9 @@ import torch
 
 from .. import _C
 from ._backend import resolve
-from .direct_norm import direct_norm
-from .ghost_norm import ghost_norm
+from ._norm_common import check_norm_inputs
+from .direct_norm import direct_norm_3d
+from .ghost_norm import ghost_norm_3d
 
 MODES = ("auto", "ghost", "direct")
 CPU_NORM_IMPLS = ("auto", "kernel", "blas")
@@ -44,17 +45,21 @@ def linear_norm(a, g, *, mode="auto", backend="auto"):
     mode: "auto" (by FLOPs, see use_ghost; timed on the CPU where close, see above), "ghost"
     or "direct".
     """
-    T = a.shape[1] if a.dim() == 3 else 1
-    d, p = a.shape[-1], g.shape[-1]
+    a, g = check_norm_inputs(a, g, "linear_norm")
+    return linear_norm_3d(a, g, mode, resolve(backend, a.device, "linear_norm"))
+
+
+def linear_norm_3d(a, g, mode, backend):
+    """linear_norm of inputs already checked (3-D) on a resolved backend (the engine's path)."""
+    T, d, p = a.shape[1], a.shape[2], g.shape[2]
     method = choose_mode(mode, T, d, p)
-    if mode == "auto" and a.device.type == "cpu" and _cpu_setting[0] == "auto" and T > 1:
+    if mode == "auto" and backend == "cpu" and _cpu_setting[0] == "auto" and T > 1:
         ghost_flops, direct_flops = T * (d + p), d * p
         if ghost_flops < _MEASURED_BAND * direct_flops and direct_flops < _MEASURED_BAND * ghost_flops:
-            if resolve(backend, a.device, "linear_norm") == "cpu":
-                method = _measured_method(a, g, T, d, p)
+            method = _measured_method(a, g, T, d, p)
     if method == "ghost":
-        return ghost_norm(a, g, backend=backend)
-    return direct_norm(a, g, backend=backend)
+        return ghost_norm_3d(a, g, backend)
+    return direct_norm_3d(a, g, backend)
 
 
 # (dtype, then T, d, p and min(B, 1024) rounded up to powers of two, threads) -> the measured
@@ -76,12 +81,12 @@ def _measured_method(a, g, T, d, p):
     made = _cpu_methods.get(key)
     if made is None:
         us = {}
-        for method, op in (("ghost", ghost_norm), ("direct", direct_norm)):
-            op(a, g, backend="cpu")  # first run; also lets the op measure its implementations
+        for method, op in (("ghost", ghost_norm_3d), ("direct", direct_norm_3d)):
+            op(a, g, "cpu")  # first run; also lets the op measure its implementations
             best = float("inf")
             for _ in range(2):
                 start = time.perf_counter()
-                op(a, g, backend="cpu")
+                op(a, g, "cpu")
                 best = min(best, time.perf_counter() - start)
             us[method] = best * 1e6
         made = _cpu_methods[key] = dict(

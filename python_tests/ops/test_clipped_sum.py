@@ -159,8 +159,8 @@ def test_choice_is_made_per_call(monkeypatch):
     """The sequence length may change between batches: each call decides from its own shapes."""
     calls = []
     module = sys.modules["bk_kernels.ops.linear_norm"]  # the package exports a function of that name
-    monkeypatch.setattr(module, "ghost_norm", lambda a, g, backend: calls.append("ghost"))
-    monkeypatch.setattr(module, "direct_norm", lambda a, g, backend: calls.append("direct"))
+    monkeypatch.setattr(module, "ghost_norm_3d", lambda a, g, backend: calls.append("ghost"))
+    monkeypatch.setattr(module, "direct_norm_3d", lambda a, g, backend: calls.append("direct"))
     linear_norm(torch.randn(2, 4, 64), torch.randn(2, 4, 64))
     linear_norm(torch.randn(2, 400, 64), torch.randn(2, 400, 64))
     assert calls == ["ghost", "direct"]
@@ -181,8 +181,8 @@ def slow_ghost(monkeypatch):
         calls.append("direct")
         return ops.direct_norm_ref(a, g)
 
-    monkeypatch.setattr(module, "ghost_norm", ghost)
-    monkeypatch.setattr(module, "direct_norm", direct)
+    monkeypatch.setattr(module, "ghost_norm_3d", ghost)
+    monkeypatch.setattr(module, "direct_norm_3d", direct)
     before = ops.cpu_norm_impl()
     ops.set_cpu_norm_impl("auto")
     yield calls
