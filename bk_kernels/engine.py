@@ -164,6 +164,23 @@ class PrivacyEngine:
         self._hooks.append(self.model.register_forward_hook(ModelProbe(self, after=True)))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
+        for module in self.model.modules():  # frozen ones: convert refuses trainable BatchNorm
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                self._hooks.append(module.register_forward_pre_hook(self._refuse_batch_statistics))
+
+    def _refuse_batch_statistics(self, module, args):
+        """A BatchNorm (frozen: convert refuses a trainable one) that normalises with the batch's
+        own statistics (train mode, or no running statistics) makes every example's output, and
+        so every other layer's gradient, depend on the whole batch: no example has a gradient of
+        its own and clipping bounds nothing. Refused before it runs (its running statistics
+        unchanged); in eval mode it uses its running statistics, one example at a time."""
+        if torch.is_grad_enabled() and (module.training or (module.running_mean is None and module.running_var is None)):
+            raise UnsupportedModuleError(
+                f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) normalises with the statistics "
+                "of the whole batch (train mode, or no running statistics), which mixes the examples: no example has a "
+                "gradient of its own, so clipping would not bound any example's influence. Put it in eval mode after "
+                "model.train() (it then uses its running statistics, per example), or replace it with GroupNorm "
+                "(bk.replace_batchnorm(model)); nothing was recorded and no budget was spent.")
 
     def _forward_starts(self, args, kwargs):
         """The model's forward pre-hook: this forward's batch size, for the layers to check."""
