@@ -27,7 +27,11 @@ class _AffineNormFn(torch.autograd.Function):
         y, stats = layer._bk_normalize(xa, cast(weight), cast(bias))  # the affine map fused in where torch has it
         ctx.save_for_backward(xa, *stats)  # the input and its statistics; xhat is rebuilt in the backward
         ctx.in_dtype, ctx.x_shape = x.dtype, x.shape
-        return y.to(x.dtype)
+        y = y.to(x.dtype)
+        # A view (InstanceNorm's output, reshaped from its [1, N*C, *] group norm) returned by a
+        # custom Function cannot be modified in place, and the next layer's ReLU(inplace=True)
+        # does exactly that: a copy of its own.
+        return y.clone() if y._base is not None else y
 
     @staticmethod
     def backward(ctx, g):
@@ -140,7 +144,7 @@ class _ChannelGroupNorm(BKLayer):
         """(y, (mean, rstd) [N, G]) by torch's fused group norm, affine included."""
         bx = self._bk_batched(x)
         y, mean, rstd = torch.native_group_norm(bx, weight, bias, *self._bk_sizes(bx), self.eps)
-        return y.view(x.shape), (mean, rstd)
+        return (y if y.shape == x.shape else y.view(x.shape)), (mean, rstd)
 
     def _bk_grad_input(self, g, x, xhat, stats, weight):
         x, g = self._bk_batched(x), self._bk_batched(g)
@@ -234,6 +238,6 @@ for _torch_class, _bk_class in ((torch.nn.LayerNorm, LayerNorm), (torch.nn.RMSNo
                                 (torch.nn.InstanceNorm2d, InstanceNorm2d), (torch.nn.InstanceNorm3d, InstanceNorm3d)):
     register_layer(_torch_class, _bk_class)
 register_layer(torch.nn.modules.batchnorm._BatchNorm, None, unsupported_reason=lambda module: (
-    "BatchNorm mixes the examples of a batch, so per-example gradients do not exist: use GroupNorm (or "
-    "LayerNorm) instead"))
+    "BatchNorm mixes the examples of a batch, so per-example gradients do not exist: use GroupNorm "
+    "(bk.replace_batchnorm(model) swaps every BatchNorm for one) or LayerNorm instead"))
 
