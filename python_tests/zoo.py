@@ -267,6 +267,13 @@ def timm_resnet_gn():
                              norm_layer=partial(timm.layers.GroupNorm, num_groups=2)).to(DT)
 
 
+def timm_resnet_bn_replaced():
+    """timm's ResNet as users create it (BatchNorm2d), with bk.replace_batchnorm's GroupNorm."""
+    import timm
+    import bk_kernels as bk
+    return bk.replace_batchnorm(timm.create_model("resnet18", pretrained=False, num_classes=3).to(DT), groups=4)
+
+
 def lora(base, targets):
     import peft
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
@@ -341,6 +348,7 @@ ZOO = {
     "hf_swinv2": (lambda: hf_swin("Swinv2Config", "Swinv2ForImageClassification"), classify_pixels,
                   lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
+    "timm_resnet_bn_replaced": (timm_resnet_bn_replaced, classify_images, image_batch),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
     "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),

@@ -1,0 +1,78 @@
+"""bk.replace_batchnorm(model): every BatchNorm swapped for a GroupNorm, which normalises each
+example on its own, so that the model can be trained privately.
+
+BatchNorm normalises with the statistics of the whole batch: no example has a gradient of its
+own, so bk.convert refuses a trainable BatchNorm and the engine refuses a frozen one that runs
+in train mode. GroupNorm is the usual replacement in DP training (Opacus' ModuleValidator.fix
+makes the same swap). It is a different function: the model changes, and a pretrained model's
+running statistics are dropped.
+"""
+import torch
+
+from .convert import UnsupportedModuleError
+
+_BATCHNORM = torch.nn.modules.batchnorm._BatchNorm
+# Classes whose forward is BatchNorm's own (the swap keeps what the forward does, bar the
+# statistics): torch's, and subclasses that do not override forward.
+_PLAIN_FORWARDS = {_BATCHNORM.forward, torch.nn.SyncBatchNorm.forward}
+
+
+def _groups_for(channels, groups):
+    """The largest divisor of `channels` that is at most `groups` (GroupNorm needs a divisor)."""
+    return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+
+
+def _problem(module):
+    if type(module).forward not in _PLAIN_FORWARDS:
+        return (f"{type(module).__name__} has a forward of its own (an activation or other work around the "
+                "normalisation, as timm's BatchNormAct2d), which a GroupNorm would drop: replace it yourself")
+    if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "a lazy BatchNorm before its first forward has no channel count yet: run one forward first"
+    return None
+
+
+def _group_norm(bn, groups):
+    """The GroupNorm for `bn`: its channels, eps and affine setting; its own weight and bias
+    Parameter objects (so an optimizer made before, and requires_grad, carry over)."""
+    C = bn.num_features
+    gn = torch.nn.GroupNorm(_groups_for(C, groups), C, eps=bn.eps, affine=bn.affine,
+                            device=bn.weight.device if bn.affine else None,
+                            dtype=bn.weight.dtype if bn.affine else None)
+    if bn.affine:
+        gn.weight, gn.bias = bn.weight, bn.bias
+    gn.train(bn.training)
+    return gn
+
+
+def replace_batchnorm(model, groups=32):
+    """Swaps every BatchNorm1d/2d/3d and SyncBatchNorm of `model` (in place) for a GroupNorm
+    over the same channels, with the largest number of groups that divides the channel count
+    and is at most `groups` (32 groups is the GroupNorm paper's default and Opacus' choice).
+    Returns the model (or the GroupNorm, when `model` itself is a BatchNorm).
+
+    The GroupNorm keeps the BatchNorm's eps and its affine weight and bias (the same Parameter
+    objects); the running statistics and momentum are dropped, and so are hooks on the
+    BatchNorm module. Call it before loading a checkpoint saved after the swap, and before
+    bk.convert. Subclasses of BatchNorm that change its forward (timm's BatchNormAct2d) are
+    named in one UnsupportedModuleError, before anything is changed.
+
+    A BatchNorm1d on [B, C] inputs becomes a normalisation over each example's C / groups
+    channels: with C <= groups each group holds one value and the output is just the bias.
+    """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"replace_batchnorm: groups must be a positive int, got {groups!r}")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _BATCHNORM)]
+    problems = [f"  {name or '<model>'} ({type(m).__name__}): {why}" for name, m in found if (why := _problem(m))]
+    if problems:
+        raise UnsupportedModuleError("replace_batchnorm: these BatchNorm modules cannot be swapped (nothing was "
+                                     "changed):\n" + "\n".join(problems))
+    if isinstance(model, _BATCHNORM):
+        return _group_norm(model, groups)
+    swapped = {}  # a BatchNorm reached twice (shared) gets one GroupNorm
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if isinstance(child, _BATCHNORM):
+                if id(child) not in swapped:
+                    swapped[id(child)] = _group_norm(child, groups)
+                parent._modules[child_name] = swapped[id(child)]
+    return model
