@@ -22,10 +22,19 @@ def _groups_for(channels, groups):
     return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
+def _timm_norm_act(module):
+    """timm's BatchNorm followed by its own drop and act modules (EfficientNet, MobileNetV3,
+    RegNet...): swapped for timm's GroupNormAct with the same drop and act."""
+    cls = type(module)
+    return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
+
+
 def _problem(module):
+    if _timm_norm_act(module):
+        return None
     if type(module).forward not in _PLAIN_FORWARDS:
         return (f"{type(module).__name__} has a forward of its own (an activation or other work around the "
-                "normalisation, as timm's BatchNormAct2d), which a GroupNorm would drop: replace it yourself")
+                "normalisation), which a GroupNorm would drop: replace it yourself")
     if isinstance(module, torch.nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "a lazy BatchNorm before its first forward has no channel count yet: run one forward first"
     return None
@@ -35,17 +44,23 @@ def _group_norm(bn, groups):
     """The GroupNorm for `bn`: its channels, eps and affine setting; its own weight and bias
     Parameter objects (so an optimizer made before, and requires_grad, carry over)."""
     C = bn.num_features
-    gn = torch.nn.GroupNorm(_groups_for(C, groups), C, eps=bn.eps, affine=bn.affine,
-                            device=bn.weight.device if bn.affine else None,
-                            dtype=bn.weight.dtype if bn.affine else None)
+    factory = torch.nn.GroupNorm
+    if _timm_norm_act(bn):
+        from timm.layers import GroupNormAct as factory
+    gn = factory(num_groups=_groups_for(C, groups), num_channels=C, eps=bn.eps, affine=bn.affine,
+                 device=bn.weight.device if bn.affine else None, dtype=bn.weight.dtype if bn.affine else None)
     if bn.affine:
         gn.weight, gn.bias = bn.weight, bn.bias
+    if _timm_norm_act(bn):
+        gn.drop, gn.act = bn.drop, bn.act
     gn.train(bn.training)
     return gn
 
 
 def replace_batchnorm(model, groups=32):
     """Swaps every BatchNorm1d/2d/3d and SyncBatchNorm of `model` (in place) for a GroupNorm
+    (timm's BatchNormAct2d and SyncBatchNormAct for timm's GroupNormAct, keeping their drop and
+    act modules)
     over the same channels, with the largest number of groups that divides the channel count
     and is at most `groups` (32 groups is the GroupNorm paper's default and Opacus' choice).
     Returns the model (or the GroupNorm, when `model` itself is a BatchNorm).
@@ -53,8 +68,8 @@ def replace_batchnorm(model, groups=32):
     The GroupNorm keeps the BatchNorm's eps and its affine weight and bias (the same Parameter
     objects); the running statistics and momentum are dropped, and so are hooks on the
     BatchNorm module. Call it before loading a checkpoint saved after the swap, and before
-    bk.convert. Subclasses of BatchNorm that change its forward (timm's BatchNormAct2d) are
-    named in one UnsupportedModuleError, before anything is changed.
+    bk.convert. Other subclasses of BatchNorm that change its forward are named in one
+    UnsupportedModuleError, before anything is changed.
 
     A BatchNorm1d on [B, C] inputs becomes a normalisation over each example's C / groups
     channels: with C <= groups each group holds one value and the output is just the bias.

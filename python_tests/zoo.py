@@ -274,6 +274,21 @@ def timm_resnet_bn_replaced():
     return bk.replace_batchnorm(timm.create_model("resnet18", pretrained=False, num_classes=3).to(DT), groups=4)
 
 
+def timm_mobilenetv3_bn_replaced():
+    """timm's MobileNetV3 (BatchNormAct2d, timm's Linear head) after bk.replace_batchnorm: GroupNormAct."""
+    import timm
+    import bk_kernels as bk
+    return bk.replace_batchnorm(timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3).to(DT),
+                                groups=4)
+
+
+def hf_resnet_bn_replaced():
+    """HF ResNet (nn.BatchNorm2d in every conv layer) after bk.replace_batchnorm."""
+    import bk_kernels as bk
+    return bk.replace_batchnorm(_hf(("ResNetConfig", "ResNetForImageClassification"), embedding_size=8,
+                                    hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), groups=4)
+
+
 def lora(base, targets):
     import peft
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
@@ -349,6 +364,8 @@ ZOO = {
                   lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
     "timm_resnet_bn_replaced": (timm_resnet_bn_replaced, classify_images, image_batch),
+    "timm_mobilenetv3_bn_replaced": (timm_mobilenetv3_bn_replaced, classify_images, lambda B: image_batch(B, size=32)),
+    "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
     "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),

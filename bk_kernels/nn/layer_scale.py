@@ -14,7 +14,7 @@ from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
 from ._made import made_class
 from .families import register_layer
-from .norm import LayerNorm
+from .norm import GroupNorm, LayerNorm, _AffineNormFn
 
 
 class _ScaleFn(torch.autograd.Function):
@@ -152,6 +152,16 @@ class _TimmLayerNorm2d(LayerNorm):
         return self._bk_forward(x.permute(0, 2, 3, 1), self.bias).permute(0, 3, 1, 2)
 
 
+class _TimmGroupNormAct(GroupNorm):
+    """timm's GroupNormAct and GroupNorm1Act (what bk.replace_batchnorm makes of timm's
+    BatchNormAct2d): bk's fused GroupNorm, then the module's own drop and act."""
+
+    def forward(self, x):
+        if in_plain_forward():
+            return super().forward(x)  # timm's forward, through bk GroupNorm's plain path
+        return self.act(self.drop(_AffineNormFn.apply(self._bk_examples(x, 0), self.weight, self.bias, self)))
+
+
 def _made(cls, mixin):
     return made_class(_made, (cls, mixin), cls.__name__, (mixin, cls),
                       {"__module__": __name__, "__qualname__": f"{mixin.__name__}_{cls.__name__}"})
@@ -176,6 +186,8 @@ register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matche
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
+register_layer(None, _unless_fast_norm(_TimmGroupNormAct),
+               matches=lambda cls: cls.__name__ in ("GroupNormAct", "GroupNorm1Act") and cls.__module__.startswith("timm."))
 # timm's LayerNorm overrides forward without calling torch's, but computes what torch's does
 # (F.layer_norm of the same attributes): bk's LayerNorm goes in front of it (its plain forward is timm's)
 register_layer(None, _unless_fast_norm(LayerNorm),

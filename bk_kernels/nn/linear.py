@@ -115,5 +115,13 @@ def linear(layer, x, weight, bias=None, *, transposed=False):
     return layer._bk_row_wise(x, bdim, lambda xe: _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim))
 
 
+def timm_linear_class(cls):
+    """timm's Linear (torch's forward, plus a cast under TorchScript only): bk's Linear in front,
+    its plain forward timm's (made once, on first use)."""
+    return made_class(timm_linear_class, (cls,), cls.__name__, (Linear, cls), {"__module__": __name__})
+
+
 register_layer(torch.nn.Linear, Linear)
+register_layer(None, lambda module: timm_linear_class(type(module)),
+               matches=lambda cls: cls.__name__ == "Linear" and cls.__module__ == "timm.layers.linear")
 register_layer(None, lambda module: gpt2_conv1d_class(type(module)), matches=is_gpt2_conv1d)
