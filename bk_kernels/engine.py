@@ -120,6 +120,7 @@ class PrivacyEngine:
         self._optimizer, self._grad_scaler = None, None
         self._reset_backward_state()
         self._ready_for_step = False
+        self._forward_labels = None  # a forward's `labels` keyword, until its outputs are seen
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._hooks = []
         self._attach_to_modules()
@@ -187,12 +188,21 @@ class PrivacyEngine:
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
         self.layout.take(args, kwargs)
+        self._forward_labels = kwargs.get("labels") if kwargs else None
 
     def _watch_outputs(self, output):
         """The model's forward hook: the first gradient to reach one of its outputs marks the start
         of a backward through the model, on the backward's own graph task. The clipping callback
         is queued there, so a layer first recorded inside a nested backward (reentrant activation
         checkpointing runs one per checkpointed segment) cannot end the book-keeping early."""
+        loss = output.get("loss") if isinstance(output, dict) else None  # a Hugging Face ModelOutput's
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            problem = _token_mean_problem(self._forward_labels, self.model)
+            if problem is not None:
+                def refuse(grad):  # first in the backward: nothing recorded yet
+                    raise ValueError(problem)
+                loss.register_hook(refuse)
+        self._forward_labels = None
         for t in torch.utils._pytree.tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._backward_reached_output)
@@ -545,6 +555,30 @@ class PrivacyEngine:
 
     def _parameter_signature(self):
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
+
+
+def _token_mean_problem(labels, model):
+    """Why a Hugging Face model's own loss (outputs.loss) cannot be trained privately with these
+    token labels, or None. That loss is the mean over ALL the batch's labelled tokens: when the
+    examples hold different numbers of them (padding, random MLM masks), each example's
+    gradient is scaled by the whole batch's token count, which the other examples change, and
+    an unclipped example's contribution then moves with them: the per-example bound fails."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point() or labels.shape[0] < 2:
+        return None
+    config = getattr(model, "config", None)
+    causal = callable(getattr(model, "can_generate", None)) and model.can_generate() and \
+        not getattr(config, "is_encoder_decoder", False)
+    counted = labels[:, 1:] if causal else labels  # a causal LM's loss shifts its labels by one
+    counts = (counted != -100).flatten(1).sum(1)
+    if bool((counts == counts[0]).all()):
+        return None  # the token mean is then the mean of the examples' own token means: exact
+    return (f"PrivacyEngine: the backward runs through the model's own loss (outputs.loss), which averages over all "
+            f"the batch's labelled tokens, and its examples hold different numbers of them ({int(counts.min())} to "
+            f"{int(counts.max())}{', after the causal shift' if causal else ''}): each example's gradient would then "
+            "depend on the other examples' token counts, and clipping would not bound an example's influence. "
+            "Backpropagate the mean over examples of each example's own loss instead: "
+            "bk_kernels.hf.example_losses(outputs.logits, labels, causal).mean() gives it for token labels "
+            "(bk_kernels.hf.PrivateTrainer does this); nothing was recorded and no budget was spent.")
 
 
 def clipped_sum_into(total, uses, c, backend, param, dtype):

@@ -147,3 +147,70 @@ def test_agrees_with_opacus_hooks_mode():
     dp_opt.step()
     for (name, a), b in zip(ours.named_parameters(), theirs._module.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+# --- the model's own loss (outputs.loss) with token labels ------------------------------------
+
+
+def _private(model):
+    model = bk.convert(model)
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=0.0, max_grad_norm=0.1)
+    return model, engine, engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+
+
+def test_own_token_mean_loss_with_unequal_token_counts_is_refused_and_changes_nothing():
+    """Hugging Face's LM loss averages over all the batch's labelled tokens: with padding (-100)
+    one example's gradient is scaled by the others' token counts, so clipping bounds nothing.
+    The backward through outputs.loss is refused before anything is recorded."""
+    model, engine, optimizer = _private(tiny_gpt2())
+    ids = torch.randint(0, 40, (3, 7))
+    labels = ids.clone()
+    labels[0, 4:] = -100  # a shorter first example
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"own loss \(outputs.loss\).*3 to 6, after the causal shift.*example_losses"):
+        model(input_ids=ids, labels=labels).loss.backward()
+    with pytest.raises(RuntimeError, match="without a backward"):
+        optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and engine.steps == 0
+    # the same batch through each example's own mean loss trains (labels passed for logging only)
+    from bk_kernels.hf import example_losses
+    out = model(input_ids=ids, labels=labels)
+    example_losses(out.logits, labels, causal=True).mean().backward()
+    optimizer.step()
+    assert engine.steps == 1
+
+
+def test_own_token_mean_loss_with_equal_token_counts_is_exact():
+    """Without padding the token mean is the mean of the examples' own token means: exact, at the
+    precision of the loss itself: ForCausalLMLoss casts the logits to float32 (logits.float()) in
+    a float64 model, so the batch's and each example's loss gradients are rounded to float32
+    (measured 3e-8 of the update apart): float32's tolerance, not float64's."""
+    from python_tests.model_reference import (assert_updates_close, expected_update, per_example_grads,
+                                              private_update)
+    from python_tests.tolerances import REL_TOL
+
+    model = tiny_gpt2()
+    inputs = {"ids": torch.randint(0, 40, (3, 7))}
+    own_loss = lambda m, b: m(input_ids=b["ids"], labels=b["ids"]).loss  # noqa: E731
+    grads = per_example_grads(model, own_loss, inputs)
+    names = [n for n, p in model.named_parameters()]
+    want = expected_update(grads, [names], 0.1, "abadi", 3)
+    got, _ = private_update(model, own_loss, inputs, 3, max_grad_norm=0.1)
+    assert_updates_close(got, want, rtol=REL_TOL[torch.float32])
+
+
+def test_own_loss_of_masked_lm_with_unequal_masks_is_refused_and_class_labels_are_not():
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (3, 6))
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 2], labels[1, 4], labels[2, 0] = 5, 6, 7, 8  # 1, 2 and 1 masked tokens
+    model, engine, _ = _private(transformers.BertForMaskedLM(config).to(DT))
+    with pytest.raises(ValueError, match=r"1 to 2\)"):
+        model(input_ids=ids, labels=labels).loss.backward()
+    model, engine, optimizer = _private(transformers.BertForSequenceClassification(config).to(DT))
+    model(input_ids=ids, labels=torch.tensor([0, 1, 0])).loss.backward()  # a mean over examples: fine
+    optimizer.step()
+    assert engine.steps == 1
