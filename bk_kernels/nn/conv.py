@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
+from ._made import made_class
 from ._uses import ConvUse, DenseUse
 from .families import register_layer
 
@@ -77,5 +78,26 @@ class Conv3d(_ConvMixin, torch.nn.Conv3d):
     pass
 
 
+class _TimmConv2dSame(Conv2d):
+    """timm's Conv2dSame (TensorFlow's "SAME" padding, computed from each input's size: the
+    EfficientNet ports tf_*): timm's pad_same, then bk's convolution with padding 0."""
+
+    def forward(self, x):
+        if in_plain_forward():
+            return super().forward(x)  # timm's forward, through bk Conv2d's plain path
+        from timm.layers.padding import pad_same
+
+        unbatched = x.dim() == 3
+        x = self._bk_examples(x.unsqueeze(0) if unbatched else x, 0)
+        y = _ConvFn.apply(pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), self.weight, self.bias, self)
+        return y.squeeze(0) if unbatched else y
+
+
+def _timm_conv2d_same_class(cls):
+    return made_class(_timm_conv2d_same_class, (cls,), cls.__name__, (_TimmConv2dSame, cls), {"__module__": __name__})
+
+
 for _torch_class, _bk_class in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Conv2d), (torch.nn.Conv3d, Conv3d)):
     register_layer(_torch_class, _bk_class)
+register_layer(None, lambda module: _timm_conv2d_same_class(type(module)),
+               matches=lambda cls: cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm."))
