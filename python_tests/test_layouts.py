@@ -469,3 +469,47 @@ def test_folded_rows_through_window_partitions():
     x = lambda: torch.randn(3, 4, 4, 5, dtype=DT, requires_grad=True)  # noqa: E731
     assert folded_rows(windows(x()), 3) and folded_rows(windows(x(), shift=False), 3)
     assert not folded_rows(windows(x(), order=(1, 0, 3, 2, 4, 5)), 3)  # windows before examples
+
+
+def _attention_on_folds(q_rows, k_rows, v_rows, heads=2, fused=False):
+    """MobileViT's attention on [k*B, n, d] folds: heads split by view + permute keeping dim 0,
+    scores by a batched matmul (or fused attention), softmax along the last dim, merged back."""
+    def split(t):
+        return t.view(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3)
+    q, k, v = split(q_rows), split(k_rows), split(v_rows)
+    if fused:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.matmul(q, k.transpose(-1, -2)).div(2.0).softmax(-1) @ v
+    return out.permute(0, 2, 1, 3).contiguous().view(q_rows.shape)
+
+
+def test_folded_rows_through_attention_on_folds():
+    """MobileViT folds each example's patches into [B * patch_area, patches, d] rows and runs
+    attention on them: batched matmuls, fused attention, permutes and transposes that keep dim
+    0, expands of other dims all keep row r of the fold example r // k's."""
+    from bk_kernels.nn._core import folded_rows
+
+    def folds(B=3, k=4, n=5, d=8):
+        x = torch.randn(B, k, n, d, dtype=DT, requires_grad=True)
+        return torch.tanh(x).reshape(B * k, n, d)
+
+    weight = nn.Parameter(torch.randn(8, 8, dtype=DT))
+    for fused in (False, True):
+        rows = folds()
+        q, kk, v = (F.linear(rows, weight) for _ in range(3))
+        assert folded_rows(_attention_on_folds(q, kk, v, fused=fused), 3)
+        assert folded_rows(_attention_on_folds(q, kk, v.detach(), fused=fused), 3)  # a frozen value path
+
+
+def test_folded_rows_refuses_attention_across_examples():
+    from bk_kernels.nn._core import folded_rows
+
+    x = lambda: torch.tanh(torch.randn(3, 4, 5, 8, dtype=DT, requires_grad=True))  # noqa: E731
+    rows = x().reshape(12, 5, 8)
+    # folded position-major: [k, B, ...] -> [k*B, ...] through a transpose of dim 0
+    assert not folded_rows(x().transpose(0, 1).reshape(12, 5, 8), 3)
+    assert not folded_rows(_attention_on_folds(rows, rows.flip(0), rows), 3)  # keys of other examples
+    assert not folded_rows(_attention_on_folds(rows, rows.roll(4, 0), rows, fused=True), 3)
+    assert not folded_rows(torch.bmm(rows, rows[:1].expand(12, 5, 8).transpose(1, 2)), 3)  # one example's keys for all
+    assert not folded_rows(rows.permute(1, 0, 2).reshape(12, 5, 8), 3)  # positions before examples

@@ -289,6 +289,16 @@ def hf_resnet_bn_replaced():
                                     hidden_sizes=[8, 16], depths=[1, 1], num_labels=3), groups=4)
 
 
+def hf_mobilevit_bn_replaced():
+    """HF MobileViT after bk.replace_batchnorm: its transformer runs attention on the examples'
+    patches folded into [B * patch_area, patches, d] (views, permutes, batched matmuls)."""
+    import bk_kernels as bk
+    return bk.replace_batchnorm(_hf(("MobileViTConfig", "MobileViTForImageClassification"), image_size=32,
+                                    patch_size=2, hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32],
+                                    num_labels=3, num_attention_heads=2, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0), groups=4)
+
+
 def lora(base, targets):
     import peft
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
@@ -366,6 +376,7 @@ ZOO = {
     "timm_resnet_bn_replaced": (timm_resnet_bn_replaced, classify_images, image_batch),
     "timm_mobilenetv3_bn_replaced": (timm_mobilenetv3_bn_replaced, classify_images, lambda B: image_batch(B, size=32)),
     "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_mobilevit_bn_replaced": (hf_mobilevit_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
     "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),

@@ -220,9 +220,11 @@ def folded_rows(x, B):
     # (node, which of its outputs, that output's number of elements): a view's input must have
     # as many elements as its output (then its rows are the fold's), and the nodes that change
     # the row width (a matmul, top-k, a reduction) say how many their input has.
-    stack, seen = [(x.grad_fn, x.output_nr, x.numel())], set()
+    # Each entry also carries the tensor's number of dims where known (None after a bk layer),
+    # for the nodes that move dims: they must keep dim 0 where it is.
+    stack, seen = [(x.grad_fn, x.output_nr, x.numel(), x.dim())], set()
     while stack:
-        node, output_nr, numel = stack.pop()
+        node, output_nr, numel, ndim = stack.pop()
         if node is None or (node, output_nr, numel) in seen:
             continue
         seen.add((node, output_nr, numel))
@@ -237,24 +239,29 @@ def folded_rows(x, B):
         elif row_wise_input is not None:  # a bk layer's map of the rows (a frozen bk Linear router)
             i, input_numel = row_wise_input
             f, nr = node.next_functions[i]
-            stack.append((f, nr, input_numel))
+            stack.append((f, nr, input_numel, None))
         elif name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
             if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
                 return False
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
-                stack.extend((f, nr, numel) for f, nr in node.next_functions)
+                stack.extend((f, nr, numel, len(sizes)) for f, nr in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
             if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
                 return False
         elif name in _ROW_WISE_NODES:
-            stack.extend((f, nr, numel) for f, nr in node.next_functions)
+            stack.extend((f, nr, numel, ndim) for f, nr in node.next_functions)
         elif name in _ROW_WISE_ALONG:
             if not _along_other_dims(node, _ROW_WISE_ALONG[name]):
                 return False
             sizes = getattr(node, _ROW_WISE_ALONG[name])
             input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
-            stack.extend((f, nr, input_numel) for f, nr in node.next_functions)
+            stack.extend((f, nr, input_numel, ndim) for f, nr in node.next_functions)
+        elif name in _DIM0_KEPT:  # attention on folded rows: [k*B, ...] batches, dim 0 kept in place
+            pushed = _dim0_kept_inputs(node, name, numel, ndim, B)
+            if pushed is None:
+                return False
+            stack.extend(pushed)
         elif name in _ROWS_TIMES_WEIGHT:
             rows, weight = _ROWS_TIMES_WEIGHT[name]
             if not _is_weight(node, node.next_functions[weight][0]):
@@ -265,10 +272,58 @@ def folded_rows(x, B):
                     return False
             sizes = node._saved_self_sym_sizes if name == "MmBackward0" else node._saved_mat1_sym_sizes
             f, nr = node.next_functions[rows]
-            stack.append((f, nr, math.prod(sizes)))
+            stack.append((f, nr, math.prod(sizes), len(sizes)))
         else:
             return False
     return True
+
+
+_SDPA_NODES = frozenset({"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
+                         "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"})
+# Nodes whose output keeps dim 0 of every traced input where it was (entry r of dim 0 is made
+# from entry r of each input only): dims moved among the others, dims other than 0 expanded,
+# batched matmuls and fused attention over the [k*B, ...] batches of a fold.
+_DIM0_KEPT = frozenset({"PermuteBackward0", "TransposeBackward0", "ExpandBackward0", "BmmBackward0"}) | _SDPA_NODES
+
+
+def _signed(d):
+    return d - 2**64 if d >= 2**63 else d  # negative dims come back as 2^64 + d
+
+
+def _dim0_kept_inputs(node, name, numel, ndim, B):
+    """The (node, output_nr, numel, ndim) entries of a _DIM0_KEPT node's inputs, or None when
+    the node moves or broadcasts dim 0 (or its dims cannot be told: no ndim known)."""
+    if name in ("PermuteBackward0", "TransposeBackward0"):  # the same elements, dims moved
+        moved = [_signed(d) for d in node._saved_dims] if name == "PermuteBackward0" else None
+        if moved is not None:
+            ndim = len(moved)
+            if moved[0] % ndim != 0:  # output dim 0 is input dim moved[0]
+                return None
+        elif ndim is None or any(_signed(d) % ndim == 0 for d in (node._saved_dim0, node._saved_dim1)):
+            return None
+        f, nr = node.next_functions[0]
+        return [(f, nr, numel, ndim)]
+    if name == "ExpandBackward0":
+        sizes = node._saved_self_sym_sizes
+        # only dims of size 1 expand, so a dim 0 of a fold's size did not; a new leading dim moves it
+        if ndim is None or len(sizes) != ndim or sizes[0] % B or (sizes[0] == 1 and B > 1):
+            return None
+        f, nr = node.next_functions[0]
+        return [(f, nr, math.prod(sizes), ndim)]
+    if name == "BmmBackward0":  # [kB, n, m] @ [kB, m, p] = [kB, n, p] (numel); an operand is saved
+        a, b = node._saved_self, node._saved_mat2  # only where the other one needs a gradient
+        if a is None and b is None:
+            return None
+        a_shape = tuple(a.shape) if a is not None else (b.shape[0], numel // (b.shape[0] * b.shape[2]), b.shape[1])
+        b_shape = tuple(b.shape) if b is not None else (a.shape[0], a.shape[2], numel // (a.shape[0] * a.shape[1]))
+        shapes = (a_shape, b_shape)
+    else:  # fused attention: query, key and value are always saved
+        shapes = tuple(tuple(t.shape) for t in (node._saved_query, node._saved_key, node._saved_value))
+    if any(shape[0] != shapes[0][0] or shape[0] % B for shape in shapes):
+        return None
+    if any(f is not None for f, _ in node.next_functions[len(shapes):]):  # a trained mask or bias
+        return None
+    return [(f, nr, math.prod(shape), len(shape)) for (f, nr), shape in zip(node.next_functions, shapes)]
 
 
 def _along_other_dims(node, sizes_from):
