@@ -33,6 +33,8 @@ class _ScaleFn(torch.autograd.Function):
         acc = accumulation_dtype(g.dtype)
         others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim()]
         per_example = (g.to(acc) * x.to(acc)).sum(others) if others else g.to(acc) * x.to(acc)  # [B, C]
+        # in gamma's own shape: [C], or [C, 1, 1] (timm FastViT's LayerScale2d)
+        per_example = per_example.view(per_example.shape[0], *gamma.shape)
         if ctx.layer._bk_hand_off([(ctx.gamma, DenseUse(per_example))]):
             return grad_x, None, None, None
         return grad_x, per_example.sum(0).to(gamma.dtype), None, None
@@ -87,9 +89,9 @@ def _channel_shape(x, dim):
 
 
 def scale(layer, x, gamma, dim=-1):
-    """x * gamma with gamma [C] along dim `dim` of x, book-kept as a use of `gamma` owned by
-    `layer` (a bk.nn.BKLayer); x holds the examples on dim 0 (checked against the batch). A
-    frozen gamma is a plain product."""
+    """x * gamma with gamma [C] (or [C, 1, ..., 1]) along dim `dim` of x, book-kept as a use of
+    `gamma` owned by `layer` (a bk.nn.BKLayer); x holds the examples on dim 0 (checked against
+    the batch). A frozen gamma is a plain product."""
     if not gamma.requires_grad:
         return x * gamma.view(_channel_shape(x, dim))
     return _ScaleFn.apply(layer._bk_examples(x, 0), gamma, layer, dim)
