@@ -29,6 +29,15 @@ def loss(model, inputs, reduction="mean"):
     return F.cross_entropy(model(inputs["x"]), inputs["y"], reduction=reduction)
 
 
+def assert_exact(model, inputs):
+    """One private step (R = 0.1, all-layer) against the per-example loop, in float64."""
+    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    want = expected_update(grads, [names], 0.1, "abadi", len(inputs["y"]))
+    got, _ = private_update(model, loss, inputs, len(inputs["y"]), max_grad_norm=0.1)
+    assert_updates_close(got, want)
+
+
 def engine_for(model):
     engine = bk.PrivacyEngine(model, batch_size=5, sample_size=50, noise_multiplier=0.0, max_grad_norm=0.1)
     return engine, engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
@@ -60,12 +69,7 @@ def test_frozen_batchnorm_in_eval_mode_is_exact():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
     model[1].requires_grad_(False).eval()
-    inputs = batch()
-    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    want = expected_update(grads, [names], 0.1, "abadi", 5)
-    got, _ = private_update(model, loss, inputs, 5, max_grad_norm=0.1)
-    assert_updates_close(got, want)
+    assert_exact(model, batch())
 
 
 def test_trainable_batchnorm_points_to_replace_batchnorm():
@@ -84,12 +88,7 @@ def test_replace_batchnorm_then_train_exactly():
     assert type(gn) is nn.GroupNorm and gn.num_groups == 4 and gn.num_channels == 8 and gn.eps == 1e-5
     assert gn.weight is weight and gn.bias is bias  # the same Parameters: an optimizer made before still holds them
     assert set(model.state_dict()) == {n for n, _ in model.named_parameters()}  # running statistics gone
-    inputs = batch()
-    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    names = [n for n, p in model.named_parameters()]
-    want = expected_update(grads, [names], 0.1, "abadi", 5)
-    got, _ = private_update(model, loss, inputs, 5, max_grad_norm=0.1)
-    assert_updates_close(got, want)
+    assert_exact(model, batch())
 
 
 def test_replace_batchnorm_groups_divide_the_channels():
@@ -138,9 +137,4 @@ def test_norm_layers_feed_an_inplace_relu(norm):
     after replace_batchnorm)."""
     model = conv_net(norm)
     model[2] = nn.ReLU(inplace=True)
-    inputs = batch()
-    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    names = [n for n, p in model.named_parameters()]
-    want = expected_update(grads, [names], 0.1, "abadi", 5)
-    got, _ = private_update(model, loss, inputs, 5, max_grad_norm=0.1)
-    assert_updates_close(got, want)
+    assert_exact(model, batch())
