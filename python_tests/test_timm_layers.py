@@ -1,5 +1,6 @@
 """timm's own layer classes that bk puts on its fused paths (not the generic path): Conv2dSame
-(TensorFlow "SAME" padding computed per input size), against the per-example loop."""
+(TensorFlow "SAME" padding computed per input size), FastViT's LayerScale2d, GroupNorm and
+GroupNorm1, each against the per-example loop."""
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +13,20 @@ timm = pytest.importorskip("timm")
 DT = torch.float64
 
 
+def assert_exact_on_the_fused_path(model, x):
+    """One private step (R = 0.1, all-layer, B = len(x)) against the per-example loop in float64,
+    with no module left on the generic path; returns the converted model."""
+    B = len(x)
+    inputs = {"x": x, "y": torch.randint(0, 3, (B,))}
+    loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
+    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
+    want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", B)
+    got, engine = private_update(model, loss, inputs, B, max_grad_norm=0.1)
+    assert_updates_close(got, want)
+    assert bk.generic_modules(engine.model) == []
+    return engine.model
+
+
 @pytest.mark.parametrize("size", [9, 16])
 def test_conv2d_same_is_exact_on_the_fused_path(size):
     from timm.layers import Conv2dSame
@@ -21,14 +36,7 @@ def test_conv2d_same_is_exact_on_the_fused_path(size):
                           nn.Flatten(), nn.LazyLinear(3)).to(DT)
     x = torch.randn(4, 3, size, size, dtype=DT)
     model(x)  # materialise the lazy head
-    inputs = {"x": x, "y": torch.randint(0, 3, (4,))}
-    loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
-    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    names = [n for n, _ in model.named_parameters()]
-    want = expected_update(grads, [names], 0.1, "abadi", 4)
-    got, engine = private_update(model, loss, inputs, 4, max_grad_norm=0.1)
-    assert_updates_close(got, want)
-    assert isinstance(engine.model[0], bk.nn.Conv2d) and bk.generic_modules(engine.model) == []
+    assert isinstance(assert_exact_on_the_fused_path(model, x)[0], bk.nn.Conv2d)
 
 
 def test_fastvit_layer_scale_with_a_gamma_of_shape_c_1_1_is_exact():
@@ -38,11 +46,20 @@ def test_fastvit_layer_scale_with_a_gamma_of_shape_c_1_1_is_exact():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), LayerScale2d(4, init_values=0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    model = model.to(DT)
-    inputs = {"x": torch.randn(4, 3, 8, 8, dtype=DT), "y": torch.randint(0, 3, (4,))}
-    loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
-    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", 4)
-    got, engine = private_update(model, loss, inputs, 4, max_grad_norm=0.1)
-    assert_updates_close(got, want)
-    assert bk.generic_modules(engine.model) == []
+    assert_exact_on_the_fused_path(model.to(DT), torch.randn(4, 3, 8, 8, dtype=DT))
+
+
+def test_timm_group_norms_are_exact_on_the_fused_path():
+    """timm's GroupNorm (channels first in its __init__) and GroupNorm1 compute F.group_norm of
+    torch's attributes: bk's fused GroupNorm in front of them (they were the generic path)."""
+    from timm.layers import GroupNorm, GroupNorm1
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), GroupNorm(4, num_groups=2), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1),
+                          GroupNorm1(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).to(DT)
+    with torch.no_grad():
+        for m in (model[1], model[4]):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    converted = assert_exact_on_the_fused_path(model, torch.randn(4, 3, 8, 8, dtype=DT))
+    assert isinstance(converted[1], bk.nn.GroupNorm) and isinstance(converted[4], bk.nn.GroupNorm)

@@ -188,6 +188,10 @@ register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matche
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
+# timm's GroupNorm and GroupNorm1 (channels first in __init__) compute what torch's does:
+# F.group_norm of the same attributes
+register_layer(None, _unless_fast_norm(GroupNorm),
+               matches=lambda cls: cls.__name__ in ("GroupNorm", "GroupNorm1") and cls.__module__ == "timm.layers.norm")
 register_layer(None, _unless_fast_norm(_TimmGroupNormAct),
                matches=lambda cls: cls.__name__ in ("GroupNormAct", "GroupNorm1Act") and cls.__module__.startswith("timm."))
 # timm's LayerNorm overrides forward without calling torch's, but computes what torch's does
