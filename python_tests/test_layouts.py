@@ -513,3 +513,52 @@ def test_folded_rows_refuses_attention_across_examples():
     assert not folded_rows(_attention_on_folds(rows, rows.roll(4, 0), rows, fused=True), 3)
     assert not folded_rows(torch.bmm(rows, rows[:1].expand(12, 5, 8).transpose(1, 2)), 3)  # one example's keys for all
     assert not folded_rows(rows.permute(1, 0, 2).reshape(12, 5, 8), 3)  # positions before examples
+
+
+def test_folded_rows_through_a_qkv_split():
+    """timm's and TimeSformer's attention split q, k and v with reshape(kB, n, 3, h, d).permute(2,
+    0, 3, 1, 4)[i]: the fold moves to dim 1 and back; the walk follows it through."""
+    from bk_kernels.nn._core import folded_rows
+
+    weight = nn.Parameter(torch.randn(12, 4, dtype=DT))
+    rows = torch.tanh(torch.randn(3, 2, 5, 4, dtype=DT, requires_grad=True)).reshape(6, 5, 4)  # k = 2
+    qkv = F.linear(rows, weight).reshape(6, 5, 3, 2, 2).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    out = (q @ k.transpose(-2, -1)).softmax(-1) @ v  # [6, heads, 5, 2]
+    assert folded_rows(out.transpose(1, 2).reshape(6, 5, 4), 3)
+    # a select of another dim (a position) keeps every fold row: still folded
+    first_position = F.linear(rows, weight).reshape(6, 5, 3, 4).permute(2, 1, 0, 3)[:, 0]  # [3, 6, 4]
+    assert folded_rows(first_position.permute(1, 0, 2), 3)
+    # qkv.permute(1, 0, ...)[0]: its dim 0 (3 = B entries) is the q/k/v index, not a fold: refused
+    assert not folded_rows(qkv.permute(1, 0, 2, 3, 4)[0], 3)
+
+
+def test_video_frames_folded_into_a_convolution_are_exact():
+    """A video's frames folded into the batch of a convolution ([B, T, C, H, W] ->
+    [B * T, C, H, W], TimeSformer's patch embedding): each example's gradient sums its frames'."""
+    class Frames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2)
+            self.head = nn.Linear(2 * 4 * 3 * 3, 3)
+
+        def forward(self, video):  # [B, T, C, H, W]
+            B, T = video.shape[:2]
+            frames = self.conv(video.reshape(B * T, *video.shape[2:]))  # [B*T, 4, 3, 3]
+            return self.head(torch.tanh(frames).reshape(B, -1))
+
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(5, 2, 3, 7, 7, dtype=DT), "y": torch.randint(0, 3, (5,))}
+    model = Frames().to(DT)
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+    class FramesFirst(Frames):  # [T, B] order: frame-major, not the examples'
+        def forward(self, video):
+            B, T = video.shape[:2]
+            frames = self.conv(video.transpose(0, 1).reshape(B * T, *video.shape[2:]))
+            return self.head(torch.tanh(frames).reshape(B, -1))
+
+    model = bk.convert(FramesFirst().to(DT))
+    bk.PrivacyEngine(model, batch_size=5, sample_size=50, noise_multiplier=0.0, max_grad_norm=1.0)
+    with pytest.raises(bk.UnsupportedLayoutError, match="should hold the examples"):
+        model(inputs["x"])

@@ -103,7 +103,7 @@ class BKLayer:
         so that this layer's output, and so its output gradient, is per example. Anything else
         is refused here, in the forward, before any gradient or budget is touched.
 
-        fold_rows (row-wise layers: Linear, LayerNorm): an input [k*B, d] whose rows are the
+        fold_rows (row-wise layers: Linear, LayerNorm; convolutions): an input [k*B, d] whose rows are the
         examples' rows folded example-major (OPT's reshape(-1, d) of [B, T, d]), proven by
         folded_rows, comes back as [B, k, d]; the caller flattens its output back."""
         self._bk_count_call()
@@ -220,48 +220,55 @@ def folded_rows(x, B):
     # (node, which of its outputs, that output's number of elements): a view's input must have
     # as many elements as its output (then its rows are the fold's), and the nodes that change
     # the row width (a matmul, top-k, a reduction) say how many their input has.
-    # Each entry also carries the tensor's number of dims where known (None after a bk layer),
-    # for the nodes that move dims: they must keep dim 0 where it is.
-    stack, seen = [(x.grad_fn, x.output_nr, x.numel(), x.dim())], set()
+    # Each entry also carries the tensor's number of dims where known (None after a bk layer)
+    # and the dim that holds the fold (0 but between a permute or select that moved it and the
+    # one that moves it back, as attention's q/k/v split `permute(2, 0, 3, 1, 4)[i]`). Views,
+    # matmuls and leaves are only read with the fold on dim 0.
+    stack, seen = [(x.grad_fn, x.output_nr, x.numel(), x.dim(), 0)], set()
     while stack:
-        node, output_nr, numel, ndim = stack.pop()
-        if node is None or (node, output_nr, numel) in seen:
+        node, output_nr, numel, ndim, fold = stack.pop()
+        if node is None or (node, output_nr, numel, fold) in seen:
             continue
-        seen.add((node, output_nr, numel))
+        seen.add((node, output_nr, numel, fold))
         if len(seen) > _MAX_NODES:
             return False
         name = node.name()
         folded_outputs = getattr(node, "_bk_folded_outputs", None)
         row_wise_input = getattr(node, "_bk_row_wise_input", None)
-        if folded_outputs is not None:  # a generic-path module's output (an MoE router's weights)
+        if name in _ROW_WISE_NODES:
+            traced = [(f, nr) for f, nr in node.next_functions if f is not None]
+            # an operand of a binary op may have fewer dims (broadcast): its ndim is not known
+            stack.extend((f, nr, numel, ndim if len(traced) == 1 else None, fold) for f, nr in traced)
+        elif name in _ROW_WISE_ALONG:
+            if fold != 0 or not _along_other_dims(node, _ROW_WISE_ALONG[name]):
+                return False
+            sizes = getattr(node, _ROW_WISE_ALONG[name])
+            input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
+            input_ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
+            stack.extend((f, nr, input_numel, input_ndim, 0) for f, nr in node.next_functions)
+        elif name in _FOLD_MOVED:  # attention on folds: the fold's dim followed through
+            pushed = _fold_moved_inputs(node, name, numel, ndim, fold, B)
+            if pushed is None:
+                return False
+            stack.extend(pushed)
+        elif fold != 0:  # everything below reads the fold on dim 0
+            return False
+        elif folded_outputs is not None:  # a generic-path module's output (an MoE router's weights)
             if output_nr not in folded_outputs:
                 return False
         elif row_wise_input is not None:  # a bk layer's map of the rows (a frozen bk Linear router)
             i, input_numel = row_wise_input
             f, nr = node.next_functions[i]
-            stack.append((f, nr, input_numel, None))
+            stack.append((f, nr, input_numel, None, 0))
         elif name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
             if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
                 return False
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
-                stack.extend((f, nr, numel, len(sizes)) for f, nr in node.next_functions)
+                stack.extend((f, nr, numel, len(sizes), 0) for f, nr in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
             if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
                 return False
-        elif name in _ROW_WISE_NODES:
-            stack.extend((f, nr, numel, ndim) for f, nr in node.next_functions)
-        elif name in _ROW_WISE_ALONG:
-            if not _along_other_dims(node, _ROW_WISE_ALONG[name]):
-                return False
-            sizes = getattr(node, _ROW_WISE_ALONG[name])
-            input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
-            stack.extend((f, nr, input_numel, ndim) for f, nr in node.next_functions)
-        elif name in _DIM0_KEPT:  # attention on folded rows: [k*B, ...] batches, dim 0 kept in place
-            pushed = _dim0_kept_inputs(node, name, numel, ndim, B)
-            if pushed is None:
-                return False
-            stack.extend(pushed)
         elif name in _ROWS_TIMES_WEIGHT:
             rows, weight = _ROWS_TIMES_WEIGHT[name]
             if not _is_weight(node, node.next_functions[weight][0]):
@@ -272,7 +279,7 @@ def folded_rows(x, B):
                     return False
             sizes = node._saved_self_sym_sizes if name == "MmBackward0" else node._saved_mat1_sym_sizes
             f, nr = node.next_functions[rows]
-            stack.append((f, nr, math.prod(sizes), len(sizes)))
+            stack.append((f, nr, math.prod(sizes), len(sizes), 0))
         else:
             return False
     return True
@@ -280,36 +287,49 @@ def folded_rows(x, B):
 
 _SDPA_NODES = frozenset({"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
                          "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"})
-# Nodes whose output keeps dim 0 of every traced input where it was (entry r of dim 0 is made
-# from entry r of each input only): dims moved among the others, dims other than 0 expanded,
-# batched matmuls and fused attention over the [k*B, ...] batches of a fold.
-_DIM0_KEPT = frozenset({"PermuteBackward0", "TransposeBackward0", "ExpandBackward0", "BmmBackward0"}) | _SDPA_NODES
+# Nodes through which the fold is followed: entry r of the fold's dim (k*B long) of the output
+# is made from entry r of the fold's dim of each traced input only. Permutes and transposes
+# move that dim, a select of another dim removes one before or after it, expands broadcast
+# other dims; batched matmuls and fused attention take the fold on dim 0 as their batch.
+_FOLD_MOVED = frozenset({"PermuteBackward0", "TransposeBackward0", "SelectBackward0", "ExpandBackward0",
+                         "BmmBackward0"}) | _SDPA_NODES
 
 
 def _signed(d):
     return d - 2**64 if d >= 2**63 else d  # negative dims come back as 2^64 + d
 
 
-def _dim0_kept_inputs(node, name, numel, ndim, B):
-    """The (node, output_nr, numel, ndim) entries of a _DIM0_KEPT node's inputs, or None when
-    the node moves or broadcasts dim 0 (or its dims cannot be told: no ndim known)."""
-    if name in ("PermuteBackward0", "TransposeBackward0"):  # the same elements, dims moved
-        moved = [_signed(d) for d in node._saved_dims] if name == "PermuteBackward0" else None
-        if moved is not None:
-            ndim = len(moved)
-            if moved[0] % ndim != 0:  # output dim 0 is input dim moved[0]
-                return None
-        elif ndim is None or any(_signed(d) % ndim == 0 for d in (node._saved_dim0, node._saved_dim1)):
+def _fold_moved_inputs(node, name, numel, ndim, fold, B):
+    """The (node, output_nr, numel, ndim, fold dim) entries of a _FOLD_MOVED node's inputs, or
+    None when the node selects from, broadcasts or contracts the fold (or its dims cannot be
+    told: no ndim known)."""
+    if name == "PermuteBackward0":  # output dim i is input dim dims[i]
+        dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]
+        f, nr = node.next_functions[0]
+        return [(f, nr, numel, len(dims), dims[fold])]
+    if name == "TransposeBackward0":
+        if ndim is None:
+            return None
+        d0, d1 = (_signed(d) % ndim for d in (node._saved_dim0, node._saved_dim1))
+        f, nr = node.next_functions[0]
+        return [(f, nr, numel, ndim, d1 if fold == d0 else d0 if fold == d1 else fold)]
+    if name == "SelectBackward0":  # input [..., n (dim d), ...] -> output without dim d
+        sizes = node._saved_self_sym_sizes
+        d = _signed(node._saved_dim) % len(sizes)
+        if ndim is None or len(sizes) != ndim + 1 or math.prod(sizes) != numel * sizes[d]:
             return None
         f, nr = node.next_functions[0]
-        return [(f, nr, numel, ndim)]
+        # the fold is input dim fold (before d) or fold + 1: never d itself, which holds no fold
+        return [(f, nr, math.prod(sizes), len(sizes), fold if fold < d else fold + 1)]
     if name == "ExpandBackward0":
         sizes = node._saved_self_sym_sizes
-        # only dims of size 1 expand, so a dim 0 of a fold's size did not; a new leading dim moves it
-        if ndim is None or len(sizes) != ndim or sizes[0] % B or (sizes[0] == 1 and B > 1):
+        # only dims of size 1 expand: a fold dim of k*B entries did not; a new leading dim moves it
+        if ndim is None or len(sizes) != ndim or sizes[fold] % B or (sizes[fold] == 1 and B > 1):
             return None
         f, nr = node.next_functions[0]
-        return [(f, nr, math.prod(sizes), ndim)]
+        return [(f, nr, math.prod(sizes), ndim, fold)]
+    if fold != 0:  # a batched matmul's batch is dim 0
+        return None
     if name == "BmmBackward0":  # [kB, n, m] @ [kB, m, p] = [kB, n, p] (numel); an operand is saved
         a, b = node._saved_self, node._saved_mat2  # only where the other one needs a gradient
         if a is None and b is None:
@@ -317,13 +337,17 @@ def _dim0_kept_inputs(node, name, numel, ndim, B):
         a_shape = tuple(a.shape) if a is not None else (b.shape[0], numel // (b.shape[0] * b.shape[2]), b.shape[1])
         b_shape = tuple(b.shape) if b is not None else (a.shape[0], a.shape[2], numel // (a.shape[0] * a.shape[1]))
         shapes = (a_shape, b_shape)
+        out_numel = a_shape[0] * a_shape[1] * b_shape[2]
     else:  # fused attention: query, key and value are always saved
         shapes = tuple(tuple(t.shape) for t in (node._saved_query, node._saved_key, node._saved_value))
-    if any(shape[0] != shapes[0][0] or shape[0] % B for shape in shapes):
+        out_numel = math.prod(shapes[0][:-1]) * shapes[2][-1]
+    # the output is the traced tensor itself (not a broadcast operand of fewer elements), and
+    # every operand's batch is the fold's
+    if out_numel != numel or any(shape[0] != shapes[0][0] or shape[0] % B for shape in shapes):
         return None
     if any(f is not None for f, _ in node.next_functions[len(shapes):]):  # a trained mask or bias
         return None
-    return [(f, nr, math.prod(shape), len(shape)) for (f, nr), shape in zip(node.next_functions, shapes)]
+    return [(f, nr, math.prod(shape), len(shape), 0) for (f, nr), shape in zip(node.next_functions, shapes)]
 
 
 def _along_other_dims(node, sizes_from):
@@ -331,8 +355,8 @@ def _along_other_dims(node, sizes_from):
     sizes = getattr(node, sizes_from)
     ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
     dims = node._saved_dim if isinstance(node._saved_dim, tuple) else (node._saved_dim,)
-    # -1 comes back as 2^64 - 1; an empty dim list is a full reduction
-    return bool(dims) and all((d - 2**64 if d >= 2**63 else d) % ndim != 0 for d in dims)
+    # an empty dim list is a full reduction
+    return bool(dims) and all(_signed(d) % ndim != 0 for d in dims)
 
 
 def _is_weight(node, fn):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
 from ._made import made_class
+from ..ops.conv import conv_per_example_grads
 from ._uses import ConvUse, DenseUse
 from .families import register_layer
 
@@ -15,8 +16,9 @@ class _ConvFn(torch.autograd.Function):
     """y = conv(x, weight, bias) with x already padded (padding 0 here)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(ctx, x, weight, bias, layer, fold=1):
         ctx.layer, ctx.weight, ctx.bias = layer, weight, bias  # ctx.weight: the Parameter's identity
+        ctx.fold = fold  # inputs per example, folded example-major on dim 0 (a video's frames)
         x = autocast_input(x)
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # none for frozen weights
         ctx.x_shape = x.shape
@@ -35,18 +37,23 @@ class _ConvFn(torch.autograd.Function):
             grad_x = torch.ops.aten.convolution_backward(
                 g, x_or_shape, weight.to(g.dtype), None, list(layer.stride), [0] * n, list(layer.dilation), False,
                 [0] * n, layer.groups, [True, False, False])[0]
-        uses = []
-        if x is not None:
+        uses, fold = [], ctx.fold
+        if x is not None and fold > 1:  # each example's gradient sums its fold's: kept per example
+            uses.append((param, DenseUse(conv_per_example_grads(
+                x, g, weight_shape=tuple(weight.shape), stride=layer.stride, dilation=layer.dilation,
+                groups=layer.groups, fold=fold))))
+        elif x is not None:
             uses.append((param, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
         if bias is not None and bias.requires_grad:
-            uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype)))))
+            per_input = g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype))
+            uses.append((bias, DenseUse(per_input.view(-1, fold, per_input.shape[1]).sum(1))))
         if layer._bk_hand_off(uses):
-            return grad_x, None, None, None
+            return grad_x, None, None, None, None
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
             g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride),
             [0] * n, list(layer.dilation), False, [0] * n, layer.groups,
             [False, x is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]])
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _ConvMixin(BKLayer):
@@ -61,8 +68,11 @@ class _ConvMixin(BKLayer):
         unbatched = x.dim() == len(self.kernel_size) + 1
         if unbatched:
             x = x.unsqueeze(0)
-        x = self._bk_examples(x, 0)  # [N, C, *]: the examples are on dim 0 in either layout
-        y = _ConvFn.apply(self._bk_padded(x), self.weight, self.bias, self)
+        # [N, C, *]: the examples are on dim 0 in either layout, or folded example-major there
+        # ([B * k, C, *]: k frames of each example's video, proven by folded_rows)
+        xe = self._bk_examples(x, 0, fold_rows=True)
+        fold = xe.shape[1] if xe.dim() > x.dim() else 1
+        y = _ConvFn.apply(self._bk_padded(x if fold > 1 else xe), self.weight, self.bias, self, fold)
         return y.squeeze(0) if unbatched else y
 
 

@@ -137,19 +137,26 @@ def conv_clipped_sum(x, g, c, *, weight_shape, stride=1, padding=0, dilation=1, 
     return out_w, out_b
 
 
-def conv_per_example_grads(x, g, *, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+def conv_per_example_grads(x, g, *, weight_shape, stride=1, padding=0, dilation=1, groups=1, fold=1):
     """[B, *weight_shape] every example's weight gradient, in the accumulation dtype, from ONE
     weight-gradient call with the batch folded into the groups (groups * B groups over a batch
     of one): no unfolded patches, torch's own kernel (mkldnn/cuDNN). For layers whose B
     per-example gradients are small: the engine then clips them by a weighted sum.
+
+    fold: x and g hold `fold` inputs per example, folded example-major ([B * fold, C, *S]: a
+    video's frames); example b's gradient sums its fold inputs' (they become the call's batch).
     """
     k, s, p, dl = _conv_args(x, g, weight_shape[2:], stride, padding, dilation, groups)
-    B, n = x.shape[0], x.dim() - 2
+    B, n = x.shape[0] // fold, x.dim() - 2
     acc = accumulation_dtype(x.dtype)
     if B == 0:
         return torch.zeros((0, *weight_shape), dtype=acc, device=x.device)
-    x1 = x.to(acc).reshape(1, B * x.shape[1], *x.shape[2:])
-    g1 = g.to(acc).reshape(1, B * g.shape[1], *g.shape[2:])
+
+    def batch_of_folds(t):  # [B * fold, C, *S] -> [fold, B * C, *S]
+        t = t.to(acc).reshape(B, fold, *t.shape[1:])
+        return t.transpose(0, 1).reshape(fold, B * t.shape[2], *t.shape[3:])
+
+    x1, g1 = batch_of_folds(x), batch_of_folds(g)
     stacked = (B * weight_shape[0], *weight_shape[1:])
     w = _weight_grad(n, x1, stacked, g1, s, p, dl, groups * B)
     return w.view(B, *weight_shape)
