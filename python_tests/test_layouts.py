@@ -562,3 +562,18 @@ def test_video_frames_folded_into_a_convolution_are_exact():
     bk.PrivacyEngine(model, batch_size=5, sample_size=50, noise_multiplier=0.0, max_grad_norm=1.0)
     with pytest.raises(bk.UnsupportedLayoutError, match="should hold the examples"):
         model(inputs["x"])
+
+
+def test_folded_rows_through_a_concatenation_of_per_example_tokens():
+    """TimeSformer puts each example's cls token, repeated over its frames, before each frame's
+    patches: cat along dim 1 of two folds keeps the fold; a cat along the fold's dim is refused."""
+    from bk_kernels.nn._core import folded_rows
+
+    B, T, n, d = 3, 2, 4, 5
+    x = torch.tanh(torch.randn(B, 1 + T * n, d, dtype=DT, requires_grad=True))
+    cls = x[:, 0].unsqueeze(1).repeat(1, T, 1).reshape(B * T, 1, d)  # each example's token, per frame
+    patches = x[:, 1:].reshape(B, T, n, d).reshape(B * T, n, d)
+    assert folded_rows(torch.cat([cls, patches], dim=1) * 2, 3)
+    assert not folded_rows(torch.cat([patches[:3], patches[3:]], dim=0), 3)  # along the fold: rows reordered
+    other = torch.tanh(torch.randn(B * T, 1, d, dtype=DT, requires_grad=True))
+    assert not folded_rows(torch.cat([other, patches], dim=1), 3)  # a [6, 1, d] input of no proven fold

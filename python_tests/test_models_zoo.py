@@ -47,9 +47,12 @@ def test_full_fine_tuning_is_exact(name):
     check_model(model, loss, inputs, style="all-layer", backend="cpu", R=_median_norm(model, loss, inputs))
 
 
-# MobileViT's folds made from a frozen stem have no gradient history to prove them by: refused
-# (test_mobilevit_folds_without_gradient_history_are_refused).
-@pytest.mark.parametrize("name", [n for n in EXACT if not n.startswith(("lora", "peft")) and "mobilevit" not in n])
+# Models whose folds, made from a frozen first half, have no gradient history to prove them by:
+# refused (test_folds_without_gradient_history_are_refused).
+NO_HISTORY_FOLDS = ["hf_mobilevit_bn_replaced", "hf_timesformer"]
+
+
+@pytest.mark.parametrize("name", [n for n in EXACT if not n.startswith(("lora", "peft")) and n not in NO_HISTORY_FOLDS])
 def test_frozen_base_is_exact(name):
     """The first half of the parameters frozen (embeddings, early blocks): what remains trains
     exactly, and frozen layers keep no activations for their weights."""
@@ -366,12 +369,14 @@ def test_timm_layer_scales_and_convnext_blocks_take_the_scale_path(inplace):
     check_model(scaled, zoo.classify_images, zoo.image_batch(B, size=8), style="all-layer", backend="cpu")
 
 
-def test_mobilevit_folds_without_gradient_history_are_refused():
-    """MobileViT folds each example's patches into [B * patch_area, patches, d] with transposes
-    and copies. With the stem and first stages frozen, the fold reaching the first trained
-    LayerNorm has no gradient history, so nothing proves its rows example-major: the backward
-    is refused before anything is recorded (the fully trained model is exact, above)."""
-    model, loss, inputs = _build("hf_mobilevit_bn_replaced")
+@pytest.mark.parametrize("name", NO_HISTORY_FOLDS)
+def test_folds_without_gradient_history_are_refused(name):
+    """MobileViT folds each example's patches into [B * patch_area, patches, d], TimeSformer its
+    frames and patches into [B * frames, patches, d], with transposes and copies. With the
+    first half of the parameters frozen, a fold reaching a trained layer has no gradient
+    history, so nothing proves its rows example-major: the backward is refused before
+    anything is recorded (the fully trained models are exact, above)."""
+    model, loss, inputs = _build(name)
     params = list(model.parameters())
     for p in params[: len(params) // 2]:
         p.requires_grad_(False)

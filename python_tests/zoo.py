@@ -299,6 +299,18 @@ def hf_mobilevit_bn_replaced():
                                     attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0), groups=4)
 
 
+def hf_timesformer():
+    """HF TimeSformer: frames folded into the patch convolution's batch, divided space-time
+    attention on [B * frames, patches, d] and [B * patches, frames, d] folds."""
+    return _hf(("TimesformerConfig", "TimesformerForVideoClassification"), image_size=16, patch_size=8,
+               num_frames=2, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0)
+
+
+def video_batch(B, frames=2, size=16, labels=3):
+    return {"x": torch.randn(B, frames, 3, size, size, dtype=DT), "y": torch.randint(0, labels, (B,))}
+
+
 def lora(base, targets):
     import peft
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
@@ -377,6 +389,7 @@ ZOO = {
     "timm_mobilenetv3_bn_replaced": (timm_mobilenetv3_bn_replaced, classify_images, lambda B: image_batch(B, size=32)),
     "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_mobilevit_bn_replaced": (hf_mobilevit_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_timesformer": (hf_timesformer, classify_pixels, video_batch),
     "lora_gpt2": (lora_gpt2, causal_lm, ids_batch),
     "peft_ia3_llama": (lambda: peft_adapter("ia3"), causal_lm, ids_batch),
     "peft_lora_embedding_gpt2": (lambda: peft_adapter("lora_embedding"), causal_lm, ids_batch),

@@ -237,8 +237,15 @@ def folded_rows(x, B):
         row_wise_input = getattr(node, "_bk_row_wise_input", None)
         if name in _ROW_WISE_NODES:
             traced = [(f, nr) for f, nr in node.next_functions if f is not None]
+            if len(traced) > 1 and numel is None:  # a broadcast operand could not be told from the others
+                return False
             # an operand of a binary op may have fewer dims (broadcast): its ndim is not known
             stack.extend((f, nr, numel, ndim if len(traced) == 1 else None, fold) for f, nr in traced)
+        elif name == "CatBackward0":  # inputs of one shape but along the cat dim: the fold's rows kept
+            if ndim is None or _signed(node._saved_dim) % ndim == fold:
+                return False
+            # each input's number of elements is not saved: unknown (None) until a view says it
+            stack.extend((f, nr, None, ndim, fold) for f, nr in node.next_functions if f is not None)
         elif name in _ROW_WISE_ALONG:
             if fold != 0 or not _along_other_dims(node, _ROW_WISE_ALONG[name]):
                 return False
@@ -262,8 +269,9 @@ def folded_rows(x, B):
             stack.append((f, nr, input_numel, None, 0))
         elif name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
-            if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
+            if not (len(sizes) >= 2 and (numel is None or math.prod(sizes) == numel) and sizes[0] % B == 0):
                 return False
+            numel = math.prod(sizes)
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
                 stack.extend((f, nr, numel, len(sizes), 0) for f, nr in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
@@ -316,7 +324,7 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     if name == "SelectBackward0":  # input [..., n (dim d), ...] -> output without dim d
         sizes = node._saved_self_sym_sizes
         d = _signed(node._saved_dim) % len(sizes)
-        if ndim is None or len(sizes) != ndim + 1 or math.prod(sizes) != numel * sizes[d]:
+        if ndim is None or len(sizes) != ndim + 1 or (numel is not None and math.prod(sizes) != numel * sizes[d]):
             return None
         f, nr = node.next_functions[0]
         # the fold is input dim fold (before d) or fold + 1: never d itself, which holds no fold
