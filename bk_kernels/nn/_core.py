@@ -313,6 +313,8 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     told: no ndim known)."""
     if name == "PermuteBackward0":  # output dim i is input dim dims[i]
         dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]
+        if fold >= len(dims):  # the fold claimed on a dim this tensor does not have
+            return None
         f, nr = node.next_functions[0]
         return [(f, nr, numel, len(dims), dims[fold])]
     if name == "TransposeBackward0":
