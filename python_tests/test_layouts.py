@@ -577,3 +577,4 @@ def test_folded_rows_through_a_concatenation_of_per_example_tokens():
     assert not folded_rows(torch.cat([patches[:3], patches[3:]], dim=0), 3)  # along the fold: rows reordered
     other = torch.tanh(torch.randn(B * T, 1, d, dtype=DT, requires_grad=True))
     assert not folded_rows(torch.cat([other, patches], dim=1), 3)  # a [6, 1, d] input of no proven fold
+

@@ -190,6 +190,9 @@ _ROW_WISE_NODES = frozenset(
     f"{op}Backward{v}" for op in ("Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Elu", "LeakyRelu", "Hardtanh",
                                   "Hardswish", "Mish", "Softplus", "NativeDropout", "Clone", "ToCopy", "Neg",
                                   "Add", "Sub", "Mul", "Div") for v in (0, 1))
+# Of _ROW_WISE_NODES, the tensor-tensor ops, whose operands may be broadcast (the *Backward1
+# nodes are the tensor-scalar ops: one operand, of the output's shape)
+_BINARY_OPS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
 _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"})
 # Nodes that keep rows apart when they work along dims other than 0 (an MoE router's softmax,
 # top-k and renormalisation): node name -> where the input's sizes are read.
@@ -236,11 +239,12 @@ def folded_rows(x, B):
         folded_outputs = getattr(node, "_bk_folded_outputs", None)
         row_wise_input = getattr(node, "_bk_row_wise_input", None)
         if name in _ROW_WISE_NODES:
-            traced = [(f, nr) for f, nr in node.next_functions if f is not None]
-            if len(traced) > 1 and numel is None:  # a broadcast operand could not be told from the others
+            binary = name in _BINARY_OPS and not _times_a_scalar(node)
+            if binary and numel is None:  # a broadcast operand could not be told by its element count
                 return False
-            # an operand of a binary op may have fewer dims (broadcast): its ndim is not known
-            stack.extend((f, nr, numel, ndim if len(traced) == 1 else None, fold) for f, nr in traced)
+            # an operand of a binary op may be broadcast: fewer dims (not known) and fewer elements
+            # than the claim pushed to it, which the next view or matmul then refuses
+            stack.extend((f, nr, numel, None if binary else ndim, fold) for f, nr in node.next_functions)
         elif name == "CatBackward0":  # inputs of one shape but along the cat dim: the fold's rows kept
             if ndim is None or _signed(node._saved_dim) % ndim == fold:
                 return False
@@ -340,6 +344,8 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
         return [(f, nr, math.prod(sizes), ndim, fold)]
     if fold != 0:  # a batched matmul's batch is dim 0
         return None
+    if numel is None:  # the traced output's element count must be known to be checked
+        return None
     if name == "BmmBackward0":  # [kB, n, m] @ [kB, m, p] = [kB, n, p] (numel); an operand is saved
         a, b = node._saved_self, node._saved_mat2  # only where the other one needs a gradient
         if a is None and b is None:
@@ -358,6 +364,16 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     if any(f is not None for f, _ in node.next_functions[len(shapes):]):  # a trained mask or bias
         return None
     return [(f, nr, math.prod(shape), len(shape), 0) for (f, nr), shape in zip(node.next_functions, shapes)]
+
+
+def _times_a_scalar(node):
+    """Whether a tensor-tensor node has one traced operand and a one-element constant other (x * 2
+    records MulBackward0 with the 2 as a tensor): the traced operand has the output's shape."""
+    traced = [i for i, (f, _) in enumerate(node.next_functions) if f is not None]
+    if len(traced) != 1 or len(node.next_functions) != 2:
+        return False
+    other = getattr(node, "_saved_other" if traced[0] == 0 else "_saved_self", None)
+    return isinstance(other, torch.Tensor) and other.numel() == 1
 
 
 def _along_other_dims(node, sizes_from):
