@@ -43,15 +43,15 @@ def _problem(module):
 def _group_norm(bn, groups):
     """The GroupNorm for `bn`: its channels, eps and affine setting; its own weight and bias
     Parameter objects (so an optimizer made before, and requires_grad, carry over)."""
-    C = bn.num_features
+    C, with_act = bn.num_features, _timm_norm_act(bn)
     factory = torch.nn.GroupNorm
-    if _timm_norm_act(bn):
+    if with_act:
         from timm.layers import GroupNormAct as factory
     gn = factory(num_groups=_groups_for(C, groups), num_channels=C, eps=bn.eps, affine=bn.affine,
                  device=bn.weight.device if bn.affine else None, dtype=bn.weight.dtype if bn.affine else None)
     if bn.affine:
         gn.weight, gn.bias = bn.weight, bn.bias
-    if _timm_norm_act(bn):
+    if with_act:
         gn.drop, gn.act = bn.drop, bn.act
     gn.train(bn.training)
     return gn
@@ -59,10 +59,10 @@ def _group_norm(bn, groups):
 
 def replace_batchnorm(model, groups=32):
     """Swaps every BatchNorm1d/2d/3d and SyncBatchNorm of `model` (in place) for a GroupNorm
-    (timm's BatchNormAct2d and SyncBatchNormAct for timm's GroupNormAct, keeping their drop and
-    act modules)
-    over the same channels, with the largest number of groups that divides the channel count
-    and is at most `groups` (32 groups is the GroupNorm paper's default and Opacus' choice).
+    over the same channels (timm's BatchNormAct2d and SyncBatchNormAct for timm's GroupNormAct,
+    keeping their drop and act modules), with the largest number of groups that divides the
+    channel count and is at most `groups` (32 groups is the GroupNorm paper's default and
+    Opacus' choice).
     Returns the model (or the GroupNorm, when `model` itself is a BatchNorm).
 
     The GroupNorm keeps the BatchNorm's eps and its affine weight and bias (the same Parameter

@@ -25,6 +25,7 @@ from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, c
 from .nn._core import BKLayer
 from .nn._uses import UnsupportedSharingError, cross
 from .ops._norm_common import accumulation_dtype
+from .ops.add_noise import counters
 from .ops.linear_norm import MODES
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -501,7 +502,7 @@ class PrivacyEngine:
         if std > 0:
             # Philox draws 4 normals per counter: each parameter starts on a fresh counter, so no
             # two coordinates of any step share a draw.
-            self._noise_offset += (p.numel() + 3) // 4 * 4
+            self._noise_offset += counters(p.numel())
 
     def _zero_grad(self):
         """Called by the optimizer's zero_grad: drops a pending backward; a step that the

@@ -90,17 +90,13 @@ class Conv3d(_ConvMixin, torch.nn.Conv3d):
 
 class _TimmConv2dSame(Conv2d):
     """timm's Conv2dSame (TensorFlow's "SAME" padding, computed from each input's size: the
-    EfficientNet ports tf_*): timm's pad_same, then bk's convolution with padding 0."""
+    EfficientNet ports tf_*): bk's convolution with timm's pad_same as its padding (the plain
+    forward is timm's)."""
 
-    def forward(self, x):
-        if in_plain_forward():
-            return super().forward(x)  # timm's forward, through bk Conv2d's plain path
+    def _bk_padded(self, x):
         from timm.layers.padding import pad_same
 
-        unbatched = x.dim() == 3
-        x = self._bk_examples(x.unsqueeze(0) if unbatched else x, 0)
-        y = _ConvFn.apply(pad_same(x, self.weight.shape[-2:], self.stride, self.dilation), self.weight, self.bias, self)
-        return y.squeeze(0) if unbatched else y
+        return pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
 
 
 def _timm_conv2d_same_class(cls):

@@ -14,7 +14,7 @@ from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
 from ._made import made_class
 from .families import register_layer
-from .norm import GroupNorm, LayerNorm, _AffineNormFn
+from .norm import GroupNorm, LayerNorm
 
 
 class _ScaleFn(torch.autograd.Function):
@@ -159,9 +159,8 @@ class _TimmGroupNormAct(GroupNorm):
     BatchNormAct2d): bk's fused GroupNorm, then the module's own drop and act."""
 
     def forward(self, x):
-        if in_plain_forward():
-            return super().forward(x)  # timm's forward, through bk GroupNorm's plain path
-        return self.act(self.drop(_AffineNormFn.apply(self._bk_examples(x, 0), self.weight, self.bias, self)))
+        y = super().forward(x)  # bk's GroupNorm; in a plain forward timm's (drop and act included)
+        return y if in_plain_forward() else self.act(self.drop(y))
 
 
 def _made(cls, mixin):

@@ -22,6 +22,12 @@ _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _INT64_MAX = 2**63 - 1
 
 
+def counters(numel):
+    """The counters a tensor of `numel` elements takes: its numel rounded up to a multiple of 4
+    (Philox draws 4 normals per counter block, so the next tensor starts on a fresh block)."""
+    return (numel + 3) // 4 * 4
+
+
 def add_noise_(grad, std, scale, seed, offset, *, backend="auto"):
     """grad = (grad + std * z) * scale in place, z the Philox normals of (seed, offset); returns grad.
 
@@ -61,7 +67,7 @@ def add_noise_list_(grads, std, scale, seed, offset, *, backend="auto"):
         _check(grad, std, scale, seed, end)  # dtype and overflow of each, before any is noised
         if grad.device != grads[0].device:
             raise ValueError(f"add_noise_list_: grads must be on one device, got {grads[0].device} and {grad.device}")
-        end += (grad.numel() + 3) // 4 * 4
+        end += counters(grad.numel())
     if end > _INT64_MAX:
         raise ValueError(f"add_noise_list_: offset {offset} plus the gradients' elements overflows int64")
     backend = _backend.resolve(backend, grads[0].device, "add_noise_list_")
@@ -70,7 +76,7 @@ def add_noise_list_(grads, std, scale, seed, offset, *, backend="auto"):
         return end
     for grad in grads:  # triton, torch: one call per tensor
         add_noise_(grad, std, scale, seed, offset, backend=backend)
-        offset += (grad.numel() + 3) // 4 * 4
+        offset += counters(grad.numel())
     return end
 
 
