@@ -100,6 +100,24 @@ def test_conv_per_example_grads_batched_by_groups(case, dtype):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
 
 
+@pytest.mark.parametrize("fold", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}d-{c[2]}")
+def test_conv_per_example_grads_of_folded_inputs_sum_each_examples_fold(case, dtype, fold):
+    """fold=k: [B*k, C, *S] holds k inputs per example (a video's frames, example-major); each
+    example's gradient is the sum of its k inputs' own (B = 0, 1 and more; groups; dilation)."""
+    n, kw, x_shape, c_out = case
+    x_shape = (x_shape[0] * fold, *x_shape[1:])
+    x, g, weight_shape = make_case(n, kw, x_shape, c_out, dtype)
+    per_input = conv.conv_per_example_grads_ref(x, g, weight_shape=weight_shape, **layer_args(kw))
+    want = per_input.view(-1, fold, *weight_shape).sum(1)
+    got = conv.conv_per_example_grads(x, g, weight_shape=weight_shape, fold=fold, **layer_args(kw))
+    assert got.shape == want.shape == (x_shape[0] // fold, *weight_shape)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    scale = max(want.abs().max().item(), 1.0) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * scale)
+
+
 def test_weight_gradients_turn_off_tf32_and_restore_it(monkeypatch):
     """On a GPU the conv weight-gradient calls run with cuDNN's TF32 off (float32 accuracy),
     and the user's setting is restored after; checked here through a stand-in weight-gradient
