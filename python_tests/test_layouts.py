@@ -213,6 +213,30 @@ def test_rows_that_are_not_folded_example_major_are_refused_in_the_forward(fold)
     assert engine.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class BroadcastOverRows(nn.Module):
+    """Every row of the second Linear's [2B, B, 4] input holds every example: a [B, 4] softmax
+    broadcast against a constant. Its dim 0 is a multiple of B, but it is no fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        B = x.shape[0]
+        spread = torch.linspace(-1, 1, 2 * B * B * 4, dtype=x.dtype).view(2 * B, B, 4)
+        mixed = self.first(x).softmax(-1) * spread
+        return self.second(mixed).view(B, -1).sum(1)
+
+
+def test_a_per_example_tensor_broadcast_over_the_rows_is_refused_in_the_forward():
+    torch.manual_seed(6)
+    model, engine, opt, before, _ = _one_step(BroadcastOverRows().to(DT), None)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(second\).*size 8 while the model's input has 4"):
+        model(torch.randn(4, 3, dtype=DT)).sum().backward()
+    assert engine.steps == 0 and engine.epsilon() == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_a_lookup_shared_by_every_example_is_refused_naming_the_cause():
     """[q, k] ids with no example dim (a relative position table outside a T5-style attention):
     its per-example gradients live in a broadcast after the layer."""
@@ -452,6 +476,40 @@ def test_folded_rows_refuses_what_mixes_rows():
     assert not folded_rows(_rows() @ _rows().t(), 2)  # rows times rows: every pair of examples
     y = torch.randn(2, 2, dtype=DT, requires_grad=True)  # [B, 2] flattened into one shared row
     assert not folded_rows(_rows() * torch.tanh(y).view(1, 4), 2)
+
+
+def test_folded_rows_refuses_a_per_example_tensor_broadcast_over_the_rows():
+    """A [B, m] tensor of the examples broadcast against a [k*B, B, m] constant: every row of the
+    product holds every example. The broadcast operand (a softmax, a matmul by a Parameter, a bk
+    layer's output) has fewer elements than the product; each must be refused, not read as a fold."""
+    from bk_kernels.nn._core import folded_rows
+
+    B, k, m = 3, 2, 4
+    weight = nn.Parameter(torch.randn(m, 4, dtype=DT))
+    examples = torch.tanh(torch.randn(B, 4, dtype=DT, requires_grad=True))
+    spread = torch.randn(k * B, B, m, dtype=DT)  # a constant: no graph of its own
+    for per_example in (F.linear(examples, weight).softmax(-1), F.linear(examples, weight),
+                        F.linear(examples, weight).topk(2, dim=-1).values.sum(-1, keepdim=True),
+                        bk.nn.Linear(4, m, dtype=DT).requires_grad_(False)(examples)):
+        assert per_example.shape[0] == B
+        assert not folded_rows(per_example * spread, B)
+        assert not folded_rows(spread + per_example, B)
+        assert not folded_rows(torch.relu(spread - per_example) / 2, B)
+    # the rows' own operand broadcast along another dim keeps rows apart (a router's renormalisation)
+    rows = F.linear(_rows(B, k), weight)
+    assert folded_rows(rows / rows.sum(-1, keepdim=True), B)
+
+
+def test_folded_rows_takes_operands_made_of_parameters_alone():
+    """A shared operand that is a function of Parameters only (a gate's sigmoid, a scale viewed to
+    broadcast) is the same for every row; one that holds a traced tensor of no fold is refused."""
+    from bk_kernels.nn._core import folded_rows
+
+    gate = nn.Parameter(torch.randn(4, dtype=DT))
+    assert folded_rows(_rows() * torch.sigmoid(gate), 2)
+    assert folded_rows(_rows() + gate.view(1, 4) * 2, 2)
+    frozen_input = torch.randn(4, dtype=DT)
+    assert not folded_rows(_rows() * (gate * frozen_input), 2)  # a saved operand that may hold examples
 
 
 def test_folded_rows_through_window_partitions():

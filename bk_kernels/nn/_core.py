@@ -220,13 +220,13 @@ def folded_rows(x, B):
         base = x._base
         return (base is not None and base.dim() >= 2 and base.shape[0] == B and base.numel() == numel
                 and base.is_contiguous() and x.is_contiguous() and x.storage_offset() == base.storage_offset())
-    # (node, which of its outputs, that output's number of elements): a view's input must have
-    # as many elements as its output (then its rows are the fold's), and the nodes that change
-    # the row width (a matmul, top-k, a reduction) say how many their input has.
-    # Each entry also carries the tensor's number of dims where known (None after a bk layer)
-    # and the dim that holds the fold (0 but between a permute or select that moved it and the
-    # one that moves it back, as attention's q/k/v split `permute(2, 0, 3, 1, 4)[i]`). Views,
-    # matmuls and leaves are only read with the fold on dim 0.
+    # (node, which of its outputs, that output's number of elements, its number of dims, the
+    # dim that holds the fold): the fold's dim is 0 but between a permute or select that moved
+    # it and the one that moves it back (attention's q/k/v split `permute(2, 0, 3, 1, 4)[i]`).
+    # Each node's output shape is read from the graph and must be the claimed one: a tensor
+    # broadcast into the claim (fewer elements, or a dim of 1 where the fold is) mixes rows, so
+    # every claim is checked where it lands, and a tensor-tensor op pushes each operand's own.
+    # Views, matmuls and leaves are only read with the fold on dim 0.
     stack, seen = [(x.grad_fn, x.output_nr, x.numel(), x.dim(), 0)], set()
     while stack:
         node, output_nr, numel, ndim, fold = stack.pop()
@@ -235,20 +235,25 @@ def folded_rows(x, B):
         seen.add((node, output_nr, numel, fold))
         if len(seen) > _MAX_NODES:
             return False
+        shape = _output_shape(node, output_nr)
+        if shape is None or (numel is not None and math.prod(shape) != numel) or \
+                (ndim is not None and len(shape) != ndim) or fold >= len(shape) or shape[fold] % B:
+            return False
+        numel, ndim = math.prod(shape), len(shape)
         name = node.name()
         folded_outputs = getattr(node, "_bk_folded_outputs", None)
         row_wise_input = getattr(node, "_bk_row_wise_input", None)
-        if name in _ROW_WISE_NODES:
-            binary = name in _BINARY_OPS and not _times_a_scalar(node)
-            if binary and numel is None:  # a broadcast operand could not be told by its element count
+        if name in _BINARY_OPS:
+            pushed = _binary_operands(node, shape, fold)
+            if pushed is None:
                 return False
-            # an operand of a binary op may be broadcast: fewer dims (not known) and fewer elements
-            # than the claim pushed to it, which the next view or matmul then refuses
-            stack.extend((f, nr, numel, None if binary else ndim, fold) for f, nr in node.next_functions)
+            stack.extend(pushed)
+        elif name in _ROW_WISE_NODES:  # one operand, of the output's shape
+            stack.extend((f, nr, numel, ndim, fold) for f, nr in node.next_functions)
         elif name == "CatBackward0":  # inputs of one shape but along the cat dim: the fold's rows kept
             if ndim is None or _signed(node._saved_dim) % ndim == fold:
                 return False
-            # each input's number of elements is not saved: unknown (None) until a view says it
+            # each input's number of elements is not saved: read where it lands
             stack.extend((f, nr, None, ndim, fold) for f, nr in node.next_functions if f is not None)
         elif name in _ROW_WISE_ALONG:
             if fold != 0 or not _along_other_dims(node, _ROW_WISE_ALONG[name]):
@@ -278,9 +283,8 @@ def folded_rows(x, B):
             numel = math.prod(sizes)
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
                 stack.extend((f, nr, numel, len(sizes), 0) for f, nr in node.next_functions)
-        elif name == "torch::autograd::AccumulateGrad":  # a leaf: only a shared operand (a bias) is row-wise
-            if node.variable.dim() >= x.dim() and node.variable.shape[0] != 1:
-                return False
+        elif name == "torch::autograd::AccumulateGrad":  # a leaf holding the fold's rows: not the examples'
+            return False
         elif name in _ROWS_TIMES_WEIGHT:
             rows, weight = _ROWS_TIMES_WEIGHT[name]
             if not _is_weight(node, node.next_functions[weight][0]):
@@ -366,14 +370,63 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     return [(f, nr, math.prod(shape), len(shape), 0) for (f, nr), shape in zip(node.next_functions, shapes)]
 
 
+def _output_shape(node, output_nr):
+    """The shape of a graph node's output (None where this torch does not say)."""
+    try:
+        return tuple(node._input_metadata[output_nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+def _binary_operands(node, shape, fold):
+    """The claims of a tensor-tensor op's traced operands: an operand that holds the output's
+    fold dim (broadcast along other dims at most: a router's `top / top.sum(-1, keepdim=True)`)
+    gets its own shape's claim; one broadcast along the fold dim is shared by every row, which
+    keeps rows apart only when it is a function of parameters alone. None if it is not."""
+    pushed = []
+    for f, nr in node.next_functions:
+        if f is None:  # a constant
+            continue
+        operand = _output_shape(f, nr)
+        if operand is None:
+            return None
+        at = fold - (len(shape) - len(operand))  # broadcasting aligns the trailing dims
+        if at >= 0 and operand[at] == shape[fold]:
+            pushed.append((f, nr, math.prod(operand), len(operand), at))
+        elif not _of_parameters_only(f):
+            return None
+    return pushed
+
+
 def _times_a_scalar(node):
-    """Whether a tensor-tensor node has one traced operand and a one-element constant other (x * 2
-    records MulBackward0 with the 2 as a tensor): the traced operand has the output's shape."""
+    """Whether a product or quotient has one traced operand and a one-element constant other
+    (`gamma * 2` records MulBackward0 with the 2 as a saved tensor)."""
     traced = [i for i, (f, _) in enumerate(node.next_functions) if f is not None]
-    if len(traced) != 1 or len(node.next_functions) != 2:
+    if node.name() not in ("MulBackward0", "DivBackward0") or len(traced) != 1 or len(node.next_functions) != 2:
         return False
     other = getattr(node, "_saved_other" if traced[0] == 0 else "_saved_self", None)
     return isinstance(other, torch.Tensor) and other.numel() == 1
+
+
+# Nodes that are a function of their one input alone (no other operand, saved or traced)
+_ONE_INPUT_NODES = (_ROW_WISE_NODES - _BINARY_OPS) | _VIEW_NODES | frozenset(
+    {"UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1", "ExpandBackward0", "TBackward0",
+     "PermuteBackward0", "TransposeBackward0"})
+
+
+def _of_parameters_only(node, depth=8):
+    """Whether a node's output is a function of a trained Parameter alone (`sigmoid(gate)`,
+    `gamma.view(1, -1, 1, 1) * 2`): a chain of one-input nodes down to its AccumulateGrad."""
+    for _ in range(depth):
+        if node.name() == "torch::autograd::AccumulateGrad":  # a Parameter, not an input that asks for a gradient
+            return isinstance(node.variable, torch.nn.Parameter)
+        if node.name() not in _ONE_INPUT_NODES and not _times_a_scalar(node):
+            return False
+        traced = [f for f, _ in node.next_functions if f is not None]
+        if len(traced) != 1:
+            return False
+        node = traced[0]
+    return False
 
 
 def _along_other_dims(node, sizes_from):
