@@ -14,7 +14,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 
 import bk_kernels as bk
-from python_tests.model_reference import expected_update, per_example_grads
+from python_tests.model_reference import assert_updates_close, expected_update, per_example_grads, private_update
 from python_tests.tolerances import FLOOR_LOWP, RATIO_LOWP
 
 DT = torch.float64
@@ -500,3 +500,17 @@ def test_autocast_bf16_through_conv_group_norm_and_attention():
     got = {n: p.grad for n, p in model.named_parameters()}
     assert all(g.dtype == torch.float32 for g in got.values())
     assert_within_eager_error(got, reference(make(DT)), reference(make(torch.float32), autocast=True))
+
+
+def test_a_float64_model_under_autocast_stays_float64_as_torchs_layers_do():
+    """Autocast casts float32 only. The bk layers cast their saved input to the autocast dtype
+    whatever it was: a float64 Linear or Conv2d under bf16 autocast raised a dtype mismatch."""
+    torch.manual_seed(3)
+    model = ConvAttentionNet().to(DT)
+    x, y = torch.randn(4, 3, 6, 6, dtype=DT), torch.randint(0, 4, (4,))
+    loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
+    grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), {"x": x, "y": y})
+    want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.3, "abadi", 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = private_update(model, loss, {"x": x, "y": y}, 4, max_grad_norm=0.3)
+    assert_updates_close(got, want)

@@ -470,8 +470,10 @@ def examples_first(x, features_dims=1, batch_dim=0):
 def autocast_input(x):
     """x as torch.autocast would feed a matmul-like op on its device (cast to the autocast dtype),
     or x unchanged outside autocast. A custom autograd.Function's backward runs outside autocast,
-    so the bk layers save this cast copy, as autocast's own linear and conv do."""
+    so the bk layers save this cast copy, as autocast's own linear and conv do. Like autocast,
+    it leaves float64 alone (a float64 model under autocast runs in float64)."""
     device = x.device.type
-    if x.is_floating_point() and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.amp.is_autocast_available(device) and \
+            torch.is_autocast_enabled(device):
         return x.to(torch.get_autocast_dtype(device))
     return x
