@@ -167,6 +167,19 @@ def timm_convnext(B=16, size=64, classes=10, model="convnext_atto"):
                          T=(size // 32) ** 2, B=B))
 
 
+def timm_bit(B=16, size=64, classes=10, model="resnetv2_50x1_bit"):
+    """timm's BiT ResNet-V2-50 (23.5M parameters) at 64 x 64: every convolution weight-standardized
+    (StdConv2d), GroupNormAct norms; the DP image classifiers' backbone."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(model, pretrained=False, num_classes=classes)
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("timm_bit", net, (x,), y, lambda m, x: m(x),
+                    dict(model="timm_bit", layers=sum(len(s.blocks) for s in net.stages), width=net.num_features,
+                         T=(size // 32) ** 2, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -208,7 +221,7 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit,
-          "timm_convnext": timm_convnext}
+          "timm_convnext": timm_convnext, "timm_bit": timm_bit}
 
 
 # ---------------------------------------------------------------- methods

@@ -1,6 +1,7 @@
 """timm's own layer classes that bk puts on its fused paths (not the generic path): Conv2dSame
 (TensorFlow "SAME" padding computed per input size), FastViT's LayerScale2d, GroupNorm and
-GroupNorm1, each against the per-example loop."""
+GroupNorm1, the weight-standardized convolutions (StdConv2d, ScaledStdConv2d and their SAME
+variants), each against the per-example loop."""
 import pytest
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ def assert_exact_on_the_fused_path(model, x):
     inputs = {"x": x, "y": torch.randint(0, 3, (B,))}
     loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
     grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
-    want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", B)
+    want = expected_update(grads, [[n for n, p in model.named_parameters() if p.requires_grad]], 0.1, "abadi", B)
     got, engine = private_update(model, loss, inputs, B, max_grad_norm=0.1)
     assert_updates_close(got, want)
     assert bk.generic_modules(engine.model) == []
@@ -63,3 +64,114 @@ def test_timm_group_norms_are_exact_on_the_fused_path():
             m.bias.uniform_(-0.5, 0.5)
     converted = assert_exact_on_the_fused_path(model, torch.randn(4, 3, 8, 8, dtype=DT))
     assert isinstance(converted[1], bk.nn.GroupNorm) and isinstance(converted[4], bk.nn.GroupNorm)
+
+
+def _std_conv_net(name, size):
+    """Two of timm's weight-standardized convolutions (the second grouped), a random gain."""
+    import timm.layers as layers
+
+    cls = getattr(layers, name)
+    extra = {"padding": "SAME"} if name.endswith("Same") else {}
+    model = nn.Sequential(cls(3, 4, 3, stride=2, **extra), nn.ReLU(), cls(4, 6, 3, groups=2, **extra), nn.Flatten(),
+                          nn.LazyLinear(3)).to(DT)
+    x = torch.randn(4, 3, size, size, dtype=DT)
+    model(x)  # materialise the lazy head
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            if hasattr(conv, "gain"):
+                conv.gain.uniform_(0.5, 1.5)
+    return model, x
+
+
+STD_CONVS = ["StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"]
+
+
+@pytest.mark.parametrize("name", STD_CONVS)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_weight_standardized_convolutions_are_exact_on_the_fused_path(name, chunked, monkeypatch):
+    """Example b's gradients of the weight (and gain) are the standardization's Jacobian applied
+    to its gradient of the applied weight; chunked: over chunks of one example, never all kept."""
+    from bk_kernels.nn import _uses
+
+    if chunked:
+        monkeypatch.setattr(_uses, "DENSE_DIRECT_BUDGET", 0)
+        monkeypatch.setattr(_uses, "example_chunks", lambda B, width: [(b, b + 1) for b in range(B)])
+    torch.manual_seed(0)
+    model, x = _std_conv_net(name, 9)
+    converted = assert_exact_on_the_fused_path(model, x)
+    assert type(converted[0]).__name__ == name and isinstance(converted[0], bk.nn.Conv2d)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "gain"])
+def test_scaled_std_conv_with_its_weight_or_its_gain_frozen_is_exact(frozen):
+    torch.manual_seed(1)
+    model, x = _std_conv_net("ScaledStdConv2d", 8)
+    for conv in (model[0], model[2]):
+        getattr(conv, frozen).requires_grad_(False)
+    assert_exact_on_the_fused_path(model, x)
+    assert_exact_on_the_fused_path(model, x[:1])  # B = 1
+
+
+@pytest.mark.parametrize("name", STD_CONVS)
+def test_weight_standardized_convolutions_give_timms_gradients_outside_private_training(name):
+    torch.manual_seed(2)
+    model, x = _std_conv_net(name, 9)
+    converted = bk.convert(__import__("copy").deepcopy(model))
+    for m in (model, converted):
+        m(x).square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), converted.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", ["StdConv2d", "ScaledStdConv2dSame"])
+def test_weight_standardized_norms_without_per_example_gradients_are_exact(name):
+    """In ghost mode the convolution keeps no per-example gradients: the norms of V's and gain's
+    come from the conv norm of (x, g * kappa) less the channels' mean and normalized-row terms."""
+    from bk_kernels.nn import std_conv
+
+    torch.manual_seed(3)
+    model, x = _std_conv_net(name, 9)
+    calls = []
+    original = std_conv._Standardization.sq_norms
+
+    def counted(self, *args):
+        out = original(self, *args)
+        calls.append(out is not None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(std_conv._Standardization, "sq_norms", counted)
+        B = len(x)
+        inputs = {"x": x, "y": torch.randint(0, 3, (B,))}
+        loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
+        grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
+        want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", B)
+        got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost")
+    assert_updates_close(got, want)
+    assert calls == [True, True]  # both convolutions, by the formula
+
+
+def test_weight_standardized_norms_fall_back_to_per_example_gradients_where_the_formula_cancels():
+    """Inputs equal across channels make each example's gradient of the applied 1x1 weight a
+    multiple of the ones vector, which the standardization removes: V's gradient is 0 and the
+    formula's difference is all rounding. It must not be trusted: the gradients are formed."""
+    from timm.layers import StdConv2d
+    from bk_kernels.nn import std_conv
+
+    torch.manual_seed(4)
+    model = nn.Sequential(StdConv2d(4, 3, 1), nn.Flatten(), nn.Linear(3 * 5 * 5, 3)).to(DT)
+    x = torch.randn(4, 1, 5, 5, dtype=DT).expand(4, 4, 5, 5).contiguous()
+    results = []
+    original = std_conv._Standardization.sq_norms
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(std_conv._Standardization, "sq_norms",
+                   lambda self, *a: results.append(original(self, *a)) or results[-1])
+        B = len(x)
+        inputs = {"x": x, "y": torch.randint(0, 3, (B,))}
+        loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
+        grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
+        assert all(g["0.weight"].abs().max() < 1e-12 for g in grads)
+        want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", B)
+        got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost")
+    assert results == [None]
+    assert_updates_close(got, want)

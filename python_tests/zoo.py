@@ -267,6 +267,23 @@ def timm_resnet_gn():
                              norm_layer=partial(timm.layers.GroupNorm, num_groups=2)).to(DT)
 
 
+def timm_bit():
+    """timm's BiT ResNet-V2: weight-standardized convolutions (StdConv2d) with GroupNormAct."""
+    from functools import partial
+    from timm.layers import GroupNormAct, StdConv2d
+    from timm.models.resnetv2 import ResNetV2
+    return ResNetV2(layers=(1, 1), channels=(8, 16), num_classes=3, stem_chs=8, stem_type="fixed",
+                    conv_layer=partial(StdConv2d, eps=1e-8), norm_layer=partial(GroupNormAct, num_groups=4)).to(DT)
+
+
+def timm_nf_resnet():
+    """timm's normalizer-free ResNet: ScaledStdConv2d (a trained gain per output channel), no norm layer."""
+    from timm.models.nfnet import NfCfg, NormFreeNet
+    cfg = NfCfg(depths=(1, 1), channels=(8, 16), stem_chs=8, bottle_ratio=0.25, group_size=None, act_layer="relu",
+                attn_layer=None, stem_type="")
+    return NormFreeNet(cfg, num_classes=3).to(DT)
+
+
 def timm_resnet_bn_replaced():
     """timm's ResNet as users create it (BatchNorm2d), with bk.replace_batchnorm's GroupNorm."""
     import timm
@@ -386,6 +403,8 @@ ZOO = {
                   lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),
     "timm_resnet_bn_replaced": (timm_resnet_bn_replaced, classify_images, image_batch),
+    "timm_bit": (timm_bit, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_nf_resnet": (timm_nf_resnet, classify_images, lambda B: image_batch(B, size=32)),
     "timm_mobilenetv3_bn_replaced": (timm_mobilenetv3_bn_replaced, classify_images, lambda B: image_batch(B, size=32)),
     "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_mobilevit_bn_replaced": (hf_mobilevit_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),

@@ -4,6 +4,7 @@ gradients. bk.convert(model) swaps them in place."""
 from ._core import BKLayer, in_plain_forward, plain_forward
 from .attention import GenericMultiheadAttention, MultiheadAttention
 from .conv import Conv1d, Conv2d, Conv3d
+from . import std_conv  # noqa: F401  (register timm's weight-standardized convolutions)
 from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
 from .generic import GenericLayer

@@ -72,8 +72,8 @@ class DenseUse:
     def factors(self):
         return None
 
-    def dense(self):
-        return self.grads
+    def dense(self, lo=0, hi=None):
+        return self.grads[lo:hi]
 
     def densify(self, mode):
         return self
@@ -191,9 +191,10 @@ class ConvUse:
     def factors(self):
         return None
 
-    def dense(self):
-        """Formed on demand (a shared convolution weight): one grouped weight-gradient call."""
-        return ops.conv_per_example_grads(self.x, self.g, weight_shape=self.weight_shape, **self.args)
+    def dense(self, lo=0, hi=None):
+        """Formed on demand (a shared convolution weight): one grouped weight-gradient call
+        (examples lo..hi only, when given)."""
+        return ops.conv_per_example_grads(self.x[lo:hi], self.g[lo:hi], weight_shape=self.weight_shape, **self.args)
 
     def densify(self, mode):
         """A convolution's per-example gradients come from one weight-gradient call with the batch
@@ -211,6 +212,86 @@ class ConvUse:
 
     def add_clipped(self, grad, c, backend):
         ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, out=grad, **self.args)
+
+
+class WeightTransform:
+    """A layer's weight made from Parameters P_1..P_k by a map W = f(P_1..P_k) of the Parameters
+    alone (timm's weight standardization: W = gain * (V - mean) / std per output channel). Example
+    b's gradient of P_i is J_i^T G_b with G_b its gradient of W (the layer's own use, `inner`).
+    J_i does not depend on b: so the clipped sum is J_i^T (sum_b c_b G_b), one map of one clipped
+    sum, while the norms need J_i^T G_b for each example: formed over chunks of examples, for all
+    the P_i at once and kept for their uses (TransformedUse).
+    vjp([b, *W.shape]) -> [[b, *P_i.shape] for each i]: linear, the same J for every example.
+    sq_norms(inner, mode, backend) -> [[B] for each i], or None: the norms without forming the
+    per-example gradients, where the map has a formula for them (else, or on None, formed)."""
+
+    def __init__(self, inner, vjp, numels, weight_numel, sq_norms=None):
+        self.inner, self.vjp, self.numels, self.weight_numel = inner, vjp, numels, weight_numel
+        self.norms_from_inner = sq_norms
+        self._sq_norms, self._dense, self._clipped = None, None, (None, None)
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = self.vjp(self.inner.dense())
+        return self._dense
+
+    def sq_norms(self, mode, backend):
+        """[B] squared norm of each P_i's per-example gradients."""
+        if self._sq_norms is None and self._dense is None and self.norms_from_inner is not None:
+            self._sq_norms = self.norms_from_inner(self.inner, mode, backend)
+        if self._sq_norms is None:
+            if self._dense is not None:
+                self._sq_norms = [DenseUse(d).sq_norm(None, None) for d in self._dense]
+            else:
+                norms = [[] for _ in self.numels]
+                # (0, 0) for an empty batch: empty norms of the right dtype and device
+                for lo, hi in example_chunks(self.inner.batch, sum(self.numels) + self.weight_numel) or [(0, 0)]:
+                    for out, d in zip(norms, self.vjp(self.inner.dense(lo, hi))):
+                        out.append(DenseUse(d).sq_norm(None, None))
+                self._sq_norms = [torch.cat(n) for n in norms]
+        return self._sq_norms
+
+    def clipped(self, c, backend):
+        """[sum_b c_b (J_i^T G_b) for each i], from one clipped sum of the inner use."""
+        if self._clipped[0] is not c:
+            inner = self.inner.clipped(c, backend)
+            self._clipped = (c, [d[0] for d in self.vjp(inner[None])])
+        return self._clipped[1]
+
+
+class TransformedUse:
+    """Parameter i of a WeightTransform (its per-example gradients J_i^T G_b)."""
+
+    def __init__(self, transform, index):
+        self.transform, self.index = transform, index
+
+    @property
+    def batch(self):
+        return self.transform.inner.batch
+
+    def sq_norm(self, mode, backend):
+        return self.transform.sq_norms(mode, backend)[self.index]
+
+    def factors(self):
+        return None
+
+    def dense(self):
+        return self.transform.dense()[self.index]
+
+    def densify(self, mode):
+        """Small enough, and the norms have no formula or the inner use would keep its own:
+        every Parameter's per-example gradients formed once, kept as they are."""
+        transform = self.transform
+        if self.batch * sum(transform.numels) > DENSE_DIRECT_BUDGET or (
+                transform.norms_from_inner is not None and transform.inner.densify(mode) is transform.inner):
+            return self
+        return DenseUse(self.dense())
+
+    def clipped(self, c, backend):
+        return self.transform.clipped(c, backend)[self.index]
+
+    def add_clipped(self, grad, c, backend):
+        grad.add_(self.clipped(c, backend).to(grad.dtype))
 
 
 # ---------------------------------------------------------------- cross terms

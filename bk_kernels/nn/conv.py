@@ -13,17 +13,20 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _ConvFn(torch.autograd.Function):
-    """y = conv(x, weight, bias) with x already padded (padding 0 here)."""
+    """y = conv(x, W, bias) with x already padded (padding 0 here), W = weight or a map of
+    weight and gain made by the layer (timm's weight standardization: std_conv.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, fold=1):
-        ctx.layer, ctx.weight, ctx.bias = layer, weight, bias  # ctx.weight: the Parameter's identity
+    def forward(ctx, x, weight, bias, layer, fold=1, gain=None):
+        ctx.layer, ctx.weight, ctx.bias, ctx.gain = layer, weight, bias, gain  # the Parameters' identities
         ctx.fold = fold  # inputs per example, folded example-major on dim 0 (a video's frames)
         x = autocast_input(x)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)  # none for frozen weights
+        trained = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
+        effective = layer._bk_effective_weight(weight, gain)
+        ctx.save_for_backward(x if trained else None, effective)  # no x for frozen weights
         ctx.x_shape = x.shape
         n = x.dim() - 2
-        return _CONV[n](x, weight, bias, layer.stride, 0, layer.dilation, layer.groups)
+        return _CONV[n](x, effective, bias, layer.stride, 0, layer.dilation, layer.groups)
 
     @staticmethod
     def backward(ctx, g):
@@ -39,24 +42,41 @@ class _ConvFn(torch.autograd.Function):
                 [0] * n, layer.groups, [True, False, False])[0]
         uses, fold = [], ctx.fold
         if x is not None and fold > 1:  # each example's gradient sums its fold's: kept per example
-            uses.append((param, DenseUse(conv_per_example_grads(
+            uses += layer._bk_weight_uses(DenseUse(conv_per_example_grads(
                 x, g, weight_shape=tuple(weight.shape), stride=layer.stride, dilation=layer.dilation,
-                groups=layer.groups, fold=fold))))
+                groups=layer.groups, fold=fold)), param, ctx.gain)
         elif x is not None:
-            uses.append((param, ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups)))
+            uses += layer._bk_weight_uses(
+                ConvUse(x, g, tuple(weight.shape), layer.stride, 0, layer.dilation, layer.groups), param, ctx.gain)
         if bias is not None and bias.requires_grad:
             per_input = g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype))
             uses.append((bias, DenseUse(per_input.view(-1, fold, per_input.shape[1]).sum(1))))
         if layer._bk_hand_off(uses):
-            return grad_x, None, None, None, None
+            return grad_x, None, None, None, None, None
         _, grad_w, grad_b = torch.ops.aten.convolution_backward(
             g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride),
             [0] * n, list(layer.dilation), False, [0] * n, layer.groups,
-            [False, x is not None and ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]])
-        return grad_x, grad_w, grad_b, None, None
+            [False, x is not None, bias is not None and ctx.needs_input_grad[2]])
+        grad_w, grad_gain = layer._bk_weight_grads(grad_w, param, ctx.gain) if x is not None else (None, None)
+        return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, None,
+                grad_gain if ctx.needs_input_grad[5] else None)
 
 
 class _ConvMixin(BKLayer):
+    _bk_gain = None  # a second Parameter the weight is made from (std_conv.py)
+
+    def _bk_effective_weight(self, weight, gain):
+        """The weight the convolution applies (weight itself here)."""
+        return weight
+
+    def _bk_weight_uses(self, use, weight, gain):
+        """[(Parameter, use)] from the use of the applied weight."""
+        return [(weight, use)]
+
+    def _bk_weight_grads(self, grad, weight, gain):
+        """(weight's, gain's) gradients from the applied weight's (outside private training)."""
+        return grad, None
+
     def _bk_padded(self, x):
         """The input with the layer's padding applied (any padding_mode, 'same' included)."""
         mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
@@ -72,7 +92,7 @@ class _ConvMixin(BKLayer):
         # ([B * k, C, *]: k frames of each example's video, proven by folded_rows)
         xe = self._bk_examples(x, 0, fold_rows=True)
         fold = xe.shape[1] if xe.dim() > x.dim() else 1
-        y = _ConvFn.apply(self._bk_padded(x if fold > 1 else xe), self.weight, self.bias, self, fold)
+        y = _ConvFn.apply(self._bk_padded(x if fold > 1 else xe), self.weight, self.bias, self, fold, self._bk_gain)
         return y.squeeze(0) if unbatched else y
 
 

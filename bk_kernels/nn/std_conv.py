@@ -1,0 +1,136 @@
+"""timm's weight-standardized convolutions on bk's fused convolution: StdConv2d and
+StdConv2dSame (BiT ResNet-V2, hybrid ViTs), ScaledStdConv2d and ScaledStdConv2dSame (NF-ResNet,
+NFNet: with a trained per-channel gain). The DP image classifiers of De et al. (2022) are built
+from these.
+
+The convolution applies W = s * (V - mean) / sqrt(var + eps), per output channel over its
+in_channels/groups * kernel entries (timm's F.batch_norm on V viewed [1, C_out, -1]), with s =
+gain * gamma / sqrt(fan_in) or 1. Example b's gradients of V and gain are J^T G_b, G_b its
+gradient of W (the convolution's own use), J the standardization's Jacobian, which depends on V
+and gain only: the clipped sum is one map of the convolution's clipped sum, and the norms come
+from the per-example G_b over chunks of examples (WeightTransform in _uses.py).
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..ops._norm_common import accumulation_dtype
+from ._made import made_class
+from ._uses import ConvUse, TransformedUse, WeightTransform
+from .conv import Conv2d
+from .families import register_layer
+
+_TIMM_CLASSES = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+
+
+class _Standardization:
+    """The map of cotangents on W to per-example gradients of V (and gain), in the
+    accumulation dtype: batch norm's backward over each channel's entries."""
+
+    def __init__(self, weight, gain, scale, eps, want_weight, want_gain):
+        acc = accumulation_dtype(weight.dtype)
+        v = weight.detach().reshape(1, weight.shape[0], -1).to(acc)
+        # batch norm's own statistics (torch.var is several times slower on the CPU)
+        normalized, _, rstd = torch.native_batch_norm(v, None, None, None, None, True, 0.0, eps)
+        self.rstd, self.normalized = rstd.view(-1, 1), normalized[0]  # [C_out, 1], [C_out, n]
+        self.s = None if gain is None else gain.detach().reshape(-1, 1).to(acc) * scale
+        self.scale, self.acc = scale, acc
+        self.weight_shape, self.gain_shape = weight.shape, None if gain is None else gain.shape
+        self.want_weight, self.want_gain = want_weight, want_gain
+
+    def sq_norms(self, use, mode, backend):
+        """[B] squared norms of V's (and gain's) per-example gradients, as wanted, from the
+        convolution's ConvUse without forming them; None where rounding could spoil them.
+        Per output channel o, with u = V's gradient / kappa_o (kappa = rstd * s), m = mean(G_o)
+        and q = mean(G_o * normalized_o), rho = mean(normalized_o^2):
+            ||u||^2 = ||G_o||^2 - n m^2 - n (2 - rho) q^2
+        (the normalized row has mean 0 and norm^2 n rho). sum_o kappa_o^2 ||G_o||^2 is the fused
+        conv norm of (x, g * kappa); m and q are sums over positions of g times a convolution of
+        x with ones and with the normalized weight; gain's gradient is scale * n * q."""
+        x, g, args = use.x, use.g, use.args
+        B, C_out, groups = g.shape[0], g.shape[1], args["groups"]
+        n = self.normalized.shape[1]
+        conv = lambda w: F.conv2d(x, w.to(x.dtype), None, args["stride"], 0, args["dilation"], groups)  # noqa: E731
+        gf = g.flatten(2).to(self.acc)
+        q = (gf * conv(self.normalized.view(self.weight_shape)).flatten(2).to(self.acc)).sum(-1) / n  # [B, C_out]
+        out = []
+        if self.want_weight:
+            ones = x.new_ones(groups, *self.weight_shape[1:])
+            patch_sums = conv(ones).flatten(2).to(self.acc)  # [B, groups, positions]: each patch's sum
+            m = (gf.view(B, groups, C_out // groups, -1) * patch_sums[:, :, None]).sum(-1).view(B, C_out) / n
+            kappa = self.rstd.view(-1) * (1.0 if self.s is None else self.s.view(-1))
+            whole = ops.conv_norm(x, g * kappa.view(1, -1, *[1] * (g.dim() - 2)).to(g.dtype),
+                                  kernel_size=self.weight_shape[2:], mode=mode, backend=backend, **args).to(self.acc)
+            rho = self.normalized.square().mean(1)
+            norms = whole - (kappa.square() * n * (m.square() + (2 - rho) * q.square())).sum(1)
+            # the difference of two rounded sums: kept where it is at least 1/64 of them (its
+            # relative error then at most 64x theirs), else the per-example gradients are formed
+            if bool((norms < whole / 64).any()):
+                return None
+            out.append(norms)
+        if self.want_gain:
+            out.append((q * (n * self.scale)).square().sum(1))
+        return out
+
+    def __call__(self, cotangents):
+        """[b, *W.shape] -> [V's [b, *V.shape] if wanted, gain's [b, *gain.shape] if wanted]."""
+        b = cotangents.shape[0]
+        G = cotangents.reshape(b, *self.normalized.shape).to(self.acc)
+        out = []
+        if self.want_weight:
+            H = G if self.s is None else G * self.s
+            grad = self.rstd * (H - H.mean(-1, keepdim=True) - self.normalized * (H * self.normalized).mean(
+                -1, keepdim=True))
+            out.append(grad.view(b, *self.weight_shape))
+        if self.want_gain:
+            out.append(((G * self.normalized).sum(-1) * self.scale).view(b, *self.gain_shape))
+        return out
+
+
+class _TimmStdConv(Conv2d):
+    """bk's Conv2d applying timm's standardized weight (the plain forward is timm's)."""
+
+    @property
+    def _bk_gain(self):
+        return getattr(self, "gain", None)
+
+    def _bk_effective_weight(self, weight, gain):
+        # timm's own expression (ScaledStdConv2d's gain only when it has one): the same rounding
+        return F.batch_norm(weight.reshape(1, self.out_channels, -1), None, None,
+                            weight=None if gain is None else (gain * self.scale).view(-1),
+                            training=True, momentum=0.0, eps=self.eps).reshape_as(weight)
+
+    def _bk_standardization(self, weight, gain, want_weight, want_gain):
+        return _Standardization(weight, gain, self.scale if gain is not None else 1.0, self.eps, want_weight,
+                                want_gain)
+
+    def _bk_weight_uses(self, use, weight, gain):
+        sources = [p for p in (weight, gain) if p is not None and self._bk_trainable(p)]
+        if not sources:
+            return []
+        vjp = self._bk_standardization(weight, gain, self._bk_trainable(weight),
+                                       gain is not None and self._bk_trainable(gain))
+        transform = WeightTransform(use, vjp, [p.numel() for p in sources], weight.numel(),
+                                    vjp.sq_norms if isinstance(use, ConvUse) else None)
+        return [(p, TransformedUse(transform, i)) for i, p in enumerate(sources)]
+
+    def _bk_weight_grads(self, grad, weight, gain):
+        want_gain = gain is not None and gain.requires_grad
+        grads = self._bk_standardization(weight, gain, weight.requires_grad, want_gain)(grad[None])
+        grad_weight = grads.pop(0)[0].to(weight.dtype) if weight.requires_grad else None
+        return grad_weight, grads[0][0].to(gain.dtype) if want_gain else None
+
+    def _bk_padded(self, x):
+        if getattr(self, "same_pad", False):  # TensorFlow's "SAME", from each input's size
+            from timm.layers.padding import pad_same
+
+            return pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return super()._bk_padded(x)
+
+
+def _timm_std_conv_class(cls):
+    return made_class(_timm_std_conv_class, (cls,), cls.__name__, (_TimmStdConv, cls), {"__module__": __name__})
+
+
+register_layer(None, lambda module: _timm_std_conv_class(type(module)),
+               matches=lambda cls: cls.__name__ in _TIMM_CLASSES and cls.__module__.startswith("timm."))
