@@ -91,6 +91,13 @@ def test_generic_path_modules_are_listed():
     assert {t for _, t, _ in bk.generic_modules(bk.convert(llama))} == {"LlamaRMSNorm"}
 
 
+@pytest.mark.parametrize("name", ["hf_convnextv2", "timm_convnextv2", "timm_bit", "timm_nf_resnet"])
+def test_convnextv2_and_weight_standardized_models_have_no_generic_module(name):
+    """ConvNeXt-V2's Global Response Norm (bk.nn.scale and shift) and the weight-standardized
+    convolutions of BiT and NF-ResNet (bk's Conv2d) were each recomputed per example before."""
+    assert bk.generic_modules(bk.convert(_build(name)[0])) == []
+
+
 def test_timm_vit_recomputes_only_its_position_embedding():
     """The root owns cls_token and pos_embed and reads them only in _pos_embed: only that method
     is recomputed per example (it used to be the whole model: 2.4x non-private, bench timm-vit);

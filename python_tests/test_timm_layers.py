@@ -175,3 +175,32 @@ def test_weight_standardized_norms_fall_back_to_per_example_gradients_where_the_
         got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost")
     assert results == [None]
     assert_updates_close(got, want)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_global_response_norm_is_exact_on_the_fused_path(channels_last):
+    """ConvNeXt-V2's GRN in both of timm's layouts, its weight and bias trained or one frozen."""
+    from timm.layers.grn import GlobalResponseNorm
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.grn, self.head = nn.Conv2d(3, 4, 3), GlobalResponseNorm(4, channels_last=channels_last), \
+                nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = self.grn(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) if channels_last else self.grn(h)
+            return self.head(h.flatten(1))
+
+    torch.manual_seed(5)
+    model = Net().to(DT)
+    with torch.no_grad():
+        model.grn.weight.uniform_(-1, 1)
+        model.grn.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 8, 8, dtype=DT)
+    assert isinstance(assert_exact_on_the_fused_path(model, x).grn, bk.nn.BKLayer)
+    for frozen in ("weight", "bias"):
+        getattr(model.grn, frozen).requires_grad_(False)
+        assert_exact_on_the_fused_path(model, x)
+        getattr(model.grn, frozen).requires_grad_(True)

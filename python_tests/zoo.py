@@ -254,6 +254,19 @@ def timm_attention_reads_qkv_weight(name):
                              num_classes=3).to(DT)
 
 
+def hf_convnextv2():
+    """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
+    return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+               num_labels=3)
+
+
+def timm_convnextv2():
+    """timm's ConvNeXt-V2 (GlobalResponseNorm in each block's MLP, channels last)."""
+    import timm
+    return timm.create_model("convnextv2_atto", pretrained=False, num_classes=3, dims=(8, 16, 16, 16),
+                             depths=(1, 1, 1, 1)).to(DT)
+
+
 def timm_convnext():
     import timm
     return timm.create_model("convnext_atto", pretrained=False, num_classes=3, dims=(8, 16, 16, 16),
@@ -399,6 +412,8 @@ ZOO = {
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_convnextv2": (hf_convnextv2, classify_pixels, lambda B: image_batch(B, size=32)),
+    "timm_convnextv2": (timm_convnextv2, classify_images, lambda B: image_batch(B, size=32)),
     "hf_swinv2": (lambda: hf_swin("Swinv2Config", "Swinv2ForImageClassification"), classify_pixels,
                   lambda B: image_batch(B, size=32)),
     "timm_resnet_gn": (timm_resnet_gn, classify_images, image_batch),

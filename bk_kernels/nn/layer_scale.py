@@ -4,8 +4,9 @@ per-channel shifts, y = x + beta (DeBERTa's q_bias/v_bias and its LayerNorm's bi
 Example b's gradient of gamma is sum over its other positions of g * x, a [B, C] tensor kept as
 it is (a DenseUse): cheaper than the generic path's recompute of the module. bk.nn.scale is the
 building block; timm's LayerScale/LayerScale2d and ConvNeXt block and transformers' ConvNextLayer
-(whose forwards multiply by their gamma inline) use it. timm's LayerNorm and LayerNorm2d go on
-bk's fused LayerNorm here too.
+(whose forwards multiply by their gamma inline) use it, and so does ConvNeXt-V2's Global
+Response Norm (with shift for its bias). timm's LayerNorm and LayerNorm2d go on bk's fused
+LayerNorm here too.
 """
 import torch
 
@@ -145,6 +146,33 @@ class _HFConvNextLayer(BKLayer):
         return residual + self.drop_path(features.permute(0, 3, 1, 2))
 
 
+class _GlobalResponseNorm(BKLayer):
+    """ConvNeXt-V2's GRN, timm's GlobalResponseNorm and transformers' ConvNextV2GRN:
+    x + bias + weight * (x * n), with n each channel's L2 norm over the example's positions
+    divided by its mean over the channels (a map of the example alone). weight goes through
+    bk.nn.scale and bias through shift: [B, C] per-example gradients, no recompute."""
+
+    _bk_dims = ((1, 2), -1, (1, 1, 1, -1))  # positions, channels, the weight's broadcast shape (channels last)
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x)
+        positions, channels, shape = self._bk_dims
+        norms = torch.linalg.vector_norm(x, ord=2, dim=positions, keepdim=True)
+        normalized = x * (norms / (norms.mean(dim=channels, keepdim=True) + self.eps))
+        return shift(self, scale(self, normalized, self.weight, channels), self.bias, shape) + x
+
+
+class _TimmGlobalResponseNorm(_GlobalResponseNorm):
+    @property
+    def _bk_dims(self):
+        return self.spatial_dim, self.channel_dim, self.wb_shape
+
+
+class _HFConvNextV2GRN(_GlobalResponseNorm):
+    eps = 1e-6  # transformers' constant
+
+
 class _TimmLayerNorm2d(LayerNorm):
     """timm's LayerNorm2d: a LayerNorm over the channels of NCHW, on bk's fused LayerNorm."""
 
@@ -200,6 +228,11 @@ register_layer(None, _unless_fast_norm(LayerNorm),
 register_layer(None, lambda module: _made(type(module), _DebertaLayerNorm),
                matches=lambda cls: cls.__name__ == "DebertaLayerNorm" and cls.__module__.startswith(
                    "transformers.models.deberta."))
+register_layer(None, lambda module: _made(type(module), _TimmGlobalResponseNorm),
+               matches=_timm_class("GlobalResponseNorm"))
+register_layer(None, lambda module: _made(type(module), _HFConvNextV2GRN),
+               matches=lambda cls: cls.__name__ == "ConvNextV2GRN" and cls.__module__.startswith(
+                   "transformers.models.convnextv2."))
 register_layer(None, lambda module: _made(type(module), _HFConvNextLayer),
                matches=lambda cls: cls.__name__ == "ConvNextLayer" and cls.__module__.startswith(
                    "transformers.models.convnext."))
