@@ -204,3 +204,61 @@ def test_global_response_norm_is_exact_on_the_fused_path(channels_last):
         getattr(model.grn, frozen).requires_grad_(False)
         assert_exact_on_the_fused_path(model, x)
         getattr(model.grn, frozen).requires_grad_(True)
+
+
+def _metaformer_net(use_nchw):
+    from timm.models.metaformer import GroupNorm1NoBias, LayerNorm2dNoBias, Scale, StarReLU
+
+    class Net(nn.Module):
+        """Conv, MetaFormer's bias-free norms, its Scale and StarReLU (one-number scale and bias)."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 3)
+            self.norm1, self.norm2 = GroupNorm1NoBias(4), LayerNorm2dNoBias(4)
+            self.scale, self.act = Scale(4, init_value=0.7, use_nchw=use_nchw), StarReLU(scale_value=0.9, bias_value=0.1)
+
+        def forward(self, x):
+            h = self.act(self.norm2(self.norm1(self.conv(x))))  # the bias would vanish in a norm after it
+            h = self.scale(h) if use_nchw else self.scale(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.head(h.flatten(1))
+
+    return Net().to(DT)
+
+
+@pytest.mark.parametrize("use_nchw", [True, False])
+def test_metaformer_scale_star_relu_and_bias_free_norms_are_exact_on_the_fused_path(use_nchw):
+    """PoolFormer / ConvFormer / CAFormer's own layers: each was recomputed per example before.
+    StarReLU's scale and bias are one number each: summed over every channel and position."""
+    torch.manual_seed(6)
+    model = _metaformer_net(use_nchw)
+    with torch.no_grad():
+        model.scale.scale.uniform_(0.5, 1.5)
+    x = torch.randn(4, 3, 8, 8, dtype=DT)
+    converted = assert_exact_on_the_fused_path(model, x)
+    assert isinstance(converted.norm1, bk.nn.GroupNorm) and isinstance(converted.norm2, bk.nn.LayerNorm)
+    model.act.bias.requires_grad_(False)  # StarReLU's bias_learnable=False
+    assert_exact_on_the_fused_path(model, x[:1])
+
+
+def test_resmlp_affine_and_block_and_hgnet_learnable_affine_are_exact_on_the_fused_path():
+    from timm.models.hgnet import LearnableAffineBlock
+    from timm.models.mlp_mixer import ResBlock
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.block = ResBlock(8, seq_len=5, mlp_ratio=2, init_values=0.5)
+            self.affine, self.head = LearnableAffineBlock(0.8, 0.2), nn.Linear(8, 3)
+
+        def forward(self, x):  # x: [B, 5 tokens, 3]
+            return self.head(self.affine(self.block(self.embed(x))).mean(1))
+
+    torch.manual_seed(7)
+    model = Net().to(DT)
+    with torch.no_grad():
+        for p in (model.block.norm1.alpha, model.block.norm2.beta, model.block.ls1):
+            p.uniform_(-1, 1)
+    converted = assert_exact_on_the_fused_path(model, torch.randn(4, 5, 3, dtype=DT))
+    assert isinstance(converted.block, bk.nn.BKLayer) and isinstance(converted.block.norm1, bk.nn.BKLayer)

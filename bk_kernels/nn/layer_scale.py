@@ -32,7 +32,8 @@ class _ScaleFn(torch.autograd.Function):
         x, gamma = ctx.saved_tensors
         grad_x = g * gamma.view(_channel_shape(g, ctx.dim)) if ctx.needs_input_grad[0] else None
         acc = accumulation_dtype(g.dtype)
-        others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim()]
+        # a one-element gamma (timm's StarReLU, hgnet's affine) scales every channel: summed over all
+        others = [d for d in range(1, g.dim()) if d != ctx.dim % g.dim() or gamma.numel() == 1]
         per_example = (g.to(acc) * x.to(acc)).sum(others) if others else g.to(acc) * x.to(acc)  # [B, C]
         # in gamma's own shape: [C], or [C, 1, 1] (timm FastViT's LayerScale2d)
         per_example = per_example.view(per_example.shape[0], *gamma.shape)
@@ -132,6 +133,18 @@ class _TimmConvNeXtBlock(BKLayer):
         return self.drop_path(x) + self.shortcut(shortcut)
 
 
+class _TimmResMLPBlock(BKLayer):
+    """timm ResMLP's ResBlock: its forward, with the inline ls1 / ls2 products book-kept by
+    bk.nn.scale (its Affine norms and Linear layers are bk layers of their own)."""
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x)
+        tokens = self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.drop_path(scale(self, tokens, self.ls1, -1))
+        return x + self.drop_path(scale(self, self.mlp_channels(self.norm2(x)), self.ls2, -1))
+
+
 class _HFConvNextLayer(BKLayer):
     """transformers' ConvNextLayer: its forward, with the inline layer_scale_parameter * features
     book-kept by bk.nn.scale (its convolutions, norm and Linear layers are bk layers)."""
@@ -171,6 +184,43 @@ class _TimmGlobalResponseNorm(_GlobalResponseNorm):
 
 class _HFConvNextV2GRN(_GlobalResponseNorm):
     eps = 1e-6  # transformers' constant
+
+
+class _TimmMetaformerScale(BKLayer):
+    """timm MetaFormer's Scale (PoolFormer, ConvFormer, CAFormer): x * scale.view(shape), shape
+    (C, 1, 1) for NCHW or (C,)."""
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self.scale.requires_grad:
+            return super().forward(x)
+        return scale(self, x, self.scale, -len(self.shape))
+
+
+class _AffineOfParameters(BKLayer):
+    """gamma * f(x) + beta with gamma and beta per channel (last dim) or one number each: timm's
+    StarReLU (f = relu^2; MetaFormer), hgnet's LearnableAffineBlock and ResMLP's Affine (f = the
+    identity). _bk_affine names the module's (gamma, beta) attributes."""
+
+    _bk_affine = ("scale", "bias")
+
+    def _bk_inner(self, x):
+        return x
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x)
+        gamma, beta = (getattr(self, name) for name in self._bk_affine)
+        y = scale(self, self._bk_inner(x), gamma, -1)
+        return shift(self, y, beta, (1,) * (y.dim() - 1) + (-1 if beta.numel() > 1 else 1,))
+
+
+class _TimmStarReLU(_AffineOfParameters):
+    def _bk_inner(self, x):
+        return self.relu(x) ** 2
+
+
+class _TimmResMLPAffine(_AffineOfParameters):
+    _bk_affine = ("alpha", "beta")
 
 
 class _TimmLayerNorm2d(LayerNorm):
@@ -214,11 +264,23 @@ def _unless_fast_norm(mixin):
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
 register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
-register_layer(None, _unless_fast_norm(_TimmLayerNorm2d), matches=_timm_class("LayerNorm2d"))
+# MetaFormer's NoBias variants: the same forwards with bias None
+register_layer(None, _unless_fast_norm(_TimmLayerNorm2d),
+               matches=lambda cls: _timm_class("LayerNorm2d")(cls) or _timm_class("LayerNorm2dNoBias")(cls))
 # timm's GroupNorm and GroupNorm1 (channels first in __init__) compute what torch's does:
 # F.group_norm of the same attributes
 register_layer(None, _unless_fast_norm(GroupNorm),
-               matches=lambda cls: cls.__name__ in ("GroupNorm", "GroupNorm1") and cls.__module__ == "timm.layers.norm")
+               matches=lambda cls: cls.__name__ in ("GroupNorm", "GroupNorm1") and cls.__module__ == "timm.layers.norm"
+               or _timm_class("GroupNorm1NoBias")(cls))
+register_layer(None, lambda module: _made(type(module), _TimmMetaformerScale),
+               matches=lambda cls: cls.__name__ == "Scale" and cls.__module__ == "timm.models.metaformer")
+register_layer(None, lambda module: _made(type(module), _TimmStarReLU), matches=_timm_class("StarReLU"))
+register_layer(None, lambda module: _made(type(module), _AffineOfParameters),
+               matches=_timm_class("LearnableAffineBlock"))
+register_layer(None, lambda module: _made(type(module), _TimmResMLPBlock),
+               matches=lambda cls: cls.__name__ == "ResBlock" and cls.__module__ == "timm.models.mlp_mixer")
+register_layer(None, lambda module: _made(type(module), _TimmResMLPAffine),
+               matches=lambda cls: cls.__name__ == "Affine" and cls.__module__ == "timm.models.mlp_mixer")
 register_layer(None, _unless_fast_norm(_TimmGroupNormAct),
                matches=lambda cls: cls.__name__ in ("GroupNormAct", "GroupNorm1Act") and cls.__module__.startswith("timm."))
 # timm's LayerNorm overrides forward without calling torch's, but computes what torch's does
