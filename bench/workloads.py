@@ -154,30 +154,28 @@ def timm_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="timm_vit", layers=layers, width=width, T=(size // patch) ** 2 + 1, B=B))
 
 
-def timm_convnext(B=16, size=64, classes=10, model="convnext_atto"):
-    """timm's ConvNeXt-atto (3.4M parameters) at 64 x 64: its blocks multiply by their gamma inline
-    and its norms are LayerNorm2d (bk.nn.scale and bk's fused LayerNorm)."""
+def _timm_staged_net(name, model, B, size, classes):
+    """A timm image model with stages of blocks (ConvNeXt, ResNet-V2) at size x size."""
     import timm
 
     torch.manual_seed(0)
     net = timm.create_model(model, pretrained=False, num_classes=classes)
     x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
-    return Workload("timm_convnext", net, (x,), y, lambda m, x: m(x),
-                    dict(model="timm_convnext", layers=sum(len(s.blocks) for s in net.stages), width=net.num_features,
+    return Workload(name, net, (x,), y, lambda m, x: m(x),
+                    dict(model=name, layers=sum(len(s.blocks) for s in net.stages), width=net.num_features,
                          T=(size // 32) ** 2, B=B))
+
+
+def timm_convnext(B=16, size=64, classes=10, model="convnext_atto"):
+    """timm's ConvNeXt-atto (3.4M parameters) at 64 x 64: its blocks multiply by their gamma inline
+    and its norms are LayerNorm2d (bk.nn.scale and bk's fused LayerNorm)."""
+    return _timm_staged_net("timm_convnext", model, B, size, classes)
 
 
 def timm_bit(B=16, size=64, classes=10, model="resnetv2_50x1_bit"):
     """timm's BiT ResNet-V2-50 (23.5M parameters) at 64 x 64: every convolution weight-standardized
     (StdConv2d), GroupNormAct norms; the DP image classifiers' backbone."""
-    import timm
-
-    torch.manual_seed(0)
-    net = timm.create_model(model, pretrained=False, num_classes=classes)
-    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
-    return Workload("timm_bit", net, (x,), y, lambda m, x: m(x),
-                    dict(model="timm_bit", layers=sum(len(s.blocks) for s in net.stages), width=net.num_features,
-                         T=(size // 32) ** 2, B=B))
+    return _timm_staged_net("timm_bit", model, B, size, classes)
 
 
 class ViTBlock(nn.Module):

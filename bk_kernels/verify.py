@@ -50,6 +50,17 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _in_float64(model):
+    """A copy of the model in float64 and eval mode. transformers' MoE experts default to
+    torch._grouped_mm, which takes no float64: the copy's config asks for its eager loop (the
+    same arithmetic)."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", "eager") not in (None, "eager"):
+            config._experts_implementation = "eager"
+    return model.double().eval()
+
+
 def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer", max_grad_norm=None,
            clipping_fn="abadi", rtol=1e-6):
     """Compares bk's per-example norms and clipped update with a loop of one backward per example.
@@ -76,7 +87,7 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     def example(i):
         return tree_unflatten([t.narrow(example_dim(t), i, 1) if b else t for t, b in zip(leaves, batched)], spec)
 
-    reference = copy.deepcopy(model).double().eval()  # copies of converted models are not attached
+    reference = _in_float64(copy.deepcopy(model))  # copies of converted models are not attached
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     per_example = []
     for i in range(B):
@@ -95,7 +106,7 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     totals = [math.sqrt(sum(g[n].square().sum().item() for n in names)) for g in per_example]
     R = max_grad_norm if max_grad_norm is not None else (sorted(totals)[B // 2] or 1.0)
 
-    private = convert(copy.deepcopy(model).double().eval())
+    private = convert(_in_float64(copy.deepcopy(model)))
     engine = PrivacyEngine(private, batch_size=B, sample_size=max(2 * B, 2), noise_multiplier=0.0, max_grad_norm=R,
                            clipping_style=clipping_style, clipping_fn=clipping_fn, batch_first=batch_first)
     optimizer = engine.attach(torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=1.0))

@@ -79,3 +79,18 @@ def test_catches_a_broadcast_output_indexed_on_the_batch_dim():
     ids, y = torch.randint(0, 9, (4, 6)), torch.randint(0, 3, (4,))
     report = bk.verify(Indexing(), lambda m, b: F.cross_entropy(m(b[0]), b[1]), (ids, y))
     assert not report.ok and report.worst[0][2] == "pos", str(report)
+
+
+def test_passes_on_a_transformers_moe_with_its_default_grouped_mm_experts():
+    """transformers' experts default to torch._grouped_mm, which takes no float64: verify's float64
+    copies use the eager loop (same arithmetic); the user's model keeps its own setting."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=37, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                        num_experts_per_tok=2, router_jitter_noise=0.0)
+    model = transformers.MixtralForCausalLM(config)
+    assert model.config._experts_implementation == "grouped_mm"
+    report = bk.verify(model, lambda m, ids: zoo.causal_lm(m, {"ids": ids}).mean(), torch.randint(0, 37, (3, 6)))
+    assert report.ok, str(report)
+    assert model.config._experts_implementation == "grouped_mm"
