@@ -98,6 +98,27 @@ def test_convnextv2_and_weight_standardized_models_have_no_generic_module(name):
     assert bk.generic_modules(bk.convert(_build(name)[0])) == []
 
 
+@pytest.mark.parametrize("frozen_biases", [False, True])
+def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
+    """EvaAttention's q/v biases (added after the bk qkv Linear through shift) and EvaBlock's
+    gamma_1/gamma_2 (bk.nn.scale) were recomputed per example; with the biases frozen the qkv
+    weight still trains through bk (timm's F.linear would have read it unseen)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model, _, _ = _build("timm_eva02")
+    assert model.blocks[0].gamma_1 is not None
+    if frozen_biases:
+        for block in model.blocks:
+            block.attn.q_bias.requires_grad_(False)
+            block.attn.v_bias.requires_grad_(False)
+    converted = bk.convert(copy.deepcopy(model))
+    assert [t for _, t, _ in bk.generic_modules(converted)] == ["Eva"]  # the root's _pos_embed
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (torch.randn(4, 3, 16, 16, dtype=torch.float64),
+                                                                           torch.randint(0, 3, (4,))), rtol=1e-9)
+    assert report.ok, str(report)
+
+
 def test_timm_vit_recomputes_only_its_position_embedding():
     """The root owns cls_token and pos_embed and reads them only in _pos_embed: only that method
     is recomputed per example (it used to be the whole model: 2.4x non-private, bench timm-vit);

@@ -248,10 +248,12 @@ def timm_vit_relpos(shared=False):
 
 def timm_attention_reads_qkv_weight(name):
     """timm's BEiT and EVA-02: the attention owns its q/v biases and calls
-    F.linear(x, self.qkv.weight, qkv_bias) itself, so qkv is absorbed into its generic path."""
+    F.linear(x, self.qkv.weight, qkv_bias) itself (BEiT: its generic path absorbs qkv; EVA: bk's
+    EvaAttention adds the biases after the bk Linear). EVA-02 with layer scales (init_values)."""
     import timm
+    extra = dict(init_values=0.5) if name.startswith("eva") else {}
     return timm.create_model(name, pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2,
-                             num_classes=3).to(DT)
+                             num_classes=3, **extra).to(DT)
 
 
 def hf_convnextv2():

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
-from .families import register_layer
+from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
+from ._made import made_class
 from .linear import linear_with
 
 
@@ -217,6 +218,93 @@ def _window_attention_class(module):
 
 
 register_layer(None, _window_attention_class, matches=_is_window_attention)
+
+
+class _TimmEvaAttention(BKLayer):
+    """timm's EvaAttention (EVA-02, and the ViTs built on eva.py) with a fused qkv and its own
+    q_bias / v_bias: timm's forward, with the qkv projection run by the bk Linear it holds and the
+    two biases added through shift (k's is a zero buffer). It was recomputed per example: its
+    F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias)) reads the child's weight itself."""
+
+    _bk_swap_without_parameters = True  # frozen biases: still swapped, or the qkv weight's use goes unseen
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        if in_plain_forward() or self._bk_layout() is None or self.q_bias is None:
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        from timm.models import eva
+        from .layer_scale import shift
+
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x)  # the bk Linear (no bias of its own)
+        q, k, v = qkv.chunk(3, dim=-1)
+        heads = (1,) * (qkv.dim() - 1) + (-1,)
+        qkv = torch.cat((shift(self, q, self.q_bias, heads), k + self.k_bias, shift(self, v, self.v_bias, heads)), -1)
+        # from here on timm's forward (timm 1.0)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt, :], eva.apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt, :], eva.apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = eva.maybe_add_mask(attn, eva.resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, C))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class _TimmEvaBlock(BKLayer):
+    """timm's EvaBlock with layer scales: its forward, with the inline gamma_1 / gamma_2 products
+    book-kept by bk.nn.scale (its attention, norms and MLP are bk layers of their own)."""
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal=False):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        from .layer_scale import scale
+
+        x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(x_attn if self.gamma_1 is None else scale(self, x_attn, self.gamma_1, -1))
+        x_mlp = self.mlp(self.norm2(x))
+        return x + self.drop_path2(x_mlp if self.gamma_2 is None else scale(self, x_mlp, self.gamma_2, -1))
+
+
+def _timm_eva_block_class(module):
+    params = inspect.signature(type(module).forward).parameters
+    if list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or not hasattr(module, "gamma_1"):
+        return GENERIC
+    return made_class(_timm_eva_block_class, (type(module),), type(module).__name__,
+                      (_TimmEvaBlock, type(module)), {"__module__": __name__})
+
+
+def _timm_eva_attention_class(module):
+    """bk's EvaAttention where it has a fused qkv with q/v biases and timm's forward as read
+    here; else the generic path (any other own Parameter)."""
+    from timm.models import eva
+
+    params = inspect.signature(type(module).forward).parameters
+    if getattr(module, "qkv", None) is None or getattr(module, "q_bias", None) is None or \
+            list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or \
+            not all(hasattr(eva, f) for f in ("apply_rot_embed_cat", "maybe_add_mask", "resolve_self_attn_mask")):
+        return GENERIC
+    return made_class(_timm_eva_attention_class, (type(module),), type(module).__name__,
+                      (_TimmEvaAttention, type(module)), {"__module__": __name__})
+
+
+def _is_timm_eva_attention(cls):
+    return cls.__name__ == "EvaAttention" and cls.__module__ == "timm.models.eva"
+
+
+register_layer(None, _timm_eva_attention_class, matches=_is_timm_eva_attention)
+register_layer(None, _timm_eva_block_class,
+               matches=lambda cls: cls.__name__ == "EvaBlock" and cls.__module__ == "timm.models.eva")
 
 
 class _PosEmbedOwner(_OneMethodOnGenericPath):
