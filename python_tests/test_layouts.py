@@ -589,6 +589,11 @@ def test_folded_rows_through_a_qkv_split():
     assert folded_rows(first_position.permute(1, 0, 2), 3)
     # qkv.permute(1, 0, ...)[0]: its dim 0 (3 = B entries) is the q/k/v index, not a fold: refused
     assert not folded_rows(qkv.permute(1, 0, 2, 3, 4)[0], 3)
+    # the same split by qkv.unbind(0) (timm's Swin and ViT attention)
+    q, k, v = qkv.unbind(0)
+    assert folded_rows(((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(6, 5, 4), 3)
+    assert not folded_rows(((q @ k.flip(0).transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(6, 5, 4), 3)
+    assert not folded_rows(qkv.permute(1, 0, 2, 3, 4).unbind(0)[0], 3)
 
 
 def test_video_frames_folded_into_a_convolution_are_exact():

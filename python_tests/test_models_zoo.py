@@ -119,6 +119,62 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
+def test_timm_swin_window_attention_is_a_bk_layer(batch, frozen_table):
+    """timm's Swin (v1) WindowAttention adds its relative position bias through a bk Function
+    ([B, rows, heads] per-example table gradients from each example's windows) and its qkv / proj
+    are bk Linears on the windows folded from the examples: no per-example recompute. B = 16 is
+    the first stage's window count (its shift mask [16, N, N] then has the batch's size)."""
+    import torch.nn.functional as F
+
+    build, _, make_batch = zoo.ZOO["timm_swin"]
+    torch.manual_seed(1)
+    model = build()
+    if frozen_table:
+        for m in model.modules():
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.requires_grad_(False)
+    assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+    inputs = make_batch(batch)
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (inputs["x"], inputs["y"]), rtol=1e-9)
+    assert report.ok, str(report)
+
+
+class _Windows(torch.nn.Module):
+    """One timm WindowAttention on 2 x 2 windows of an [B, 8, 8, 8] map, taken example-major or
+    window-major (the examples' dim moved behind the windows' positions)."""
+
+    def __init__(self, example_major):
+        super().__init__()
+        from timm.models.swin_transformer import WindowAttention
+
+        self.example_major = example_major
+        self.embed, self.attn = torch.nn.Linear(8, 8), WindowAttention(8, 2, window_size=2)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        grid = self.embed(x).view(B, 4, 2, 4, 2, 8)
+        order = (0, 1, 3, 2, 4, 5) if self.example_major else (1, 3, 0, 2, 4, 5)
+        windows = grid.permute(*order).reshape(-1, 4, 8)
+        return self.head(self.attn(windows).view(B, -1, 8).mean(1) if self.example_major else
+                         self.attn(windows).view(-1, B, 8).mean(0))
+
+
+def test_timm_swin_window_attention_refuses_windows_that_are_not_the_examples():
+    torch.manual_seed(2)
+    x = torch.randn(3, 8, 8, 8, dtype=torch.float64)  # B = 3: no dim of the window-major layout has size B
+    for example_major in (True, False):
+        model = bk.convert(_Windows(example_major).double())
+        engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=0.0, max_grad_norm=1.0)
+        if example_major:
+            model(x).sum().backward()
+            assert engine._ready_for_step
+        else:
+            with pytest.raises(bk.UnsupportedLayoutError, match=r"WindowAttention \(attn\)"):
+                model(x).sum().backward()
+
+
 def test_timm_vit_recomputes_only_its_position_embedding():
     """The root owns cls_token and pos_embed and reads them only in _pos_embed: only that method
     is recomputed per example (it used to be the whole model: 2.4x non-private, bench timm-vit);

@@ -305,10 +305,10 @@ _SDPA_NODES = frozenset({"ScaledDotProductFlashAttentionForCpuBackward0", "Scale
                          "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0"})
 # Nodes through which the fold is followed: entry r of the fold's dim (k*B long) of the output
 # is made from entry r of the fold's dim of each traced input only. Permutes and transposes
-# move that dim, a select of another dim removes one before or after it, expands broadcast
+# move that dim, a select (or unbind) of another dim removes one before or after it, expands broadcast
 # other dims; batched matmuls and fused attention take the fold on dim 0 as their batch.
-_FOLD_MOVED = frozenset({"PermuteBackward0", "TransposeBackward0", "SelectBackward0", "ExpandBackward0",
-                         "BmmBackward0"}) | _SDPA_NODES
+_FOLD_MOVED = frozenset({"PermuteBackward0", "TransposeBackward0", "SelectBackward0", "UnbindBackward0",
+                         "ExpandBackward0", "BmmBackward0"}) | _SDPA_NODES
 
 
 def _signed(d):
@@ -331,8 +331,11 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
         d0, d1 = (_signed(d) % ndim for d in (node._saved_dim0, node._saved_dim1))
         f, nr = node.next_functions[0]
         return [(f, nr, numel, ndim, d1 if fold == d0 else d0 if fold == d1 else fold)]
-    if name == "SelectBackward0":  # input [..., n (dim d), ...] -> output without dim d
-        sizes = node._saved_self_sym_sizes
+    if name in ("SelectBackward0", "UnbindBackward0"):  # input [..., n (dim d), ...] -> output without dim d
+        # (unbind: each output one select; its input's sizes are not saved, but read from the graph)
+        sizes = node._saved_self_sym_sizes if name == "SelectBackward0" else _output_shape(*node.next_functions[0])
+        if sizes is None:
+            return None
         d = _signed(node._saved_dim) % len(sizes)
         if ndim is None or len(sizes) != ndim + 1 or (numel is not None and math.prod(sizes) != numel * sizes[d]):
             return None

@@ -12,11 +12,13 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ._core import BKLayer, in_plain_forward
+from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
-from ._made import made_class
+from ._uses import DenseUse
+from .layer_scale import _made, scale, shift
 from .linear import linear_with
+from ..ops._norm_common import accumulation_dtype
 
 
 def attention_unsupported_reason(module):
@@ -204,6 +206,80 @@ def _is_window_attention(cls):
                                                                        cls.__name__) is not None
 
 
+class _RelativeBiasFn(torch.autograd.Function):
+    """scores [k*B, H, N, N] + table[index].view(N, N, H).permute(2, 0, 1), the same bias for
+    every window of every example (Swin's relative position bias). Example b's gradient of the
+    table gathers the gradients of b's k windows' scores by index: [B, rows, H], kept as it is."""
+
+    @staticmethod
+    def forward(ctx, scores, table, index, layer, k):
+        ctx.layer, ctx.table, ctx.k = layer, table, k
+        ctx.save_for_backward(index)
+        ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores plus a constant
+        N = scores.shape[-1]
+        return scores + table[index].view(N, N, -1).permute(2, 0, 1).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (index,) = ctx.saved_tensors
+        table, k = ctx.table, ctx.k
+        acc = accumulation_dtype(g.dtype)
+        heads = g.shape[1]
+        per_example_bias = g.to(acc).view(-1, k, heads, g.shape[-2] * g.shape[-1]).sum(1).transpose(1, 2)
+        per_example = per_example_bias.new_zeros(per_example_bias.shape[0], *table.shape)
+        per_example.index_add_(1, index, per_example_bias)  # [B, rows, H]
+        if ctx.layer._bk_hand_off([(table, DenseUse(per_example))]):
+            return g, None, None, None, None
+        return g, per_example.sum(0).to(table.dtype), None, None, None
+
+
+class _TimmWindowAttention(BKLayer):
+    """timm's Swin (v1) WindowAttention: timm's non-fused forward, with the relative position
+    bias added by _RelativeBiasFn (per-example table gradients) and qkv / proj as the bk Linear
+    layers it holds, on the [B * windows, N, C] windows folded from the examples (the fold of its
+    input proven by folded_rows; attention keeps windows apart, so its output is laid out from
+    [B, windows, N, C] for proj)."""
+
+    _bk_swap_without_parameters = True  # a frozen table: its qkv and proj are still bk layers
+
+    def forward(self, x, mask=None):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(x, mask)
+        B_, N, C = x.shape
+        B = layout.batch
+        if B_ != B and not (B and B_ % B == 0 and folded_rows(x, B)):  # the windows must be the examples' own
+            raise self._bk_layout_error(x, 0)
+        windows = B_ // B if B else 1
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        table = self.relative_position_bias_table
+        if table.requires_grad:
+            attn = _RelativeBiasFn.apply(attn, table, self.relative_position_index.view(-1), self, windows)
+        else:
+            attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        x = self.attn_drop(self.softmax(attn)) @ v
+        # each window's output is its own (x's fold is proven above): laid out [B, windows, N, C]
+        # and viewed back, so proj reads the fold without a graph to follow (a frozen stage before)
+        x = x.transpose(1, 2).reshape(B_ // windows, windows, N, -1).view(B_, N, -1)
+        return self.proj_drop(self.proj(x))
+
+
+def _timm_window_attention_class(module):
+    """bk's WindowAttention where timm's forward and attributes are the ones read here, else None."""
+    params = list(inspect.signature(type(module).forward).parameters)
+    if params != ["self", "x", "mask"] or not all(hasattr(module, a) for a in (
+            "relative_position_bias_table", "relative_position_index", "qkv", "proj", "softmax", "_get_rel_pos_bias")):
+        return None
+    return _made(type(module), _TimmWindowAttention)
+
+
 def _window_attention_class(module):
     """The window attention on the generic path with its trained children absorbed (qkv, proj,
     v2's position MLP): its windows are rows folded from the examples (proven through the
@@ -211,6 +287,10 @@ def _window_attention_class(module):
     each window's positions would need a proof through attention that the Linear layers inside
     cannot give; absorbed, they are recomputed per example with the attention (v2-cr's meta MLP
     on the relative coordinates too, whose input holds no examples)."""
+    if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer":
+        fused = _timm_window_attention_class(module)  # timm's v1: bk's own
+        if fused is not None:
+            return fused
     trained = tuple(name for name, child in module.named_children()
                     if any(p.requires_grad for p in child.parameters()))
     own = any(p.requires_grad for p in module.parameters(recurse=False))
@@ -232,7 +312,6 @@ class _TimmEvaAttention(BKLayer):
         if in_plain_forward() or self._bk_layout() is None or self.q_bias is None:
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         from timm.models import eva
-        from .layer_scale import shift
 
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -268,8 +347,6 @@ class _TimmEvaBlock(BKLayer):
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
         if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        from .layer_scale import scale
-
         x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(x_attn if self.gamma_1 is None else scale(self, x_attn, self.gamma_1, -1))
         x_mlp = self.mlp(self.norm2(x))
@@ -280,8 +357,7 @@ def _timm_eva_block_class(module):
     params = inspect.signature(type(module).forward).parameters
     if list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or not hasattr(module, "gamma_1"):
         return GENERIC
-    return made_class(_timm_eva_block_class, (type(module),), type(module).__name__,
-                      (_TimmEvaBlock, type(module)), {"__module__": __name__})
+    return _made(type(module), _TimmEvaBlock)
 
 
 def _timm_eva_attention_class(module):
@@ -294,8 +370,7 @@ def _timm_eva_attention_class(module):
             list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or \
             not all(hasattr(eva, f) for f in ("apply_rot_embed_cat", "maybe_add_mask", "resolve_self_attn_mask")):
         return GENERIC
-    return made_class(_timm_eva_attention_class, (type(module),), type(module).__name__,
-                      (_TimmEvaAttention, type(module)), {"__module__": __name__})
+    return _made(type(module), _TimmEvaAttention)
 
 
 def _is_timm_eva_attention(cls):
