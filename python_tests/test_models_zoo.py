@@ -119,6 +119,26 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("frozen", [None, "relative_position_bias_table", "cls_token"])
+def test_timm_beit_has_no_generic_module(frozen):
+    """timm's BEiT: its attention (q/v biases, relative position table: one window), its blocks'
+    layer scales and the root's cls_token / pos_embed (used inline in forward_features, which
+    made the root, and so the whole model, a per-example recompute) are all book-kept."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    model, _, _ = _build("timm_beit")
+    assert model.blocks[0].gamma_1 is not None and model.blocks[0].attn.relative_position_bias_table is not None
+    if frozen:
+        for name, p in model.named_parameters():
+            if name.endswith(frozen):
+                p.requires_grad_(False)
+    assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (torch.randn(4, 3, 16, 16, dtype=torch.float64),
+                                                                           torch.randint(0, 3, (4,))), rtol=1e-9)
+    assert report.ok, str(report)
+
+
 @pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
 def test_timm_swin_window_attention_is_a_bk_layer(batch, frozen_table):
     """timm's Swin (v1) WindowAttention adds its relative position bias through a bk Function

@@ -300,6 +300,15 @@ def _window_attention_class(module):
 register_layer(None, _window_attention_class, matches=_is_window_attention)
 
 
+def _qkv_with_biases(attention, x):
+    """timm's F.linear(x, qkv.weight, cat(q_bias, k_bias, v_bias)) (EVA, BEiT): the qkv as the
+    bk Linear it is (no bias of its own), then q's and v's biases through shift (k's: a zero buffer)."""
+    q, k, v = attention.qkv(x).chunk(3, dim=-1)
+    heads = (1,) * (q.dim() - 1) + (-1,)
+    return torch.cat((shift(attention, q, attention.q_bias, heads), k + attention.k_bias,
+                      shift(attention, v, attention.v_bias, heads)), -1)
+
+
 class _TimmEvaAttention(BKLayer):
     """timm's EvaAttention (EVA-02, and the ViTs built on eva.py) with a fused qkv and its own
     q_bias / v_bias: timm's forward, with the qkv projection run by the bk Linear it holds and the
@@ -315,12 +324,8 @@ class _TimmEvaAttention(BKLayer):
 
         B, N, C = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x)  # the bk Linear (no bias of its own)
-        q, k, v = qkv.chunk(3, dim=-1)
-        heads = (1,) * (qkv.dim() - 1) + (-1,)
-        qkv = torch.cat((shift(self, q, self.q_bias, heads), k + self.k_bias, shift(self, v, self.v_bias, heads)), -1)
         # from here on timm's forward (timm 1.0)
-        qkv = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = _qkv_with_biases(self, x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -371,6 +376,92 @@ def _timm_eva_attention_class(module):
             not all(hasattr(eva, f) for f in ("apply_rot_embed_cat", "maybe_add_mask", "resolve_self_attn_mask")):
         return GENERIC
     return _made(type(module), _TimmEvaAttention)
+
+
+class _TimmBeitAttention(BKLayer):
+    """timm's BEiT Attention (BEiT, BEiT-v2): timm's non-fused forward with the qkv as the bk
+    Linear, q/v biases through shift and its relative position bias (one window: the whole
+    image, plus the class token's rows) added by _RelativeBiasFn; a shared bias from the parent
+    is added as given (its owner book-keeps it)."""
+
+    _bk_swap_without_parameters = True
+
+    def forward(self, x, shared_rel_pos_bias=None):
+        if in_plain_forward() or self._bk_layout() is None or not any(p.requires_grad for p in self.parameters()):
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        B, N, C = x.shape
+        qkv = self.qkv(x) if self.q_bias is None else _qkv_with_biases(self, x)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        table = self.relative_position_bias_table
+        if table is not None and table.requires_grad:
+            attn = _RelativeBiasFn.apply(attn, table, self.relative_position_index.view(-1), self, 1)
+        elif table is not None:
+            attn = attn + self._get_rel_pos_bias()
+        if shared_rel_pos_bias is not None:
+            attn = attn + shared_rel_pos_bias
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class _TimmBeitBlock(BKLayer):
+    """timm's BEiT Block with layer scales: the inline gamma_1 / gamma_2 through bk.nn.scale."""
+
+    def forward(self, x, shared_rel_pos_bias=None):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+        x_attn = self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+        x = x + self.drop_path1(scale(self, x_attn, self.gamma_1, -1))
+        return x + self.drop_path2(scale(self, self.mlp(self.norm2(x)), self.gamma_2, -1))
+
+
+class _TimmBeitRoot(BKLayer):
+    """timm's Beit model: it owns cls_token and pos_embed and uses them inline in
+    forward_features, so it took the generic path, a recompute of the whole model per example.
+    forward_features is timm's with the class token made per example by a shift of zeros and the
+    positions added by a shift: [B, 1, C] and [B, N + 1, C] per-example gradients, no recompute."""
+
+    def forward_features(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward_features(x)
+        x = self.patch_embed(x)
+        cls = shift(self, x.new_zeros(x.shape[0], 1, x.shape[-1]), self.cls_token, (1, 1, -1))
+        x = torch.cat((cls, x), dim=1)
+        if self.pos_embed is not None:
+            x = shift(self, x, self.pos_embed, (1, *self.pos_embed.shape[1:]))
+        x = self.pos_drop(x)
+        # from here on timm's forward_features (timm 1.0)
+        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                from timm.models._manipulate import checkpoint
+
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+
+def _timm_beit_class(module):
+    """bk's BEiT model / Attention / Block where timm's forward is the one read here, else the
+    generic path."""
+    if type(module).__name__ == "Beit":
+        own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+        fits = list(inspect.signature(type(module).forward_features).parameters) == ["self", "x"] and \
+            own <= {"cls_token", "pos_embed"} and getattr(module, "cls_token", None) is not None
+        return _made(type(module), _TimmBeitRoot) if fits else GENERIC
+    params = list(inspect.signature(type(module).forward).parameters)
+    if params != ["self", "x", "shared_rel_pos_bias"]:
+        return GENERIC
+    if type(module).__name__ == "Block":
+        return _made(type(module), _TimmBeitBlock) if getattr(module, "gamma_1", None) is not None else GENERIC
+    if not all(hasattr(module, a) for a in ("qkv", "q_bias", "relative_position_bias_table", "proj", "scale")):
+        return GENERIC
+    return _made(type(module), _TimmBeitAttention)
+
+
+register_layer(None, _timm_beit_class,
+               matches=lambda cls: cls.__name__ in ("Attention", "Block", "Beit") and cls.__module__ == "timm.models.beit")
 
 
 def _is_timm_eva_attention(cls):
