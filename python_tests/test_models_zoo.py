@@ -139,24 +139,30 @@ def test_timm_beit_has_no_generic_module(frozen):
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager"])
 @pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
-def test_timm_swin_window_attention_is_a_bk_layer(batch, frozen_table):
-    """timm's Swin (v1) WindowAttention adds its relative position bias through a bk Function
-    ([B, rows, heads] per-example table gradients from each example's windows) and its qkv / proj
-    are bk Linears on the windows folded from the examples: no per-example recompute. B = 16 is
-    the first stage's window count (its shift mask [16, N, N] then has the batch's size)."""
+def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
+    """Swin (v1)'s window attention, timm's and transformers', adds its relative position bias
+    through a bk Function ([B, rows, heads] per-example table gradients from each example's
+    windows) and its projections are bk Linears on the windows folded from the examples: no
+    per-example recompute. B = 16 is the first stage's window count (its shift mask [16, N, N]
+    then has the batch's size). transformers' eager attention takes its softmax in float32."""
     import torch.nn.functional as F
 
-    build, _, make_batch = zoo.ZOO["timm_swin"]
+    build, _, make_batch = zoo.ZOO[name.replace("_eager", "")]
     torch.manual_seed(1)
     model = build()
+    if name.endswith("eager"):
+        model.config._attn_implementation = "eager"
     if frozen_table:
         for m in model.modules():
             if hasattr(m, "relative_position_bias_table"):
                 m.relative_position_bias_table.requires_grad_(False)
     assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
     inputs = make_batch(batch)
-    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (inputs["x"], inputs["y"]), rtol=1e-9)
+    logits = (lambda m, x: m(x)) if name == "timm_swin" else (lambda m, x: m(pixel_values=x).logits)
+    report = bk.verify(model, lambda m, b: F.cross_entropy(logits(m, b[0]), b[1]), (inputs["x"], inputs["y"]),
+                       rtol=1e-9)
     assert report.ok, str(report)
 
 

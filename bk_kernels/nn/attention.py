@@ -248,10 +248,7 @@ class _TimmWindowAttention(BKLayer):
                 not any(p.requires_grad for p in self.parameters()):
             return super().forward(x, mask)
         B_, N, C = x.shape
-        B = layout.batch
-        if B_ != B and not (B and B_ % B == 0 and folded_rows(x, B)):  # the windows must be the examples' own
-            raise self._bk_layout_error(x, 0)
-        windows = B_ // B if B else 1
+        windows = _windows_per_example(self, x, layout.batch)
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
@@ -269,6 +266,66 @@ class _TimmWindowAttention(BKLayer):
         # and viewed back, so proj reads the fold without a graph to follow (a frozen stage before)
         x = x.transpose(1, 2).reshape(B_ // windows, windows, N, -1).view(B_, N, -1)
         return self.proj_drop(self.proj(x))
+
+
+def _windows_per_example(layer, x, B):
+    """k of x's [k*B, N, C] windows, proven folded from the examples (refused otherwise)."""
+    if x.shape[0] != B and not (B and x.shape[0] % B == 0 and folded_rows(x, B)):
+        raise layer._bk_layout_error(x, 0)
+    return x.shape[0] // B if B else 1
+
+
+class _HFSwinAttention(BKLayer):
+    """transformers' SwinAttention (transformers 5: q/k/v/o Linears and a SwinRelativePositionBias
+    child owning the table): the eager attention written out, with the table's bias added by
+    _RelativeBiasFn (the child absorbed: its table is book-kept here) and the output laid out
+    [B, windows, N, C] for o_proj, as timm's."""
+
+    _bk_absorb = ("relative_position_bias",)
+    _bk_swap_without_parameters = True
+
+    def _bk_absorbed_modules(self):
+        return [self.relative_position_bias]
+
+    def _bk_owned_parameters(self):
+        return list(self.relative_position_bias.parameters())
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        B_, N, C = hidden_states.shape
+        windows = _windows_per_example(self, hidden_states, layout.batch)
+        shape = (B_, N, -1, self.head_dim)
+        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        bias = self.relative_position_bias
+        if bias.relative_position_bias_table.requires_grad:
+            scores = _RelativeBiasFn.apply(scores, bias.relative_position_bias_table,
+                                           bias.relative_position_index.view(-1), self, windows)
+        else:
+            scores = scores + bias()
+        if attention_mask is not None:  # the shift mask [num_windows, N, N]
+            num_windows, heads = attention_mask.shape[0], scores.shape[1]
+            scores = (scores.view(-1, num_windows, heads, N, N) + attention_mask.unsqueeze(1).unsqueeze(0)).view(
+                B_, heads, N, N)
+        # transformers' eager attention takes the softmax in float32; its sdpa (the default) in q's dtype
+        eager = getattr(self.config, "_attn_implementation", None) == "eager"
+        weights = F.softmax(scores, dim=-1, dtype=torch.float32 if eager else None).to(q.dtype)
+        weights = F.dropout(weights, p=self.attention_dropout, training=self.training)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(B_ // windows, windows, N, -1).view(B_, N, -1)
+        return self.o_proj(out), weights
+
+
+def _hf_swin_attention_class(module):
+    params = list(inspect.signature(type(module).forward).parameters)
+    bias = getattr(module, "relative_position_bias", None)
+    if params != ["self", "hidden_states", "attention_mask", "kwargs"] or not all(
+            hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")) or \
+            type(bias).__name__ != "SwinRelativePositionBias":
+        return None
+    return _made(type(module), _HFSwinAttention)
 
 
 def _timm_window_attention_class(module):
@@ -289,6 +346,10 @@ def _window_attention_class(module):
     on the relative coordinates too, whose input holds no examples)."""
     if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer":
         fused = _timm_window_attention_class(module)  # timm's v1: bk's own
+        if fused is not None:
+            return fused
+    if type(module).__name__ == "SwinAttention" and type(module).__module__ == "transformers.models.swin.modeling_swin":
+        fused = _hf_swin_attention_class(module)  # transformers' v1: bk's own
         if fused is not None:
             return fused
     trained = tuple(name for name, child in module.named_children()
