@@ -251,7 +251,7 @@ def folded_rows(x, B):
         elif name in _ROW_WISE_NODES:  # one operand, of the output's shape
             stack.extend((f, nr, numel, ndim, fold) for f, nr in node.next_functions)
         elif name == "CatBackward0":  # inputs of one shape but along the cat dim: the fold's rows kept
-            if ndim is None or _signed(node._saved_dim) % ndim == fold:
+            if _signed(node._saved_dim) % ndim == fold:
                 return False
             # each input's number of elements is not saved: read where it lands
             stack.extend((f, nr, None, ndim, fold) for f, nr in node.next_functions if f is not None)
@@ -278,9 +278,8 @@ def folded_rows(x, B):
             stack.append((f, nr, input_numel, None, 0))
         elif name in _VIEW_NODES:
             sizes = node._saved_self_sym_sizes
-            if not (len(sizes) >= 2 and (numel is None or math.prod(sizes) == numel) and sizes[0] % B == 0):
+            if not (len(sizes) >= 2 and math.prod(sizes) == numel and sizes[0] % B == 0):
                 return False
-            numel = math.prod(sizes)
             if sizes[0] > B:  # a reshape of rows folded already (Swin's windows [B*nW, ws, ws, C] -> [B*nW, N, C])
                 stack.extend((f, nr, numel, len(sizes), 0) for f, nr in node.next_functions)
         elif name == "torch::autograd::AccumulateGrad":  # a leaf holding the fold's rows: not the examples'
@@ -317,8 +316,8 @@ def _signed(d):
 
 def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     """The (node, output_nr, numel, ndim, fold dim) entries of a _FOLD_MOVED node's inputs, or
-    None when the node selects from, broadcasts or contracts the fold (or its dims cannot be
-    told: no ndim known)."""
+    None when the node selects from, broadcasts or contracts the fold (numel and ndim: the
+    node's output's, read from the graph)."""
     if name == "PermuteBackward0":  # output dim i is input dim dims[i]
         dims = [_signed(d) % len(node._saved_dims) for d in node._saved_dims]
         if fold >= len(dims):  # the fold claimed on a dim this tensor does not have
@@ -326,8 +325,6 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
         f, nr = node.next_functions[0]
         return [(f, nr, numel, len(dims), dims[fold])]
     if name == "TransposeBackward0":
-        if ndim is None:
-            return None
         d0, d1 = (_signed(d) % ndim for d in (node._saved_dim0, node._saved_dim1))
         f, nr = node.next_functions[0]
         return [(f, nr, numel, ndim, d1 if fold == d0 else d0 if fold == d1 else fold)]
@@ -337,7 +334,7 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
         if sizes is None:
             return None
         d = _signed(node._saved_dim) % len(sizes)
-        if ndim is None or len(sizes) != ndim + 1 or (numel is not None and math.prod(sizes) != numel * sizes[d]):
+        if len(sizes) != ndim + 1 or math.prod(sizes) != numel * sizes[d]:
             return None
         f, nr = node.next_functions[0]
         # the fold is input dim fold (before d) or fold + 1: never d itself, which holds no fold
@@ -345,13 +342,11 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     if name == "ExpandBackward0":
         sizes = node._saved_self_sym_sizes
         # only dims of size 1 expand: a fold dim of k*B entries did not; a new leading dim moves it
-        if ndim is None or len(sizes) != ndim or sizes[fold] % B or (sizes[fold] == 1 and B > 1):
+        if len(sizes) != ndim or sizes[fold] % B or (sizes[fold] == 1 and B > 1):
             return None
         f, nr = node.next_functions[0]
         return [(f, nr, math.prod(sizes), ndim, fold)]
     if fold != 0:  # a batched matmul's batch is dim 0
-        return None
-    if numel is None:  # the traced output's element count must be known to be checked
         return None
     if name == "BmmBackward0":  # [kB, n, m] @ [kB, m, p] = [kB, n, p] (numel); an operand is saved
         a, b = node._saved_self, node._saved_mat2  # only where the other one needs a gradient
