@@ -24,6 +24,12 @@ def made_class(factory, args, name, bases, attrs):
     return _MADE[key]
 
 
+def mixin_class(cls, mixin):
+    """cls with the bk mixin before it in the MRO, named as cls (the families' usual made class)."""
+    return made_class(mixin_class, (cls, mixin), cls.__name__, (mixin, cls),
+                      {"__module__": mixin.__module__, "__qualname__": f"{mixin.__name__}_{cls.__name__}"})
+
+
 def _metaclass_for(bases):
     winner = type
     for base in bases:  # the most derived metaclass, as class creation requires

@@ -16,7 +16,8 @@ from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
 from ._uses import DenseUse
-from .layer_scale import _made, scale, shift
+from ._made import mixin_class
+from .layer_scale import scale, shift
 from .linear import linear_with
 from ..ops._norm_common import accumulation_dtype
 
@@ -216,8 +217,7 @@ class _RelativeBiasFn(torch.autograd.Function):
         ctx.layer, ctx.table, ctx.k = layer, table, k
         ctx.save_for_backward(index)
         ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores plus a constant
-        N = scores.shape[-1]
-        return scores + table[index].view(N, N, -1).permute(2, 0, 1).to(scores.dtype)
+        return scores + _gathered_bias(table, index, scores)
 
     @staticmethod
     def backward(ctx, g):
@@ -231,6 +231,34 @@ class _RelativeBiasFn(torch.autograd.Function):
         if ctx.layer._bk_hand_off([(table, DenseUse(per_example))]):
             return g, None, None, None, None
         return g, per_example.sum(0).to(table.dtype), None, None, None
+
+
+def _gathered_bias(table, index, scores):
+    """[heads, N, N] table[index] for scores [..., heads, N, N] (index: [N * N] rows of the table)."""
+    N = scores.shape[-1]
+    return table[index].view(N, N, -1).permute(2, 0, 1).to(scores.dtype)
+
+
+def _add_relative_bias(layer, scores, table, index, windows):
+    """scores + the relative position table's bias, book-kept per example (over its `windows`
+    windows) where the table trains."""
+    index = index.view(-1)
+    if table.requires_grad:
+        return _RelativeBiasFn.apply(scores, table, index, layer, windows)
+    return scores + _gathered_bias(table, index, scores)
+
+
+def _add_shift_mask(scores, mask):
+    """Swin's shifted-window mask [windows, N, N] added to every example's windows' scores."""
+    if mask is None:
+        return scores
+    heads, N = scores.shape[1], scores.shape[-1]
+    return (scores.view(-1, mask.shape[0], heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, N, N)
+
+
+def _takes(cls, method, names):
+    """Whether cls.<method> has exactly these arguments after self (the forward copied here)."""
+    return list(inspect.signature(getattr(cls, method)).parameters) == ["self", *names]
 
 
 class _TimmWindowAttention(BKLayer):
@@ -252,16 +280,8 @@ class _TimmWindowAttention(BKLayer):
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        table = self.relative_position_bias_table
-        if table.requires_grad:
-            attn = _RelativeBiasFn.apply(attn, table, self.relative_position_index.view(-1), self, windows)
-        else:
-            attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        x = self.attn_drop(self.softmax(attn)) @ v
+        attn = _add_relative_bias(self, attn, self.relative_position_bias_table, self.relative_position_index, windows)
+        x = self.attn_drop(self.softmax(_add_shift_mask(attn, mask))) @ v
         # each window's output is its own (x's fold is proven above): laid out [B, windows, N, C]
         # and viewed back, so proj reads the fold without a graph to follow (a frozen stage before)
         x = x.transpose(1, 2).reshape(B_ // windows, windows, N, -1).view(B_, N, -1)
@@ -301,15 +321,9 @@ class _HFSwinAttention(BKLayer):
         q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
         bias = self.relative_position_bias
-        if bias.relative_position_bias_table.requires_grad:
-            scores = _RelativeBiasFn.apply(scores, bias.relative_position_bias_table,
-                                           bias.relative_position_index.view(-1), self, windows)
-        else:
-            scores = scores + bias()
-        if attention_mask is not None:  # the shift mask [num_windows, N, N]
-            num_windows, heads = attention_mask.shape[0], scores.shape[1]
-            scores = (scores.view(-1, num_windows, heads, N, N) + attention_mask.unsqueeze(1).unsqueeze(0)).view(
-                B_, heads, N, N)
+        scores = _add_relative_bias(self, scores, bias.relative_position_bias_table, bias.relative_position_index,
+                                    windows)
+        scores = _add_shift_mask(scores, attention_mask)  # [num_windows, N, N]
         # transformers' eager attention takes the softmax in float32; its sdpa (the default) in q's dtype
         eager = getattr(self.config, "_attn_implementation", None) == "eager"
         weights = F.softmax(scores, dim=-1, dtype=torch.float32 if eager else None).to(q.dtype)
@@ -319,22 +333,20 @@ class _HFSwinAttention(BKLayer):
 
 
 def _hf_swin_attention_class(module):
-    params = list(inspect.signature(type(module).forward).parameters)
     bias = getattr(module, "relative_position_bias", None)
-    if params != ["self", "hidden_states", "attention_mask", "kwargs"] or not all(
+    if not _takes(type(module), "forward", ["hidden_states", "attention_mask", "kwargs"]) or not all(
             hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")) or \
             type(bias).__name__ != "SwinRelativePositionBias":
         return None
-    return _made(type(module), _HFSwinAttention)
+    return mixin_class(type(module), _HFSwinAttention)
 
 
 def _timm_window_attention_class(module):
     """bk's WindowAttention where timm's forward and attributes are the ones read here, else None."""
-    params = list(inspect.signature(type(module).forward).parameters)
-    if params != ["self", "x", "mask"] or not all(hasattr(module, a) for a in (
-            "relative_position_bias_table", "relative_position_index", "qkv", "proj", "softmax", "_get_rel_pos_bias")):
+    if not _takes(type(module), "forward", ["x", "mask"]) or not all(hasattr(module, a) for a in (
+            "relative_position_bias_table", "relative_position_index", "qkv", "proj", "softmax")):
         return None
-    return _made(type(module), _TimmWindowAttention)
+    return mixin_class(type(module), _TimmWindowAttention)
 
 
 def _window_attention_class(module):
@@ -419,11 +431,13 @@ class _TimmEvaBlock(BKLayer):
         return x + self.drop_path2(x_mlp if self.gamma_2 is None else scale(self, x_mlp, self.gamma_2, -1))
 
 
+_EVA_FORWARD = ["x", "rope", "attn_mask", "is_causal"]
+
+
 def _timm_eva_block_class(module):
-    params = inspect.signature(type(module).forward).parameters
-    if list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or not hasattr(module, "gamma_1"):
+    if not _takes(type(module), "forward", _EVA_FORWARD) or not hasattr(module, "gamma_1"):
         return GENERIC
-    return _made(type(module), _TimmEvaBlock)
+    return mixin_class(type(module), _TimmEvaBlock)
 
 
 def _timm_eva_attention_class(module):
@@ -431,12 +445,11 @@ def _timm_eva_attention_class(module):
     here; else the generic path (any other own Parameter)."""
     from timm.models import eva
 
-    params = inspect.signature(type(module).forward).parameters
     if getattr(module, "qkv", None) is None or getattr(module, "q_bias", None) is None or \
-            list(params) != ["self", "x", "rope", "attn_mask", "is_causal"] or \
+            not _takes(type(module), "forward", _EVA_FORWARD) or \
             not all(hasattr(eva, f) for f in ("apply_rot_embed_cat", "maybe_add_mask", "resolve_self_attn_mask")):
         return GENERIC
-    return _made(type(module), _TimmEvaAttention)
+    return mixin_class(type(module), _TimmEvaAttention)
 
 
 class _TimmBeitAttention(BKLayer):
@@ -454,11 +467,8 @@ class _TimmBeitAttention(BKLayer):
         qkv = self.qkv(x) if self.q_bias is None else _qkv_with_biases(self, x)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        table = self.relative_position_bias_table
-        if table is not None and table.requires_grad:
-            attn = _RelativeBiasFn.apply(attn, table, self.relative_position_index.view(-1), self, 1)
-        elif table is not None:
-            attn = attn + self._get_rel_pos_bias()
+        if self.relative_position_bias_table is not None:  # one window: the whole image
+            attn = _add_relative_bias(self, attn, self.relative_position_bias_table, self.relative_position_index, 1)
         if shared_rel_pos_bias is not None:
             attn = attn + shared_rel_pos_bias
         x = self.attn_drop(attn.softmax(dim=-1)) @ v
@@ -508,17 +518,16 @@ def _timm_beit_class(module):
     generic path."""
     if type(module).__name__ == "Beit":
         own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
-        fits = list(inspect.signature(type(module).forward_features).parameters) == ["self", "x"] and \
+        fits = _takes(type(module), "forward_features", ["x"]) and \
             own <= {"cls_token", "pos_embed"} and getattr(module, "cls_token", None) is not None
-        return _made(type(module), _TimmBeitRoot) if fits else GENERIC
-    params = list(inspect.signature(type(module).forward).parameters)
-    if params != ["self", "x", "shared_rel_pos_bias"]:
+        return mixin_class(type(module), _TimmBeitRoot) if fits else GENERIC
+    if not _takes(type(module), "forward", ["x", "shared_rel_pos_bias"]):
         return GENERIC
     if type(module).__name__ == "Block":
-        return _made(type(module), _TimmBeitBlock) if getattr(module, "gamma_1", None) is not None else GENERIC
+        return mixin_class(type(module), _TimmBeitBlock) if getattr(module, "gamma_1", None) is not None else GENERIC
     if not all(hasattr(module, a) for a in ("qkv", "q_bias", "relative_position_bias_table", "proj", "scale")):
         return GENERIC
-    return _made(type(module), _TimmBeitAttention)
+    return mixin_class(type(module), _TimmBeitAttention)
 
 
 register_layer(None, _timm_beit_class,

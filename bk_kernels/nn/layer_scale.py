@@ -13,7 +13,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
-from ._made import made_class
+from ._made import mixin_class
 from .families import register_layer
 from .norm import GroupNorm, LayerNorm
 
@@ -241,13 +241,8 @@ class _TimmGroupNormAct(GroupNorm):
         return y if in_plain_forward() else self.act(self.drop(y))
 
 
-def _made(cls, mixin):
-    return made_class(_made, (cls, mixin), cls.__name__, (mixin, cls),
-                      {"__module__": __name__, "__qualname__": f"{mixin.__name__}_{cls.__name__}"})
-
-
-def _timm_class(name):
-    return lambda cls: cls.__name__ == name and cls.__module__.startswith("timm.")
+def _timm_class(*names):
+    return lambda cls: cls.__name__ in names and cls.__module__.startswith("timm.")
 
 
 def _unless_fast_norm(mixin):
@@ -257,29 +252,29 @@ def _unless_fast_norm(mixin):
             from .generic import generic_class
 
             return generic_class(type(module))
-        return _made(type(module), mixin)
+        return mixin_class(type(module), mixin)
     return plan
 
 
-register_layer(None, lambda module: _made(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
-register_layer(None, lambda module: _made(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
-register_layer(None, lambda module: _made(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
+register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
+register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
+register_layer(None, lambda module: mixin_class(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 # MetaFormer's NoBias variants: the same forwards with bias None
 register_layer(None, _unless_fast_norm(_TimmLayerNorm2d),
-               matches=lambda cls: _timm_class("LayerNorm2d")(cls) or _timm_class("LayerNorm2dNoBias")(cls))
+               matches=_timm_class("LayerNorm2d", "LayerNorm2dNoBias"))
 # timm's GroupNorm and GroupNorm1 (channels first in __init__) compute what torch's does:
 # F.group_norm of the same attributes
 register_layer(None, _unless_fast_norm(GroupNorm),
                matches=lambda cls: cls.__name__ in ("GroupNorm", "GroupNorm1") and cls.__module__ == "timm.layers.norm"
                or _timm_class("GroupNorm1NoBias")(cls))
-register_layer(None, lambda module: _made(type(module), _TimmMetaformerScale),
+register_layer(None, lambda module: mixin_class(type(module), _TimmMetaformerScale),
                matches=lambda cls: cls.__name__ == "Scale" and cls.__module__ == "timm.models.metaformer")
-register_layer(None, lambda module: _made(type(module), _TimmStarReLU), matches=_timm_class("StarReLU"))
-register_layer(None, lambda module: _made(type(module), _AffineOfParameters),
+register_layer(None, lambda module: mixin_class(type(module), _TimmStarReLU), matches=_timm_class("StarReLU"))
+register_layer(None, lambda module: mixin_class(type(module), _AffineOfParameters),
                matches=_timm_class("LearnableAffineBlock"))
-register_layer(None, lambda module: _made(type(module), _TimmResMLPBlock),
+register_layer(None, lambda module: mixin_class(type(module), _TimmResMLPBlock),
                matches=lambda cls: cls.__name__ == "ResBlock" and cls.__module__ == "timm.models.mlp_mixer")
-register_layer(None, lambda module: _made(type(module), _TimmResMLPAffine),
+register_layer(None, lambda module: mixin_class(type(module), _TimmResMLPAffine),
                matches=lambda cls: cls.__name__ == "Affine" and cls.__module__ == "timm.models.mlp_mixer")
 register_layer(None, _unless_fast_norm(_TimmGroupNormAct),
                matches=lambda cls: cls.__name__ in ("GroupNormAct", "GroupNorm1Act") and cls.__module__.startswith("timm."))
@@ -287,14 +282,14 @@ register_layer(None, _unless_fast_norm(_TimmGroupNormAct),
 # (F.layer_norm of the same attributes): bk's LayerNorm goes in front of it (its plain forward is timm's)
 register_layer(None, _unless_fast_norm(LayerNorm),
                matches=lambda cls: cls.__name__ == "LayerNorm" and cls.__module__ == "timm.layers.norm")
-register_layer(None, lambda module: _made(type(module), _DebertaLayerNorm),
+register_layer(None, lambda module: mixin_class(type(module), _DebertaLayerNorm),
                matches=lambda cls: cls.__name__ == "DebertaLayerNorm" and cls.__module__.startswith(
                    "transformers.models.deberta."))
-register_layer(None, lambda module: _made(type(module), _TimmGlobalResponseNorm),
+register_layer(None, lambda module: mixin_class(type(module), _TimmGlobalResponseNorm),
                matches=_timm_class("GlobalResponseNorm"))
-register_layer(None, lambda module: _made(type(module), _HFConvNextV2GRN),
+register_layer(None, lambda module: mixin_class(type(module), _HFConvNextV2GRN),
                matches=lambda cls: cls.__name__ == "ConvNextV2GRN" and cls.__module__.startswith(
                    "transformers.models.convnextv2."))
-register_layer(None, lambda module: _made(type(module), _HFConvNextLayer),
+register_layer(None, lambda module: mixin_class(type(module), _HFConvNextLayer),
                matches=lambda cls: cls.__name__ == "ConvNextLayer" and cls.__module__.startswith(
                    "transformers.models.convnext."))

@@ -8,14 +8,15 @@ in_channels/groups * kernel entries (timm's F.batch_norm on V viewed [1, C_out, 
 gain * gamma / sqrt(fan_in) or 1. Example b's gradients of V and gain are J^T G_b, G_b its
 gradient of W (the convolution's own use), J the standardization's Jacobian, which depends on V
 and gain only: the clipped sum is one map of the convolution's clipped sum, and the norms come
-from the per-example G_b over chunks of examples (WeightTransform in _uses.py).
+from a formula on the convolution's use (_Standardization.sq_norms), or, where rounding could
+spoil it, from the per-example J^T G_b over chunks of examples (WeightTransform in _uses.py).
 """
 import torch
 import torch.nn.functional as F
 
 from .. import ops
 from ..ops._norm_common import accumulation_dtype
-from ._made import made_class
+from ._made import mixin_class
 from ._uses import ConvUse, TransformedUse, WeightTransform
 from .conv import Conv2d
 from .families import register_layer
@@ -128,9 +129,5 @@ class _TimmStdConv(Conv2d):
         return super()._bk_padded(x)
 
 
-def _timm_std_conv_class(cls):
-    return made_class(_timm_std_conv_class, (cls,), cls.__name__, (_TimmStdConv, cls), {"__module__": __name__})
-
-
-register_layer(None, lambda module: _timm_std_conv_class(type(module)),
+register_layer(None, lambda module: mixin_class(type(module), _TimmStdConv),
                matches=lambda cls: cls.__name__ in _TIMM_CLASSES and cls.__module__.startswith("timm."))
