@@ -123,8 +123,9 @@ def test_weight_standardized_convolutions_give_timms_gradients_outside_private_t
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("name", ["StdConv2d", "ScaledStdConv2dSame"])
-def test_weight_standardized_norms_without_per_example_gradients_are_exact(name):
+def test_weight_standardized_norms_without_per_example_gradients_are_exact(name, backend):
     """In ghost mode the convolution keeps no per-example gradients: the norms of V's and gain's
     come from the conv norm of (x, g * kappa) less the channels' mean and normalized-row terms."""
     from bk_kernels.nn import std_conv
@@ -146,7 +147,7 @@ def test_weight_standardized_norms_without_per_example_gradients_are_exact(name)
         loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
         grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
         want = expected_update(grads, [[n for n, _ in model.named_parameters()]], 0.1, "abadi", B)
-        got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost")
+        got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost", backend=backend)
     assert_updates_close(got, want)
     assert calls == [True, True]  # both convolutions, by the formula
 
