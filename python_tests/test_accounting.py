@@ -1,15 +1,19 @@
 """Privacy accounting: epsilon against dp-accounting computed here independently and against
 Opacus' RDP accountant; noise calibration meets its target from below; bad targets refused."""
 import math
+import os
 
 import pytest
 import torch
-from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
 
-import bk_kernels as bk
-from bk_kernels import accounting
+if os.environ.get("BK_GPU_CHECK") == "1":  # the GPU check's machine has none of our pins
+    pytest.importorskip("dp_accounting")
+from dp_accounting import dp_event  # noqa: E402
+from dp_accounting.pld import pld_privacy_accountant  # noqa: E402
+from dp_accounting.rdp import rdp_privacy_accountant  # noqa: E402
+
+import bk_kernels as bk  # noqa: E402
+from bk_kernels import accounting  # noqa: E402
 
 
 def independent_epsilon(sigma, q, steps, delta, name):

@@ -45,7 +45,7 @@ CAP=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())
 
 # 1. Build: the editable install (as the README), or in place when this machine's setuptools
 #    cannot read our pyproject metadata.
-export BK_CUDA=1 BK_CUDA_ARCHS=native MAX_JOBS=${MAX_JOBS:-16}
+export BK_GPU_CHECK=1 BK_CUDA=1 BK_CUDA_ARCHS=native MAX_JOBS=${MAX_JOBS:-16}
 build() {
   "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" setup.py build_ext --inplace
 }

@@ -135,7 +135,7 @@ def _clipped_sum_kernel(
             x = x.to(acc_ty)
         else:
             gs = gs.to(in_ty)  # fp32/fp64: no-op; fp16/bf16: back to tensor-core inputs
-        acc = tl.dot(gs, x, acc, input_precision="ieee")
+        acc = tl.dot(gs, x, acc, input_precision="ieee", out_dtype=acc_ty)
 
     # This split's own slice of the [splits, P, D] / [splits, P] outputs: summed over the
     # splits in a fixed order by the launcher, so the result is bitwise reproducible.

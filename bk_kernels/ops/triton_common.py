@@ -57,7 +57,7 @@ def gram_tile(base, rs64, rt64, mask_s, mask_t, K, stride_t, stride_k, gram,
         if UPCAST:
             x = x.to(gram.dtype)
             y = y.to(gram.dtype)
-        gram = tl.dot(x, y, gram, input_precision="ieee")
+        gram = tl.dot(x, y, gram, input_precision="ieee", out_dtype=gram.dtype)
     return gram
 
 

@@ -186,7 +186,7 @@ def _direct_norm_kernel(
         if UPCAST:
             x = x.to(acc_ty)
             y = y.to(acc_ty)
-        acc = tl.dot(x, y, acc, input_precision="ieee")
+        acc = tl.dot(x, y, acc, input_precision="ieee", out_dtype=acc_ty)
 
     val = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
     tl.store(out_ptr + pid.to(tl.int64), val)  # this program's share

@@ -6,6 +6,7 @@ are derived from the sample size (a correct generator passes them for all but a 
 of seeds), not tuned to the seeds used.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.
             torch.float16: 2.0**-11}
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Triton runs CPU tensors only in its interpreter, which conftest.py switches on where no GPU is.
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton on CPU tensors needs its interpreter (on where no GPU is)")
 # The largest |z| Box-Muller can give: sqrt(-2 ln 2^-32).
 Z_MAX = math.sqrt(64 * math.log(2))
 
@@ -33,7 +37,7 @@ Z_MAX = math.sqrt(64 * math.log(2))
 def backend_params():
     """(device, backend) pairs; the GPU ones are listed (and skipped) where there is no GPU."""
     params = [pytest.param("cpu", "cpu", id="cpu-cpu"), pytest.param("cpu", "torch", id="cpu-torch"),
-              pytest.param("cpu", "triton", id="cpu-triton")]  # Triton's interpreter on CPU tensors
+              pytest.param("cpu", "triton", id="cpu-triton", marks=INTERPRETER)]
     for name in ("cuda", "triton", "torch"):
         params.append(pytest.param("cuda", name, id=f"cuda-{name}", marks=GPU))
     return params

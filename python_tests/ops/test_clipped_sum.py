@@ -24,7 +24,11 @@ def assert_sum_close(got, want, eager, dtype):
     scale = want.abs().max().item()
     if dtype in LOW_PRECISION:
         eager_err = (eager.double() - want).abs().max().item()
-        assert err <= RATIO_LOWP * eager_err + FLOOR_LOWP * scale, (err, eager_err, scale)
+        # Eager returns its sum in the inputs' dtype: its error is up to half an ulp there, and
+        # smaller only by luck. With a few terms that luck decides (B=T=d=p=1 on a GPU: the
+        # kernels' one fp16 rounding of c*g, 8.7e-7, against eager's 2.4e-7; half an ulp 9.5e-7).
+        eager_rounding = torch.finfo(dtype).eps / 2 * scale
+        assert err <= RATIO_LOWP * eager_err + eager_rounding + FLOOR_LOWP * scale, (err, eager_err, scale)
     else:
         assert err <= REL_TOL[dtype] * max(scale, 1e-300), (err, scale)
 

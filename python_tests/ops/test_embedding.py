@@ -79,7 +79,7 @@ def assert_sums_close(got, start, ids, g, c, padding_idx):
     relative to sum |c_b g_b,t| of the element (the sum may cancel), plus half an ulp of got's
     dtype (the one rounding into it)."""
     V, d = start.shape
-    ids, g, c = ids.cpu(), g.cpu(), c.cpu()
+    ids, g, c, start = ids.cpu(), g.cpu(), c.cpu(), start.cpu()
     want = start.double() + emb.embedding_clipped_sum_ref(ids, g, c, V, padding_idx)
     scale = start.double().abs() + emb.embedding_clipped_sum_ref(ids, g.abs(), c.abs(), V, padding_idx)
     err = (got.cpu().double() - want).abs()

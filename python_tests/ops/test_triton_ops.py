@@ -566,6 +566,9 @@ SCHEMAS = {
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_registered_schema(name):
     schema = str(getattr(torch.ops.bk, name).default._schema)
+    # torch 2.11's triton_op infers int arguments as SymInt and numbers alias sets (a0!): the
+    # same op as 2.14's spelling (the GPU check runs on 2.11).
+    schema = schema.replace("SymInt", "int").replace("(a0!)", "(a!)")
     assert schema == SCHEMAS[name]
 
 
