@@ -57,11 +57,14 @@ def epsilon_of_history(history, delta, accountant="rdp"):
     """The epsilon spent by the composition of [noise_multiplier, sample_rate, steps] segments."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
+    for _, sample_rate, _ in history:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"the sampling rate must lie in (0, 1], got {sample_rate!r}")
+    if not any(steps for *_, steps in history):
+        return 0.0  # nothing spent: no accountant needed (nor dp_accounting installed)
     dp_event = _dp_accounting()[0]
     events = []
     for noise_multiplier, sample_rate, steps in history:
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"the sampling rate must lie in (0, 1], got {sample_rate!r}")
         if steps == 0:
             continue
         if noise_multiplier == 0:

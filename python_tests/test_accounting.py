@@ -95,7 +95,8 @@ def test_impossible_or_ill_formed_targets_are_refused():
 
 def test_bk_imports_and_steps_without_dp_accounting():
     """The GPU check's bare machine has torch and Triton but none of our pins: bk_kernels
-    imports and takes a noise-0 step there; dp-accounting is imported only by accounting."""
+    imports and takes a noise-0 step there; dp-accounting is imported only by accounting, and
+    not for the epsilon of no steps (0)."""
     import subprocess
     import sys
     code = """
@@ -110,6 +111,7 @@ import torch, bk_kernels as bk
 model = bk.convert(torch.nn.Linear(3, 2))
 engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=0.0, max_grad_norm=1.0)
 opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+assert engine.epsilon() == 0.0  # nothing spent yet: no accountant needed
 model(torch.randn(4, 3)).sum().backward()
 opt.step()
 assert "dp_accounting" not in sys.modules
