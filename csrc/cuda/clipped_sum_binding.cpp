@@ -2,6 +2,7 @@
 // checks, dtypes, workspace and stream, then the raw launcher of clipped_sum.cu.
 #include "cuda/binding_common.h"
 #include "cuda/clipped_sum_cuda.h"
+#include "cuda/cublas_paths.h"
 #include "checks.h"
 
 namespace bk {
@@ -34,6 +35,16 @@ void clipped_sum_into(const at::Tensor& grad_weight, const c10::optional<at::Ten
     check_writable(*grad_bias, op, "grad_bias");
   }
   const at::Tensor c = clip_factors_arg(c_in, B, acc_dtype(a.scalar_type()), device, op);
+  if (cublas_paths::applies(a)) {
+    // Sums in float32 buffers: the caller's when they are float32, else rounded into theirs once.
+    at::Tensor w = grad_weight.scalar_type() == at::kFloat ? grad_weight : at::zeros({p, d}, c.options());
+    at::Tensor b;
+    if (bias) b = grad_bias->scalar_type() == at::kFloat ? *grad_bias : at::zeros({p}, c.options());
+    cublas_paths::clipped_sum(a, g, c, w, bias ? &b : nullptr);
+    if (!w.is_same(grad_weight)) grad_weight.add_(w);
+    if (bias && !b.is_same(*grad_bias)) grad_bias->add_(b);
+    return;
+  }
 
   const cuda::DType dtype = kernel_dtype(a.scalar_type());
   const at::Tensor ws = workspace(cuda::clipped_sum_workspace_bytes(dtype, B, T, d, p), a);

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/binding_common.h"  // kernel_dtype
+#include "cuda/cublas_paths.h"
 #include "cuda/norms_cuda.h"
 #include "checks.h"
 
@@ -52,6 +53,13 @@ int64_t direct_shares(const at::Tensor& a, const at::Tensor& g) {
 }
 
 at::Tensor ghost_norm_cuda(const at::Tensor& a, const at::Tensor& g) {
+  if (cublas_paths::applies(a)) {  // bf16/fp16: the Gram matrices on cuBLAS (cublas_paths.h)
+    check_norm_inputs(a, g, "bk::ghost_norm");
+    const c10::cuda::CUDAGuard guard(a.device());
+    at::Tensor out = norm_output(a);
+    cublas_paths::ghost_norm(a, g, out);
+    return out;
+  }
   return norm_cuda(a, g, &cuda::ghost_norm, &ghost_shares, "bk::ghost_norm");
 }
 at::Tensor direct_norm_cuda(const at::Tensor& a, const at::Tensor& g) {
