@@ -119,6 +119,24 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
     assert report.ok, str(report)
 
 
+@pytest.mark.parametrize("name", ["timm_cait", "timm_pit"])
+@pytest.mark.parametrize("frozen", [None, "cls_token", "pos_embed"])
+def test_timm_roots_owning_tokens_have_no_generic_module(name, frozen):
+    """CaiT's and PiT's roots own cls_token and pos_embed and use them inline in
+    forward_features: the root, and so the whole model, was a per-example recompute (CaiT-XXS24
+    2.9x, PiT-Ti 2.8x non-private). Now both go through shifts; CaiT's layer scales through
+    bk.nn.scale. PiT's pos_embed is [1, C, H, W]: a shift along every dim but the examples'."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(3)
+    model, _, inputs = _build(name)
+    if frozen:
+        getattr(model, frozen).requires_grad_(False)
+    assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (inputs["x"], inputs["y"]), rtol=1e-9)
+    assert report.ok, str(report)
+
+
 @pytest.mark.parametrize("frozen", [None, "relative_position_bias_table", "cls_token"])
 def test_timm_beit_has_no_generic_module(frozen):
     """timm's BEiT: its attention (q/v biases, relative position table: one window), its blocks'

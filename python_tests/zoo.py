@@ -256,6 +256,21 @@ def timm_attention_reads_qkv_weight(name):
                              num_classes=3, **extra).to(DT)
 
 
+def timm_cait():
+    """timm's CaiT: the root's cls_token / pos_embed used inline in forward_features and
+    forward_cls, the blocks' inline gamma_1 / gamma_2, talking heads, class attention."""
+    import timm
+    return timm.create_model("cait_xxs24_224", pretrained=False, img_size=16, patch_size=8, embed_dim=16, depth=2,
+                             num_heads=2, depth_token_only=1, num_classes=3).to(DT)
+
+
+def timm_pit():
+    """timm's PiT: the root's cls_token / pos_embed ([1, C, H, W]) used inline in forward_features."""
+    from timm.models.pit import PoolingVisionTransformer
+    return PoolingVisionTransformer(img_size=32, patch_size=8, stride=4, base_dims=[8, 8], depth=[1, 1], heads=[2, 2],
+                                    mlp_ratio=2, num_classes=3).to(DT)
+
+
 def hf_convnextv2():
     """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
     return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
@@ -409,6 +424,8 @@ ZOO = {
     "timm_vit_srelpos": (lambda: timm_vit_relpos(shared=True), classify_images, lambda B: image_batch(B, size=32)),
     "timm_beit": (lambda: timm_attention_reads_qkv_weight("beit_base_patch16_224"), classify_images, image_batch),
     "timm_eva02": (lambda: timm_attention_reads_qkv_weight("eva02_tiny_patch14_224"), classify_images, image_batch),
+    "timm_cait": (timm_cait, classify_images, image_batch),
+    "timm_pit": (timm_pit, classify_images, lambda B: image_batch(B, size=32)),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),

@@ -11,6 +11,7 @@ from .generic import GenericLayer
 from .families import register_layer
 from .linear import Linear, linear
 from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 attention, MoE experts)
+from . import timm_tokens  # noqa: F401  (register timm roots owning tokens: CaiT, PiT)
 from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm

@@ -54,7 +54,10 @@ class _ShiftFn(torch.autograd.Function):
     def backward(ctx, g):
         acc = accumulation_dtype(g.dtype)
         summed = [d for d in range(1, g.dim()) if ctx.shape[d] == 1]
-        per_example = g.to(acc).sum(summed, keepdim=True).reshape(g.shape[0], *ctx.beta.shape)
+        per_example = g.to(acc)
+        if summed:  # (an empty dim list would sum over every dim)
+            per_example = per_example.sum(summed, keepdim=True)
+        per_example = per_example.reshape(g.shape[0], *ctx.beta.shape)
         if ctx.layer._bk_hand_off([(ctx.beta, DenseUse(per_example))]):
             return g, None, None, None
         return g, per_example.sum(0).to(ctx.beta.dtype), None, None
