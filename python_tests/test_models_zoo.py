@@ -119,13 +119,16 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
     assert report.ok, str(report)
 
 
-@pytest.mark.parametrize("name", ["timm_cait", "timm_pit"])
-@pytest.mark.parametrize("frozen", [None, "cls_token", "pos_embed"])
+@pytest.mark.parametrize("name,frozen", [(name, frozen) for name in ["timm_cait", "timm_pit", "timm_volo"]
+                                         for frozen in [None, "cls_token", "pos_embed"]] +
+                         [("timm_visformer", None), ("timm_visformer", "pos_embed2")])
 def test_timm_roots_owning_tokens_have_no_generic_module(name, frozen):
-    """CaiT's and PiT's roots own cls_token and pos_embed and use them inline in
-    forward_features: the root, and so the whole model, was a per-example recompute (CaiT-XXS24
-    2.9x, PiT-Ti 2.8x non-private). Now both go through shifts; CaiT's layer scales through
-    bk.nn.scale. PiT's pos_embed is [1, C, H, W]: a shift along every dim but the examples'."""
+    """CaiT's, PiT's, VOLO's and Visformer's roots own their class token and position
+    embeddings and use them inline (forward_features, forward_cls, forward_tokens): the root, and
+    so the whole model, was a per-example recompute (CaiT-XXS24 2.9x, PiT-Ti 2.8x non-private).
+    Now they go through shifts; CaiT's layer scales through bk.nn.scale. PiT's and Visformer's
+    position embeddings are [1, C, H, W], VOLO's [1, H, W, C]: shifts along every dim but the
+    examples'."""
     import torch.nn.functional as F
 
     torch.manual_seed(3)

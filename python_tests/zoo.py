@@ -271,6 +271,24 @@ def timm_pit():
                                     mlp_ratio=2, num_classes=3).to(DT)
 
 
+def timm_visformer():
+    """timm's Visformer (BatchNorm replaced): a [1, C, H, W] position embedding of the root's
+    added inline after each stage's patch embedding."""
+    import bk_kernels as bk
+    from timm.models.visformer import Visformer
+    return bk.replace_batchnorm(Visformer(img_size=32, init_channels=8, embed_dim=16, depth=(1, 1, 1), num_heads=2,
+                                          num_classes=3)).to(DT)
+
+
+def timm_volo():
+    """timm's VOLO (its stem's BatchNorm replaced): outlook attention, the root's [1, H, W, C]
+    pos_embed (forward_tokens) and cls_token (forward_cls) used inline, class-attention blocks."""
+    import bk_kernels as bk
+    from timm.models.volo import VOLO
+    return bk.replace_batchnorm(VOLO(layers=(1, 1, 1, 1), img_size=32, embed_dims=(16, 16, 16, 16),
+                                     num_heads=(2, 2, 2, 2), num_classes=3, post_layers=("ca",))).to(DT)
+
+
 def hf_convnextv2():
     """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
     return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
@@ -426,6 +444,8 @@ ZOO = {
     "timm_eva02": (lambda: timm_attention_reads_qkv_weight("eva02_tiny_patch14_224"), classify_images, image_batch),
     "timm_cait": (timm_cait, classify_images, image_batch),
     "timm_pit": (timm_pit, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_visformer": (timm_visformer, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_volo": (timm_volo, classify_images, lambda B: image_batch(B, size=32)),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),

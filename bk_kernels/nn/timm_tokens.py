@@ -1,4 +1,4 @@
-"""timm models whose root owns tokens used inline (CaiT, PiT): the class token and the position
+"""timm models whose root owns tokens used inline (CaiT, PiT, Visformer, VOLO): the class token and the position
 embedding are Parameters of the root model, used in its forward_features. Left alone, the root
 took the generic path: a recompute of the WHOLE model per example (CaiT-XXS24 2.9x, PiT-Ti 2.8x
 non-private on the CPU). Here forward_features is timm's (timm 1.0), with the class token made
@@ -74,6 +74,62 @@ class _TimmPitRoot(BKLayer):
         return self.norm(cls_tokens)
 
 
+class _TimmVisformerRoot(BKLayer):
+    """Visformer: a [1, C, H, W] position embedding added after each stage's patch embedding."""
+
+    def forward_features(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward_features(x)
+        if self.stem is not None:
+            x = self.stem(x)
+        stages = [(self.patch_embed1, self.pos_embed1, self.stage1), (self.patch_embed2, self.pos_embed2, self.stage2),
+                  (self.patch_embed3, self.pos_embed3, self.stage3)]
+        for patch_embed, pos_embed, stage in stages:
+            if patch_embed is not None:
+                x = patch_embed(x)
+                if pos_embed is not None:
+                    x = self.pos_drop(_positions(self, x, pos_embed))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                from timm.models._manipulate import checkpoint_seq
+
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+        return self.norm(x)
+
+
+class _TimmVoloRoot(BKLayer):
+    """VOLO: pos_embed [1, H, W, C] added after the outlooker stage (forward_tokens), the class
+    token prepended for the class-attention blocks (forward_cls)."""
+
+    def _bk_plain(self):
+        return in_plain_forward() or self._bk_layout() is None or not self._bk_trains()
+
+    def forward_tokens(self, x):
+        if self._bk_plain():
+            return super().forward_tokens(x)
+        for idx, block in enumerate(self.network):
+            if idx == 2 and self.pos_embed is not None:
+                x = self.pos_drop(_positions(self, x, self.pos_embed))
+            x = self._bk_checkpointed(block, x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def forward_cls(self, x):
+        if self._bk_plain():
+            return super().forward_cls(x)
+        x = torch.cat([_class_tokens(self, x, self.cls_token), x], dim=1)
+        for block in self.post_network:
+            x = self._bk_checkpointed(block, x)
+        return x
+
+    def _bk_checkpointed(self, block, x):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            from timm.models._manipulate import checkpoint
+
+            return checkpoint(block, x)
+        return block(x)
+
+
 def _own(module):
     return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
@@ -103,3 +159,23 @@ register_layer(None, _timm_cait_class,
                cls.__name__ in ("Cait", "LayerScaleBlock", "LayerScaleBlockClassAttn"))
 register_layer(None, _timm_pit_class,
                matches=lambda cls: cls.__module__ == "timm.models.pit" and cls.__name__ == "PoolingVisionTransformer")
+
+
+def _timm_visformer_class(module):
+    fits = _takes(type(module), "forward_features", ["x"]) and \
+        _own(module) <= {"pos_embed1", "pos_embed2", "pos_embed3"} and \
+        all(hasattr(module, a) for a in ("stem", "patch_embed1", "patch_embed2", "patch_embed3", "pos_drop", "norm"))
+    return mixin_class(type(module), _TimmVisformerRoot) if fits else GENERIC
+
+
+def _timm_volo_class(module):
+    fits = _takes(type(module), "forward_tokens", ["x"]) and _takes(type(module), "forward_cls", ["x"]) and \
+        _own(module) <= {"pos_embed", "cls_token"} and \
+        all(hasattr(module, a) for a in ("network", "post_network", "pos_drop"))
+    return mixin_class(type(module), _TimmVoloRoot) if fits else GENERIC
+
+
+register_layer(None, _timm_visformer_class,
+               matches=lambda cls: cls.__module__ == "timm.models.visformer" and cls.__name__ == "Visformer")
+register_layer(None, _timm_volo_class,
+               matches=lambda cls: cls.__module__ == "timm.models.volo" and cls.__name__ == "VOLO")
