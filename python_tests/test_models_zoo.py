@@ -121,10 +121,13 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
 
 @pytest.mark.parametrize("name,frozen", [(name, frozen) for name in ["timm_cait", "timm_pit", "timm_volo"]
                                          for frozen in [None, "cls_token", "pos_embed"]] +
-                         [("timm_visformer", None), ("timm_visformer", "pos_embed2")])
+                         [("timm_visformer", None), ("timm_visformer", "pos_embed2"), ("timm_crossvit", None),
+                          ("timm_crossvit", "cls_token_1"), ("timm_xcit", None), ("timm_xcit", "cls_token"),
+                          ("timm_xcit", "pos_embed.token_projection.weight")])
 def test_timm_roots_owning_tokens_have_no_generic_module(name, frozen):
-    """CaiT's, PiT's, VOLO's and Visformer's roots own their class token and position
-    embeddings and use them inline (forward_features, forward_cls, forward_tokens): the root, and
+    """CaiT's, PiT's, VOLO's, Visformer's, CrossViT's and XCiT's roots own their class tokens and
+    position embeddings and use them inline (forward_features, forward_cls, forward_tokens,
+    _embed): the root, and
     so the whole model, was a per-example recompute (CaiT-XXS24 2.9x, PiT-Ti 2.8x non-private).
     Now they go through shifts; CaiT's layer scales through bk.nn.scale. PiT's and Visformer's
     position embeddings are [1, C, H, W], VOLO's [1, H, W, C]: shifts along every dim but the
@@ -134,7 +137,7 @@ def test_timm_roots_owning_tokens_have_no_generic_module(name, frozen):
     torch.manual_seed(3)
     model, _, inputs = _build(name)
     if frozen:
-        getattr(model, frozen).requires_grad_(False)
+        model.get_parameter(frozen).requires_grad_(False)
     assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
     report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (inputs["x"], inputs["y"]), rtol=1e-9)
     assert report.ok, str(report)

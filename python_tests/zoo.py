@@ -289,6 +289,25 @@ def timm_volo():
                                      num_heads=(2, 2, 2, 2), num_classes=3, post_layers=("ca",))).to(DT)
 
 
+def timm_crossvit():
+    """timm's CrossViT: two branches, each with its class token and positions (cls_token_i,
+    pos_embed_i) used inline in the root's _embed; cross-attention between the branches."""
+    from timm.models.crossvit import CrossVit
+    return CrossVit(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(16, 32), depth=((1, 1, 0),),
+                    num_heads=(2, 2), mlp_ratio=(2., 2., 1.), num_classes=3).to(DT)
+
+
+def timm_xcit():
+    """timm's XCiT (its BatchNorm replaced): cross-covariance attention with a per-head
+    temperature, layer scales, class-attention blocks, the root's cls_token, and Fourier
+    positions projected by a 1x1 convolution of one grid (bk's Conv2d expanded it to the batch,
+    and timm's repeat then made B x B rows: XCiT failed with a shape error before session 12)."""
+    import bk_kernels as bk
+    from timm.models.xcit import Xcit
+    return bk.replace_batchnorm(Xcit(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, cls_attn_layers=1,
+                                     eta=1.0, num_classes=3)).to(DT)
+
+
 def hf_convnextv2():
     """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
     return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
@@ -446,6 +465,8 @@ ZOO = {
     "timm_pit": (timm_pit, classify_images, lambda B: image_batch(B, size=32)),
     "timm_visformer": (timm_visformer, classify_images, lambda B: image_batch(B, size=32)),
     "timm_volo": (timm_volo, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_crossvit": (timm_crossvit, classify_images, lambda B: image_batch(B, size=48)),
+    "timm_xcit": (timm_xcit, classify_images, lambda B: image_batch(B, size=32)),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),

@@ -1,4 +1,4 @@
-"""timm models whose root owns tokens used inline (CaiT, PiT, Visformer, VOLO): the class token and the position
+"""timm models whose root owns tokens used inline (CaiT, PiT, Visformer, VOLO, CrossViT, XCiT): the class token and the position
 embedding are Parameters of the root model, used in its forward_features. Left alone, the root
 took the generic path: a recompute of the WHOLE model per example (CaiT-XXS24 2.9x, PiT-Ti 2.8x
 non-private on the CPU). Here forward_features is timm's (timm 1.0), with the class token made
@@ -130,6 +130,108 @@ class _TimmVoloRoot(BKLayer):
         return block(x)
 
 
+class _TimmCrossVitRoot(BKLayer):
+    """CrossViT: each branch's class token and positions (cls_token_i, pos_embed_i) in _embed."""
+
+    def _embed(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super()._embed(x)
+        from timm.models.crossvit import scale_image
+
+        xs = []
+        for i, patch_embed in enumerate(self.patch_embed):
+            x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))
+            token, pos_embed = (self.cls_token_0, self.pos_embed_0) if i == 0 else (self.cls_token_1, self.pos_embed_1)
+            x_ = torch.cat((_class_tokens(self, x_, token), x_), dim=1)
+            xs.append(self.pos_drop(_positions(self, x_, pos_embed)))
+        return xs
+
+
+def _gamma(layer, x, gamma):
+    """gamma * x for XCiT's layer scales, which are the float 1.0 when eta is None."""
+    return scale(layer, x, gamma, -1) if isinstance(gamma, torch.Tensor) else gamma * x
+
+
+class _TimmXcitRoot(BKLayer):
+    def forward_cls(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward_cls(x)
+        x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
+        for blk in self.cls_attn_blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                from timm.models._manipulate import checkpoint
+
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+        return x
+
+
+class _TimmXca(BKLayer):
+    """XCA, cross-covariance attention: its per-head temperature [H, 1, 1] through bk.nn.scale."""
+
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        q = scale(self, torch.nn.functional.normalize(q, dim=-1), self.temperature, 1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        if self.fused_attn:
+            x = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0)
+        else:
+            x = self.attn_drop((q @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.permute(0, 3, 1, 2).reshape(B, N, C)))
+
+
+class _TimmXcaBlock(BKLayer):
+    def forward(self, x, H, W):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x, H, W)
+        x = x + self.drop_path1(_gamma(self, self.attn(self.norm1(x)), self.gamma1))
+        x = x + self.drop_path3(_gamma(self, self.local_mp(self.norm3(x), H, W), self.gamma3))
+        return x + self.drop_path2(_gamma(self, self.mlp(self.norm2(x)), self.gamma2))
+
+
+class _TimmXcitClassBlock(BKLayer):
+    def forward(self, x):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(x)
+        x_norm1 = self.norm1(x)
+        x = x + self.drop_path1(_gamma(self, torch.cat([self.attn(x_norm1), x_norm1[:, 1:]], dim=1), self.gamma1))
+        x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, 0:1]), x[:, 1:]], dim=1)
+        cls_token = _gamma(self, self.mlp(x[:, 0:1]), self.gamma2)
+        return x + self.drop_path2(torch.cat([cls_token, x[:, 1:]], dim=1))
+
+
+class _TimmXcitPositions(BKLayer):
+    """XCiT's PositionalEncodingFourier: timm projects ONE grid of Fourier features with its 1x1
+    token_projection and repeats the result for the batch. bk's Conv2d expands a batch-1 input
+    to the batch, so the repeat then made B x B rows; here the grid is expanded to the B
+    examples first (each projection is example b's, its gradient b's alone)."""
+
+    _bk_swap_without_parameters = True
+
+    def forward(self, B, H, W):
+        # Frozen or not: under an engine bk's Conv2d expands a batch-1 input whenever it is called.
+        if in_plain_forward() or self._bk_layout() is None:
+            return super().forward(B, H, W)
+        device, dtype = self.token_projection.weight.device, self.token_projection.weight.dtype
+        # from here on timm's forward (timm 1.0), but for the expand before the projection
+        y_embed = torch.arange(1, H + 1, device=device).to(torch.float32).unsqueeze(1).repeat(1, 1, W)
+        x_embed = torch.arange(1, W + 1, device=device).to(torch.float32).repeat(1, H, 1)
+        y_embed = y_embed / (y_embed[:, -1:, :] + self.eps) * self.scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + self.eps) * self.scale
+        dim_t = torch.arange(self.hidden_dim, device=device).to(torch.float32)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+        pos_x, pos_y = x_embed[:, :, :, None] / dim_t, y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack([pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()], dim=4).flatten(3)
+        pos_y = torch.stack([pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()], dim=4).flatten(3)
+        pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        return self.token_projection(pos.to(dtype).expand(B, -1, -1, -1))
+
+
 def _own(module):
     return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
 
@@ -179,3 +281,30 @@ register_layer(None, _timm_visformer_class,
                matches=lambda cls: cls.__module__ == "timm.models.visformer" and cls.__name__ == "Visformer")
 register_layer(None, _timm_volo_class,
                matches=lambda cls: cls.__module__ == "timm.models.volo" and cls.__name__ == "VOLO")
+
+
+def _timm_crossvit_class(module):
+    fits = _takes(type(module), "_embed", ["x"]) and len(module.patch_embed) == 2 and \
+        _own(module) <= {"cls_token_0", "cls_token_1", "pos_embed_0", "pos_embed_1"} and \
+        all(hasattr(module, a) for a in ("img_size_scaled", "crop_scale", "pos_drop"))
+    return mixin_class(type(module), _TimmCrossVitRoot) if fits else GENERIC
+
+
+_XCIT = {  # class name: (bk mixin, the forward's arguments, the own Parameters it book-keeps)
+    "Xcit": (_TimmXcitRoot, ("forward_cls", ["x"]), {"cls_token"}),
+    "XCA": (_TimmXca, ("forward", ["x"]), {"temperature"}),
+    "XCABlock": (_TimmXcaBlock, ("forward", ["x", "H", "W"]), {"gamma1", "gamma2", "gamma3"}),
+    "ClassAttentionBlock": (_TimmXcitClassBlock, ("forward", ["x"]), {"gamma1", "gamma2"}),
+    "PositionalEncodingFourier": (_TimmXcitPositions, ("forward", ["B", "H", "W"]), set()),
+}
+
+
+def _timm_xcit_class(module):
+    mixin, (method, args), params = _XCIT[type(module).__name__]
+    fits = _takes(type(module), method, args) and _own(module) <= params
+    return mixin_class(type(module), mixin) if fits else GENERIC
+
+
+register_layer(None, _timm_crossvit_class,
+               matches=lambda cls: cls.__module__ == "timm.models.crossvit" and cls.__name__ == "CrossVit")
+register_layer(None, _timm_xcit_class, matches=lambda cls: cls.__module__ == "timm.models.xcit" and cls.__name__ in _XCIT)
