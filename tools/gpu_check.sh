@@ -7,12 +7,14 @@
 #   3. runs bench/gpu.py: measured ceilings, each kernel's fraction of its roofline, GPT-2 124M
 #      private step against non-private;
 #   4. runs every test with a cuda or triton parametrization (ops, engine, models on CUDA;
-#      pytest-xdist spreads them over the cores when it is installed), with what time is left.
+#      pytest-xdist spreads them over the cores when it is installed), with what time is left;
+#   5. if time is left, profiles the GPT-2 step (bench/gpu_profile.py; not a pass/fail stage).
 # The whole check keeps within GPU_CHECK_SECONDS (default 480): a stage gets at most what is
 # left, and pytest is stopped with SIGINT, so it still prints its summary and writes the XML.
 # Writes DIR/gpu_check.log (everything), DIR/gpu_check.json (the summary), DIR/gpu_bench.json,
-# DIR/pytest.xml and DIR/ctest.log. Every stage runs even when one before it fails; the exit
-# status says whether all passed.
+# DIR/pytest.xml, DIR/ctest.log, DIR/ctest_build.log, DIR/gpu_profile.txt and .json: 8 files, as
+# many as the workplace's device tool brings back. Every stage runs even when one before it
+# fails; the exit status says whether all passed (the profile aside).
 set -uo pipefail
 OUT=${1:?usage: tools/gpu_check.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -81,6 +83,14 @@ xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-12}")
 stage pytest 600 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/pytest.xml" -rfE \
   python_tests --ignore=python_tests/ops/test_triton_aot.py -k "cuda or triton or gpu or second or bitwise or device"
+
+# 5. Where the GPT-2 step's time goes (torch.profiler), with what time is left: not a pass/fail stage.
+left=$(( deadline - $(date +%s) - 10 ))
+if (( left > 30 )); then
+  echo "=== profile (limit $left s) ==="
+  timeout -s INT "$left" "$PY" bench/gpu_profile.py --out "$OUT" > "$OUT/gpu_profile.txt" 2>&1
+  echo "=== profile: rc=$? (gpu_profile.txt, gpu_profile.json) ==="
+fi
 
 "$PY" - "$OUT" "$(( $(date +%s) - start ))" "${status[build]:-}" "${status[ctest]:-}" "${status[bench]:-}" \
   "${status[pytest]:-}" <<'PY'
