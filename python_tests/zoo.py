@@ -308,6 +308,15 @@ def timm_xcit():
                                      eta=1.0, num_classes=3)).to(DT)
 
 
+def timm_convit():
+    """timm's ConViT: gated positional self-attention (GPSA: a per-head gating_param mixing the
+    content and the position scores; pos_proj over relative indices expanded to the batch), the
+    root's cls_token inserted mid-stack and pos_embed, used inline in forward_features."""
+    from timm.models.convit import ConVit
+    return ConVit(img_size=16, patch_size=4, embed_dim=8, num_heads=2, depth=2, local_up_to_layer=1,
+                  num_classes=3).to(DT)
+
+
 def hf_convnextv2():
     """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
     return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
@@ -467,6 +476,7 @@ ZOO = {
     "timm_volo": (timm_volo, classify_images, lambda B: image_batch(B, size=32)),
     "timm_crossvit": (timm_crossvit, classify_images, lambda B: image_batch(B, size=48)),
     "timm_xcit": (timm_xcit, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_convit": (timm_convit, classify_images, image_batch),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),

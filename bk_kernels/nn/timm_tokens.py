@@ -1,19 +1,28 @@
-"""timm models whose root owns tokens used inline (CaiT, PiT, Visformer, VOLO, CrossViT, XCiT): the class token and the position
-embedding are Parameters of the root model, used in its forward_features. Left alone, the root
-took the generic path: a recompute of the WHOLE model per example (CaiT-XXS24 2.9x, PiT-Ti 2.8x
-non-private on the CPU). Here forward_features is timm's (timm 1.0), with the class token made
-per example by a shift of zeros and the positions added by a shift, as BEiT's root in
-attention.py. CaiT's blocks' inline gamma_1 / gamma_2 go through bk.nn.scale.
+"""timm models whose root owns tokens used inline: CaiT, PiT, Visformer, VOLO, CrossViT, XCiT,
+ConViT. The class tokens and position embeddings are Parameters of the root model, used in its
+forward_features (or _embed, forward_cls, forward_tokens). Left alone, the root took the generic
+path: a recompute of the WHOLE model per example (CaiT-XXS24 2.9x, PiT-Ti 2.8x non-private on the
+CPU). Here those methods are timm's (timm 1.0), with the class token made per example by a shift
+of zeros and the positions added by a shift, as BEiT's root in attention.py. The blocks' own
+Parameters used inline go through bk.nn.scale (CaiT's and XCiT's layer scales, XCiT's
+temperature) or a Function of their own (ConViT's gating).
 
-A root whose forward_features or own Parameters differ from what is read here keeps the generic
-path (exact, slow)."""
+A module whose methods or own Parameters differ from what is read here keeps the generic path
+(exact, slow)."""
 import torch
 
+from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._made import mixin_class
+from ._uses import DenseUse
 from .attention import _takes
 from .families import GENERIC, register_layer
 from .layer_scale import scale, shift
+
+
+def _off(layer):
+    """Whether timm's own forward runs: outside private training, or nothing of the layer's trains."""
+    return in_plain_forward() or layer._bk_layout() is None or not layer._bk_trains()
 
 
 def _class_tokens(layer, x, token):
@@ -27,7 +36,7 @@ def _positions(layer, x, pos_embed):
 
 class _TimmCaitRoot(BKLayer):
     def forward_features(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward_features(x)
         x = self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed))
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -48,7 +57,7 @@ class _TimmCaitBlock(BKLayer):
     """LayerScaleBlock: x + gamma_1 * attn(norm1(x)), then the MLP likewise."""
 
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward(x)
         x = x + self.drop_path(scale(self, self.attn(self.norm1(x)), self.gamma_1, -1))
         return x + self.drop_path(scale(self, self.mlp(self.norm2(x)), self.gamma_2, -1))
@@ -58,7 +67,7 @@ class _TimmCaitClassBlock(BKLayer):
     """LayerScaleBlockClassAttn: the class token attends to itself and the patches."""
 
     def forward(self, x, x_cls):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward(x, x_cls)
         u = torch.cat((x_cls, x), dim=1)
         x_cls = x_cls + self.drop_path(scale(self, self.attn(self.norm1(u)), self.gamma_1, -1))
@@ -67,7 +76,7 @@ class _TimmCaitClassBlock(BKLayer):
 
 class _TimmPitRoot(BKLayer):
     def forward_features(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward_features(x)
         x = self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed))
         x, cls_tokens = self.transformers((x, _class_tokens(self, x, self.cls_token)))
@@ -78,7 +87,7 @@ class _TimmVisformerRoot(BKLayer):
     """Visformer: a [1, C, H, W] position embedding added after each stage's patch embedding."""
 
     def forward_features(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward_features(x)
         if self.stem is not None:
             x = self.stem(x)
@@ -102,11 +111,8 @@ class _TimmVoloRoot(BKLayer):
     """VOLO: pos_embed [1, H, W, C] added after the outlooker stage (forward_tokens), the class
     token prepended for the class-attention blocks (forward_cls)."""
 
-    def _bk_plain(self):
-        return in_plain_forward() or self._bk_layout() is None or not self._bk_trains()
-
     def forward_tokens(self, x):
-        if self._bk_plain():
+        if _off(self):
             return super().forward_tokens(x)
         for idx, block in enumerate(self.network):
             if idx == 2 and self.pos_embed is not None:
@@ -115,7 +121,7 @@ class _TimmVoloRoot(BKLayer):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def forward_cls(self, x):
-        if self._bk_plain():
+        if _off(self):
             return super().forward_cls(x)
         x = torch.cat([_class_tokens(self, x, self.cls_token), x], dim=1)
         for block in self.post_network:
@@ -134,7 +140,7 @@ class _TimmCrossVitRoot(BKLayer):
     """CrossViT: each branch's class token and positions (cls_token_i, pos_embed_i) in _embed."""
 
     def _embed(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super()._embed(x)
         from timm.models.crossvit import scale_image
 
@@ -154,7 +160,7 @@ def _gamma(layer, x, gamma):
 
 class _TimmXcitRoot(BKLayer):
     def forward_cls(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward_cls(x)
         x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
         for blk in self.cls_attn_blocks:
@@ -171,7 +177,7 @@ class _TimmXca(BKLayer):
     """XCA, cross-covariance attention: its per-head temperature [H, 1, 1] through bk.nn.scale."""
 
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward(x)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
@@ -187,7 +193,7 @@ class _TimmXca(BKLayer):
 
 class _TimmXcaBlock(BKLayer):
     def forward(self, x, H, W):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward(x, H, W)
         x = x + self.drop_path1(_gamma(self, self.attn(self.norm1(x)), self.gamma1))
         x = x + self.drop_path3(_gamma(self, self.local_mp(self.norm3(x), H, W), self.gamma3))
@@ -196,7 +202,7 @@ class _TimmXcaBlock(BKLayer):
 
 class _TimmXcitClassBlock(BKLayer):
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if _off(self):
             return super().forward(x)
         x_norm1 = self.norm1(x)
         x = x + self.drop_path1(_gamma(self, torch.cat([self.attn(x_norm1), x_norm1[:, 1:]], dim=1), self.gamma1))
@@ -230,6 +236,60 @@ class _TimmXcitPositions(BKLayer):
         pos_y = torch.stack([pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()], dim=4).flatten(3)
         pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
         return self.token_projection(pos.to(dtype).expand(B, -1, -1, -1))
+
+
+class _TimmConvitRoot(BKLayer):
+    def forward_features(self, x):
+        if _off(self):
+            return super().forward_features(x)
+        x = self.patch_embed(x)
+        if self.use_pos_embed:
+            x = _positions(self, x, self.pos_embed)
+        x = self.pos_drop(x)
+        for u, blk in enumerate(self.blocks):
+            if u == self.local_up_to_layer and self.cls_token is not None:
+                x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
+            x = blk(x)
+        return self.norm(x)
+
+
+class _GateFn(torch.autograd.Function):
+    """ConViT's gated attention (1 - s) * patch + s * pos, s = sigmoid(gating) per head; example
+    b's gradient of gating_h is s_h (1 - s_h) sum_ij G_bhij (pos - patch)_bhij."""
+
+    @staticmethod
+    def forward(ctx, patch, pos, gating, layer):
+        s = torch.sigmoid(gating).view(1, -1, 1, 1)
+        ctx.save_for_backward(patch, pos, s)
+        ctx.gating, ctx.layer = gating, layer
+        return (1. - s) * patch + s * pos
+
+    @staticmethod
+    def backward(ctx, g):
+        patch, pos, s = ctx.saved_tensors
+        acc = accumulation_dtype(g.dtype)
+        per_example = (g * (pos - patch)).to(acc).sum((2, 3)) * (s * (1. - s)).view(1, -1).to(acc)
+        grads = (g * (1. - s), g * s)
+        if ctx.layer._bk_hand_off([(ctx.gating, DenseUse(per_example))]):
+            return *grads, None, None
+        return *grads, per_example.sum(0).to(ctx.gating.dtype), None
+
+
+class _TimmGpsa(BKLayer):
+    """ConViT's GPSA: timm's get_attention with the gating through _GateFn (qk, v, proj and
+    pos_proj are bk Linears; pos_proj reads the relative indices expanded to the batch)."""
+
+    def get_attention(self, x):
+        if _off(self):
+            return super().get_attention(x)
+        B, N, C = x.shape
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = qk[0], qk[1]
+        pos_score = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        patch_score = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        attn = _GateFn.apply(patch_score, pos_score, self.gating_param, self)
+        attn = attn / attn.sum(dim=-1).unsqueeze(-1)
+        return self.attn_drop(attn)
 
 
 def _own(module):
@@ -308,3 +368,17 @@ def _timm_xcit_class(module):
 register_layer(None, _timm_crossvit_class,
                matches=lambda cls: cls.__module__ == "timm.models.crossvit" and cls.__name__ == "CrossVit")
 register_layer(None, _timm_xcit_class, matches=lambda cls: cls.__module__ == "timm.models.xcit" and cls.__name__ in _XCIT)
+
+
+def _timm_convit_class(module):
+    if type(module).__name__ == "GPSA":
+        fits = _takes(type(module), "get_attention", ["x"]) and _own(module) <= {"gating_param"} and \
+            all(hasattr(module, a) for a in ("qk", "pos_proj", "rel_indices", "scale", "attn_drop"))
+        return mixin_class(type(module), _TimmGpsa) if fits else GENERIC
+    fits = _takes(type(module), "forward_features", ["x"]) and _own(module) <= {"cls_token", "pos_embed"} and \
+        all(hasattr(module, a) for a in ("patch_embed", "use_pos_embed", "pos_drop", "blocks", "local_up_to_layer"))
+    return mixin_class(type(module), _TimmConvitRoot) if fits else GENERIC
+
+
+register_layer(None, _timm_convit_class,
+               matches=lambda cls: cls.__module__ == "timm.models.convit" and cls.__name__ in ("ConVit", "GPSA"))
