@@ -23,6 +23,7 @@ from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
 from .nn._core import BKLayer
+from .nn.expanded import expanded_use_problem
 from .nn._uses import UnsupportedSharingError, cross
 from .ops._norm_common import accumulation_dtype
 from .ops.add_noise import counters
@@ -204,9 +205,26 @@ class PrivacyEngine:
                     raise ValueError(problem)
                 loss.register_hook(refuse)
         self._forward_labels = None
+        if self.layout.expanded:
+            self._check_expanded_uses(output)
         for t in torch.utils._pytree.tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._backward_reached_output)
+
+    def _check_expanded_uses(self, output):
+        """Refuses a forward in which a bk layer's input broadcast over the batch was expanded to
+        it and its output is then used in a way that mixes the copies (nn/expanded.py)."""
+        layers, self.layout.expanded = self.layout.expanded, []
+        problem = expanded_use_problem(torch.utils._pytree.tree_leaves(output), layers, self.layout.batch)
+        if problem is not None:
+            names = sorted({f"{type(m).__name__} ({self._module_path(m)})" for m in layers})
+            raise UnsupportedLayoutError(
+                f"PrivacyEngine: {', '.join(names)} got an input of size 1 on the example dim (shared by every "
+                f"example), which bk expands to the {self.layout.batch} examples so that each gets its own copy of the "
+                f"output; the model then uses that output in a way that does not keep the copies apart: {problem}. "
+                "Per-example gradients would mix the examples there. Feed the layer an input that holds the batch, "
+                "freeze it, or let its owner take the generic path (bk.register_layer); nothing was recorded and no "
+                "budget was spent.")
 
     def _backward_reached_output(self, grad):
         self._queue_finish()

@@ -24,6 +24,7 @@ class BatchLayout:
         self.guessed = False      # the batch came from a 1-D input: a guess that a layer may correct
         self.input_storages = set()  # storages of the model's tensor inputs in the forward now running
         self.state_storages = None
+        self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
 
     def take(self, args, kwargs):
         """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
@@ -31,6 +32,7 @@ class BatchLayout:
         leaves = tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))
         self.input_storages = {_storage(t) for t in leaves if isinstance(t, torch.Tensor)}
         self.state_storages = None  # the model's buffers and Parameters, found when first asked (engine)
+        self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
         first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         if isinstance(first, PackedSequence):

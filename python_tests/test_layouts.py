@@ -237,6 +237,49 @@ def test_a_per_example_tensor_broadcast_over_the_rows_is_refused_in_the_forward(
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class SharedProjection(nn.Module):
+    """A Linear of one grid (a [1, 4] buffer, shared by every example) whose output is used as
+    `use` says, then added to every example's features. bk expands the grid to the batch, so
+    the output is [B, 3]; `[0]` or `.mean(0)` then reads one copy, or all, for every example."""
+
+    def __init__(self, use):
+        super().__init__()
+        self.grid_proj, self.body, self.use = nn.Linear(4, 3), nn.Linear(5, 3), use
+        self.register_buffer("grid", torch.randn(1, 4))
+
+    def forward(self, x):
+        z = self.grid_proj(self.grid)
+        z = {"index": lambda: z[0], "mean": lambda: z.mean(0), "repeat": lambda: z.repeat(2, 1)[:x.shape[0]],
+             "broadcast": lambda: z, "tanh": lambda: torch.tanh(z) * 2, "squeeze": lambda: z.squeeze(0),
+             "view": lambda: z.view(z.shape[0], 3, 1)[..., 0]}[self.use]()
+        return self.body(x) + z
+
+
+@pytest.mark.parametrize("use", ["index", "mean", "repeat"])
+def test_an_expanded_shared_input_whose_copies_are_then_mixed_is_refused_in_the_forward(use):
+    """Trained silently before (bk.verify: the clipped update 0.43 off for `index`): example 0's
+    per-example gradient held every example's, so its clipping bounded nothing."""
+    torch.manual_seed(6)
+    model, engine, opt, before, _ = _one_step(SharedProjection(use).to(DT), None)
+    x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Linear \(grid_proj\) got an input of size 1 .*does not keep "
+                                                         r"the copies apart"):
+        F.cross_entropy(model(x), y).backward()
+    assert engine.steps == 0 and engine.epsilon() == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("use", ["broadcast", "tanh", "squeeze", "view"])
+def test_an_expanded_shared_input_broadcast_against_the_examples_is_exact(use):
+    """The copies met per-example tensors in a broadcast (after row-wise ops and views that
+    keep dim 0): each example's copy carries its own gradient."""
+    torch.manual_seed(6)
+    model = SharedProjection(use).to(DT)
+    x, y = torch.randn(4, 5, dtype=DT), torch.randint(0, 3, (4,))
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y), rtol=1e-9)
+    assert report.ok, str(report)
+
+
 def test_a_lookup_shared_by_every_example_is_refused_naming_the_cause():
     """[q, k] ids with no example dim (a relative position table outside a T5-style attention):
     its per-example gradients live in a broadcast after the layer."""

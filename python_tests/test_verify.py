@@ -61,11 +61,12 @@ def test_catches_a_sequence_first_model_declared_batch_first():
     assert "MISMATCH" in str(report)
 
 
-def test_catches_a_broadcast_output_indexed_on_the_batch_dim():
+def test_refuses_a_broadcast_output_indexed_on_the_batch_dim():
     """A layer whose input has batch 1 gets its output expanded to the batch (exact when the
     output is then broadcast against per-example tensors). Code that instead indexes that
-    output on dim 0 (`emb(ids[None])[0]`) sends every example's gradient to row 0: the engine
-    cannot see it; verify does."""
+    output on dim 0 (`emb(ids[None])[0]`) sends every example's gradient to row 0. verify
+    reported the mismatch until session 12; now the engine refuses it in the forward, and verify
+    raises what the engine raises."""
     class Indexing(nn.Module):
         def __init__(self):
             super().__init__()
@@ -77,8 +78,8 @@ def test_catches_a_broadcast_output_indexed_on_the_batch_dim():
 
     torch.manual_seed(2)
     ids, y = torch.randint(0, 9, (4, 6)), torch.randint(0, 3, (4,))
-    report = bk.verify(Indexing(), lambda m, b: F.cross_entropy(m(b[0]), b[1]), (ids, y))
-    assert not report.ok and report.worst[0][2] == "pos", str(report)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"Embedding \(pos\) got an input of size 1.*SelectBackward0"):
+        bk.verify(Indexing(), lambda m, b: F.cross_entropy(m(b[0]), b[1]), (ids, y))
 
 
 def test_passes_on_a_transformers_moe_with_its_default_grouped_mm_experts():

@@ -129,7 +129,8 @@ class BKLayer:
         n = x.shape[dim]
         if n == B:
             return x
-        if n == 1:
+        if n == 1:  # what follows must keep the B copies apart: checked at the forward's end (expanded.py)
+            layout.expanded.append(self)
             return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
         if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
             return x.unflatten(0, (B, n // B))
