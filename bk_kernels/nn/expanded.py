@@ -44,18 +44,18 @@ def expanded_use_problem(outputs, layers, B):
                 seen.add(child)
                 stack.append(child)
     done = set()
-    stack = list(starts)
-    while stack:  # nodes whose output holds the expanded copies on dim 0
-        node = stack.pop()
+    stack = [(start, start) for start in starts]
+    while stack:  # (node whose output holds the expanded copies on dim 0, the layer's node it came from)
+        node, start = stack.pop()
         if node in done:
             continue
         done.add(node)
         for user, _ in consumers.get(node, ()):
             verdict = _follow(user, node, B)
             if isinstance(verdict, str):
-                return f"{verdict}, fed by the output of {type(starts[0].layer).__name__}"
+                return f"{verdict}, fed by the output of {type(start.layer).__name__}"
             if verdict:
-                stack.append(user)
+                stack.append((user, start))
     return None
 
 
