@@ -124,9 +124,10 @@ def test_timm_eva02_recomputes_only_its_position_embedding(frozen_biases):
                          [("timm_visformer", None), ("timm_visformer", "pos_embed2"), ("timm_crossvit", None),
                           ("timm_crossvit", "cls_token_1"), ("timm_xcit", None), ("timm_xcit", "cls_token"),
                           ("timm_xcit", "pos_embed.token_projection.weight"), ("timm_convit", None),
-                          ("timm_convit", "blocks.0.attn.gating_param"), ("timm_convit", "cls_token")])
+                          ("timm_convit", "blocks.0.attn.gating_param"), ("timm_convit", "cls_token"),
+                          ("timm_coat", None), ("timm_coat", "cls_token2"), ("timm_coat_lite", None)])
 def test_timm_roots_owning_tokens_have_no_generic_module(name, frozen):
-    """CaiT's, PiT's, VOLO's, Visformer's, CrossViT's, XCiT's and ConViT's roots own their class tokens and
+    """CaiT's, PiT's, VOLO's, Visformer's, CrossViT's, XCiT's, ConViT's and CoaT's roots own their class tokens and
     position embeddings and use them inline (forward_features, forward_cls, forward_tokens,
     _embed): the root, and
     so the whole model, was a per-example recompute (CaiT-XXS24 2.9x, PiT-Ti 2.8x non-private).

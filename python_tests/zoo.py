@@ -317,6 +317,15 @@ def timm_convit():
                   num_classes=3).to(DT)
 
 
+def timm_coat(parallel_depth=1):
+    """timm's CoaT: each stage prepends its own cls_token (timm's module-level insert_cls in the
+    root's forward_features); convolutional position and relative-position encodings; with
+    parallel_depth > 0 the parallel blocks mixing the stages (CoaT, not CoaT-Lite)."""
+    from timm.models.coat import CoaT
+    return CoaT(img_size=32, patch_size=4, embed_dims=(16, 16, 16, 16), serial_depths=(1, 1, 1, 1),
+                parallel_depth=parallel_depth, num_heads=8, mlp_ratios=(2, 2, 2, 2), num_classes=3).to(DT)
+
+
 def hf_convnextv2():
     """HF ConvNeXt-V2: Global Response Norm (ConvNextV2GRN) in every layer, no layer scale."""
     return _hf(("ConvNextV2Config", "ConvNextV2ForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
@@ -477,6 +486,8 @@ ZOO = {
     "timm_crossvit": (timm_crossvit, classify_images, lambda B: image_batch(B, size=48)),
     "timm_xcit": (timm_xcit, classify_images, lambda B: image_batch(B, size=32)),
     "timm_convit": (timm_convit, classify_images, image_batch),
+    "timm_coat": (timm_coat, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_coat_lite": (lambda: timm_coat(parallel_depth=0), classify_images, lambda B: image_batch(B, size=32)),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),

@@ -1,5 +1,5 @@
 """timm models whose root owns tokens used inline: CaiT, PiT, Visformer, VOLO, CrossViT, XCiT,
-ConViT. The class tokens and position embeddings are Parameters of the root model, used in its
+ConViT, CoaT. The class tokens and position embeddings are Parameters of the root model, used in its
 forward_features (or _embed, forward_cls, forward_tokens). Left alone, the root took the generic
 path: a recompute of the WHOLE model per example (CaiT-XXS24 2.9x, PiT-Ti 2.8x non-private on the
 CPU). Here those methods are timm's (timm 1.0), with the class token made per example by a shift
@@ -253,6 +253,36 @@ class _TimmConvitRoot(BKLayer):
         return self.norm(x)
 
 
+class _TimmCoatRoot(BKLayer):
+    """CoaT: each of the four stages prepends its own class token (cls_token1..4, timm's
+    module-level insert_cls) to its patch embeddings; the parallel blocks of CoaT (not Lite)
+    follow. timm's forward_features (timm 1.0) for classification, the tokens through shifts."""
+
+    def forward_features(self, x0):
+        if _off(self) or (not torch.jit.is_scripting() and self.return_interm_layers):
+            return super().forward_features(x0)
+        B, x, xs, sizes = x0.shape[0], x0, [], []
+        for i in range(1, 5):
+            patch_embed = getattr(self, f"patch_embed{i}")
+            if patch_embed is None:  # a pruned model ends at the stage before
+                return xs[-1]
+            x = patch_embed(x)
+            H, W = patch_embed.grid_size
+            x = torch.cat((_class_tokens(self, x, getattr(self, f"cls_token{i}")), x), dim=1)
+            for blk in getattr(self, f"serial_blocks{i}"):
+                x = blk(x, size=(H, W))
+            xs.append(x)
+            sizes.append((H, W))
+            x = x[:, 1:, :].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+        if self.parallel_blocks is None:
+            return self.norm4(xs[3])
+        x1, x2, x3, x4 = xs
+        for blk in self.parallel_blocks:
+            x2, x3, x4 = self.cpe2(x2, sizes[1]), self.cpe3(x3, sizes[2]), self.cpe4(x4, sizes[3])
+            x1, x2, x3, x4 = blk(x1, x2, x3, x4, sizes=sizes)
+        return [self.norm2(x2), self.norm3(x3), self.norm4(x4)]
+
+
 class _GateFn(torch.autograd.Function):
     """ConViT's gated attention (1 - s) * patch + s * pos, s = sigmoid(gating) per head; example
     b's gradient of gating_h is s_h (1 - s_h) sum_ij G_bhij (pos - patch)_bhij."""
@@ -382,3 +412,15 @@ def _timm_convit_class(module):
 
 register_layer(None, _timm_convit_class,
                matches=lambda cls: cls.__module__ == "timm.models.convit" and cls.__name__ in ("ConVit", "GPSA"))
+
+
+def _timm_coat_class(module):
+    stages = ("patch_embed", "cls_token", "serial_blocks")
+    fits = _takes(type(module), "forward_features", ["x0"]) and \
+        _own(module) <= {f"cls_token{i}" for i in range(1, 5)} and \
+        all(hasattr(module, f"{a}{i}") for a in stages for i in range(1, 5)) and \
+        all(hasattr(module, a) for a in ("parallel_blocks", "return_interm_layers", "norm4"))
+    return mixin_class(type(module), _TimmCoatRoot) if fits else GENERIC
+
+
+register_layer(None, _timm_coat_class, matches=lambda cls: cls.__module__ == "timm.models.coat" and cls.__name__ == "CoaT")
