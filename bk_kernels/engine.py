@@ -205,17 +205,18 @@ class PrivacyEngine:
                     raise ValueError(problem)
                 loss.register_hook(refuse)
         self._forward_labels = None
+        leaves = torch.utils._pytree.tree_leaves(output)
         if self.layout.expanded:
-            self._check_expanded_uses(output)
-        for t in torch.utils._pytree.tree_leaves(output):
+            self._check_expanded_uses(leaves)
+        for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._backward_reached_output)
 
-    def _check_expanded_uses(self, output):
+    def _check_expanded_uses(self, outputs):
         """Refuses a forward in which a bk layer's input broadcast over the batch was expanded to
         it and its output is then used in a way that mixes the copies (nn/expanded.py)."""
         layers, self.layout.expanded = self.layout.expanded, []
-        problem = expanded_use_problem(torch.utils._pytree.tree_leaves(output), layers, self.layout.batch)
+        problem = expanded_use_problem(outputs, layers, self.layout.batch)
         if problem is not None:
             names = sorted({f"{type(m).__name__} ({self._module_path(m)})" for m in layers})
             raise UnsupportedLayoutError(

@@ -261,6 +261,30 @@ def _takes(cls, method, names):
     return list(inspect.signature(getattr(cls, method)).parameters) == ["self", *names]
 
 
+def _own(module):
+    """The names of the module's own trained Parameters (not its children's)."""
+    return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+
+
+def _timm_block(model, block, *args, **kwargs):
+    """block(*args, **kwargs), through timm's activation checkpointing where the timm model asks
+    for it (as timm's forwards copied here do)."""
+    if model.grad_checkpointing and not torch.jit.is_scripting():
+        from timm.models._manipulate import checkpoint
+
+        return checkpoint(block, *args, **kwargs)
+    return block(*args, **kwargs)
+
+
+def _timm_blocks(model, blocks, x):
+    """blocks(x) for a Sequential of a timm model, checkpointed as timm's forward would."""
+    if model.grad_checkpointing and not torch.jit.is_scripting():
+        from timm.models._manipulate import checkpoint_seq
+
+        return checkpoint_seq(blocks, x)
+    return blocks(x)
+
+
 class _TimmWindowAttention(BKLayer):
     """timm's Swin (v1) WindowAttention: timm's non-fused forward, with the relative position
     bias added by _RelativeBiasFn (per-example table gradients) and qkv / proj as the bk Linear
@@ -504,12 +528,7 @@ class _TimmBeitRoot(BKLayer):
         # from here on timm's forward_features (timm 1.0)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                from timm.models._manipulate import checkpoint
-
-                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+            x = _timm_block(self, blk, x, shared_rel_pos_bias=rel_pos_bias)
         return self.norm(x)
 
 
@@ -517,9 +536,8 @@ def _timm_beit_class(module):
     """bk's BEiT model / Attention / Block where timm's forward is the one read here, else the
     generic path."""
     if type(module).__name__ == "Beit":
-        own = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
         fits = _takes(type(module), "forward_features", ["x"]) and \
-            own <= {"cls_token", "pos_embed"} and getattr(module, "cls_token", None) is not None
+            _own(module) <= {"cls_token", "pos_embed"} and getattr(module, "cls_token", None) is not None
         return mixin_class(type(module), _TimmBeitRoot) if fits else GENERIC
     if not _takes(type(module), "forward", ["x", "shared_rel_pos_bias"]):
         return GENERIC

@@ -15,7 +15,7 @@ from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._made import mixin_class
 from ._uses import DenseUse
-from .attention import _takes
+from .attention import _own, _takes, _timm_block, _timm_blocks
 from .families import GENERIC, register_layer
 from .layer_scale import scale, shift
 
@@ -38,13 +38,7 @@ class _TimmCaitRoot(BKLayer):
     def forward_features(self, x):
         if _off(self):
             return super().forward_features(x)
-        x = self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models._manipulate import checkpoint_seq
-
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
+        x = _timm_blocks(self, self.blocks, self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed)))
         if self.blocks_token_only is not None:
             cls_tokens = _class_tokens(self, x, self.cls_token)
             for blk in self.blocks_token_only:
@@ -98,12 +92,7 @@ class _TimmVisformerRoot(BKLayer):
                 x = patch_embed(x)
                 if pos_embed is not None:
                     x = self.pos_drop(_positions(self, x, pos_embed))
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                from timm.models._manipulate import checkpoint_seq
-
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
+            x = _timm_blocks(self, stage, x)
         return self.norm(x)
 
 
@@ -117,7 +106,7 @@ class _TimmVoloRoot(BKLayer):
         for idx, block in enumerate(self.network):
             if idx == 2 and self.pos_embed is not None:
                 x = self.pos_drop(_positions(self, x, self.pos_embed))
-            x = self._bk_checkpointed(block, x)
+            x = _timm_block(self, block, x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def forward_cls(self, x):
@@ -125,15 +114,8 @@ class _TimmVoloRoot(BKLayer):
             return super().forward_cls(x)
         x = torch.cat([_class_tokens(self, x, self.cls_token), x], dim=1)
         for block in self.post_network:
-            x = self._bk_checkpointed(block, x)
+            x = _timm_block(self, block, x)
         return x
-
-    def _bk_checkpointed(self, block, x):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from timm.models._manipulate import checkpoint
-
-            return checkpoint(block, x)
-        return block(x)
 
 
 class _TimmCrossVitRoot(BKLayer):
@@ -164,12 +146,7 @@ class _TimmXcitRoot(BKLayer):
             return super().forward_cls(x)
         x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
         for blk in self.cls_attn_blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                from timm.models._manipulate import checkpoint
-
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
+            x = _timm_block(self, blk, x)
         return x
 
 
@@ -322,8 +299,9 @@ class _TimmGpsa(BKLayer):
         return self.attn_drop(attn)
 
 
-def _own(module):
-    return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+def _in(timm_module, *names):
+    """The registration's match: classes of these names in timm.models.<timm_module>."""
+    return lambda cls: cls.__module__ == f"timm.models.{timm_module}" and cls.__name__ in names
 
 
 def _timm_cait_class(module):
@@ -346,11 +324,8 @@ def _timm_pit_class(module):
     return mixin_class(type(module), _TimmPitRoot) if fits else GENERIC
 
 
-register_layer(None, _timm_cait_class,
-               matches=lambda cls: cls.__module__ == "timm.models.cait" and
-               cls.__name__ in ("Cait", "LayerScaleBlock", "LayerScaleBlockClassAttn"))
-register_layer(None, _timm_pit_class,
-               matches=lambda cls: cls.__module__ == "timm.models.pit" and cls.__name__ == "PoolingVisionTransformer")
+register_layer(None, _timm_cait_class, matches=_in("cait", "Cait", "LayerScaleBlock", "LayerScaleBlockClassAttn"))
+register_layer(None, _timm_pit_class, matches=_in("pit", "PoolingVisionTransformer"))
 
 
 def _timm_visformer_class(module):
@@ -367,10 +342,8 @@ def _timm_volo_class(module):
     return mixin_class(type(module), _TimmVoloRoot) if fits else GENERIC
 
 
-register_layer(None, _timm_visformer_class,
-               matches=lambda cls: cls.__module__ == "timm.models.visformer" and cls.__name__ == "Visformer")
-register_layer(None, _timm_volo_class,
-               matches=lambda cls: cls.__module__ == "timm.models.volo" and cls.__name__ == "VOLO")
+register_layer(None, _timm_visformer_class, matches=_in("visformer", "Visformer"))
+register_layer(None, _timm_volo_class, matches=_in("volo", "VOLO"))
 
 
 def _timm_crossvit_class(module):
@@ -395,9 +368,8 @@ def _timm_xcit_class(module):
     return mixin_class(type(module), mixin) if fits else GENERIC
 
 
-register_layer(None, _timm_crossvit_class,
-               matches=lambda cls: cls.__module__ == "timm.models.crossvit" and cls.__name__ == "CrossVit")
-register_layer(None, _timm_xcit_class, matches=lambda cls: cls.__module__ == "timm.models.xcit" and cls.__name__ in _XCIT)
+register_layer(None, _timm_crossvit_class, matches=_in("crossvit", "CrossVit"))
+register_layer(None, _timm_xcit_class, matches=_in("xcit", *_XCIT))
 
 
 def _timm_convit_class(module):
@@ -410,8 +382,7 @@ def _timm_convit_class(module):
     return mixin_class(type(module), _TimmConvitRoot) if fits else GENERIC
 
 
-register_layer(None, _timm_convit_class,
-               matches=lambda cls: cls.__module__ == "timm.models.convit" and cls.__name__ in ("ConVit", "GPSA"))
+register_layer(None, _timm_convit_class, matches=_in("convit", "ConVit", "GPSA"))
 
 
 def _timm_coat_class(module):
@@ -423,4 +394,4 @@ def _timm_coat_class(module):
     return mixin_class(type(module), _TimmCoatRoot) if fits else GENERIC
 
 
-register_layer(None, _timm_coat_class, matches=lambda cls: cls.__module__ == "timm.models.coat" and cls.__name__ == "CoaT")
+register_layer(None, _timm_coat_class, matches=_in("coat", "CoaT"))
