@@ -30,6 +30,19 @@ def _class_tokens(layer, x, token):
     return shift(layer, x.new_zeros(x.shape[0], *token.shape[1:]), token, (1, *token.shape[1:]))
 
 
+def _with_class_tokens(layer, x, token):
+    """x with the class token(s) prepended along dim 1 (timm's cat of token.expand(B, -1, -1))."""
+    return torch.cat((_class_tokens(layer, x, token), x), dim=1)
+
+
+def _class_attention(layer, x, token, blocks):
+    """The class token prepended, then the class-attention blocks (VOLO's and XCiT's forward_cls)."""
+    x = _with_class_tokens(layer, x, token)
+    for block in blocks:
+        x = _timm_block(layer, block, x)
+    return x
+
+
 def _positions(layer, x, pos_embed):
     return shift(layer, x, pos_embed, (1, *pos_embed.shape[1:]))
 
@@ -112,10 +125,7 @@ class _TimmVoloRoot(BKLayer):
     def forward_cls(self, x):
         if _off(self):
             return super().forward_cls(x)
-        x = torch.cat([_class_tokens(self, x, self.cls_token), x], dim=1)
-        for block in self.post_network:
-            x = _timm_block(self, block, x)
-        return x
+        return _class_attention(self, x, self.cls_token, self.post_network)
 
 
 class _TimmCrossVitRoot(BKLayer):
@@ -130,7 +140,7 @@ class _TimmCrossVitRoot(BKLayer):
         for i, patch_embed in enumerate(self.patch_embed):
             x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))
             token, pos_embed = (self.cls_token_0, self.pos_embed_0) if i == 0 else (self.cls_token_1, self.pos_embed_1)
-            x_ = torch.cat((_class_tokens(self, x_, token), x_), dim=1)
+            x_ = _with_class_tokens(self, x_, token)
             xs.append(self.pos_drop(_positions(self, x_, pos_embed)))
         return xs
 
@@ -144,10 +154,7 @@ class _TimmXcitRoot(BKLayer):
     def forward_cls(self, x):
         if _off(self):
             return super().forward_cls(x)
-        x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
-        for blk in self.cls_attn_blocks:
-            x = _timm_block(self, blk, x)
-        return x
+        return _class_attention(self, x, self.cls_token, self.cls_attn_blocks)
 
 
 class _TimmXca(BKLayer):
@@ -225,7 +232,7 @@ class _TimmConvitRoot(BKLayer):
         x = self.pos_drop(x)
         for u, blk in enumerate(self.blocks):
             if u == self.local_up_to_layer and self.cls_token is not None:
-                x = torch.cat((_class_tokens(self, x, self.cls_token), x), dim=1)
+                x = _with_class_tokens(self, x, self.cls_token)
             x = blk(x)
         return self.norm(x)
 
@@ -245,7 +252,7 @@ class _TimmCoatRoot(BKLayer):
                 return xs[-1]
             x = patch_embed(x)
             H, W = patch_embed.grid_size
-            x = torch.cat((_class_tokens(self, x, getattr(self, f"cls_token{i}")), x), dim=1)
+            x = _with_class_tokens(self, x, getattr(self, f"cls_token{i}"))
             for blk in getattr(self, f"serial_blocks{i}"):
                 x = blk(x, size=(H, W))
             xs.append(x)
