@@ -504,6 +504,10 @@ def test_folded_rows_through_a_router():
             assert folded_rows(F.log_softmax(F.linear(_rows(), weight, bias), dim=1), 2)
     router = bk.nn.Linear(4, 5, dtype=DT).requires_grad_(False)
     assert folded_rows(router(_rows()).softmax(-1).mean(-1, keepdim=True), 2)
+    # AFMoE's router: top-k of the biased scores picks the ids, the weights gathered by them
+    scores = torch.sigmoid(F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT))))
+    picked = scores.gather(1, (scores + torch.randn(5, dtype=DT)).topk(2, dim=1).indices)
+    assert folded_rows(picked / picked.sum(-1, keepdim=True), 2)
 
 
 def test_folded_rows_refuses_what_mixes_rows():
@@ -512,6 +516,9 @@ def test_folded_rows_refuses_what_mixes_rows():
     weight = nn.Parameter(torch.randn(5, 4, dtype=DT))
     assert not folded_rows(F.linear(_rows(), weight).softmax(0), 2)  # along the rows
     assert not folded_rows(F.linear(_rows(), weight).topk(2, dim=0).values, 2)
+    rows = F.linear(_rows(), weight)  # [6, 5]
+    assert not folded_rows(rows.gather(0, torch.randint(0, 6, (6, 5))), 2)  # along the rows
+    assert not folded_rows(rows.gather(1, torch.zeros(4, 2, dtype=torch.long)), 2)  # 4 of 6 rows: k changes
     logits = F.linear(_rows(), weight)
     assert not folded_rows(logits - logits.mean(0, keepdim=True), 2)  # a mean over the rows
     data = torch.randn(6, 4, dtype=DT)  # no Parameter: may hold examples (here: the other rows)

@@ -211,6 +211,25 @@ def test_deepseek_v3_under_verify(B):
     assert any(path.endswith("mlp.gate") for path in generic) and not any("experts" in path for path in generic)
 
 
+@pytest.mark.parametrize("B", [3, 8])
+def test_afmoe_routing_weights_gathered_by_the_top_k_ids(B):
+    """AFMoE's router picks its experts by top-k of the biased sigmoid scores and gathers the
+    weights with those ids (`scores.gather(1, ids)`): refused before as folding rows in an
+    unknown order ((tokens, k) weights), now followed as row-wise (a gather along dim 1 with one
+    index row per input row). B = 8 is also the sequence length. The router computes in float32
+    inside the float64 model: update within 3.5e-7 at B = 3 (bk.verify's 1e-6), as DeepSeek-V3's."""
+    config = transformers.AfmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
+                                      num_hidden_layers=2, num_dense_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                                      num_shared_experts=1, use_cache=False)
+    torch.manual_seed(B)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 64, (B, 8))
+    report = bk.verify(model, lambda m, b: m(input_ids=b[0], labels=b[0]).loss, (ids,))
+    assert report.ok, str(report)
+    assert not any("experts" in path for path, _, _ in report.generic_modules)
+
+
 def test_converted_moe_model_pickles():
     """torch.save of a whole converted model: the experts' bk class is found by pickle (it was
     not: made without a name in its module)."""

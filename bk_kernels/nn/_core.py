@@ -199,7 +199,7 @@ _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBa
 # top-k and renormalisation): node name -> where the input's sizes are read.
 _ROW_WISE_ALONG = {"SoftmaxBackward0": "_saved_result", "LogSoftmaxBackward0": "_saved_result",
                    "TopkBackward0": "_saved_self_sym_sizes", "SumBackward1": "_saved_self_sym_sizes",
-                   "MeanBackward1": "_saved_self_sym_sizes"}
+                   "MeanBackward1": "_saved_self_sym_sizes", "GatherBackward0": "_saved_self"}
 # x @ W with W a Parameter (a linear map of the rows; a frozen router's F.linear): node name ->
 # (the index in next_functions of the rows operand, of W)
 _ROWS_TIMES_WEIGHT = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}
@@ -259,6 +259,8 @@ def folded_rows(x, B):
         elif name in _ROW_WISE_ALONG:
             if fold != 0 or not _along_other_dims(node, _ROW_WISE_ALONG[name]):
                 return False
+            if name == "GatherBackward0" and node._saved_index.shape[0] != node._saved_self.shape[0]:
+                return False  # fewer (or more) rows out than in: row r would change examples
             sizes = getattr(node, _ROW_WISE_ALONG[name])
             input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
             input_ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
@@ -429,7 +431,7 @@ def _of_parameters_only(node, depth=8):
 
 
 def _along_other_dims(node, sizes_from):
-    """Whether a softmax/top-k/reduction node works along dims other than dim 0."""
+    """Whether a softmax/top-k/reduction/gather node works along dims other than dim 0."""
     sizes = getattr(node, sizes_from)
     ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
     dims = node._saved_dim if isinstance(node._saved_dim, tuple) else (node._saved_dim,)
