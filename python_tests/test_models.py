@@ -219,6 +219,32 @@ def test_linear_on_inputs_with_more_than_three_dims(backend):
     check_model(Model(), classification_loss, inputs, style="layer-wise", backend=backend)
 
 
+@pytest.mark.parametrize("folded", [False, True])
+def test_linear_output_modified_in_place(folded):
+    """A Linear with a bias on [B, T, d] (or on its rows folded example-major, OPT's reshape), its
+    output then changed in place: ReLU(inplace=True), `+=` (Falcon's `mlp_output +=
+    attention_output`). torch's F.linear returns a view there, which autograd forbids changing in
+    place when a custom Function returns it: this raised a RuntimeError before."""
+    torch.manual_seed(9)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mlp, self.attn = (nn.Linear(3, 6, dtype=DT), nn.Linear(6, 6, dtype=DT),
+                                             nn.Linear(6, 6, dtype=DT))
+            self.act, self.head = nn.ReLU(inplace=True), nn.Linear(6, 2, dtype=DT)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            rows = h.reshape(-1, 6) if folded else h
+            out = self.mlp(rows)
+            out += self.attn(rows)
+            return self.head(self.act(out).view(h.shape).mean(1))
+
+    inputs = {"x": torch.randn(4, 5, 3, dtype=DT), "y": torch.randint(0, 2, (4,))}
+    check_model(Model(), classification_loss, inputs, style="all-layer", backend="cpu")
+
+
 @pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
 def test_tied_weights_at_every_length_and_mode(mode):
     """The ghost/direct choice is made per call from T (here it flips between T=3 and T=12), and

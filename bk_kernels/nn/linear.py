@@ -31,7 +31,7 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         w = weight[rows] if rows is not None else weight
         b = bias[rows] if rows is not None and bias is not None else bias
-        return F.linear(x, w.T if transposed else w, b)
+        return _not_a_view(F.linear(x, w.T if transposed else w, b))
 
     @staticmethod
     def backward(ctx, g):
@@ -69,6 +69,21 @@ class _LinearFn(torch.autograd.Function):
         if bias_grads is not None and ctx.needs_input_grad[2]:
             grad_b = bias_grads.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _not_a_view(y):
+    """y as a tensor of its own. F.linear with a bias on a 3-D input returns a view of its 2-D
+    addmm result, and autograd forbids in-place ops on a view made inside a custom Function
+    (Falcon's `mlp_output += attention_output`, a Linear then ReLU(inplace=True)): the same
+    storage under a shape of its own (as matmul's _unsafe_view), a copy only if the view is
+    not the whole base in order."""
+    base = y._base
+    if base is None:
+        return y
+    if base.is_contiguous() and y.is_contiguous() and y.numel() == base.numel() and \
+            y.storage_offset() == base.storage_offset():
+        return torch.ops.aten._unsafe_view(base, y.shape)
+    return y.clone()
 
 
 class Linear(BKLayer, torch.nn.Linear):
@@ -115,13 +130,17 @@ def linear(layer, x, weight, bias=None, *, transposed=False):
     return layer._bk_row_wise(x, bdim, lambda xe: _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim))
 
 
-def timm_linear_class(cls):
-    """timm's Linear (torch's forward, plus a cast under TorchScript only): bk's Linear in front,
-    its plain forward timm's (made once, on first use)."""
-    return made_class(timm_linear_class, (cls,), cls.__name__, (Linear, cls), {"__module__": __name__})
+def plain_linear_class(cls):
+    """An nn.Linear subclass whose forward is the linear map itself, written its own way: timm's
+    Linear (torch's forward, plus a cast under TorchScript only), transformers' FalconLinear
+    (`x @ W.T + b`). bk's Linear in front, its plain forward the class's (made once, on first use)."""
+    return made_class(plain_linear_class, (cls,), cls.__name__, (Linear, cls), {"__module__": __name__})
 
+
+# (module, class name) of the nn.Linear subclasses whose forward is x W^T + b and nothing else
+_PLAIN_LINEAR_CLASSES = {("timm.layers.linear", "Linear"), ("transformers.models.falcon.modeling_falcon", "FalconLinear")}
 
 register_layer(torch.nn.Linear, Linear)
-register_layer(None, lambda module: timm_linear_class(type(module)),
-               matches=lambda cls: cls.__name__ == "Linear" and cls.__module__ == "timm.layers.linear")
+register_layer(None, lambda module: plain_linear_class(type(module)),
+               matches=lambda cls: (cls.__module__, cls.__name__) in _PLAIN_LINEAR_CLASSES)
 register_layer(None, lambda module: gpt2_conv1d_class(type(module)), matches=is_gpt2_conv1d)
