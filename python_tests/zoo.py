@@ -184,6 +184,15 @@ def mamba():
                num_hidden_layers=2, expand=2, conv_kernel=3, use_mambapy=False, use_cache=False)
 
 
+def falcon(new_decoder_architecture=False):
+    """HF Falcon: every projection is a FalconLinear (nn.Linear with its own `x @ W.T + b`
+    forward); the original layout (parallel attention, one LayerNorm) or the new one (grouped
+    KV heads, two LayerNorms)."""
+    return _hf(("FalconConfig", "FalconForCausalLM"), vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+               num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=new_decoder_architecture, bias=True,
+               hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def opt():
     return _hf(("OPTConfig", "OPTForCausalLM"), vocab_size=VOCAB, hidden_size=16, ffn_dim=24, num_hidden_layers=2,
                num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16, dropout=0.0,
@@ -468,6 +477,8 @@ ZOO = {
     "qwen2": (qwen2, causal_lm, ids_batch),
     "gemma": (gemma, causal_lm, ids_batch),
     "opt": (opt, causal_lm, ids_batch),
+    "falcon": (falcon, causal_lm, ids_batch),
+    "falcon_new": (lambda: falcon(new_decoder_architecture=True), causal_lm, ids_batch),
     "mamba": (mamba, causal_lm, ids_batch),
     "mixtral": (mixtral, causal_lm, ids_batch),
     "qwen2_moe": (qwen2_moe, causal_lm, ids_batch),
