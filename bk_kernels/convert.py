@@ -53,6 +53,30 @@ def _children_used_directly(module):
                  and any(p.requires_grad for p in module._modules[n].parameters()))
 
 
+def _children_only_read(module):
+    """Of _children_used_directly, those its class never calls (`self.<child>(` nowhere in the
+    source of its own methods): torch's TransformerEncoderLayer names its children's weights in
+    its fast-path checks but computes through the children, which stay bk layers."""
+    called = _names_called(type(module))
+    if called is None:  # a class without source: nothing is known to be only read
+        return ()
+    return tuple(n for n in _children_used_directly(module) if n not in called)
+
+
+@functools.lru_cache(maxsize=None)
+def _names_called(cls):
+    names = set()
+    for klass in cls.__mro__:
+        if klass in (torch.nn.Module, object):
+            break
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return None  # unknown: treat every child as called
+        names.update(re.findall(r"self\.(\w+)\s*\(", source))
+    return names
+
+
 @functools.lru_cache(maxsize=None)
 def _names_used_directly(cls):
     try:
@@ -107,6 +131,12 @@ def _plan(model):
         if refused and any(p.requires_grad for p in module.parameters()):  # itself or a child trains
             problems.append((path or "<model>", type(module).__name__, outcome))
             continue
+        if outcome == families.GENERIC and not _owns_trainable(module) and \
+                (direct := _children_only_read(module)):
+            # no Parameters of its own, but it reads a child's itself and never calls the child (a
+            # short convolution calling F.conv1d on self.conv1d.weight): that child's Parameters
+            # would get an ordinary gradient; the module takes the generic path with it absorbed
+            outcome = generic_class(type(module), absorb=direct)
         if not _owns_trainable(module) and not getattr(outcome, "_bk_absorb", ()) and \
                 not getattr(outcome, "_bk_swap_without_parameters", False):
             continue  # frozen, or no parameters of its own, and no child's to absorb (T5's bias table)

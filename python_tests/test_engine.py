@@ -1,5 +1,6 @@
 """PrivacyEngine and bk.convert: arguments, bad input (clear errors, nothing changed), noise,
 accumulation over several backwards, and the plumbing around the optimizer."""
+import copy
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bk_kernels as bk
+from python_tests.test_models import check_model, classification_loss
 
 DT = torch.float64
 
@@ -59,16 +61,43 @@ def test_parameters_used_directly_in_a_forward_take_the_generic_path():
     assert bk.generic_modules(model) == [("<model>", "Raw", 3)]
 
 
+def test_a_child_read_by_a_parent_without_parameters_is_absorbed_into_its_generic_path():
+    """A module that owns no Parameters but calls F.conv1d on its child's weight itself (a short
+    convolution, as transformers' InklingShortConvolution): the parent takes the generic path
+    with the child absorbed. Before, the module was skipped (nothing of its own to train) and the
+    child's weight got an ordinary gradient, refused at the backward."""
+    class ShortConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(4, 4, 3, groups=4, padding=2, bias=True)
+
+        def forward(self, x):  # [B, T, C]
+            y = F.conv1d(x.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, padding=2, groups=4)
+            return y[..., : x.shape[1]].transpose(1, 2)
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), ShortConv(), nn.Flatten(), nn.Linear(20, 2)).to(DT)
+    assert [t for _, t, _ in bk.generic_modules(bk.convert(copy.deepcopy(model)))] == ["ShortConv"]
+    inputs = {"x": torch.randn(5, 5, 3, dtype=DT), "y": torch.randint(0, 2, (5,))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+def _peek(layer, x):
+    """Reads layer.weight where no module's forward source shows it."""
+    return x[:, :3] @ layer.weight[:, :3].T
+
+
 def test_a_parameter_used_outside_every_module_that_owns_it_is_refused_at_the_backward():
-    """The parent reads its child's weight directly: no module owning it sees that use, so the
-    parameter gets an ordinary gradient, which the engine refuses; the next forward starts clean."""
+    """The parent reads its child's weight through a helper: no module owning it sees that use,
+    so the parameter gets an ordinary gradient, which the engine refuses; the next forward
+    starts clean."""
     class Peeking(nn.Module):
         def __init__(self):
             super().__init__()
             self.lin = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.lin(x) + x[:, :3] @ self.lin.weight[:, :3].T
+            return self.lin(x) + _peek(self.lin, x)
 
     model, engine, opt = make(Peeking().to(DT))
     x = torch.randn(4, 4, dtype=DT)
