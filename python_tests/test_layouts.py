@@ -508,6 +508,10 @@ def test_folded_rows_through_a_router():
     scores = torch.sigmoid(F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT))))
     picked = scores.gather(1, (scores + torch.randn(5, dtype=DT)).topk(2, dim=1).indices)
     assert folded_rows(picked / picked.sum(-1, keepdim=True), 2)
+    # Llama 4's router: the top-k logits scattered into -inf, then a sigmoid
+    logits = F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT)))
+    top = logits.topk(2, dim=1)
+    assert folded_rows(torch.sigmoid(torch.full_like(logits, float("-inf")).scatter_(1, top.indices, top.values)), 2)
 
 
 def test_folded_rows_refuses_what_mixes_rows():
@@ -519,6 +523,9 @@ def test_folded_rows_refuses_what_mixes_rows():
     rows = F.linear(_rows(), weight)  # [6, 5]
     assert not folded_rows(rows.gather(0, torch.randint(0, 6, (6, 5))), 2)  # along the rows
     assert not folded_rows(rows.gather(1, torch.zeros(4, 2, dtype=torch.long)), 2)  # 4 of 6 rows: k changes
+    assert not folded_rows(torch.zeros(6, 5, dtype=DT).scatter(0, torch.randint(0, 6, (6, 5)), rows), 2)
+    halves = F.linear(_rows(), nn.Parameter(torch.randn(4, 4, dtype=DT))).reshape(12, 2)  # row r: half of row r // 2
+    assert not folded_rows(torch.zeros(6, 5, dtype=DT).scatter(1, torch.zeros(6, 2, dtype=torch.long), halves), 2)
     logits = F.linear(_rows(), weight)
     assert not folded_rows(logits - logits.mean(0, keepdim=True), 2)  # a mean over the rows
     data = torch.randn(6, 4, dtype=DT)  # no Parameter: may hold examples (here: the other rows)

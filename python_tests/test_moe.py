@@ -211,6 +211,33 @@ def test_deepseek_v3_under_verify(B):
     assert any(path.endswith("mlp.gate") for path in generic) and not any("experts" in path for path in generic)
 
 
+@pytest.mark.parametrize("frozen", [None, "router", "shared_expert"])
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_llama4_moe_under_verify(B, frozen):
+    """Llama 4's MoE sends every token to every expert ([E * tokens, d] copies scaled by the router
+    scores, one bmm per projection): the block runs with the experts on the BK path, each
+    (expert, example) group all of the example's tokens. Refused before as a generic module on
+    rows it could not split per example. The router's sigmoid runs in float32 inside the
+    float64 model, hence bk.verify's 1e-6 (as DeepSeek-V3's)."""
+    torch.manual_seed(B)
+    model = zoo.llama4()
+    for layer in model.model.layers if frozen else ():
+        getattr(layer.feed_forward, frozen).requires_grad_(False)
+    report = bk.verify(model, lambda m, b: zoo.causal_lm(m, b).mean(), zoo.ids_batch(B))
+    assert report.ok, str(report)
+    assert [t for _, t, _ in report.generic_modules] == ["Llama4TextRMSNorm"] * len(report.generic_modules)
+
+
+def test_llama4_experts_called_outside_their_block_are_refused():
+    model = bk.convert(zoo.llama4())
+    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=1.0, max_grad_norm=1.0)
+    experts = model.model.layers[0].feed_forward.experts
+    model.register_forward_pre_hook(lambda m, args: experts(torch.randn(8, 16, dtype=DT)))
+    with pytest.raises(bk.UnsupportedLayoutError, match="Llama4TextMoe"):
+        model(zoo.ids_batch(2)["ids"])
+    assert engine.steps == 0
+
+
 @pytest.mark.parametrize("B", [3, 8])
 def test_afmoe_routing_weights_gathered_by_the_top_k_ids(B):
     """AFMoE's router picks its experts by top-k of the biased sigmoid scores and gathers the

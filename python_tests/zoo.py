@@ -178,6 +178,15 @@ def deepseek_v3():
                experts_implementation="eager", **_decoder_config())
 
 
+def llama4():
+    """Llama 4's text model: every token's copy goes to every expert, scaled by its router score
+    (sigmoid of its top-k logits, zero elsewhere), the experts one bmm; a shared expert beside.
+    Not in ZOO: its router's sigmoid runs in float32 even in a float64 model (test_moe.py)."""
+    return _hf(("Llama4TextConfig", "Llama4ForCausalLM"), num_local_experts=4, num_experts_per_tok=1,
+               intermediate_size_mlp=24, head_dim=8, interleave_moe_layer_step=1, no_rope_layers=[1, 0],
+               **{**_decoder_config(), "intermediate_size": 12})
+
+
 def mamba():
     """HF Mamba: its mixer owns A_log and D and reads dt_proj.weight itself (absorbed)."""
     return _hf(("MambaConfig", "MambaForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,

@@ -265,6 +265,17 @@ def folded_rows(x, B):
             input_numel = sizes.numel() if isinstance(sizes, torch.Tensor) else math.prod(sizes)
             input_ndim = sizes.dim() if isinstance(sizes, torch.Tensor) else len(sizes)
             stack.extend((f, nr, input_numel, input_ndim, 0) for f, nr in node.next_functions)
+        elif name in ("ScatterBackward0", "ScatterBackward1"):  # Llama 4's router: top-k values into -inf
+            # along dims other than 0, one index row per output row: row r is written from row r
+            # of src (ScatterBackward0; index-shaped, as top-k values or a gather) into row r of self
+            index = node._saved_index
+            if fold != 0 or _signed(node._saved_dim) % ndim == 0 or index.shape[0] != shape[0]:
+                return False
+            f, nr = node.next_functions[0]
+            stack.append((f, nr, numel, ndim, 0))
+            if name == "ScatterBackward0":  # src is at least index's size along every dim: equal numel, equal shape
+                f, nr = node.next_functions[1]
+                stack.append((f, nr, index.numel(), index.dim(), 0))
         elif name in _FOLD_MOVED:  # attention on folds: the fold's dim followed through
             pushed = _fold_moved_inputs(node, name, numel, ndim, fold, B)
             if pushed is None:

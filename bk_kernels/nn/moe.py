@@ -22,7 +22,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
 from ._uses import DenseUse
-from ._made import made_class
+from ._made import made_class, mixin_class
 from .families import register_layer
 from .. import ops
 
@@ -232,3 +232,65 @@ def experts_unsupported_reason(module):
 
 register_layer(None, lambda module: experts_class(type(module)), unsupported_reason=experts_unsupported_reason,
                matches=is_hf_experts)
+
+
+# Llama 4's MoE (transformers' Llama4TextMoe): every token goes to every expert, its copy for
+# expert e scaled by its router score (zero outside its top-k), the experts one bmm over
+# [E, tokens, d] (Llama4TextExperts, weights [E, d, 2p] and [E, p, d]). The block's forward runs
+# here with the experts on the path above: all of an example's tokens in each expert's group.
+
+def _is_llama4(name):
+    return lambda cls: cls.__name__ == name and cls.__module__.startswith("transformers.models.llama4.")
+
+
+class Llama4ExpertsMixin(BKLayer):
+    """Llama4TextExperts: computed by its MoE block through _bk_dense_forward, which knows where
+    its rows come from; called otherwise under an engine, its [E * tokens, d] rows hold the
+    examples in an order it cannot check, and it refuses."""
+
+    def forward(self, hidden_states):
+        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+            return super().forward(hidden_states)
+        raise self._bk_layout_error(hidden_states, 0, why=(
+            "Llama 4's experts take every token's copy for each expert ([experts * tokens, d]) and are "
+            "book-kept only when their Llama4TextMoe block calls them; nothing was recorded and no budget spent"))
+
+    def _bk_dense_forward(self, hidden, scores):
+        """sum over experts e of experts_e(hidden * scores[:, e]): hidden [N, d] rows (checked
+        against the batch), scores [N, E]."""
+        rows = self._bk_examples(hidden, 0, fold_rows=True)  # [B, N/B, d] when folded
+        B = rows.shape[0]
+        if scores.requires_grad and rows.dim() == 3 and \
+                self._bk_examples(scores, 0, fold_rows=True).shape[:2] != rows.shape[:2]:
+            raise self._bk_layout_error(scores, 0)
+        E, N = self.num_experts, hidden.shape[0]
+        per_example = max(1, N // max(1, B))
+        expert_of_row = torch.arange(E, device=hidden.device).repeat_interleave(N)
+        example_of_row = (torch.arange(N, device=hidden.device) // per_example).repeat(E)
+        routing = Routing([N] * E, expert_of_row, example_of_row, B)
+        routed_in = hidden.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)  # as transformers' block
+        gate, up = _ExpertsLinearFn.apply(routed_in, self.gate_up_proj, None, self, routing, True).chunk(2, dim=-1)
+        out = _ExpertsLinearFn.apply(up * self.act_fn(gate), self.down_proj, None, self, routing, True)
+        return out.view(E, N, -1).sum(0)
+
+
+class Llama4MoeMixin(BKLayer):
+    """Llama4TextMoe's forward (transformers 5), its routed experts through _bk_dense_forward."""
+
+    _bk_swap_without_parameters = True  # its Parameters are its children's
+
+    def forward(self, hidden_states):
+        experts = self.experts
+        if in_plain_forward() or not isinstance(experts, Llama4ExpertsMixin) or experts._bk_layout() is None or \
+                not experts._bk_trains():
+            return super().forward(hidden_states)
+        hidden = hidden_states.reshape(-1, self.hidden_dim)
+        router_scores, router_logits = self.router(hidden)
+        out = self.shared_expert(hidden)
+        out.add_(experts._bk_dense_forward(hidden, router_scores))
+        return out, router_logits
+
+
+register_layer(None, lambda module: mixin_class(type(module), Llama4ExpertsMixin),
+               matches=_is_llama4("Llama4TextExperts"))
+register_layer(None, lambda module: mixin_class(type(module), Llama4MoeMixin), matches=_is_llama4("Llama4TextMoe"))
