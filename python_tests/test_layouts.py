@@ -508,6 +508,11 @@ def test_folded_rows_through_a_router():
     scores = torch.sigmoid(F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT))))
     picked = scores.gather(1, (scores + torch.randn(5, dtype=DT)).topk(2, dim=1).indices)
     assert folded_rows(picked / picked.sum(-1, keepdim=True), 2)
+    # MiniMax-M3's shared expert: a clamped SwiGLU on chunks of one projection; slices of the features
+    gate, up = F.linear(_rows(), nn.Parameter(torch.randn(6, 4, dtype=DT))).chunk(2, dim=-1)
+    glu = gate.clamp(max=0.5) * torch.sigmoid(gate * 1.7)
+    assert folded_rows((up.clamp(min=-0.5, max=0.5) + 1.0) * glu, 2)
+    assert folded_rows(torch.exp(gate[..., 1:]).pow(2) + up.split([1, 2], dim=-1)[1].abs(), 2)
     # Llama 4's router: the top-k logits scattered into -inf, then a sigmoid
     logits = F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT)))
     top = logits.topk(2, dim=1)
@@ -524,6 +529,8 @@ def test_folded_rows_refuses_what_mixes_rows():
     assert not folded_rows(rows.gather(0, torch.randint(0, 6, (6, 5))), 2)  # along the rows
     assert not folded_rows(rows.gather(1, torch.zeros(4, 2, dtype=torch.long)), 2)  # 4 of 6 rows: k changes
     assert not folded_rows(torch.zeros(6, 5, dtype=DT).scatter(0, torch.randint(0, 6, (6, 5)), rows), 2)
+    assert not folded_rows(rows.chunk(2, dim=0)[0].repeat(2, 1), 2)  # the first example's rows twice
+    assert not folded_rows(rows[2:].exp(), 2)  # a slice of the rows: out row 1 is example 1's first row
     halves = F.linear(_rows(), nn.Parameter(torch.randn(4, 4, dtype=DT))).reshape(12, 2)  # row r: half of row r // 2
     assert not folded_rows(torch.zeros(6, 5, dtype=DT).scatter(1, torch.zeros(6, 2, dtype=torch.long), halves), 2)
     logits = F.linear(_rows(), weight)

@@ -228,6 +228,22 @@ def test_llama4_moe_under_verify(B, frozen):
     assert [t for _, t, _ in report.generic_modules] == ["Llama4TextRMSNorm"] * len(report.generic_modules)
 
 
+def test_minimax_m3_clamped_swiglu_shared_expert_under_verify():
+    """MiniMax-M3's shared expert runs a clamped SwiGLU on the chunks of one projection of the
+    [tokens, d] rows (chunk, clamp, sigmoid): its down projection was refused as rows folded in
+    an unknown order until folded_rows followed chunks along the features and the clamps."""
+    config = transformers.AutoConfig.for_model(
+        "minimax_m3_vl_text", vocab_size=64, hidden_size=16, intermediate_size=8, dense_intermediate_size=24,
+        shared_intermediate_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        rotary_dim=4, num_local_experts=4, num_experts_per_tok=2, mlp_layer_types=["dense", "sparse"],
+        layer_types=["full_attention"] * 2, max_position_embeddings=32, swiglu_limit=0.5, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    report = bk.verify(model, lambda m, b: m(input_ids=b[0], labels=b[0]).loss, (torch.randint(0, 64, (3, 8)),))
+    assert report.ok, str(report)
+    assert {t for _, t, _ in report.generic_modules} <= {"MiniMaxM3VLRMSNorm", "MiniMaxM3VLTopKRouter"}
+
+
 def test_llama4_experts_called_outside_their_block_are_refused():
     model = bk.convert(zoo.llama4())
     engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=1.0, max_grad_norm=1.0)

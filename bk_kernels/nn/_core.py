@@ -190,7 +190,11 @@ class _RefusedAtBackward(torch.autograd.Function):
 _ROW_WISE_NODES = frozenset(
     f"{op}Backward{v}" for op in ("Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Elu", "LeakyRelu", "Hardtanh",
                                   "Hardswish", "Mish", "Softplus", "NativeDropout", "Clone", "ToCopy", "Neg",
-                                  "Add", "Sub", "Mul", "Div") for v in (0, 1))
+                                  "Add", "Sub", "Mul", "Div") for v in (0, 1)) | frozenset(
+    # one-operand elementwise maps (a SwiGLU's clamps, exp/log/pow of a row's values)
+    f"{op}Backward0" for op in ("ClampMin", "ClampMax", "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Rsqrt", "Pow",
+                                "Abs", "Sin", "Cos", "Erf", "LogSigmoid", "Reciprocal", "Hardsigmoid")) | {
+    "ClampBackward1"}
 # Of _ROW_WISE_NODES, the tensor-tensor ops, whose operands may be broadcast (the *Backward1
 # nodes are the tensor-scalar ops: one operand, of the output's shape)
 _BINARY_OPS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
@@ -199,7 +203,10 @@ _VIEW_NODES = frozenset({"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBa
 # top-k and renormalisation): node name -> where the input's sizes are read.
 _ROW_WISE_ALONG = {"SoftmaxBackward0": "_saved_result", "LogSoftmaxBackward0": "_saved_result",
                    "TopkBackward0": "_saved_self_sym_sizes", "SumBackward1": "_saved_self_sym_sizes",
-                   "MeanBackward1": "_saved_self_sym_sizes", "GatherBackward0": "_saved_self"}
+                   "MeanBackward1": "_saved_self_sym_sizes", "GatherBackward0": "_saved_self",
+                   # a chunk, split or slice of the features (gate_up.chunk(2, -1), x[..., :d])
+                   "SplitBackward0": "_saved_self_sym_sizes", "SplitWithSizesBackward0": "_saved_self_sym_sizes",
+                   "SliceBackward0": "_saved_self_sym_sizes"}
 # x @ W with W a Parameter (a linear map of the rows; a frozen router's F.linear): node name ->
 # (the index in next_functions of the rows operand, of W)
 _ROWS_TIMES_WEIGHT = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}
