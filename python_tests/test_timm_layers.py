@@ -263,3 +263,20 @@ def test_resmlp_affine_and_block_and_hgnet_learnable_affine_are_exact_on_the_fus
             p.uniform_(-1, 1)
     converted = assert_exact_on_the_fused_path(model, torch.randn(4, 5, 3, dtype=DT))
     assert isinstance(converted.block, bk.nn.BKLayer) and isinstance(converted.block.norm1, bk.nn.BKLayer)
+
+
+def test_csatv2_spatial_attention_mixing_the_examples_is_refused():
+    """timm's CSATv2 (1.0.x) unbinds its spatial attention's q, k, v as [B, N] and takes q @ k^T: a
+    [B, B] product over the batch. Its outputs stay apart (the block's LayerNorm(1) makes q, k, v
+    constants) but its gradients do not: bk.verify found per-example norms 13 off. bk.convert now
+    probes the block with bk.verify once and refuses it, naming the cause; nothing changes."""
+    from timm.models.csatv2 import SpatialTransformerBlock
+    from bk_kernels.nn.attention import _exact_per_example
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), SpatialTransformerBlock())
+    with pytest.raises(bk.UnsupportedModuleError, match="mixes the examples"):
+        bk.convert(model)
+    assert type(model[0]) is nn.Conv2d and type(model[1]) is SpatialTransformerBlock
+    assert not _exact_per_example(SpatialTransformerBlock(), (1, 7, 7))
+    assert _exact_per_example(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GELU(), nn.Conv2d(2, 1, 1)), (1, 7, 7))

@@ -5,6 +5,7 @@ through the BK linear map (one use for self-attention; three uses of disjoint ro
 when query, key and value differ), out_proj is a bk.nn.Linear, and the attention itself is
 ordinary autograd (it has no parameters).
 """
+import copy
 import inspect
 import math
 import re
@@ -606,3 +607,42 @@ def _source(fn):
 
 
 register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)
+
+
+
+_PROBING = []  # set while a probe's own bk.verify converts the module under test
+
+
+def _exact_per_example(module, shape, B=3):
+    """Whether bk's per-example gradients of module, on a random [B, *shape] input and a
+    squared random functional of its output, match one backward per example (bk.verify on a
+    copy, run once at conversion). Values alone do not show a module that mixes the examples'
+    gradients while its outputs stay apart."""
+    if _PROBING:
+        return True
+    from ..verify import verify
+
+    _PROBING.append(module)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(B, *shape, generator=generator, dtype=torch.float64)
+        weights = torch.randn(math.prod(shape), generator=generator, dtype=torch.float64)
+        copied = copy.deepcopy(module).to("cpu")
+        return verify(copied, lambda m, b: (m(b).flatten(1) @ weights).square().mean(), x).ok
+    finally:
+        _PROBING.pop()
+
+
+def _csatv2_spatial_reason(module):
+    # timm's CSATv2 SpatialTransformerBlock (timm 1.0.x) unbinds q, k, v as [B, N] and takes
+    # q @ k^T: a [B, B] product over the batch, so every example's output depends on every row
+    if not _exact_per_example(module, (1, 7, 7)):
+        return ("its spatial attention mixes the examples of the batch (q and k are [B, N], so q @ k^T is a [B, B] "
+                "product over the batch; bk.verify of this block on a probe did not match one backward per "
+                "example): no per-example gradient exists, so it cannot be trained with DP-SGD. Freeze its "
+                "Parameters and the layers before it, or fix its attention to [B, N, N]")
+    return None
+
+
+register_layer(None, None, unsupported_reason=_csatv2_spatial_reason,
+               matches=lambda cls: cls.__module__ == "timm.models.csatv2" and cls.__name__ == "SpatialTransformerBlock")
