@@ -91,11 +91,13 @@ def test_generic_path_modules_are_listed():
     assert {t for _, t, _ in bk.generic_modules(bk.convert(llama))} == {"LlamaRMSNorm"}
 
 
-@pytest.mark.parametrize("name", ["hf_convnextv2", "timm_convnextv2", "timm_bit", "timm_nf_resnet", "falcon", "falcon_new"])
+@pytest.mark.parametrize("name", ["hf_convnextv2", "timm_convnextv2", "timm_bit", "timm_nf_resnet", "falcon", "falcon_new",
+                                  "timm_maxvit", "timm_maxvit_rmlp", "timm_coatnet"])
 def test_convnextv2_and_weight_standardized_models_have_no_generic_module(name):
     """ConvNeXt-V2's Global Response Norm (bk.nn.scale and shift) and the weight-standardized
     convolutions of BiT and NF-ResNet (bk's Conv2d) were each recomputed per example before, as
-    was every FalconLinear (nn.Linear with its own forward: 99.9% of a Falcon's Parameters)."""
+    was every FalconLinear (nn.Linear with its own forward: 99.9% of a Falcon's Parameters).
+    MaxViT's and CoAtNet's attention (relative position bias by table or MLP) were refused."""
     assert bk.generic_modules(bk.convert(_build(name)[0])) == []
 
 

@@ -2,6 +2,8 @@
 (TensorFlow "SAME" padding computed per input size), FastViT's LayerScale2d, GroupNorm and
 GroupNorm1, the weight-standardized convolutions (StdConv2d, ScaledStdConv2d and their SAME
 variants), each against the per-example loop."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -280,3 +282,27 @@ def test_csatv2_spatial_attention_mixing_the_examples_is_refused():
     assert type(model[0]) is nn.Conv2d and type(model[1]) is SpatialTransformerBlock
     assert not _exact_per_example(SpatialTransformerBlock(), (1, 7, 7))
     assert _exact_per_example(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GELU(), nn.Conv2d(2, 1, 1)), (1, 7, 7))
+
+
+def test_maxvit_bias_mlp_dropout_keeps_the_batch_mask():
+    """MaxViT-rmlp's relative position MLP has dropout (timm: 0.125). The bias is made once per
+    forward for the whole batch; its per-example gradients come from that forward's own graph,
+    so with nothing clipped and no noise the update is the plain model's gradient under the same
+    random draws (a recompute of the bias would draw another mask)."""
+    model = timm.create_model("maxvit_rmlp_pico_rw_256", pretrained=False, num_classes=3, img_size=64)
+    model = bk.replace_batchnorm(model).to(torch.float64).train()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False  # timm's own non-fused path draws as bk's does
+    assert any(type(m).__name__ == "RelPosMlp" and m.mlp.drop1.p > 0 for m in model.modules())
+    x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 2])
+    plain = copy.deepcopy(model)
+    torch.manual_seed(7)
+    F.cross_entropy(plain(x), y).backward()
+    private = bk.convert(model)
+    engine = bk.PrivacyEngine(private, batch_size=2, sample_size=20, noise_multiplier=0.0, max_grad_norm=1e9)
+    torch.manual_seed(7)
+    F.cross_entropy(private(x), y).backward()
+    for (name, p), q in zip(private.named_parameters(), plain.parameters()):
+        # p.grad holds the sum of the (unclipped) per-example gradients until the step divides by B
+        assert torch.allclose(p.grad, 2 * q.grad, rtol=1e-9, atol=1e-12), name

@@ -226,6 +226,24 @@ def timm_vit():
                              depth=2, num_heads=2, num_classes=3, init_values=1e-1).to(DT)
 
 
+def timm_maxvit(name="maxvit_pico_rw_256"):
+    """timm's MaxViT / CoAtNet (maxxvit.py; BatchNorm replaced): attention on window and grid
+    partitions ([B * windows, h, w, C]) or on whole maps (CoAtNet's Attention2d), each with a
+    relative position bias: a table (rw), TF's einsum lookups (tf) or an MLP (rmlp). The bias
+    MLP's dropout (0.125) is set to 0 here only because the one-backward-per-example reference
+    draws a mask per example, where the batch draws one (bk keeps the batch's mask)."""
+    import timm
+
+    import bk_kernels as bk
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, img_size=64)
+    for module in model.modules():
+        if type(module).__name__ == "RelPosMlp":
+            module.mlp.drop1.p = 0.0
+    return bk.replace_batchnorm(model).to(DT)
+
+
 def timm_swin(version="swin_tiny_patch4_window7_224"):
     """timm Swin (v1 or v2): window attention on [B * windows, N, C] windows. 32 x 32 images, 4 x 4
     patches and windows of 2 x 2: 16 windows per image at stage 0, and 4 at stage 1 (whose second
@@ -509,6 +527,9 @@ ZOO = {
     "timm_coat": (timm_coat, classify_images, lambda B: image_batch(B, size=32)),
     "timm_coat_lite": (lambda: timm_coat(parallel_depth=0), classify_images, lambda B: image_batch(B, size=32)),
     "timm_convnext": (timm_convnext, classify_images, lambda B: image_batch(B, size=32)),
+    "timm_maxvit": (timm_maxvit, classify_images, lambda B: image_batch(B, size=64)),
+    "timm_maxvit_rmlp": (lambda: timm_maxvit("maxvit_rmlp_pico_rw_256"), classify_images, lambda B: image_batch(B, size=64)),
+    "timm_coatnet": (lambda: timm_maxvit("coatnet_pico_rw_224"), classify_images, lambda B: image_batch(B, size=64)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),

@@ -610,6 +610,126 @@ register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)
 
 
 
+class _GetBias(torch.nn.Module):
+    """owner.get_bias() as a forward, for torch.func.functional_call with the owner's Parameters."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def forward(self):
+        return self.owner.get_bias()
+
+
+class _SharedBiasFn(torch.autograd.Function):
+    """scores [k*B, H, N, N] + owner.get_bias(), a bias made from owner's Parameters alone (timm's
+    RelPosBias, RelPosBiasTf, RelPosMlp: a table lookup, an einsum of one-hot lookups, an MLP on
+    fixed coordinates), the same for every window of every example. Example b's gradients of
+    those Parameters: the vector-Jacobian product of get_bias at the sum of b's k windows' score
+    gradients, batched over the examples through the bias's own graph, kept from the forward (so
+    a dropout inside, RelPosMlp's, keeps its mask; nothing of the attention is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, scores, layer, owner, k, names, *params):
+        ctx.layer, ctx.k, ctx.params = layer, k, params  # the Parameters themselves, for the engine
+        ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores plus a constant
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in params]
+            bias = torch.func.functional_call(_GetBias(owner), {"owner." + n: t for n, t in zip(names, leaves)}, ())
+        ctx.graph = (bias, leaves)
+        return scores + bias.detach().to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        bias, leaves = ctx.graph
+        del ctx.graph
+        summed = g.view(-1, ctx.k, *g.shape[1:]).sum(1)  # [B, H, N, N]: each example's windows
+        per_bias = summed.reshape(summed.shape[0], *bias.shape).to(bias.dtype)
+        if per_bias.shape[0]:
+            with torch.enable_grad():
+                per_example = torch.autograd.grad(bias, leaves, per_bias, is_grads_batched=True, allow_unused=True)
+        else:  # no examples: nothing to book-keep
+            per_example = [None] * len(leaves)
+        per_example = [torch.zeros(per_bias.shape[0], *p.shape, dtype=p.dtype, device=p.device) if grads is None else
+                       grads for p, grads in zip(leaves, per_example)]
+        uses = [(p, DenseUse(grads)) for p, grads in zip(ctx.params, per_example)]
+        if ctx.layer._bk_hand_off(uses):
+            return (g, None, None, None, None) + (None,) * len(leaves)
+        return (g, None, None, None, None) + tuple(grads.sum(0) for grads in per_example)
+
+
+def _add_shared_bias(layer, scores, owner, windows):
+    """scores + owner.get_bias(), the owner's trained Parameters book-kept per example."""
+    trained = [(n, p) for n, p in owner.named_parameters() if p.requires_grad]
+    if not trained:
+        return scores + owner.get_bias().to(scores.dtype)
+    names, params = zip(*trained)
+    return _SharedBiasFn.apply(scores, layer, owner, windows, names, *params)
+
+
+class _TimmMaxxvitAttention(BKLayer):
+    """timm's MaxViT / CoAtNet attention (maxxvit.py: AttentionCl on [B * windows, ..., C] window
+    or grid partitions, Attention2d on [B, C, H, W]): timm's non-fused forward, with the relative
+    position bias (rel_pos: a table, TF's einsum lookups or an MLP, absorbed) added by
+    _SharedBiasFn. timm's fused path reads rel_pos.get_bias() outside any module's forward (an
+    ordinary gradient) and its proj could not prove the fold through the attention; here the
+    output is laid out [B, windows * N, C] for proj."""
+
+    _bk_absorb = ("rel_pos",)
+    _bk_swap_without_parameters = True
+
+    def _bk_absorbed_modules(self):
+        return [self.rel_pos] if self.rel_pos is not None else []
+
+    def _bk_owned_parameters(self):
+        return list(self.rel_pos.parameters()) if self.rel_pos is not None else []
+
+    def forward(self, x, shared_rel_pos=None):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(x, shared_rel_pos)
+        channels_last = type(self).__name__ == "AttentionCl"
+        B_ = x.shape[0]
+        windows = _windows_per_example(self, x, layout.batch) if channels_last else 1
+        if channels_last:  # timm's AttentionCl, non-fused
+            restore_shape = x.shape[:-1]
+            if self.head_first:
+                q, k, v = self.qkv(x).view(B_, -1, self.num_heads, self.dim_head * 3).transpose(1, 2).chunk(3, dim=3)
+            else:
+                q, k, v = self.qkv(x).reshape(B_, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+        else:  # timm's Attention2d, non-fused
+            _, _, H, W = x.shape
+            if self.head_first:
+                q, k, v = self.qkv(x).view(B_, self.num_heads, self.dim_head * 3, -1).chunk(3, dim=2)
+            else:
+                q, k, v = self.qkv(x).reshape(B_, 3, self.num_heads, self.dim_head, -1).unbind(1)
+            attn = (q * self.scale).transpose(-2, -1) @ k
+        if self.rel_pos is not None:
+            attn = _add_shared_bias(self, attn, self.rel_pos, windows)
+        elif shared_rel_pos is not None:
+            attn = attn + shared_rel_pos
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        if channels_last:
+            # each window's output is its own (x's fold is proven above): laid out [B, windows * N, C]
+            out = (attn @ v).transpose(1, 2).reshape(B_ // windows, -1, self.num_heads * self.dim_head)
+            return self.proj_drop(self.proj(out)).reshape(restore_shape + (-1,))
+        return self.proj_drop(self.proj((v @ attn.transpose(-2, -1)).view(B_, -1, H, W)))
+
+
+def _timm_maxxvit_attention_class(module):
+    if not _takes(type(module), "forward", ["x", "shared_rel_pos"]) or not all(hasattr(module, a) for a in (
+            "qkv", "proj", "rel_pos", "head_first", "num_heads", "dim_head", "scale", "attn_drop", "proj_drop")) or \
+            (module.rel_pos is not None and not callable(getattr(module.rel_pos, "get_bias", None))):
+        return None
+    return mixin_class(type(module), _TimmMaxxvitAttention)
+
+
+register_layer(None, _timm_maxxvit_attention_class,
+               matches=lambda cls: cls.__module__ == "timm.models.maxxvit" and cls.__name__ in ("AttentionCl",
+                                                                                                   "Attention2d"))
+
 _PROBING = []  # set while a probe's own bk.verify converts the module under test
 
 
