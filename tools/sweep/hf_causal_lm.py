@@ -1,0 +1,98 @@
+"""One transformers causal-LM class, shrunk to a tiny config, under bk.verify: prints one JSON
+line (model, whether it built, the verify report or the error, the generic-path modules and
+their share of the trained Parameters).
+
+    python tools/sweep/hf_causal_lm.py MODEL_TYPE [B] [key=json ...]   (e.g. llama4_text 4)
+    bash tools/sweep/run.sh hf OUT.jsonl    every class of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+Session 13's sweep (README, "Supported models"). A build failure is our shrinking's (a config
+the class does not accept), not bk's; pass key=value overrides to fix one.
+"""
+import json, sys, time, traceback, warnings
+warnings.filterwarnings("ignore")
+import torch, transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as M
+import bk_kernels as bk
+torch.set_num_threads(1)
+name = sys.argv[1]
+B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+T = 8
+SIZES = dict(hidden_size=32, d_model=32, n_embd=32, n_embed=32, intermediate_size=64, ffn_dim=64, n_inner=64, d_ff=64,
+             moe_intermediate_size=32, shared_expert_intermediate_size=32, expert_intermediate_size=32,
+             num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64, n_positions=64,
+             num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+             encoder_layers=2, decoder_layers=2, num_layers=2, n_layer=2, num_hidden_layers=2,
+             encoder_ffn_dim=64, decoder_ffn_dim=64, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=8, sliding_window=4, attention_window=4,
+             n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+def shrink(cfg, depth=0):
+    for k, v in SIZES.items():
+        if hasattr(cfg, k) and not isinstance(getattr(cfg, k), (list, dict)) and getattr(cfg, k) is not None:
+            try: setattr(cfg, k, v)
+            except Exception: pass
+    lt = getattr(cfg, "layer_types", None)
+    if isinstance(lt, list) and lt:
+        kinds = list(dict.fromkeys(lt))
+        if len(kinds) == 1: kinds = kinds * 2
+        cfg.layer_types = kinds
+        for a in ("num_hidden_layers", "num_layers"):
+            if hasattr(cfg, a): setattr(cfg, a, len(kinds))
+    for a in ("dropout", "attention_dropout", "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob",
+              "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout", "classifier_dropout"):
+        if isinstance(getattr(cfg, a, None), float): setattr(cfg, a, 0.0)
+    if hasattr(cfg, "use_cache"): cfg.use_cache = False
+    for sub in ("text_config", "decoder", "encoder"):
+        s = getattr(cfg, sub, None)
+        if s is not None and hasattr(s, "to_dict") and depth < 2: shrink(s, depth + 1)
+    return cfg
+out = dict(model=name, B=B)
+t0 = time.time()
+try:
+    base = AutoConfig.for_model(name)
+    d = base.to_dict()
+    kw = {k: v for k, v in SIZES.items() if k in d and d[k] is not None and not isinstance(d[k], (list, dict))}
+    for k in ("hidden_size_per_layer_input", "global_head_dim"):
+        if d.get(k): kw[k] = 8
+    if d.get("vocab_size_per_layer_input"): kw["vocab_size_per_layer_input"] = 96
+    if isinstance(d.get("layer_types"), list):
+        kinds = list(dict.fromkeys(d["layer_types"])); kinds = kinds * 2 if len(kinds) == 1 else kinds
+        kw["layer_types"] = kinds
+        for a in ("num_hidden_layers", "num_layers"):
+            if a in d: kw[a] = len(kinds)
+    if "qk_rope_head_dim" in d and d["qk_rope_head_dim"]:
+        kw.update(qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4)
+    for extra in sys.argv[3:]:
+        k, v = extra.split("="); kw[k] = json.loads(v)
+    try:
+        cfg = type(base)(**kw)
+    except Exception as e:
+        out["ctor_error"] = str(e)[:200]
+        cfg = shrink(AutoConfig.for_model(name))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.train()
+    vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else 96
+    ids = torch.randint(3, min(vocab, 96), (B, T))
+    def loss_fn(m, batch):
+        (ids,) = batch
+        o = m(input_ids=ids, labels=ids, use_cache=False) if "use_cache" in m.forward.__code__.co_varnames else m(input_ids=ids, labels=ids)
+        return o.loss
+    out["params"] = sum(p.numel() for p in model.parameters())
+    loss_fn(model, (ids,)).backward(); model.zero_grad(set_to_none=True)
+    loss_fn(model, (ids[:1],))
+except Exception as e:
+    out.update(stage="build", error=f"{type(e).__name__}: {str(e)[:300]}")
+    print(json.dumps(out)); sys.exit(0)
+try:
+    r = bk.verify(model, loss_fn, (ids,))
+    out.update(stage="verify", ok=bool(r.ok) if hasattr(r, "ok") else None, report=str(r)[:600])
+    gm = bk.generic_modules(bk.convert(model))  # the model is converted after the check
+    out["generic"] = sorted({t for _, t, _ in gm})
+    out["generic_share"] = round(sum(n for *_, n in gm) / max(1, sum(p.numel() for p in model.parameters() if p.requires_grad)), 3)
+except Exception as e:
+    tb = traceback.format_exc()
+    out.update(stage="verify", error=f"{type(e).__name__}: {str(e)[:600]}", where=tb.strip().splitlines()[-3][:200] if len(tb.splitlines()) > 3 else "")
+out["s"] = round(time.time() - t0, 1)
+print(json.dumps(out))

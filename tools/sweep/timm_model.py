@@ -1,0 +1,49 @@
+"""One timm model (random weights, BatchNorms replaced, 64 x 64 where it takes an image size)
+under bk.verify: prints one JSON line, as hf_causal_lm.py.
+
+    python tools/sweep/timm_model.py MODEL_NAME [B]
+    python tools/sweep/timm_pick.py              the smallest model of each timm module -> timm_picks.json
+    bash tools/sweep/run.sh timm OUT.jsonl       every pick
+"""
+import json, sys, time, traceback, warnings
+warnings.filterwarnings("ignore")
+import torch, timm
+import torch.nn.functional as F
+import bk_kernels as bk
+torch.set_num_threads(1)
+name = sys.argv[1]; B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+out = dict(model=name, B=B); t0 = time.time()
+try:
+    torch.manual_seed(0)
+    kw = dict(pretrained=False, num_classes=3)
+    m = None
+    for extra in (dict(img_size=64), dict(img_size=(64, 64)), {}):
+        try:
+            m = timm.create_model(name, **kw, **extra); used = extra; break
+        except Exception: continue
+    if m is None: m = timm.create_model(name, **kw); used = {}
+    m = m.double()
+    if any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules()):
+        m = bk.replace_batchnorm(m); out["bn_replaced"] = True
+    cfg = m.pretrained_cfg if hasattr(m, "pretrained_cfg") else {}
+    size = 64 if used else cfg.get("input_size", (3, 224, 224))[-1]
+    chans = cfg.get("input_size", (3,))[0] if cfg else 3
+    x = torch.randn(B, chans, size, size, dtype=torch.float64); y = torch.randint(0, 3, (B,))
+    m.train()
+    def loss_fn(model, b):
+        o = model(b[0]); o = o[0] if isinstance(o, (tuple, list)) else o
+        return F.cross_entropy(o, b[1])
+    loss_fn(m, (x, y)).backward(); m.zero_grad(set_to_none=True)
+    out["size"] = size; out["params"] = sum(p.numel() for p in m.parameters())
+except Exception as e:
+    out.update(stage="build", error=f"{type(e).__name__}: {str(e)[:300]}"); print(json.dumps(out)); sys.exit(0)
+try:
+    r = bk.verify(m, loss_fn, (x, y))
+    out.update(stage="verify", ok=bool(r.ok), report=str(r)[:300])
+    gm = bk.generic_modules(bk.convert(m))
+    out["generic"] = sorted({t for _, t, _ in gm})
+    out["generic_share"] = round(sum(n for *_, n in gm) / max(1, sum(p.numel() for p in m.parameters() if p.requires_grad)), 3)
+except Exception as e:
+    out.update(stage="verify", error=f"{type(e).__name__}: {str(e)[:600]}")
+out["s"] = round(time.time() - t0, 1)
+print(json.dumps(out))
