@@ -313,6 +313,58 @@ class _TimmWindowAttention(BKLayer):
         return self.proj_drop(self.proj(x))
 
 
+class _TimmWindowAttentionV2(BKLayer):
+    """timm's Swin-V2 WindowAttention: cosine attention with a per-head logit scale (_LogitScaleFn)
+    and a continuous position bias, an MLP on fixed coordinates (cpb_mlp, absorbed: _SharedBiasFn);
+    q_bias / v_bias through shifts. The qkv and proj run as the bk Linear layers they are, on the
+    windows laid out [B, windows * N, C] (their fold proven by folded_rows), so nothing is
+    recomputed per example (before: the whole window attention took the generic path)."""
+
+    _bk_absorb = ("cpb_mlp",)
+    _bk_swap_without_parameters = True
+
+    def _bk_absorbed_modules(self):
+        return [self.cpb_mlp]
+
+    def _bk_owned_parameters(self):
+        return list(self.parameters(recurse=False)) + list(self.cpb_mlp.parameters())
+
+    def _bk_position_bias(self, cpb_mlp):
+        # timm's: 16 * sigmoid of the MLP's table, looked up by relative position, [H, N, N]
+        N = self.window_size[0] * self.window_size[1]
+        table = cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        return 16 * torch.sigmoid(table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+
+    def forward(self, x, mask=None):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(x, mask)
+        B_, N, C = x.shape
+        windows = _windows_per_example(self, x, layout.batch)
+        rows = x.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        qkv = self.qkv(rows) if self.q_bias is None else _qkv_with_biases(self, rows)
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        most = math.log(1.0 / 0.01)
+        if self.logit_scale.requires_grad:
+            attn = _LogitScaleFn.apply(attn, self.logit_scale, self, windows, most)
+        else:
+            attn = attn * torch.clamp(self.logit_scale, max=most).exp()
+        attn = _add_shared_bias(self, attn, self.cpb_mlp, windows, self._bk_position_bias)
+        attn = self.attn_drop(self.softmax(_add_shift_mask(attn, mask)))
+        out = (attn @ v).transpose(1, 2).reshape(B_ // windows, windows * N, C)
+        return self.proj_drop(self.proj(out)).view(B_, N, -1)
+
+
+def _timm_window_attention_v2_class(module):
+    if not _takes(type(module), "forward", ["x", "mask"]) or not all(hasattr(module, a) for a in (
+            "qkv", "q_bias", "k_bias", "v_bias", "logit_scale", "cpb_mlp", "relative_coords_table",
+            "relative_position_index", "window_size", "num_heads", "proj", "softmax", "attn_drop", "proj_drop")):
+        return None
+    return mixin_class(type(module), _TimmWindowAttentionV2)
+
+
 def _windows_per_example(layer, x, B):
     """k of x's [k*B, N, C] windows, proven folded from the examples (refused otherwise)."""
     if x.shape[0] != B and not (B and x.shape[0] % B == 0 and folded_rows(x, B)):
@@ -383,6 +435,10 @@ def _window_attention_class(module):
     on the relative coordinates too, whose input holds no examples)."""
     if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer":
         fused = _timm_window_attention_class(module)  # timm's v1: bk's own
+        if fused is not None:
+            return fused
+    if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer_v2":
+        fused = _timm_window_attention_v2_class(module)  # timm's v2: bk's own
         if fused is not None:
             return fused
     if type(module).__name__ == "SwinAttention" and type(module).__module__ == "transformers.models.swin.modeling_swin":
@@ -610,32 +666,33 @@ register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)
 
 
 
-class _GetBias(torch.nn.Module):
-    """owner.get_bias() as a forward, for torch.func.functional_call with the owner's Parameters."""
+class _BiasOf(torch.nn.Module):
+    """make_bias(owner) as a forward, for torch.func.functional_call with the owner's Parameters."""
 
-    def __init__(self, owner):
+    def __init__(self, owner, make_bias):
         super().__init__()
-        self.owner = owner
+        self.owner, self.make_bias = owner, make_bias
 
     def forward(self):
-        return self.owner.get_bias()
+        return self.make_bias(self.owner)
 
 
 class _SharedBiasFn(torch.autograd.Function):
-    """scores [k*B, H, N, N] + owner.get_bias(), a bias made from owner's Parameters alone (timm's
+    """scores [k*B, H, N, N] + make_bias(owner), a bias made from owner's Parameters alone (timm's
     RelPosBias, RelPosBiasTf, RelPosMlp: a table lookup, an einsum of one-hot lookups, an MLP on
-    fixed coordinates), the same for every window of every example. Example b's gradients of
-    those Parameters: the vector-Jacobian product of get_bias at the sum of b's k windows' score
-    gradients, batched over the examples through the bias's own graph, kept from the forward (so
-    a dropout inside, RelPosMlp's, keeps its mask; nothing of the attention is recomputed)."""
+    fixed coordinates; Swin-V2's continuous position MLP), the same for every window of every
+    example. Example b's gradients of those Parameters: the vector-Jacobian product of the bias
+    at the sum of b's k windows' score gradients, batched over the examples through the bias's
+    own graph, kept from the forward (so a dropout inside, RelPosMlp's, keeps its mask; nothing
+    of the attention is recomputed)."""
 
     @staticmethod
-    def forward(ctx, scores, layer, owner, k, names, *params):
+    def forward(ctx, scores, layer, bias_of, names, k, *params):
         ctx.layer, ctx.k, ctx.params = layer, k, params  # the Parameters themselves, for the engine
         ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores plus a constant
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_() for p in params]
-            bias = torch.func.functional_call(_GetBias(owner), {"owner." + n: t for n, t in zip(names, leaves)}, ())
+            bias = torch.func.functional_call(bias_of, {"owner." + n: t for n, t in zip(names, leaves)}, ())
         ctx.graph = (bias, leaves)
         return scores + bias.detach().to(scores.dtype)
 
@@ -658,13 +715,40 @@ class _SharedBiasFn(torch.autograd.Function):
         return (g, None, None, None, None) + tuple(grads.sum(0) for grads in per_example)
 
 
-def _add_shared_bias(layer, scores, owner, windows):
-    """scores + owner.get_bias(), the owner's trained Parameters book-kept per example."""
+def _add_shared_bias(layer, scores, owner, windows, make_bias=lambda owner: owner.get_bias()):
+    """scores + make_bias(owner), the owner's trained Parameters book-kept per example."""
     trained = [(n, p) for n, p in owner.named_parameters() if p.requires_grad]
     if not trained:
-        return scores + owner.get_bias().to(scores.dtype)
+        return scores + make_bias(owner).to(scores.dtype)
     names, params = zip(*trained)
-    return _SharedBiasFn.apply(scores, layer, owner, windows, names, *params)
+    return _SharedBiasFn.apply(scores, layer, _BiasOf(owner, make_bias), names, windows, *params)
+
+
+class _LogitScaleFn(torch.autograd.Function):
+    """scores [k*B, H, N, N] * exp(min(logit_scale, most)), logit_scale [H, 1, 1] (Swin-V2's cosine
+    attention). Example b's gradient: the sum over its k windows and the N x N scores of
+    g * scores, per head, times the scale's derivative (zero where clamped, as torch.clamp's)."""
+
+    @staticmethod
+    def forward(ctx, scores, logit_scale, layer, k, most):
+        ctx.layer, ctx.k, ctx.most, ctx.logit_scale = layer, k, most, logit_scale
+        ctx.save_for_backward(scores)
+        ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores, scaled
+        return scores * torch.clamp(logit_scale, max=most).exp().to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scores,) = ctx.saved_tensors
+        logit_scale = ctx.logit_scale
+        factor = torch.clamp(logit_scale, max=ctx.most).exp()
+        acc = accumulation_dtype(g.dtype)
+        per_head = (g.to(acc) * scores.to(acc)).view(-1, ctx.k, *g.shape[1:]).sum((1, 3, 4))  # [B, H]
+        derivative = (factor * (logit_scale <= ctx.most)).to(acc).view(1, -1)
+        per_example = (per_head * derivative).view(per_head.shape[0], *logit_scale.shape)
+        grad_scores = g * factor.to(g.dtype)
+        if ctx.layer._bk_hand_off([(logit_scale, DenseUse(per_example))]):
+            return grad_scores, None, None, None, None
+        return grad_scores, per_example.sum(0).to(logit_scale.dtype), None, None, None
 
 
 class _TimmMaxxvitAttention(BKLayer):
@@ -682,7 +766,8 @@ class _TimmMaxxvitAttention(BKLayer):
         return [self.rel_pos] if self.rel_pos is not None else []
 
     def _bk_owned_parameters(self):
-        return list(self.rel_pos.parameters()) if self.rel_pos is not None else []
+        return list(self.parameters(recurse=False)) + (list(self.rel_pos.parameters()) if self.rel_pos is not None
+                                                       else [])
 
     def forward(self, x, shared_rel_pos=None):
         layout = self._bk_layout()
