@@ -168,7 +168,7 @@ def test_timm_beit_has_no_generic_module(frozen):
     assert report.ok, str(report)
 
 
-@pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2"])
+@pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2", "hf_swinv2"])
 @pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
 def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
     """Swin (v1)'s window attention, timm's and transformers', adds its relative position bias
@@ -176,7 +176,7 @@ def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
     windows) and its projections are bk Linears on the windows folded from the examples: no
     per-example recompute. B = 16 is the first stage's window count (its shift mask [16, N, N]
     then has the batch's size). transformers' eager attention takes its softmax in float32.
-    timm's Swin-V2 (session 13; the generic path before): its per-head logit scale through a
+    timm's and transformers' Swin-V2 (session 13; the generic path before): its per-head logit scale through a
     Function of its own, its position MLP's bias through the vector-Jacobian products of that
     MLP at each example's summed score gradients; frozen: the MLP and the logit scale."""
     import torch.nn.functional as F
@@ -190,9 +190,10 @@ def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
         for m in model.modules():
             if hasattr(m, "relative_position_bias_table"):
                 m.relative_position_bias_table.requires_grad_(False)
-            if hasattr(m, "cpb_mlp"):
-                m.cpb_mlp.requires_grad_(False)
-                m.logit_scale.requires_grad_(False)
+            for mlp in ("cpb_mlp", "continuous_position_bias_mlp"):
+                if hasattr(m, mlp):
+                    getattr(m, mlp).requires_grad_(False)
+                    m.logit_scale.requires_grad_(False)
     assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
     inputs = make_batch(batch)
     logits = (lambda m, x: m(x)) if name.startswith("timm") else (lambda m, x: m(pixel_values=x).logits)

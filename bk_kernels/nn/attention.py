@@ -313,6 +313,22 @@ class _TimmWindowAttention(BKLayer):
         return self.proj_drop(self.proj(x))
 
 
+def _logit_scaled(layer, scores, logit_scale, windows):
+    """Swin-V2's cosine scores times exp(min(logit_scale, log 100)), book-kept per example."""
+    most = math.log(1.0 / 0.01)
+    if logit_scale.requires_grad:
+        return _LogitScaleFn.apply(scores, logit_scale, layer, windows, most)
+    return scores * torch.clamp(logit_scale, max=most).exp()
+
+
+def _continuous_position_bias(mlp, coords_table, position_index, window_size, heads):
+    """Swin-V2's bias: 16 * sigmoid of the MLP's table of relative coordinates, looked up by
+    relative position, [heads, N, N] (timm's and transformers' code alike)."""
+    N = window_size[0] * window_size[1]
+    table = mlp(coords_table).view(-1, heads)
+    return 16 * torch.sigmoid(table[position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+
+
 class _TimmWindowAttentionV2(BKLayer):
     """timm's Swin-V2 WindowAttention: cosine attention with a per-head logit scale (_LogitScaleFn)
     and a continuous position bias, an MLP on fixed coordinates (cpb_mlp, absorbed: _SharedBiasFn);
@@ -330,10 +346,8 @@ class _TimmWindowAttentionV2(BKLayer):
         return list(self.parameters(recurse=False)) + list(self.cpb_mlp.parameters())
 
     def _bk_position_bias(self, cpb_mlp):
-        # timm's: 16 * sigmoid of the MLP's table, looked up by relative position, [H, N, N]
-        N = self.window_size[0] * self.window_size[1]
-        table = cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
-        return 16 * torch.sigmoid(table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
+        return _continuous_position_bias(cpb_mlp, self.relative_coords_table, self.relative_position_index,
+                                         self.window_size, self.num_heads)
 
     def forward(self, x, mask=None):
         layout = self._bk_layout()
@@ -346,15 +360,62 @@ class _TimmWindowAttentionV2(BKLayer):
         qkv = self.qkv(rows) if self.q_bias is None else _qkv_with_biases(self, rows)
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        most = math.log(1.0 / 0.01)
-        if self.logit_scale.requires_grad:
-            attn = _LogitScaleFn.apply(attn, self.logit_scale, self, windows, most)
-        else:
-            attn = attn * torch.clamp(self.logit_scale, max=most).exp()
+        attn = _logit_scaled(self, attn, self.logit_scale, windows)
         attn = _add_shared_bias(self, attn, self.cpb_mlp, windows, self._bk_position_bias)
         attn = self.attn_drop(self.softmax(_add_shift_mask(attn, mask)))
         out = (attn @ v).transpose(1, 2).reshape(B_ // windows, windows * N, C)
         return self.proj_drop(self.proj(out)).view(B_, N, -1)
+
+
+class _HFSwinV2SelfAttention(BKLayer):
+    """transformers' Swinv2SelfAttention: the same cosine attention as timm's v2 (query/key/value
+    Linears, logit scale, continuous position MLP absorbed), its forward written out with both
+    Functions; its context laid out [B, windows, N, C] and viewed back, so the output Linear after
+    it (Swinv2SelfOutput) reads the fold. transformers adds the shift mask twice; so does this."""
+
+    _bk_absorb = ("continuous_position_bias_mlp",)
+    _bk_swap_without_parameters = True
+
+    def _bk_absorbed_modules(self):
+        return [self.continuous_position_bias_mlp]
+
+    def _bk_owned_parameters(self):
+        return list(self.parameters(recurse=False)) + list(self.continuous_position_bias_mlp.parameters())
+
+    def _bk_position_bias(self, mlp):
+        return _continuous_position_bias(mlp, self.relative_coords_table, self.relative_position_index,
+                                         self.window_size, self.num_attention_heads)
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        B_, N, C = hidden_states.shape
+        windows = _windows_per_example(self, hidden_states, layout.batch)
+        rows = hidden_states.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        shape = (B_, N, self.num_attention_heads, self.attention_head_size)
+        q, k, v = (proj(rows).reshape(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        scores = _logit_scaled(self, scores, self.logit_scale, windows)
+        scores = _add_shared_bias(self, scores, self.continuous_position_bias_mlp, windows, self._bk_position_bias)
+        if attention_mask is not None:  # as transformers: the mask added twice
+            mask = attention_mask.unsqueeze(1).unsqueeze(0)
+            heads = self.num_attention_heads
+            scores = (scores.view(B_ // attention_mask.shape[0], attention_mask.shape[0], heads, N, N) + mask + mask)
+            scores = scores.view(-1, heads, N, N)
+        probs = self.dropout(F.softmax(scores, dim=-1))
+        context = (probs @ v).permute(0, 2, 1, 3).reshape(B_ // windows, windows, N, -1).view(B_, N, -1)
+        return (context, probs) if output_attentions else (context,)
+
+
+def _hf_swinv2_self_attention_class(module):
+    if not _takes(type(module), "forward", ["hidden_states", "attention_mask", "output_attentions"]) or not all(
+            hasattr(module, a) for a in ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp",
+                                         "relative_coords_table", "relative_position_index", "window_size",
+                                         "num_attention_heads", "attention_head_size", "dropout")):
+        return None
+    return mixin_class(type(module), _HFSwinV2SelfAttention)
 
 
 def _timm_window_attention_v2_class(module):
@@ -437,6 +498,12 @@ def _window_attention_class(module):
         fused = _timm_window_attention_class(module)  # timm's v1: bk's own
         if fused is not None:
             return fused
+    if type(module).__module__ == "transformers.models.swinv2.modeling_swinv2":
+        if type(module).__name__ == "Swinv2SelfAttention" and _hf_swinv2_self_attention_class(module) is not None:
+            return _hf_swinv2_self_attention_class(module)  # transformers' v2: bk's own
+        if type(module).__name__ == "Swinv2Attention" and _hf_swinv2_self_attention_class(module.self) is not None \
+                and not any(p.requires_grad for p in module.parameters(recurse=False)):
+            return None  # its children convert as usual: the self-attention above, the output Linear
     if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer_v2":
         fused = _timm_window_attention_v2_class(module)  # timm's v2: bk's own
         if fused is not None:
