@@ -2,6 +2,7 @@
 forward (it mixes the examples: found silently training with wrong clip factors before), one in
 eval mode is exact, and bk.replace_batchnorm swaps BatchNorm for GroupNorm."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -138,3 +139,21 @@ def test_norm_layers_feed_an_inplace_relu(norm):
     model = conv_net(norm)
     model[2] = nn.ReLU(inplace=True)
     assert_exact(model, batch())
+
+
+def test_a_group_norm_of_one_value_per_group_warns_once():
+    """A BatchNorm on pooled [B, C, 1, 1] features (ResNeSt's, ReXNet's, SK-ResNet's gates) swapped
+    by replace_batchnorm normalizes one value per group: its output is its bias whatever the input.
+    bk's GroupNorm says so once (the model trains, but not as it did with the BatchNorm)."""
+    model = bk.convert(bk.replace_batchnorm(nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2))))
+    bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=0.0, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="one value per group") as record:
+        model(torch.randn(2, 3, 6, 6))
+        model(torch.randn(2, 3, 6, 6))
+    assert len([w for w in record if "one value per group" in str(w.message)]) == 1
+    spatial = bk.convert(bk.replace_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))))
+    bk.PrivacyEngine(spatial, batch_size=2, sample_size=20, noise_multiplier=0.0, max_grad_norm=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spatial(torch.randn(2, 3, 6, 6))

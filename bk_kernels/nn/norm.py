@@ -6,6 +6,7 @@ Normalisation is computed in float32 for 16-bit inputs (as torch does) and float
 """
 import functools
 import math
+import warnings
 
 import torch
 
@@ -143,7 +144,15 @@ class _ChannelGroupNorm(BKLayer):
     def _bk_normalize(self, x, weight, bias):
         """(y, (mean, rstd) [N, G]) by torch's fused group norm, affine included."""
         bx = self._bk_batched(x)
-        y, mean, rstd = torch.native_group_norm(bx, weight, bias, *self._bk_sizes(bx), self.eps)
+        sizes = self._bk_sizes(bx)
+        if sizes[0] and sizes[1] // sizes[3] * sizes[2] == 1 and "_bk_warned_one_value" not in self.__dict__:
+            self.__dict__["_bk_warned_one_value"] = True
+            warnings.warn(
+                f"bk: {type(self).__name__} normalizes one value per group (input {tuple(x.shape)}, {sizes[3]} groups): its "
+                "output is its bias, whatever the input. A BatchNorm on pooled [B, C, 1, 1] features (a squeeze-and-"
+                "excitation gate) swapped by bk.replace_batchnorm does this; replace it by hand (or pass a smaller "
+                "groups=) to keep what it did", stacklevel=2)
+        y, mean, rstd = torch.native_group_norm(bx, weight, bias, *sizes, self.eps)
         return (y if y.shape == x.shape else y.view(x.shape)), (mean, rstd)
 
     def _bk_grad_input(self, g, x, xhat, stats, weight):
