@@ -378,3 +378,58 @@ def test_parametrized_layers_are_exact(kind):
     inputs = {"x": torch.randn(5, 3, 7, dtype=DT), "y": torch.randint(0, 3, (5,))}
     assert len(bk.generic_modules(bk.convert(copy.deepcopy(model)))) == 2
     check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+_TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+@pytest.mark.parametrize("n,shape", [(1, (5, 4, 7)), (2, (5, 4, 5, 6)), (3, (3, 4, 3, 4, 3)), (2, (1, 4, 3, 3))])
+@pytest.mark.parametrize("config", [dict(stride=2, padding=1, output_padding=1, groups=2),
+                                    dict(stride=1, padding=0),
+                                    dict(stride=3, padding=2, dilation=2, output_padding=2, bias=False)])
+def test_transposed_convolutions(n, shape, config, mode):
+    """ConvTranspose1d/2d/3d on the BK path (session 13; the generic path before): example b's
+    weight gradient is the weight gradient of the adjoint convolution conv(g_b, W) with output
+    gradient x_b, so the convolution's norms and clipped sums serve with x and g swapped."""
+    torch.manual_seed(n)
+    model = nn.Sequential(_TRANSPOSED[n](4, 6, 3, **config), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).to(DT)
+    x = torch.randn(*shape, dtype=DT)
+    model(x)
+    assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+    inputs = {"x": x, "y": torch.randint(0, 3, (shape[0],))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu", mode=mode)
+
+
+def test_transposed_convolution_output_size_and_bias_only():
+    """forward(x, output_size) picks the output padding (a U-Net's decoder matching its skip);
+    with the weight frozen only the bias trains, and no input is kept for the weight."""
+    torch.manual_seed(4)
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.head = nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1).to(DT), nn.Linear(2 * 7 * 8, 3).to(DT)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.up(x, output_size=(7, 8))).flatten(1))
+
+    inputs = {"x": torch.randn(4, 3, 4, 4, dtype=DT), "y": torch.randint(0, 3, (4,))}
+    check_model(Up(), classification_loss, inputs, style="layer-wise", backend="cpu")
+    frozen = Up()
+    frozen.up.weight.requires_grad_(False)
+    check_model(frozen, classification_loss, inputs, style="all-layer", backend="cpu")
+
+
+def test_transposed_convolution_output_padding_not_below_the_stride_is_refused():
+    """torch allows an output padding below the dilation instead: then the adjoint convolution
+    would not have the input's size. Refused in the forward, before anything is recorded."""
+    model = nn.Sequential(nn.ConvTranspose1d(2, 2, 3, stride=1, dilation=2, output_padding=1), nn.Flatten(),
+                          nn.LazyLinear(2)).to(DT)
+    x = torch.randn(3, 2, 5, dtype=DT)
+    model(x)
+    model = bk.convert(model)
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(bk.UnsupportedLayoutError, match="output_padding"):
+        model(x)
+    assert engine.steps == 0

@@ -3,7 +3,7 @@ state_dict) whose backward book-keeps for the privacy engine instead of forming 
 gradients. bk.convert(model) swaps them in place."""
 from ._core import BKLayer, in_plain_forward, plain_forward
 from .attention import GenericMultiheadAttention, MultiheadAttention
-from .conv import Conv1d, Conv2d, Conv3d
+from .conv import Conv1d, Conv2d, Conv3d, ConvTranspose1d, ConvTranspose2d, ConvTranspose3d
 from . import std_conv  # noqa: F401  (register timm's weight-standardized convolutions)
 from .embedding import Embedding
 from .embedding_bag import EmbeddingBag
@@ -21,6 +21,9 @@ __all__ = [
     "Conv1d",
     "Conv2d",
     "Conv3d",
+    "ConvTranspose1d",
+    "ConvTranspose2d",
+    "ConvTranspose3d",
     "Embedding",
     "EmbeddingBag",
     "GenericLayer",

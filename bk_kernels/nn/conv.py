@@ -127,3 +127,82 @@ for _torch_class, _bk_class in ((torch.nn.Conv1d, Conv1d), (torch.nn.Conv2d, Con
     register_layer(_torch_class, _bk_class)
 register_layer(None, lambda module: _timm_conv2d_same_class(type(module)),
                matches=lambda cls: cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm."))
+
+
+# Transposed convolutions. y = conv_transpose(x, W) is the adjoint of conv(., W) in its input, so
+# example b's weight gradient is the weight gradient of conv(g_b, W) with output gradient x_b:
+# the convolution's use with x and g swapped (W [C_in, C_out / groups, *k] is that convolution's
+# [out, in / groups, *k]). With output_padding below the stride, conv(g) has x's spatial size.
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _ConvTransposeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, output_padding):
+        ctx.layer, ctx.weight, ctx.bias, ctx.output_padding = layer, weight, bias, output_padding
+        x = autocast_input(x)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.x_shape = x.shape
+        return _CONV_TRANSPOSE[x.dim() - 2](x, weight, bias, layer.stride, layer.padding, output_padding,
+                                            layer.groups, layer.dilation)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        layer, param, bias = ctx.layer, ctx.weight, ctx.bias
+        x_or_shape = x if x is not None else g.new_empty(()).expand(ctx.x_shape)
+        conv_args = (list(layer.stride), list(layer.padding), list(layer.dilation), True, list(ctx.output_padding),
+                     layer.groups)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(g, x_or_shape, weight.to(g.dtype), None, *conv_args,
+                                                         [True, False, False])[0]
+        uses = []
+        if x is not None:  # the adjoint convolution's use: its input g, its output gradient x
+            uses.append((param, ConvUse(g, x, tuple(weight.shape), layer.stride, layer.padding, layer.dilation,
+                                        layer.groups)))
+        if bias is not None and bias.requires_grad:
+            uses.append((bias, DenseUse(g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype)))))
+        if layer._bk_hand_off(uses):
+            return grad_x, None, None, None, None
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, x_or_shape, weight.to(g.dtype), [bias.shape[0]] if bias is not None else None, *conv_args,
+            [False, x is not None, bias is not None and ctx.needs_input_grad[2]])
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, None
+
+
+class _ConvTransposeMixin(BKLayer):
+    def forward(self, x, output_size=None):
+        if in_plain_forward():
+            return super().forward(x, output_size)
+        n = len(self.kernel_size)
+        unbatched = x.dim() == n + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, n,
+                                              self.dilation)
+        if any(p >= s for p, s in zip(output_padding, self.stride)):
+            raise self._bk_layout_error(x, 0, why=(
+                f"its output_padding {tuple(output_padding)} is not below its stride {self.stride}: the adjoint "
+                "convolution that gives its per-example gradients would not have its input's size; nothing was "
+                "recorded and no budget was spent"))
+        y = _ConvTransposeFn.apply(self._bk_examples(x, 0), self.weight, self.bias, self, tuple(output_padding))
+        return y.squeeze(0) if unbatched else y
+
+
+class ConvTranspose1d(_ConvTransposeMixin, torch.nn.ConvTranspose1d):
+    pass
+
+
+class ConvTranspose2d(_ConvTransposeMixin, torch.nn.ConvTranspose2d):
+    pass
+
+
+class ConvTranspose3d(_ConvTransposeMixin, torch.nn.ConvTranspose3d):
+    pass
+
+
+for _torch_class, _bk_class in ((torch.nn.ConvTranspose1d, ConvTranspose1d), (torch.nn.ConvTranspose2d, ConvTranspose2d),
+                                (torch.nn.ConvTranspose3d, ConvTranspose3d)):
+    register_layer(_torch_class, _bk_class, unsupported_reason=lambda m: (
+        f"padding_mode {m.padding_mode!r} (only 'zeros')" if m.padding_mode != "zeros" else None))
