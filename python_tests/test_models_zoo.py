@@ -168,7 +168,7 @@ def test_timm_beit_has_no_generic_module(frozen):
     assert report.ok, str(report)
 
 
-@pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2", "hf_swinv2"])
+@pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2", "hf_swinv2", "timm_swinv2_cr"])
 @pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
 def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
     """Swin (v1)'s window attention, timm's and transformers', adds its relative position bias
@@ -190,7 +190,7 @@ def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):
         for m in model.modules():
             if hasattr(m, "relative_position_bias_table"):
                 m.relative_position_bias_table.requires_grad_(False)
-            for mlp in ("cpb_mlp", "continuous_position_bias_mlp"):
+            for mlp in ("cpb_mlp", "continuous_position_bias_mlp", "meta_mlp"):
                 if hasattr(m, mlp):
                     getattr(m, mlp).requires_grad_(False)
                     m.logit_scale.requires_grad_(False)

@@ -254,6 +254,19 @@ def timm_swin(version="swin_tiny_patch4_window7_224"):
                              depths=(1, 2), num_heads=(1, 2), num_classes=3, drop_path_rate=0.0).to(DT)
 
 
+def timm_swinv2_cr():
+    """timm's Swin-V2-CR: the same windows as timm_swin; its meta MLP's dropout (0.125) set to 0 for
+    the one-backward-per-example reference (which would draw a mask per example)."""
+    import timm
+
+    model = timm.create_model("swinv2_cr_tiny_ns_224", pretrained=False, img_size=32, window_size=2, embed_dim=8,
+                              depths=(1, 2), num_heads=(1, 2), num_classes=3, drop_path_rate=0.0).to(DT)
+    for module in model.modules():
+        if hasattr(module, "meta_mlp"):
+            module.meta_mlp.drop1.p = 0.0
+    return model
+
+
 def hf_swin(config="SwinConfig", model="SwinForImageClassification"):
     """HF Swin (v1 or v2), the same sizes as timm_swin."""
     return _hf((config, model), image_size=32, patch_size=4, embed_dim=8, depths=[1, 2], num_heads=[2, 2],
@@ -532,6 +545,7 @@ ZOO = {
     "timm_coatnet": (lambda: timm_maxvit("coatnet_pico_rw_224"), classify_images, lambda B: image_batch(B, size=64)),
     "timm_swin": (timm_swin, classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
+    "timm_swinv2_cr": (timm_swinv2_cr, classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnextv2": (hf_convnextv2, classify_pixels, lambda B: image_batch(B, size=32)),

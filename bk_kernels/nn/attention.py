@@ -318,7 +318,7 @@ def _logit_scaled(layer, scores, logit_scale, windows):
     most = math.log(1.0 / 0.01)
     if logit_scale.requires_grad:
         return _LogitScaleFn.apply(scores, logit_scale, layer, windows, most)
-    return scores * torch.clamp(logit_scale, max=most).exp()
+    return scores * torch.clamp(logit_scale, max=most).exp().view(-1, 1, 1)
 
 
 def _continuous_position_bias(mlp, coords_table, position_index, window_size, heads):
@@ -418,6 +418,49 @@ def _hf_swinv2_self_attention_class(module):
     return mixin_class(type(module), _HFSwinV2SelfAttention)
 
 
+class _TimmWindowAttentionV2Cr(BKLayer):
+    """timm's Swin-V2-CR WindowMultiHeadAttention: cosine attention with a per-head logit scale
+    ([H]) and a meta MLP on fixed log coordinates (absorbed; its dropout keeps the batch's mask),
+    through the same Functions as timm's v2; qkv and proj as bk Linears on [B, windows * N, C]."""
+
+    _bk_absorb = ("meta_mlp",)
+    _bk_swap_without_parameters = True
+
+    def _bk_absorbed_modules(self):
+        return [self.meta_mlp]
+
+    def _bk_owned_parameters(self):
+        return list(self.parameters(recurse=False)) + list(self.meta_mlp.parameters())
+
+    def _bk_position_bias(self, meta_mlp):
+        area = self.window_size[0] * self.window_size[1]
+        return meta_mlp(self.relative_coordinates_log).transpose(1, 0).reshape(self.num_heads, area, area)
+
+    def forward(self, x, mask=None):
+        layout = self._bk_layout()
+        if in_plain_forward() or layout is None or layout.batch is None or \
+                not any(p.requires_grad for p in self.parameters()):
+            return super().forward(x, mask)
+        B_, N, C = x.shape
+        windows = _windows_per_example(self, x, layout.batch)
+        rows = x.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        q, k, v = self.qkv(rows).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = _logit_scaled(self, F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1),
+                             self.logit_scale, windows)
+        attn = _add_shared_bias(self, attn, self.meta_mlp, windows, self._bk_position_bias)
+        attn = self.attn_drop(_add_shift_mask(attn, mask).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(B_ // windows, windows * N, C)
+        return self.proj_drop(self.proj(out)).view(B_, N, -1)
+
+
+def _timm_window_attention_v2_cr_class(module):
+    if not _takes(type(module), "forward", ["x", "mask"]) or not all(hasattr(module, a) for a in (
+            "qkv", "proj", "logit_scale", "meta_mlp", "relative_coordinates_log", "window_size", "num_heads",
+            "attn_drop", "proj_drop")):
+        return None
+    return mixin_class(type(module), _TimmWindowAttentionV2Cr)
+
+
 def _timm_window_attention_v2_class(module):
     if not _takes(type(module), "forward", ["x", "mask"]) or not all(hasattr(module, a) for a in (
             "qkv", "q_bias", "k_bias", "v_bias", "logit_scale", "cpb_mlp", "relative_coords_table",
@@ -504,6 +547,11 @@ def _window_attention_class(module):
         if type(module).__name__ == "Swinv2Attention" and _hf_swinv2_self_attention_class(module.self) is not None \
                 and not any(p.requires_grad for p in module.parameters(recurse=False)):
             return None  # its children convert as usual: the self-attention above, the output Linear
+    if type(module).__name__ == "WindowMultiHeadAttention" and \
+            type(module).__module__ == "timm.models.swin_transformer_v2_cr":
+        fused = _timm_window_attention_v2_cr_class(module)  # timm's v2-cr: bk's own
+        if fused is not None:
+            return fused
     if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer_v2":
         fused = _timm_window_attention_v2_class(module)  # timm's v2: bk's own
         if fused is not None:
@@ -792,8 +840,8 @@ def _add_shared_bias(layer, scores, owner, windows, make_bias=lambda owner: owne
 
 
 class _LogitScaleFn(torch.autograd.Function):
-    """scores [k*B, H, N, N] * exp(min(logit_scale, most)), logit_scale [H, 1, 1] (Swin-V2's cosine
-    attention). Example b's gradient: the sum over its k windows and the N x N scores of
+    """scores [k*B, H, N, N] * exp(min(logit_scale, most)), logit_scale [H, 1, 1] or [H] (Swin-V2's
+    cosine attention, timm's v2 and v2-cr). Example b's gradient: the sum over its k windows and the N x N scores of
     g * scores, per head, times the scale's derivative (zero where clamped, as torch.clamp's)."""
 
     @staticmethod
@@ -801,7 +849,7 @@ class _LogitScaleFn(torch.autograd.Function):
         ctx.layer, ctx.k, ctx.most, ctx.logit_scale = layer, k, most, logit_scale
         ctx.save_for_backward(scores)
         ctx._bk_row_wise_input = (0, scores.numel())  # row r of the output is row r of scores, scaled
-        return scores * torch.clamp(logit_scale, max=most).exp().to(scores.dtype)
+        return scores * torch.clamp(logit_scale, max=most).exp().to(scores.dtype).view(-1, 1, 1)
 
     @staticmethod
     def backward(ctx, g):
@@ -812,7 +860,7 @@ class _LogitScaleFn(torch.autograd.Function):
         per_head = (g.to(acc) * scores.to(acc)).view(-1, ctx.k, *g.shape[1:]).sum((1, 3, 4))  # [B, H]
         derivative = (factor * (logit_scale <= ctx.most)).to(acc).view(1, -1)
         per_example = (per_head * derivative).view(per_head.shape[0], *logit_scale.shape)
-        grad_scores = g * factor.to(g.dtype)
+        grad_scores = g * factor.to(g.dtype).view(-1, 1, 1)
         if ctx.layer._bk_hand_off([(logit_scale, DenseUse(per_example))]):
             return grad_scores, None, None, None, None
         return grad_scores, per_example.sum(0).to(logit_scale.dtype), None, None, None
