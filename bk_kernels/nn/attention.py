@@ -313,6 +313,19 @@ class _TimmWindowAttention(BKLayer):
         return self.proj_drop(self.proj(x))
 
 
+class _AbsorbingAttention(BKLayer):
+    """A bk attention that book-keeps the Parameters of the children named in _bk_absorb (a
+    relative position table or MLP) as its own: they stay unconverted."""
+
+    _bk_swap_without_parameters = True  # frozen own Parameters: its children's still book-kept here
+
+    def _bk_absorbed_modules(self):
+        return [m for m in (getattr(self, name) for name in self._bk_absorb) if m is not None]
+
+    def _bk_owned_parameters(self):
+        return list(self.parameters(recurse=False)) + [p for m in self._bk_absorbed_modules() for p in m.parameters()]
+
+
 def _logit_scaled(layer, scores, logit_scale, windows):
     """Swin-V2's cosine scores times exp(min(logit_scale, log 100)), book-kept per example."""
     most = math.log(1.0 / 0.01)
@@ -329,7 +342,20 @@ def _continuous_position_bias(mlp, coords_table, position_index, window_size, he
     return 16 * torch.sigmoid(table[position_index.view(-1)].view(N, N, -1).permute(2, 0, 1))
 
 
-class _TimmWindowAttentionV2(BKLayer):
+def _window_rows(layer, x):
+    """(windows per example, x's [k*B, N, C] windows laid out [B, k * N, C]) for a bk window
+    attention under an engine with a trained Parameter (the fold of x proven or refused); None
+    otherwise, when the module's own forward runs."""
+    layout = layer._bk_layout()
+    if in_plain_forward() or layout is None or layout.batch is None or \
+            not any(p.requires_grad for p in layer.parameters()):
+        return None
+    B_, N, C = x.shape
+    windows = _windows_per_example(layer, x, layout.batch)
+    return windows, x.reshape(B_ // windows, windows * N, C)
+
+
+class _TimmWindowAttentionV2(_AbsorbingAttention):
     """timm's Swin-V2 WindowAttention: cosine attention with a per-head logit scale (_LogitScaleFn)
     and a continuous position bias, an MLP on fixed coordinates (cpb_mlp, absorbed: _SharedBiasFn);
     q_bias / v_bias through shifts. The qkv and proj run as the bk Linear layers they are, on the
@@ -337,26 +363,15 @@ class _TimmWindowAttentionV2(BKLayer):
     recomputed per example (before: the whole window attention took the generic path)."""
 
     _bk_absorb = ("cpb_mlp",)
-    _bk_swap_without_parameters = True
-
-    def _bk_absorbed_modules(self):
-        return [self.cpb_mlp]
-
-    def _bk_owned_parameters(self):
-        return list(self.parameters(recurse=False)) + list(self.cpb_mlp.parameters())
 
     def _bk_position_bias(self, cpb_mlp):
         return _continuous_position_bias(cpb_mlp, self.relative_coords_table, self.relative_position_index,
                                          self.window_size, self.num_heads)
 
     def forward(self, x, mask=None):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (laid_out := _window_rows(self, x)) is None:
             return super().forward(x, mask)
-        B_, N, C = x.shape
-        windows = _windows_per_example(self, x, layout.batch)
-        rows = x.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        (B_, N, C), (windows, rows) = x.shape, laid_out
         qkv = self.qkv(rows) if self.q_bias is None else _qkv_with_biases(self, rows)
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
@@ -367,33 +382,22 @@ class _TimmWindowAttentionV2(BKLayer):
         return self.proj_drop(self.proj(out)).view(B_, N, -1)
 
 
-class _HFSwinV2SelfAttention(BKLayer):
+class _HFSwinV2SelfAttention(_AbsorbingAttention):
     """transformers' Swinv2SelfAttention: the same cosine attention as timm's v2 (query/key/value
     Linears, logit scale, continuous position MLP absorbed), its forward written out with both
     Functions; its context laid out [B, windows, N, C] and viewed back, so the output Linear after
     it (Swinv2SelfOutput) reads the fold. transformers adds the shift mask twice; so does this."""
 
     _bk_absorb = ("continuous_position_bias_mlp",)
-    _bk_swap_without_parameters = True
-
-    def _bk_absorbed_modules(self):
-        return [self.continuous_position_bias_mlp]
-
-    def _bk_owned_parameters(self):
-        return list(self.parameters(recurse=False)) + list(self.continuous_position_bias_mlp.parameters())
 
     def _bk_position_bias(self, mlp):
         return _continuous_position_bias(mlp, self.relative_coords_table, self.relative_position_index,
                                          self.window_size, self.num_attention_heads)
 
     def forward(self, hidden_states, attention_mask=None, output_attentions=False):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (laid_out := _window_rows(self, hidden_states)) is None:
             return super().forward(hidden_states, attention_mask, output_attentions)
-        B_, N, C = hidden_states.shape
-        windows = _windows_per_example(self, hidden_states, layout.batch)
-        rows = hidden_states.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        (B_, N, C), (windows, rows) = hidden_states.shape, laid_out
         shape = (B_, N, self.num_attention_heads, self.attention_head_size)
         q, k, v = (proj(rows).reshape(shape).transpose(1, 2) for proj in (self.query, self.key, self.value))
         scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
@@ -418,32 +422,21 @@ def _hf_swinv2_self_attention_class(module):
     return mixin_class(type(module), _HFSwinV2SelfAttention)
 
 
-class _TimmWindowAttentionV2Cr(BKLayer):
+class _TimmWindowAttentionV2Cr(_AbsorbingAttention):
     """timm's Swin-V2-CR WindowMultiHeadAttention: cosine attention with a per-head logit scale
     ([H]) and a meta MLP on fixed log coordinates (absorbed; its dropout keeps the batch's mask),
     through the same Functions as timm's v2; qkv and proj as bk Linears on [B, windows * N, C]."""
 
     _bk_absorb = ("meta_mlp",)
-    _bk_swap_without_parameters = True
-
-    def _bk_absorbed_modules(self):
-        return [self.meta_mlp]
-
-    def _bk_owned_parameters(self):
-        return list(self.parameters(recurse=False)) + list(self.meta_mlp.parameters())
 
     def _bk_position_bias(self, meta_mlp):
         area = self.window_size[0] * self.window_size[1]
         return meta_mlp(self.relative_coordinates_log).transpose(1, 0).reshape(self.num_heads, area, area)
 
     def forward(self, x, mask=None):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (laid_out := _window_rows(self, x)) is None:
             return super().forward(x, mask)
-        B_, N, C = x.shape
-        windows = _windows_per_example(self, x, layout.batch)
-        rows = x.reshape(B_ // windows, windows * N, C)  # each example's windows (the fold is proven)
+        (B_, N, C), (windows, rows) = x.shape, laid_out
         q, k, v = self.qkv(rows).view(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = _logit_scaled(self, F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1),
                              self.logit_scale, windows)
@@ -476,20 +469,13 @@ def _windows_per_example(layer, x, B):
     return x.shape[0] // B if B else 1
 
 
-class _HFSwinAttention(BKLayer):
+class _HFSwinAttention(_AbsorbingAttention):
     """transformers' SwinAttention (transformers 5: q/k/v/o Linears and a SwinRelativePositionBias
     child owning the table): the eager attention written out, with the table's bias added by
     _RelativeBiasFn (the child absorbed: its table is book-kept here) and the output laid out
     [B, windows, N, C] for o_proj, as timm's."""
 
     _bk_absorb = ("relative_position_bias",)
-    _bk_swap_without_parameters = True
-
-    def _bk_absorbed_modules(self):
-        return [self.relative_position_bias]
-
-    def _bk_owned_parameters(self):
-        return list(self.relative_position_bias.parameters())
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         layout = self._bk_layout()
@@ -866,7 +852,7 @@ class _LogitScaleFn(torch.autograd.Function):
         return grad_scores, per_example.sum(0).to(logit_scale.dtype), None, None, None
 
 
-class _TimmMaxxvitAttention(BKLayer):
+class _TimmMaxxvitAttention(_AbsorbingAttention):
     """timm's MaxViT / CoAtNet attention (maxxvit.py: AttentionCl on [B * windows, ..., C] window
     or grid partitions, Attention2d on [B, C, H, W]): timm's non-fused forward, with the relative
     position bias (rel_pos: a table, TF's einsum lookups or an MLP, absorbed) added by
@@ -875,14 +861,6 @@ class _TimmMaxxvitAttention(BKLayer):
     output is laid out [B, windows * N, C] for proj."""
 
     _bk_absorb = ("rel_pos",)
-    _bk_swap_without_parameters = True
-
-    def _bk_absorbed_modules(self):
-        return [self.rel_pos] if self.rel_pos is not None else []
-
-    def _bk_owned_parameters(self):
-        return list(self.parameters(recurse=False)) + (list(self.rel_pos.parameters()) if self.rel_pos is not None
-                                                       else [])
 
     def forward(self, x, shared_rel_pos=None):
         layout = self._bk_layout()
