@@ -274,6 +274,13 @@ def hf_swin(config="SwinConfig", model="SwinForImageClassification"):
                drop_path_rate=0.0)
 
 
+def hf_bit(layer_type="preactivation"):
+    """HF BiT: weight-standardized convolutions (WeightStandardizedConv2d, dynamic "SAME" padding)
+    and BitGroupNormActivation, both on the generic path before session 13."""
+    return _hf(("BitConfig", "BitForImageClassification"), embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+               layer_type=layer_type, num_groups=2, global_padding="SAME", num_labels=3)
+
+
 def hf_convnext():
     """HF ConvNeXt: each ConvNextLayer multiplies by its layer_scale_parameter inline."""
     return _hf(("ConvNextConfig", "ConvNextForImageClassification"), num_channels=3, patch_size=4,
@@ -547,6 +554,8 @@ ZOO = {
     "timm_swinv2": (lambda: timm_swin("swinv2_tiny_window8_256"), classify_images, lambda B: image_batch(B, size=32)),
     "timm_swinv2_cr": (timm_swinv2_cr, classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_bit": (hf_bit, classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_bit_bottleneck": (lambda: hf_bit("bottleneck"), classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnextv2": (hf_convnextv2, classify_pixels, lambda B: image_batch(B, size=32)),
     "timm_convnextv2": (timm_convnextv2, classify_images, lambda B: image_batch(B, size=32)),

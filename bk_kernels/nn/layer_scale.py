@@ -244,6 +244,15 @@ class _TimmGroupNormAct(GroupNorm):
         return y if in_plain_forward() else self.act(self.drop(y))
 
 
+class _HFGroupNormActivation(GroupNorm):
+    """transformers' BitGroupNormActivation: F.group_norm of the same attributes, then its
+    activation (an Identity when it has none)."""
+
+    def forward(self, x):
+        y = super().forward(x)  # bk's GroupNorm; in a plain forward transformers' (activation included)
+        return y if in_plain_forward() else self.activation(y)
+
+
 def _timm_class(*names):
     return lambda cls: cls.__name__ in names and cls.__module__.startswith("timm.")
 
@@ -260,6 +269,9 @@ def _unless_fast_norm(mixin):
 
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
+register_layer(None, lambda module: mixin_class(type(module), _HFGroupNormActivation),
+               matches=lambda cls: cls.__name__ == "BitGroupNormActivation" and cls.__module__.startswith(
+                   "transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale2d), matches=_timm_class("LayerScale2d"))
 register_layer(None, lambda module: mixin_class(type(module), _TimmConvNeXtBlock), matches=_timm_class("ConvNeXtBlock"))
 # MetaFormer's NoBias variants: the same forwards with bias None

@@ -131,3 +131,19 @@ class _TimmStdConv(Conv2d):
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmStdConv),
                matches=lambda cls: cls.__name__ in _TIMM_CLASSES and cls.__module__.startswith("timm."))
+
+
+class _HFStdConv(_TimmStdConv):
+    """transformers' WeightStandardizedConv2d (BiT, ViT-hybrid, DPT-hybrid): timm's StdConv2d
+    arithmetic (the weight standardized by F.batch_norm over each output channel); its dynamic
+    TensorFlow "SAME" padding module, when it has one, is applied first."""
+
+    def _bk_padded(self, x):
+        if getattr(self, "pad", None) is not None:
+            x = self.pad(x)
+        return super()._bk_padded(x)
+
+
+register_layer(None, lambda module: mixin_class(type(module), _HFStdConv),
+               matches=lambda cls: cls.__name__ == "WeightStandardizedConv2d" and cls.__module__.startswith(
+                   "transformers.models."))
