@@ -168,6 +168,13 @@ def test_timm_beit_has_no_generic_module(frozen):
     assert report.ok, str(report)
 
 
+def test_hf_beit_layers_scale_without_a_recompute():
+    """HF BEiT's layers (lambda_1 / lambda_2 inline) were each recomputed per example, attention and
+    MLP included; now only the relative position tables' lookups and the embeddings are."""
+    generic = {t for _, t, _ in bk.generic_modules(bk.convert(_build("hf_beit")[0]))}
+    assert generic == {"BeitEmbeddings", "BeitRelativePositionBias"}
+
+
 @pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2", "hf_swinv2", "timm_swinv2_cr"])
 @pytest.mark.parametrize("batch,frozen_table", [(4, False), (16, False), (4, True)])
 def test_swin_window_attention_is_a_bk_layer(name, batch, frozen_table):

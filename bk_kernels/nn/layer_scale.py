@@ -14,7 +14,7 @@ from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
 from ._made import mixin_class
-from .families import register_layer
+from .families import GENERIC, register_layer
 from .norm import GroupNorm, LayerNorm
 
 
@@ -244,6 +244,45 @@ class _TimmGroupNormAct(GroupNorm):
         return y if in_plain_forward() else self.act(self.drop(y))
 
 
+class _HFBeitLayer(BKLayer):
+    """transformers' BeitLayer (and Data2VecVisionLayer, its copy): its forward, with the inline
+    layer scales lambda_1 * h and lambda_2 * h book-kept by bk.nn.scale (before: the whole layer,
+    attention and MLP, was recomputed per example for those two vectors)."""
+
+    def _bk_scaled(self, h, lam):
+        return scale(self, h, lam, -1) if isinstance(lam, torch.nn.Parameter) else lam * h
+
+    def forward(self, hidden_states, attention_mask=None, interpolate_pos_encoding=False, resolution=None, **kwargs):
+        if in_plain_forward() or self._bk_layout() is None:
+            return super().forward(hidden_states, attention_mask, interpolate_pos_encoding, resolution, **kwargs)
+        # from here on transformers' forward (5.x), but for the two scales
+        if self.relative_position_bias is not None:
+            height, width = resolution
+            window_size = (height // self.patch_size, width // self.patch_size)
+            relative_position_bias = self.relative_position_bias(window_size, interpolate_pos_encoding,
+                                                                 dim_size=hidden_states.shape[1])
+            attention_mask = relative_position_bias + attention_mask if attention_mask is not None else \
+                relative_position_bias
+        residual = hidden_states
+        hidden_states, _ = self.attention(self.layernorm_before(hidden_states), attention_mask=attention_mask, **kwargs)
+        hidden_states = self.drop_path(self._bk_scaled(self.dropout(hidden_states), self.lambda_1)) + residual
+        residual = hidden_states
+        hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+        return self.drop_path(self._bk_scaled(hidden_states, self.lambda_2)) + residual
+
+
+def _hf_beit_layer_class(module):
+    import inspect
+
+    params = list(inspect.signature(type(module).forward).parameters)
+    if params != ["self", "hidden_states", "attention_mask", "interpolate_pos_encoding", "resolution", "kwargs"] or \
+            not all(hasattr(module, a) for a in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout",
+                                                 "drop_path", "lambda_1", "lambda_2", "relative_position_bias",
+                                                 "patch_size")):
+        return GENERIC  # another forward (Data2VecVisionLayer's older one): recomputed per example, as before
+    return mixin_class(type(module), _HFBeitLayer)
+
+
 class _HFGroupNormActivation(GroupNorm):
     """transformers' BitGroupNormActivation: F.group_norm of the same attributes, then its
     activation (an Identity when it has none)."""
@@ -269,6 +308,8 @@ def _unless_fast_norm(mixin):
 
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
+register_layer(None, _hf_beit_layer_class, matches=lambda cls: cls.__name__ in ("BeitLayer", "Data2VecVisionLayer")
+               and cls.__module__.startswith("transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _HFGroupNormActivation),
                matches=lambda cls: cls.__name__ == "BitGroupNormActivation" and cls.__module__.startswith(
                    "transformers.models."))
