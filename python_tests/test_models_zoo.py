@@ -92,7 +92,8 @@ def test_generic_path_modules_are_listed():
 
 
 @pytest.mark.parametrize("name", ["hf_convnextv2", "timm_convnextv2", "timm_bit", "timm_nf_resnet", "falcon", "falcon_new",
-                                  "timm_maxvit", "timm_maxvit_rmlp", "timm_coatnet", "hf_bit", "hf_bit_bottleneck"])
+                                  "timm_maxvit", "timm_maxvit_rmlp", "timm_coatnet", "hf_bit", "hf_bit_bottleneck",
+                                  "hf_poolformer"])
 def test_convnextv2_and_weight_standardized_models_have_no_generic_module(name):
     """ConvNeXt-V2's Global Response Norm (bk.nn.scale and shift) and the weight-standardized
     convolutions of BiT and NF-ResNet (bk's Conv2d) were each recomputed per example before, as

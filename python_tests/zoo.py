@@ -290,6 +290,12 @@ def hf_beit(relative=True):
                use_mean_pooling=True)
 
 
+def hf_poolformer():
+    """HF PoolFormer: each PoolFormerLayer scales its two branches by layer_scale_1/2 inline."""
+    return _hf(("PoolFormerConfig", "PoolFormerForImageClassification"), hidden_sizes=[8, 16], depths=[1, 1],
+               patch_sizes=[4, 2], strides=[4, 2], padding=[1, 0], num_encoder_blocks=2, num_labels=3)
+
+
 def hf_convnext():
     """HF ConvNeXt: each ConvNextLayer multiplies by its layer_scale_parameter inline."""
     return _hf(("ConvNextConfig", "ConvNextForImageClassification"), num_channels=3, patch_size=4,
@@ -564,6 +570,7 @@ ZOO = {
     "timm_swinv2_cr": (timm_swinv2_cr, classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_beit": (hf_beit, classify_pixels, image_batch),
+    "hf_poolformer": (hf_poolformer, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_bit": (hf_bit, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_bit_bottleneck": (lambda: hf_bit("bottleneck"), classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),

@@ -283,6 +283,21 @@ def _hf_beit_layer_class(module):
     return mixin_class(type(module), _HFBeitLayer)
 
 
+class _HFPoolFormerLayer(BKLayer):
+    """transformers' PoolFormerLayer: its forward, with the inline per-channel layer scales
+    (layer_scale_1/2 [C] on [B, C, H, W]) book-kept by bk.nn.scale along dim 1 (before: the whole
+    layer recomputed per example)."""
+
+    def forward(self, hidden_states):
+        if in_plain_forward() or self._bk_layout() is None or not self.use_layer_scale:
+            return super().forward(hidden_states)
+        # from here on transformers' forward (5.x), but for the two scales
+        pooled = self.pooling(self.before_norm(hidden_states))
+        hidden_states = hidden_states + self.drop_path(scale(self, pooled, self.layer_scale_1, 1))
+        layer_output = self.output(self.after_norm(hidden_states))
+        return (hidden_states + self.drop_path(scale(self, layer_output, self.layer_scale_2, 1)),)
+
+
 class _HFGroupNormActivation(GroupNorm):
     """transformers' BitGroupNormActivation: F.group_norm of the same attributes, then its
     activation (an Identity when it has none)."""
@@ -310,6 +325,8 @@ def _unless_fast_norm(mixin):
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
 register_layer(None, _hf_beit_layer_class, matches=lambda cls: cls.__name__ in ("BeitLayer", "Data2VecVisionLayer")
                and cls.__module__.startswith("transformers.models."))
+register_layer(None, lambda module: mixin_class(type(module), _HFPoolFormerLayer),
+               matches=lambda cls: cls.__name__ == "PoolFormerLayer" and cls.__module__.startswith("transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _HFGroupNormActivation),
                matches=lambda cls: cls.__name__ == "BitGroupNormActivation" and cls.__module__.startswith(
                    "transformers.models."))
