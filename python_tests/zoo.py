@@ -274,11 +274,12 @@ def hf_swin(config="SwinConfig", model="SwinForImageClassification"):
                drop_path_rate=0.0)
 
 
-def hf_bit(layer_type="preactivation"):
-    """HF BiT: weight-standardized convolutions (WeightStandardizedConv2d, dynamic "SAME" padding)
-    and BitGroupNormActivation, both on the generic path before session 13."""
+def hf_bit(layer_type="preactivation", padding="SAME"):
+    """HF BiT: weight-standardized convolutions (WeightStandardizedConv2d; "SAME": a dynamic padding
+    module, which does not pickle: transformers' DynamicPad2d holds a local function) and
+    BitGroupNormActivation, both on the generic path before session 13."""
     return _hf(("BitConfig", "BitForImageClassification"), embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-               layer_type=layer_type, num_groups=2, global_padding="SAME", num_labels=3)
+               layer_type=layer_type, num_groups=2, global_padding=padding, num_labels=3)
 
 
 def hf_beit(relative=True):
@@ -572,7 +573,7 @@ ZOO = {
     "hf_beit": (hf_beit, classify_pixels, image_batch),
     "hf_poolformer": (hf_poolformer, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_bit": (hf_bit, classify_pixels, lambda B: image_batch(B, size=32)),
-    "hf_bit_bottleneck": (lambda: hf_bit("bottleneck"), classify_pixels, lambda B: image_batch(B, size=32)),
+    "hf_bit_bottleneck": (lambda: hf_bit("bottleneck", padding=None), classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnext": (hf_convnext, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_convnextv2": (hf_convnextv2, classify_pixels, lambda B: image_batch(B, size=32)),
     "timm_convnextv2": (timm_convnextv2, classify_images, lambda B: image_batch(B, size=32)),
