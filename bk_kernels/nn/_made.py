@@ -7,6 +7,7 @@ importing bk_kernels is enough: the load makes the class again), and the made cl
 user's class name in reprs and error messages.
 """
 import copyreg
+import inspect
 
 _MADE = {}          # (factory, args) -> the class it made
 _METACLASSES = {}   # the user class's metaclass -> the metaclass of the classes made from it
@@ -22,6 +23,12 @@ def made_class(factory, args, name, bases, attrs):
         made._bk_made_by = key
         _MADE[key] = made
     return _MADE[key]
+
+
+def takes(cls, method, names):
+    """Whether cls.<method> has exactly these arguments after self: a bk mixin that copies a
+    library's forward is made only for the version whose signature it read."""
+    return list(inspect.signature(getattr(cls, method)).parameters) == ["self", *names]
 
 
 def mixin_class(cls, mixin):

@@ -17,7 +17,7 @@ from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
 from ._uses import DenseUse
-from ._made import mixin_class
+from ._made import mixin_class, takes as _takes
 from .layer_scale import scale, shift
 from .linear import linear_with
 from ..ops._norm_common import accumulation_dtype
@@ -257,11 +257,6 @@ def _add_shift_mask(scores, mask):
     return (scores.view(-1, mask.shape[0], heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, N, N)
 
 
-def _takes(cls, method, names):
-    """Whether cls.<method> has exactly these arguments after self (the forward copied here)."""
-    return list(inspect.signature(getattr(cls, method)).parameters) == ["self", *names]
-
-
 def _own(module):
     """The names of the module's own trained Parameters (not its children's)."""
     return {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -286,6 +281,17 @@ def _timm_blocks(model, blocks, x):
     return blocks(x)
 
 
+def _active_layout(layer):
+    """The engine's layout when layer's bk forward should run (under an engine, in a batched
+    forward, with a trained Parameter in it or its children); None when the module's own forward
+    runs."""
+    layout = layer._bk_layout()
+    if in_plain_forward() or layout is None or layout.batch is None or \
+            not any(p.requires_grad for p in layer.parameters()):
+        return None
+    return layout
+
+
 class _TimmWindowAttention(BKLayer):
     """timm's Swin (v1) WindowAttention: timm's non-fused forward, with the relative position
     bias added by _RelativeBiasFn (per-example table gradients) and qkv / proj as the bk Linear
@@ -296,9 +302,7 @@ class _TimmWindowAttention(BKLayer):
     _bk_swap_without_parameters = True  # a frozen table: its qkv and proj are still bk layers
 
     def forward(self, x, mask=None):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (layout := _active_layout(self)) is None:
             return super().forward(x, mask)
         B_, N, C = x.shape
         windows = _windows_per_example(self, x, layout.batch)
@@ -346,9 +350,7 @@ def _window_rows(layer, x):
     """(windows per example, x's [k*B, N, C] windows laid out [B, k * N, C]) for a bk window
     attention under an engine with a trained Parameter (the fold of x proven or refused); None
     otherwise, when the module's own forward runs."""
-    layout = layer._bk_layout()
-    if in_plain_forward() or layout is None or layout.batch is None or \
-            not any(p.requires_grad for p in layer.parameters()):
+    if (layout := _active_layout(layer)) is None:
         return None
     B_, N, C = x.shape
     windows = _windows_per_example(layer, x, layout.batch)
@@ -478,9 +480,7 @@ class _HFSwinAttention(_AbsorbingAttention):
     _bk_absorb = ("relative_position_bias",)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (layout := _active_layout(self)) is None:
             return super().forward(hidden_states, attention_mask, **kwargs)
         B_, N, C = hidden_states.shape
         windows = _windows_per_example(self, hidden_states, layout.batch)
@@ -516,36 +516,33 @@ def _timm_window_attention_class(module):
     return mixin_class(type(module), _TimmWindowAttention)
 
 
+# (module, class) -> the maker of bk's own window attention for it (None where the forward or
+# the attributes are not the ones its mixin read)
+_OWN_WINDOW_ATTENTION = {
+    ("timm.models.swin_transformer", "WindowAttention"): _timm_window_attention_class,
+    ("timm.models.swin_transformer_v2", "WindowAttention"): _timm_window_attention_v2_class,
+    ("timm.models.swin_transformer_v2_cr", "WindowMultiHeadAttention"): _timm_window_attention_v2_cr_class,
+    ("transformers.models.swin.modeling_swin", "SwinAttention"): _hf_swin_attention_class,
+    ("transformers.models.swinv2.modeling_swinv2", "Swinv2SelfAttention"): _hf_swinv2_self_attention_class,
+}
+
+
 def _window_attention_class(module):
-    """The window attention on the generic path with its trained children absorbed (qkv, proj,
-    v2's position MLP): its windows are rows folded from the examples (proven through the
+    """bk's own window attention (timm's Swin v1, v2, v2-cr; transformers' Swin and Swin-V2)
+    where its maker accepts the module; else the generic path with the trained children absorbed
+    (qkv, proj, a position MLP): the windows are rows folded from the examples (proven through the
     partition's permute and roll), which the recompute splits per example, but the softmax over
     each window's positions would need a proof through attention that the Linear layers inside
-    cannot give; absorbed, they are recomputed per example with the attention (v2-cr's meta MLP
-    on the relative coordinates too, whose input holds no examples)."""
-    if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer":
-        fused = _timm_window_attention_class(module)  # timm's v1: bk's own
-        if fused is not None:
-            return fused
-    if type(module).__module__ == "transformers.models.swinv2.modeling_swinv2":
-        if type(module).__name__ == "Swinv2SelfAttention" and _hf_swinv2_self_attention_class(module) is not None:
-            return _hf_swinv2_self_attention_class(module)  # transformers' v2: bk's own
-        if type(module).__name__ == "Swinv2Attention" and _hf_swinv2_self_attention_class(module.self) is not None \
-                and not any(p.requires_grad for p in module.parameters(recurse=False)):
-            return None  # its children convert as usual: the self-attention above, the output Linear
-    if type(module).__name__ == "WindowMultiHeadAttention" and \
-            type(module).__module__ == "timm.models.swin_transformer_v2_cr":
-        fused = _timm_window_attention_v2_cr_class(module)  # timm's v2-cr: bk's own
-        if fused is not None:
-            return fused
-    if type(module).__name__ == "WindowAttention" and type(module).__module__ == "timm.models.swin_transformer_v2":
-        fused = _timm_window_attention_v2_class(module)  # timm's v2: bk's own
-        if fused is not None:
-            return fused
-    if type(module).__name__ == "SwinAttention" and type(module).__module__ == "transformers.models.swin.modeling_swin":
-        fused = _hf_swin_attention_class(module)  # transformers' v1: bk's own
-        if fused is not None:
-            return fused
+    cannot give; absorbed, they are recomputed per example with the attention (the copies in
+    Donut, MaskFormer, Swin2SR, CLAP)."""
+    key = (type(module).__module__, type(module).__name__)
+    own = _OWN_WINDOW_ATTENTION[key](module) if key in _OWN_WINDOW_ATTENTION else None
+    if own is not None:
+        return own
+    if key == ("transformers.models.swinv2.modeling_swinv2", "Swinv2Attention") and \
+            _hf_swinv2_self_attention_class(module.self) is not None and \
+            not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return None  # its children convert as usual: the self-attention above, the output Linear
     trained = tuple(name for name, child in module.named_children()
                     if any(p.requires_grad for p in child.parameters()))
     own = any(p.requires_grad for p in module.parameters(recurse=False))
@@ -766,7 +763,6 @@ def _source(fn):
 register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)
 
 
-
 class _BiasOf(torch.nn.Module):
     """make_bias(owner) as a forward, for torch.func.functional_call with the owner's Parameters."""
 
@@ -863,9 +859,7 @@ class _TimmMaxxvitAttention(_AbsorbingAttention):
     _bk_absorb = ("rel_pos",)
 
     def forward(self, x, shared_rel_pos=None):
-        layout = self._bk_layout()
-        if in_plain_forward() or layout is None or layout.batch is None or \
-                not any(p.requires_grad for p in self.parameters()):
+        if (layout := _active_layout(self)) is None:
             return super().forward(x, shared_rel_pos)
         channels_last = type(self).__name__ == "AttentionCl"
         B_ = x.shape[0]
@@ -907,6 +901,7 @@ def _timm_maxxvit_attention_class(module):
 register_layer(None, _timm_maxxvit_attention_class,
                matches=lambda cls: cls.__module__ == "timm.models.maxxvit" and cls.__name__ in ("AttentionCl",
                                                                                                    "Attention2d"))
+
 
 _PROBING = []  # set while a probe's own bk.verify converts the module under test
 

@@ -13,7 +13,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
-from ._made import mixin_class
+from ._made import mixin_class, takes
 from .families import GENERIC, register_layer
 from .norm import GroupNorm, LayerNorm
 
@@ -272,10 +272,8 @@ class _HFBeitLayer(BKLayer):
 
 
 def _hf_beit_layer_class(module):
-    import inspect
-
-    params = list(inspect.signature(type(module).forward).parameters)
-    if params != ["self", "hidden_states", "attention_mask", "interpolate_pos_encoding", "resolution", "kwargs"] or \
+    if not takes(type(module), "forward", ["hidden_states", "attention_mask", "interpolate_pos_encoding",
+                                           "resolution", "kwargs"]) or \
             not all(hasattr(module, a) for a in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout",
                                                  "drop_path", "lambda_1", "lambda_2", "relative_position_bias",
                                                  "patch_size")):

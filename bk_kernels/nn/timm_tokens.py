@@ -13,9 +13,9 @@ import torch
 
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class
+from ._made import mixin_class, takes as _takes
 from ._uses import DenseUse
-from .attention import _own, _takes, _timm_block, _timm_blocks
+from .attention import _own, _timm_block, _timm_blocks
 from .families import GENERIC, register_layer
 from .layer_scale import scale, shift
 
