@@ -1,5 +1,5 @@
 """One transformers image-classification class (its default config, image_size 64 where it has
-one, BatchNorms replaced) under bk.verify: prints one JSON line, as hf_causal_lm.py.
+one, BatchNorms replaced) under bk.verify: prints one JSON line, as hf_text.py.
 
     python tools/sweep/hf_image.py MODEL_TYPE [B]
     bash tools/sweep/run.sh hf-image OUT.jsonl

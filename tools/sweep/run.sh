@@ -1,21 +1,25 @@
 #!/bin/bash
-# Sweeps model classes under bk.verify, one process per model (see hf_causal_lm.py, timm_model.py).
-#   bash tools/sweep/run.sh hf|hf-image|timm OUT.jsonl
+# Sweeps model classes under bk.verify, one process per model (see hf_text.py, hf_image.py, timm_model.py).
+#   bash tools/sweep/run.sh hf|hf-seq-cls|hf-seq2seq|hf-mlm|hf-token-cls|hf-image|timm OUT.jsonl
 set -u
 kind=$1; out=$2; here=$(dirname "$0"); py=${PYTHON:-python}
-if [ "$kind" = hf ]; then
-  models=$($py -c "from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as M; print(' '.join(sorted(M)))")
-  script=$here/hf_causal_lm.py
-elif [ "$kind" = hf-image ]; then
-  models=$($py -c "from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as M; print(' '.join(sorted(M)))")
-  script=$here/hf_image.py
-else
-  [ -f /tmp/timm_picks.json ] || $py "$here/timm_pick.py" > /dev/null
-  models=$($py -c "import json; print(' '.join(v[0] for v in json.load(open('/tmp/timm_picks.json')).values()))")
-  script=$here/timm_model.py
-fi
+mapping() { $py -c "from transformers.models.auto import modeling_auto as M; print(' '.join(sorted(M.$1)))"; }
+case $kind in
+  hf)           models=$(mapping MODEL_FOR_CAUSAL_LM_MAPPING_NAMES); head=causal-lm ;;
+  hf-seq-cls)   models=$(mapping MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES); head=seq-cls ;;
+  hf-seq2seq)   models=$(mapping MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES); head=seq2seq ;;
+  hf-mlm)       models=$(mapping MODEL_FOR_MASKED_LM_MAPPING_NAMES); head=mlm ;;
+  hf-token-cls) models=$(mapping MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES); head=token-cls ;;
+  hf-image)     models=$(mapping MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES); head=image ;;
+  timm)
+    [ -f /tmp/timm_picks.json ] || $py "$here/timm_pick.py" > /dev/null
+    models=$($py -c "import json; print(' '.join(v[0] for v in json.load(open('/tmp/timm_picks.json')).values()))")
+    head=timm ;;
+  *) echo "unknown kind $kind"; exit 2 ;;
+esac
+case $head in image) script=$here/hf_image.py ;; timm) script=$here/timm_model.py ;; *) script=$here/hf_text.py ;; esac
 for m in $models; do
-  line=$(timeout 300 $py "$script" "$m" 4 2>/dev/null | tail -1)
+  line=$(SWEEP_HEAD=$head timeout 300 $py "$script" "$m" 4 2>/dev/null | tail -1)
   [ -n "$line" ] || line="{\"model\": \"$m\", \"error\": \"timeout or crash\"}"
   echo "$line" >> "$out"
 done

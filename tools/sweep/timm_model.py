@@ -1,5 +1,5 @@
 """One timm model (random weights, BatchNorms replaced, 64 x 64 where it takes an image size)
-under bk.verify: prints one JSON line, as hf_causal_lm.py.
+under bk.verify: prints one JSON line, as hf_text.py.
 
     python tools/sweep/timm_model.py MODEL_NAME [B]
     python tools/sweep/timm_pick.py              the smallest model of each timm module -> timm_picks.json

@@ -1,24 +1,36 @@
-"""One transformers causal-LM class, shrunk to a tiny config, under bk.verify: prints one JSON
-line (model, whether it built, the verify report or the error, the generic-path modules and
-their share of the trained Parameters).
+"""One transformers text-model class, shrunk to a tiny config, with one head, under bk.verify:
+prints one JSON line (model, whether it built, the verify report or the error, the generic-path
+modules and their share of the trained Parameters).
 
-    python tools/sweep/hf_causal_lm.py MODEL_TYPE [B] [key=json ...]   (e.g. llama4_text 4)
-    bash tools/sweep/run.sh hf OUT.jsonl    every class of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    python tools/sweep/hf_text.py MODEL_TYPE [B] [key=json ...]   (e.g. llama4_text 4)
+    SWEEP_HEAD=seq-cls python tools/sweep/hf_text.py bert 4
+    bash tools/sweep/run.sh hf|hf-seq-cls|hf-seq2seq|hf-mlm|hf-token-cls OUT.jsonl
 
-Session 13's sweep (README, "Supported models"). A build failure is our shrinking's (a config
-the class does not accept), not bk's; pass key=value overrides to fix one.
+Heads (SWEEP_HEAD): causal-lm (default; the model's own loss, no padding: every example has T
+labelled tokens), seq-cls and token-cls (right padding: example b keeps T - b % 3 tokens, the
+pad id where masked, the mean over examples of cross-entropy), seq2seq (padded encoder input,
+T decoder labels each), mlm (every token labelled). Session 13's sweep was causal-lm; session
+14 added the other heads (README, "Supported models"). A build failure is our shrinking's (a
+config the class does not accept) or the model's wanting other inputs, not bk's; pass
+key=value overrides to fix one.
 """
 import json, sys, time, traceback, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as M
+import os
+import torch.nn.functional as F
+from transformers import AutoConfig
+from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
+                          AutoModelForSequenceClassification, AutoModelForTokenClassification)
 import bk_kernels as bk
+HEAD = os.environ.get("SWEEP_HEAD", "causal-lm")
+AUTO = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM,
+        "seq2seq": AutoModelForSeq2SeqLM, "token-cls": AutoModelForTokenClassification}[HEAD]
 torch.set_num_threads(1)
 name = sys.argv[1]
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 T = 8
-SIZES = dict(hidden_size=32, d_model=32, n_embd=32, n_embed=32, intermediate_size=64, ffn_dim=64, n_inner=64, d_ff=64,
+SIZES = dict(hidden_size=32, d_model=32, emb_dim=32, n_layers=2, n_heads=4, n_embd=32, n_embed=32, intermediate_size=64, ffn_dim=64, n_inner=64, d_ff=64,
              moe_intermediate_size=32, shared_expert_intermediate_size=32, expert_intermediate_size=32,
              num_attention_heads=4, n_head=4, num_heads=4, encoder_attention_heads=4, decoder_attention_heads=4,
              num_key_value_heads=2, head_dim=8, vocab_size=96, max_position_embeddings=64, n_positions=64,
@@ -47,7 +59,7 @@ def shrink(cfg, depth=0):
         s = getattr(cfg, sub, None)
         if s is not None and hasattr(s, "to_dict") and depth < 2: shrink(s, depth + 1)
     return cfg
-out = dict(model=name, B=B)
+out = dict(model=name, B=B, head=HEAD)
 t0 = time.time()
 try:
     base = AutoConfig.for_model(name)
@@ -70,23 +82,48 @@ try:
     except Exception as e:
         out["ctor_error"] = str(e)[:200]
         cfg = shrink(AutoConfig.for_model(name))
+    if HEAD in ("seq-cls", "token-cls"):
+        cfg.num_labels = 3
+    if getattr(cfg, "pad_token_id", None) is None:
+        cfg.pad_token_id = 0            # decoders' seq-cls heads find each example's last token by it
+    if HEAD == "seq2seq" and getattr(cfg, "decoder_start_token_id", None) is None:
+        cfg.decoder_start_token_id = 0
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AUTO.from_config(cfg)
     model.train()
     vocab = model.get_input_embeddings().num_embeddings if model.get_input_embeddings() is not None else 96
     ids = torch.randint(3, min(vocab, 96), (B, T))
+    lengths = torch.tensor([T - b % 3 for b in range(B)], dtype=torch.long)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    pad = cfg.pad_token_id if getattr(cfg, "pad_token_id", None) is not None else 0
+    labels = torch.randint(0, 3, (B,)) if HEAD == "seq-cls" else torch.randint(0, 3, (B, T))
+    if HEAD in ("seq-cls", "token-cls", "seq2seq"):
+        eos = getattr(cfg, "eos_token_id", None)
+        if HEAD == "seq-cls" and isinstance(eos, int) and eos != pad:   # BART-style heads pool each example's <eos>
+            ids[torch.arange(B), lengths - 1] = eos
+        ids = ids.masked_fill(mask == 0, pad)
+    takes_cache = "use_cache" in model.forward.__code__.co_varnames
     def loss_fn(m, batch):
-        (ids,) = batch
-        o = m(input_ids=ids, labels=ids, use_cache=False) if "use_cache" in m.forward.__code__.co_varnames else m(input_ids=ids, labels=ids)
-        return o.loss
+        ids, mask, labels = batch
+        kw = dict(use_cache=False) if takes_cache else {}
+        if HEAD in ("causal-lm", "mlm"):
+            return m(input_ids=ids, labels=ids, **kw).loss
+        if HEAD == "seq2seq":
+            return m(input_ids=ids, attention_mask=mask, labels=labels + 3, **kw).loss
+        logits = m(input_ids=ids, attention_mask=mask, **kw).logits
+        if HEAD == "seq-cls":
+            return F.cross_entropy(logits, labels)
+        per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")   # [B, T]
+        return ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    batch = (ids, mask, labels)
     out["params"] = sum(p.numel() for p in model.parameters())
-    loss_fn(model, (ids,)).backward(); model.zero_grad(set_to_none=True)
-    loss_fn(model, (ids[:1],))
+    loss_fn(model, batch).backward(); model.zero_grad(set_to_none=True)
+    loss_fn(model, tuple(t[:1] for t in batch))
 except Exception as e:
     out.update(stage="build", error=f"{type(e).__name__}: {str(e)[:300]}")
     print(json.dumps(out)); sys.exit(0)
 try:
-    r = bk.verify(model, loss_fn, (ids,))
+    r = bk.verify(model, loss_fn, batch)
     out.update(stage="verify", ok=bool(r.ok) if hasattr(r, "ok") else None, report=str(r)[:600])
     gm = bk.generic_modules(bk.convert(model))  # the model is converted after the check
     out["generic"] = sorted({t for _, t, _ in gm})
