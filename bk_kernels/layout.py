@@ -5,6 +5,8 @@ The engine holds one BatchLayout. A forward pre-hook on the model (ModelProbe) h
 model's inputs; every bk layer checks its own input against `batch` in its forward
 (BKLayer._bk_examples), so a wrong layout is refused before anything is recorded.
 """
+import contextlib
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_leaves
@@ -44,6 +46,19 @@ class BatchLayout:
         # guess, which an EmbeddingBag's bag count replaces.
         self.guessed = first is not None and first.dim() == 1
         self.batch = None if first is None else first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+
+    @contextlib.contextmanager
+    def sequence_first(self):
+        """Inside, layer inputs with a sequence dim hold the examples on dim 1 ([T, B, ...]), as
+        with batch_first=False: a module that transposes its batch-first input to run its own
+        layers sequence-first (Longformer's self-attention) declares it for that call only.
+        Each layer reads its example dim in its forward, so the backward needs nothing of it."""
+        outer = self.batch_first
+        self.batch_first = False
+        try:
+            yield
+        finally:
+            self.batch_first = outer
 
     def feature_last_dim(self, x, features_dims):
         """The example dim of an input whose features are its trailing `features_dims` dims."""

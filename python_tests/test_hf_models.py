@@ -214,3 +214,56 @@ def test_own_loss_of_masked_lm_with_unequal_masks_is_refused_and_class_labels_ar
     model(input_ids=ids, labels=torch.tensor([0, 1, 0])).loss.backward()  # a mean over examples: fine
     optimizer.step()
     assert engine.steps == 1
+
+
+def _padded_ids(B, T, vocab, lengths):
+    ids = torch.randint(3, vocab, (B, T))
+    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids.masked_fill(mask == 0, 1), mask
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("global_tokens", [None, "cls+2"])
+def test_longformer_runs_its_self_attention_sequence_first(B, global_tokens):
+    """Longformer's self-attention transposes [B, T, d] to [T, B, d] before its query, key and
+    value Linears (and the global ones on [G, B, d]): those layers read the examples on dim 1
+    inside that module (bk.nn.sequence_first). Before, refused (dim 0 held the positions); at
+    B = 8 = T (the window pads T to 8) the shapes alone could not tell."""
+    config = transformers.LongformerConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=24, max_position_embeddings=40, attention_window=4,
+                                           num_labels=3, pad_token_id=1, hidden_dropout_prob=0.0,
+                                           attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.LongformerForSequenceClassification(config)
+    ids, mask = _padded_ids(B, 7, 40, [7 - b % 3 for b in range(B)])
+    glob = None
+    if global_tokens:  # the class token and each example's third token attend globally
+        glob = torch.zeros_like(ids)
+        glob[:, 0] = glob[:, 2] = 1
+    y = torch.randint(0, 3, (B,))
+
+    def loss(m, batch):
+        ids, mask, glob, y = batch
+        return F.cross_entropy(m(input_ids=ids, attention_mask=mask, global_attention_mask=glob).logits, y)
+
+    report = bk.verify(model, loss, (ids, mask, glob, y))
+    assert report.ok, report
+    assert not bk.generic_modules(bk.convert(model))
+    assert isinstance(model.longformer.encoder.layer[0].attention.self, bk.nn.sequence_first.SequenceFirstInside)
+
+
+def test_led_encoder_runs_its_self_attention_sequence_first():
+    config = transformers.LEDConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                    decoder_ffn_dim=24, max_encoder_position_embeddings=32,
+                                    max_decoder_position_embeddings=32, attention_window=4, pad_token_id=1,
+                                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    torch.manual_seed(0)
+    model = transformers.LEDForConditionalGeneration(config)
+    # example 1 padded by 2 of the 8 (7 + the window's padding): LED's own backward gives NaN
+    # gradients, without bk, when padding fills a query's whole window (5 of 8)
+    ids, mask = _padded_ids(3, 7, 40, [7, 6, 7])
+    labels = torch.randint(3, 40, (3, 5))
+    loss = lambda m, b: m(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss  # noqa: E731  (5 labels each)
+    report = bk.verify(model, loss, (ids, mask, labels))
+    assert report.ok, report
