@@ -40,6 +40,12 @@ def classify_ids(model, batch):
     return F.cross_entropy(model(input_ids=batch["ids"]).logits, batch["y"], reduction="none")
 
 
+def classify_padded(model, batch):
+    """A sequence classifier fed right-padded ids and their attention mask, as users fine-tune."""
+    logits = model(input_ids=batch["ids"], attention_mask=batch["mask"]).logits
+    return F.cross_entropy(logits, batch["y"], reduction="none")
+
+
 def classify_pixels(model, batch):
     out = model(pixel_values=batch["x"])
     return F.cross_entropy(out.logits, batch["y"], reduction="none")
@@ -59,6 +65,13 @@ def audio_batch(B, samples=128, labels=3):
 
 def ids_batch(B, labels=3):
     return {"ids": torch.randint(0, VOCAB, (B, T)), "y": torch.randint(0, labels, (B,))}
+
+
+def padded_ids_batch(B, labels=3, pad=1):
+    """Example b keeps T - b % 3 tokens; the rest hold `pad` and are masked."""
+    ids = torch.randint(2, VOCAB, (B, T))
+    mask = (torch.arange(T)[None] < torch.tensor([T - b % 3 for b in range(B)])[:, None]).long()
+    return {"ids": ids.masked_fill(mask == 0, pad), "mask": mask, "y": torch.randint(0, labels, (B,))}
 
 
 def image_batch(B, size=16, labels=3):
@@ -516,6 +529,22 @@ def peft_adapter(kind):
                                                        lora_dropout=0.0)).to(DT)
 
 
+def llama_classifier():
+    """LlamaForSequenceClassification: it pools each example's last token that is not padding."""
+    return _hf(("LlamaConfig", "LlamaForSequenceClassification"), **_decoder_config(num_labels=3, pad_token_id=1))
+
+
+def peft_lora_roberta_classifier():
+    """PEFT's sequence-classification LoRA: the classifier head trains in full, as a copy in a
+    ModulesToSaveWrapper (task_type SEQ_CLS puts it in modules_to_save)."""
+    import peft
+    base = _hf(("RobertaConfig", "RobertaForSequenceClassification"), vocab_size=VOCAB, hidden_size=16,
+               num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, max_position_embeddings=16,
+               pad_token_id=1, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4,
+                                                     target_modules=["query", "value"], lora_dropout=0.0)).to(DT)
+
+
 def lora_gpt2():
     return lora(gpt2(), ["c_attn", "c_proj"])
 
@@ -594,4 +623,6 @@ ZOO = {
     "peft_prompt_tuning": (lambda: peft_prompt("prompt"), prompted_lm, ids_batch),
     "peft_ptuning": (lambda: peft_prompt("ptuning"), prompted_lm, ids_batch),
     "lora_llama": (lora_llama, causal_lm, ids_batch),
+    "llama_classifier_padded": (llama_classifier, classify_padded, padded_ids_batch),
+    "peft_lora_roberta_classifier": (peft_lora_roberta_classifier, classify_padded, padded_ids_batch),
 }
