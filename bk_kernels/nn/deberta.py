@@ -1,5 +1,5 @@
 """DeBERTa's relative attention (transformers' DebertaV2Encoder/DebertaEncoder and their
-DisentangledSelfAttention), v2/v3 and v1.
+DisentangledSelfAttention), v2/v3 and v1, and SEW-D's copy of v2's (SEWDTransformerEncoder).
 
 The encoder owns a table of relative-position embeddings ([2k, d], layer-normed) that every
 layer's attention projects with its query/key projections and then repeats to the batch. The
@@ -64,8 +64,7 @@ class _PerExampleTableAttention(BKLayer):
                                                        scale_factor)
         helpers = sys.modules[self._bk_transformers_module]  # its relative-position functions
         if relative_pos is None:
-            relative_pos = helpers.build_relative_position(query_layer, key_layer, bucket_size=self.position_buckets,
-                                                           max_position=self.max_relative_positions)
+            relative_pos = self._bk_relative_positions(helpers, query_layer, key_layer)
         relative_pos = _four_dims(relative_pos)
         span = self.pos_ebd_size
         relative_pos = relative_pos.to(device=query_layer.device, dtype=torch.long)
@@ -77,7 +76,7 @@ class _PerExampleTableAttention(BKLayer):
         score = 0
         if "c2p" in self.pos_att_type:
             pos_key = heads(self.key_proj if self.share_att_key else self.pos_key_proj)
-            scale = helpers.scaled_size_sqrt(pos_key, scale_factor)
+            scale = self._bk_scale(helpers, pos_key, scale_factor)
             c2p = torch.bmm(query_layer, pos_key.transpose(-1, -2))
             c2p_pos = torch.clamp(relative_pos + span, 0, span * 2 - 1)
             c2p = torch.gather(c2p, dim=-1, index=c2p_pos.squeeze(0).expand(
@@ -85,16 +84,49 @@ class _PerExampleTableAttention(BKLayer):
             score += c2p / scale.to(dtype=c2p.dtype)
         if "p2c" in self.pos_att_type:
             pos_query = heads(self.query_proj if self.share_att_key else self.pos_query_proj)
-            scale = helpers.scaled_size_sqrt(pos_query, scale_factor)
-            # the argument order of transformers' own call (its build_rpos names them the other way)
-            r_pos = helpers.build_rpos(query_layer, key_layer, relative_pos, self.max_relative_positions,
-                                       self.position_buckets)
+            scale = self._bk_scale(helpers, pos_query, scale_factor)
+            r_pos = self._bk_key_relative_positions(helpers, query_layer, key_layer, relative_pos)
             p2c_pos = torch.clamp(-r_pos + span, 0, span * 2 - 1)
             p2c = torch.bmm(key_layer, pos_query.transpose(-1, -2))
             p2c = torch.gather(p2c, dim=-1, index=p2c_pos.squeeze(0).expand(
                 [query_layer.size(0), key_layer.size(-2), key_layer.size(-2)])).transpose(-1, -2)
             score += p2c / scale.to(dtype=p2c.dtype)
         return score
+
+    # transformers' helpers, as DebertaV2's DisentangledSelfAttention calls them
+    def _bk_relative_positions(self, helpers, query_layer, key_layer):
+        return helpers.build_relative_position(query_layer, key_layer, bucket_size=self.position_buckets,
+                                               max_position=self.max_relative_positions)
+
+    def _bk_scale(self, helpers, layer, scale_factor):
+        return helpers.scaled_size_sqrt(layer, scale_factor)
+
+    def _bk_key_relative_positions(self, helpers, query_layer, key_layer, relative_pos):
+        # the argument order of transformers' own call (its build_rpos names them the other way)
+        return helpers.build_rpos(query_layer, key_layer, relative_pos, self.max_relative_positions,
+                                  self.position_buckets)
+
+
+class _SEWDPerExampleTableAttention(_PerExampleTableAttention):
+    """SEW-D's DisentangledSelfAttention: DeBERTa-v2's, from an older transformers (sizes, not
+    layers, to build_relative_position; the scale computed inline; r_pos the query's unless the
+    key is longer)."""
+
+    def _bk_relative_positions(self, helpers, query_layer, key_layer):
+        return helpers.build_relative_position(query_layer.size(-2), key_layer.size(-2),
+                                               bucket_size=self.position_buckets,
+                                               max_position=self.max_relative_positions, device=query_layer.device)
+
+    def _bk_scale(self, helpers, layer, scale_factor):
+        return torch.sqrt(torch.tensor(layer.size(-1), dtype=torch.float) * scale_factor)
+
+    def _bk_key_relative_positions(self, helpers, query_layer, key_layer, relative_pos):
+        if key_layer.size(-2) == query_layer.size(-2):
+            return relative_pos
+        return helpers.build_relative_position(key_layer.size(-2), key_layer.size(-2),
+                                               bucket_size=self.position_buckets,
+                                               max_position=self.max_relative_positions,
+                                               device=query_layer.device).unsqueeze(0)
 
 
 class _V1Attention(BKLayer):
@@ -175,8 +207,9 @@ def attention_class(cls, mixin):
 
 
 def _is_deberta_encoder(cls):
-    """v2/v3's DebertaV2Encoder and v1's DebertaEncoder."""
-    return cls.__module__.startswith(("transformers.models.deberta_v2.", "transformers.models.deberta.")) and \
+    """v2/v3's DebertaV2Encoder, v1's DebertaEncoder, SEW-D's SEWDTransformerEncoder."""
+    return cls.__module__.startswith(("transformers.models.deberta_v2.", "transformers.models.deberta.",
+                                      "transformers.models.sew_d.")) and \
         callable(getattr(cls, "get_rel_embedding", None))
 
 
@@ -193,3 +226,5 @@ register_layer(None, _rel_embedding_owner_class, matches=_is_deberta_encoder)
 register_layer(None, lambda module: attention_class(type(module), _PerExampleTableAttention)
                if getattr(module, "relative_attention", False) else None, matches=_is_attention_of("deberta_v2"))
 register_layer(None, lambda module: attention_class(type(module), _V1Attention), matches=_is_attention_of("deberta"))
+register_layer(None, lambda module: attention_class(type(module), _SEWDPerExampleTableAttention)
+               if getattr(module, "relative_attention", False) else None, matches=_is_attention_of("sew_d"))
