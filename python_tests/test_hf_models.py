@@ -267,3 +267,85 @@ def test_led_encoder_runs_its_self_attention_sequence_first():
     loss = lambda m, b: m(input_ids=b[0], attention_mask=b[1], labels=b[2]).loss  # noqa: E731  (5 labels each)
     report = bk.verify(model, loss, (ids, mask, labels))
     assert report.ok, report
+
+
+def _speech_config(name, **extra):
+    """A small config of a transformers speech encoder, its SpecAugment on (mask_time_prob > 0, as
+    in the pretrained checkpoints: the root owns masked_spec_embed)."""
+    return transformers.AutoConfig.for_model(
+        name, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3,
+        conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4), num_feat_extract_layers=2, num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, classifier_proj_size=8, mask_time_prob=0.3, mask_time_length=2,
+        mask_time_min_masks=1, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        feat_proj_dropout=0.0, final_dropout=0.0, layerdrop=0.0, **extra)
+
+
+def _audio_batch(B, samples=200):
+    wav = torch.randn(B, samples, dtype=DT)
+    mask = (torch.arange(samples)[None] < torch.tensor([samples - 40 * (b % 3) for b in range(B)])[:, None]).long()
+    return wav * mask, mask, torch.randint(0, 3, (B,))
+
+
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "wavlm", "data2vec-audio"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_speech_encoders_with_spec_augment_mask_embedding(name, B):
+    """The root owns masked_spec_embed (SpecAugment): it used to take the generic path, the whole
+    model recomputed per example, and refused in training (the recompute drew other masks).
+    Now only _mask_hidden_states is book-kept. bk.verify runs in eval mode, where transformers
+    applies a mask only when given one: given here, [B, frames], split per example with the batch."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForAudioClassification.from_config(_speech_config(name)).to(DT)
+    wav, mask, y = _audio_batch(B)
+    frames = model._get_feat_extract_output_lengths(torch.tensor(wav.shape[1])).item()
+    time_mask = torch.zeros(B, frames, dtype=torch.bool)
+    time_mask[:, 1] = True
+    time_mask[-1, 2:4] = True
+
+    def loss(m, batch):
+        wav, mask, time_mask, y = batch
+        return F.cross_entropy(m(input_values=wav, attention_mask=mask, mask_time_indices=time_mask).logits, y)
+
+    report = bk.verify(model, loss, (wav, mask, time_mask, y))
+    assert report.ok, report
+    base = getattr(model, model.base_model_prefix)
+    assert not any(path == model.base_model_prefix for path, _, _ in bk.generic_modules(bk.convert(model)))
+    assert isinstance(base, bk.nn.speech._SpecAugmentOwner)
+
+
+def test_spec_augment_in_training_draws_the_masks_transformers_draws():
+    """In training the masks are drawn at random (numpy): the private forward draws what
+    transformers' own forward draws from the same seed, and the step trains masked_spec_embed."""
+    import numpy as np
+    torch.manual_seed(0)
+    plain = transformers.AutoModelForAudioClassification.from_config(_speech_config("wav2vec2")).to(DT).train()
+    model = bk.convert(copy.deepcopy(plain))
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=100, noise_multiplier=0.0, max_grad_norm=1.0)
+    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    wav, mask, y = _audio_batch(4)
+    np.random.seed(0)
+    want = plain(input_values=wav, attention_mask=mask).logits
+    np.random.seed(0)
+    got = model(input_values=wav, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    before = model.wav2vec2.masked_spec_embed.detach().clone()
+    F.cross_entropy(got, y).backward()
+    optimizer.step()
+    assert engine.steps == 1 and not torch.equal(model.wav2vec2.masked_spec_embed, before)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_wavlm_attention_and_sew_d_relative_attention(B):
+    """WavLM's attention hands its projections' weights to F.multi_head_attention_forward in a
+    helper (refused at the backward before: 'ordinary gradient'); SEW-D's is an older copy of
+    DeBERTa-v2's (its position table refused by a LayerNorm before). Both exact now, with padding."""
+    for name, extra in (("wavlm", dict(num_buckets=16, max_bucket_distance=32)),
+                        ("sew-d", dict(squeeze_factor=1, position_buckets=8, max_position_embeddings=16))):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForAudioClassification.from_config(_speech_config(name, **extra)).to(DT)
+        wav, mask, y = _audio_batch(B)
+        loss = lambda m, b: F.cross_entropy(m(input_values=b[0], attention_mask=b[1]).logits, b[2])  # noqa: E731
+        report = bk.verify(model, loss, (wav, mask, y))
+        assert report.ok, (name, report)
+        generic = {t for _, t, _ in bk.generic_modules(bk.convert(model))}
+        # the weight-normed positional convolution; SEW-D's encoder for get_rel_embedding only (as DeBERTa-v2's)
+        assert generic <= {"ParametrizedConv1d", "SEWDTransformerEncoder"}, (name, generic)

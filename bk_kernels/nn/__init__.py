@@ -13,6 +13,7 @@ from .linear import Linear, linear
 from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 attention, MoE experts)
 from . import timm_tokens  # noqa: F401  (register timm roots owning tokens: CaiT, PiT)
 from . import sequence_first  # noqa: F401  (register modules running their layers sequence-first: Longformer)
+from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment roots, WavLM attention)
 from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm

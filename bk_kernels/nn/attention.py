@@ -124,8 +124,9 @@ register_layer(torch.nn.MultiheadAttention, lambda module: GenericMultiheadAtten
 def _is_relative_bias_attention(cls):
     """T5's attention and the families copied from it (mT5, LongT5, UMT5, Switch, UDOP, ...),
     known by shape, without importing transformers: a compute_bias method feeding a
-    relative_attention_bias Embedding."""
-    return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention")
+    relative_attention_bias Embedding. WavLM's attention (a compute_bias too) has its own class (wavlm.py)."""
+    return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention") and \
+        cls.__name__ != "WavLMAttention"
 
 
 def _table_owner_class(module, table, mixin=GenericLayer):
