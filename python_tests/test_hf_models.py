@@ -349,3 +349,46 @@ def test_wavlm_attention_and_sew_d_relative_attention(B):
         generic = {t for _, t, _ in bk.generic_modules(bk.convert(model))}
         # the weight-normed positional convolution; SEW-D's encoder for get_rel_embedding only (as DeBERTa-v2's)
         assert generic <= {"ParametrizedConv1d", "SEWDTransformerEncoder"}, (name, generic)
+
+
+def _xlnet_config(**extra):
+    return transformers.XLNetConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, d_inner=24, dropout=0.0,
+                                    pad_token_id=1, num_labels=3, **extra)
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+def test_xlnet_runs_sequence_first_inside(B):
+    """XLNetModel transposes its input to [T, B] for the whole transformer: its forward runs in
+    the sequence-first scope, and its relative attention (Parameters of its own in einsums) takes
+    the generic path with its inputs read on the sequence-first dims. Refused before (dim 0 of the
+    word embedding's ids held the positions); B = 8 = T."""
+    torch.manual_seed(0)
+    model = transformers.XLNetForSequenceClassification(_xlnet_config()).to(DT)
+    ids, mask = _padded_ids(B, 8, 40, [8 - b % 3 for b in range(B)])
+    y = torch.randint(0, 3, (B,))
+    loss = lambda m, b: F.cross_entropy(m(input_ids=b[0], attention_mask=b[1]).logits, b[2])  # noqa: E731
+    report = bk.verify(model, loss, (ids, mask, y))
+    assert report.ok, report
+    assert {t for _, t, _ in bk.generic_modules(bk.convert(model))} == {"XLNetRelativeAttention"}
+
+
+def test_xlnet_causal_lm_and_its_mask_embedding():
+    """The uni-directional LM (a causal [T, T] mask that holds no examples) is exact. Two-stream
+    pretraining (target_mapping: mask_emb used outside any bk layer, the query stream's
+    data-dependent control flow in the attention's recompute) is refused at the backward."""
+    torch.manual_seed(0)
+    model = transformers.XLNetLMHeadModel(_xlnet_config(attn_type="uni")).to(DT)
+    ids = torch.randint(2, 40, (3, 7))
+    report = bk.verify(model, lambda m, b: m(input_ids=b[0], labels=b[0]).loss, (ids,))
+    assert report.ok, report
+    model = bk.convert(transformers.XLNetLMHeadModel(_xlnet_config()))  # float32: its two-stream path fails in float64
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=1.0)
+    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    target_mapping = torch.zeros(3, 1, 7)
+    target_mapping[:, 0, -1] = 1.0
+    perm_mask = torch.zeros(3, 7, 7)
+    perm_mask[:, :, -1] = 1.0
+    out = model(input_ids=ids, perm_mask=perm_mask, target_mapping=target_mapping).logits
+    with pytest.raises(RuntimeError, match="mask_emb.*ordinary|XLNetRelativeAttention.*cannot be vmapped"):
+        F.cross_entropy(out[:, 0], ids[:, -1]).backward()
+    assert engine.steps == 0
