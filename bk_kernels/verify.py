@@ -104,6 +104,12 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         per_example.append({n: params[n].grad.detach().clone() if params[n].grad is not None
                             else torch.zeros_like(params[n]) for n in names})
     totals = [math.sqrt(sum(g[n].square().sum().item() for n in names)) for g in per_example]
+    not_finite = [i for i, total in enumerate(totals) if not math.isfinite(total)]
+    if not_finite:  # the model itself, without bk: nothing to compare with
+        raise ValueError(
+            f"bk.verify: the reference gradient of example(s) {not_finite} is not finite: the model's own "
+            "float64 forward and backward of that one example (without bk) gives inf or NaN (a mask filled with "
+            "-inf over a whole row, or float32 arithmetic inside the model). Nothing was checked")
     R = max_grad_norm if max_grad_norm is not None else (sorted(totals)[B // 2] or 1.0)
 
     private = convert(_in_float64(copy.deepcopy(model)))

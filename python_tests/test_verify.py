@@ -95,3 +95,21 @@ def test_passes_on_a_transformers_moe_with_its_default_grouped_mm_experts():
     report = bk.verify(model, lambda m, ids: zoo.causal_lm(m, {"ids": ids}).mean(), torch.randint(0, 37, (3, 6)))
     assert report.ok, str(report)
     assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_names_a_model_whose_own_gradient_is_not_finite():
+    """A model whose own per-example gradient is NaN (ProphetNet with a padded encoder input, in
+    float64, without bk) is named as such, not reported as an invalid max_grad_norm."""
+    class Log(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.linear(x).sqrt()  # NaN, and a NaN gradient, where the output is negative
+
+    torch.manual_seed(0)
+    model = Log()
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="reference gradient of example.*not finite"):
+        bk.verify(model, lambda m, b: m(b[0]).sum(), (x,))
