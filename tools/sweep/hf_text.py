@@ -14,7 +14,7 @@ T decoder labels each), mlm (every token labelled). Session 13's sweep was causa
 config the class does not accept) or the model's wanting other inputs, not bk's; pass
 key=value overrides to fix one.
 """
-import json, sys, time, traceback, warnings
+import json, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch, transformers
 import os
@@ -23,6 +23,7 @@ from transformers import AutoConfig
 from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoModelForSequenceClassification, AutoModelForTokenClassification)
 import bk_kernels as bk
+from report import build_failed, verify_and_print
 HEAD = os.environ.get("SWEEP_HEAD", "causal-lm")
 AUTO = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification, "mlm": AutoModelForMaskedLM,
         "seq2seq": AutoModelForSeq2SeqLM, "token-cls": AutoModelForTokenClassification}[HEAD]
@@ -120,16 +121,5 @@ try:
     loss_fn(model, batch).backward(); model.zero_grad(set_to_none=True)
     loss_fn(model, tuple(t[:1] for t in batch))
 except Exception as e:
-    out.update(stage="build", error=f"{type(e).__name__}: {str(e)[:300]}")
-    print(json.dumps(out)); sys.exit(0)
-try:
-    r = bk.verify(model, loss_fn, batch)
-    out.update(stage="verify", ok=bool(r.ok) if hasattr(r, "ok") else None, report=str(r)[:600])
-    gm = bk.generic_modules(bk.convert(model))  # the model is converted after the check
-    out["generic"] = sorted({t for _, t, _ in gm})
-    out["generic_share"] = round(sum(n for *_, n in gm) / max(1, sum(p.numel() for p in model.parameters() if p.requires_grad)), 3)
-except Exception as e:
-    tb = traceback.format_exc()
-    out.update(stage="verify", error=f"{type(e).__name__}: {str(e)[:600]}", where=tb.strip().splitlines()[-3][:200] if len(tb.splitlines()) > 3 else "")
-out["s"] = round(time.time() - t0, 1)
-print(json.dumps(out))
+    build_failed(out, e); sys.exit(0)
+verify_and_print(model, loss_fn, batch, out, t0)

@@ -5,11 +5,12 @@ under bk.verify: prints one JSON line, as hf_text.py.
     python tools/sweep/timm_pick.py              the smallest model of each timm module -> timm_picks.json
     bash tools/sweep/run.sh timm OUT.jsonl       every pick
 """
-import json, sys, time, traceback, warnings
+import sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch, timm
 import torch.nn.functional as F
 import bk_kernels as bk
+from report import build_failed, verify_and_print
 torch.set_num_threads(1)
 name = sys.argv[1]; B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 out = dict(model=name, B=B); t0 = time.time()
@@ -36,14 +37,5 @@ try:
     loss_fn(m, (x, y)).backward(); m.zero_grad(set_to_none=True)
     out["size"] = size; out["params"] = sum(p.numel() for p in m.parameters())
 except Exception as e:
-    out.update(stage="build", error=f"{type(e).__name__}: {str(e)[:300]}"); print(json.dumps(out)); sys.exit(0)
-try:
-    r = bk.verify(m, loss_fn, (x, y))
-    out.update(stage="verify", ok=bool(r.ok), report=str(r)[:300])
-    gm = bk.generic_modules(bk.convert(m))
-    out["generic"] = sorted({t for _, t, _ in gm})
-    out["generic_share"] = round(sum(n for *_, n in gm) / max(1, sum(p.numel() for p in m.parameters() if p.requires_grad)), 3)
-except Exception as e:
-    out.update(stage="verify", error=f"{type(e).__name__}: {str(e)[:600]}")
-out["s"] = round(time.time() - t0, 1)
-print(json.dumps(out))
+    build_failed(out, e); sys.exit(0)
+verify_and_print(m, loss_fn, (x, y), out, t0)
