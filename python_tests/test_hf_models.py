@@ -286,15 +286,19 @@ def _audio_batch(B, samples=200):
     return wav * mask, mask, torch.randint(0, 3, (B,))
 
 
-@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "wavlm", "data2vec-audio"])
+@pytest.mark.parametrize("name", ["wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer"])
 @pytest.mark.parametrize("B", [1, 3])
 def test_speech_encoders_with_spec_augment_mask_embedding(name, B):
     """The root owns masked_spec_embed (SpecAugment): it used to take the generic path, the whole
     model recomputed per example, and refused in training (the recompute drew other masks).
     Now only _mask_hidden_states is book-kept. bk.verify runs in eval mode, where transformers
-    applies a mask only when given one: given here, [B, frames], split per example with the batch."""
+    applies a mask only when given one: given here, [B, frames], split per example with the batch.
+    wav2vec2-conformer's relative positions ([1, 2T-1, d], viewed by their own leading dims after
+    linear_pos) are expanded to the batch first: refused before (a shape error)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForAudioClassification.from_config(_speech_config(name)).to(DT)
+    if name == "wav2vec2-conformer":  # its convolution module's BatchNorm
+        model = bk.replace_batchnorm(model)
     wav, mask, y = _audio_batch(B)
     frames = model._get_feat_extract_output_lengths(torch.tensor(wav.shape[1])).item()
     time_mask = torch.zeros(B, frames, dtype=torch.bool)

@@ -1,5 +1,6 @@
 """transformers' speech encoders: the SpecAugment mask embedding of wav2vec2 and its copies
-(HuBERT, WavLM, UniSpeech, SEW, Data2Vec-audio, wav2vec2-conformer/-bert), and WavLM's attention.
+(HuBERT, WavLM, UniSpeech, SEW, Data2Vec-audio, wav2vec2-conformer/-bert), WavLM's attention and
+the conformers' relative positions.
 
 SpecAugment: the model root owns masked_spec_embed, written into the time steps that
 _mask_hidden_states draws at random in training (`hidden_states[mask] = masked_spec_embed`, with
@@ -135,9 +136,32 @@ class _WavLMAttention(BKLayer):
         return out, attn_weights, position_bias
 
 
+class _PerExampleRelativePositions(BKLayer):
+    """The conformers' relative positional embedding (wav2vec2-conformer, w2v-BERT, SeamlessM4T):
+    its [1, 2T-1, d] slice of a sinusoid table goes to every attention's linear_pos, whose output
+    is then viewed with the table's own leading dims. bk's Linear expands a batch-1 input to the
+    batch, which broke that view; here the table is expanded to [B, 2T-1, d] first (a
+    broadcast, no copy), so the projections and their per-example gradients are each example's."""
+
+    _bk_swap_without_parameters = True
+
+    def forward(self, hidden_states):
+        positions = super().forward(hidden_states)
+        if in_plain_forward() or self._bk_layout() is None or positions.dim() != 3 or positions.shape[0] != 1:
+            return positions
+        return positions.expand(hidden_states.shape[0], -1, -1)
+
+
+def _is_conformer_relative_positions(cls):
+    return cls.__name__.endswith("RelPositionalEmbedding") and cls.__module__.startswith("transformers.models.") \
+        and any(part in cls.__module__ for part in ("wav2vec2_conformer", "wav2vec2_bert", "seamless_m4t"))
+
+
 def _is_wavlm_attention(cls):
     return cls.__name__ == "WavLMAttention" and cls.__module__.startswith("transformers.models.")
 
 
 register_layer(None, lambda module: mixin_class(type(module), _WavLMAttention), matches=_is_wavlm_attention)
 register_layer(None, _spec_augment_owner_class, matches=_is_spec_augment_owner)
+register_layer(None, lambda module: mixin_class(type(module), _PerExampleRelativePositions),
+               matches=_is_conformer_relative_positions)
