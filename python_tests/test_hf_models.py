@@ -396,3 +396,28 @@ def test_xlnet_causal_lm_and_its_mask_embedding():
     with pytest.raises(RuntimeError, match="mask_emb.*ordinary|XLNetRelativeAttention.*cannot be vmapped"):
         F.cross_entropy(out[:, 0], ids[:, -1]).backward()
     assert engine.steps == 0
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_siglip_pooling_head_keeps_its_layers_fused(B):
+    """SigLIP's attention-pooling head repeats its probe to the batch: the head took the generic
+    path (its attention and MLP recomputed per example). Now the probe is made per example by a
+    shift and nothing of the vision tower is generic."""
+    config = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=16, patch_size=4)
+    torch.manual_seed(0)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = transformers.SiglipVisionModel(config)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.vision(pixel_values=x).pooler_output)
+
+    model = Classifier().to(DT)
+    x, y = torch.randn(B, 3, 16, 16, dtype=DT), torch.randint(0, 3, (B,))
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+    assert report.ok, report
+    assert not bk.generic_modules(bk.convert(model))

@@ -14,6 +14,7 @@ from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 att
 from . import timm_tokens  # noqa: F401  (register timm roots owning tokens: CaiT, PiT)
 from . import sequence_first  # noqa: F401  (register modules running their layers sequence-first: Longformer)
 from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment roots, WavLM attention)
+from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
 from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
