@@ -12,8 +12,8 @@ from .families import register_layer
 from .linear import Linear, linear
 from . import deberta, moe  # noqa: F401  (register transformers' DeBERTa-v2 attention, MoE experts)
 from . import timm_tokens  # noqa: F401  (register timm roots owning tokens: CaiT, PiT)
-from . import sequence_first  # noqa: F401  (register modules running their layers sequence-first: Longformer)
-from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment roots, WavLM attention)
+from . import sequence_first  # noqa: F401  (register Longformer, LED, XLNet: layers run sequence-first)
+from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment, WavLM, conformers)
 from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
 from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN

@@ -124,7 +124,7 @@ register_layer(torch.nn.MultiheadAttention, lambda module: GenericMultiheadAtten
 def _is_relative_bias_attention(cls):
     """T5's attention and the families copied from it (mT5, LongT5, UMT5, Switch, UDOP, ...),
     known by shape, without importing transformers: a compute_bias method feeding a
-    relative_attention_bias Embedding. WavLM's attention (a compute_bias too) has its own class (wavlm.py)."""
+    relative_attention_bias Embedding. WavLM's attention (a compute_bias too) has its own class (speech.py)."""
     return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention") and \
         cls.__name__ != "WavLMAttention"
 

@@ -10,9 +10,9 @@ recompute draws other masks. Here only that method is rewritten, out of place an
 draws: each example's masked rows take the vector through bk.nn.shift (example b's gradient: its
 output gradient summed over its masked rows), the feature mask zeroes columns as before.
 
-WavLMAttention: its forward gates a relative position bias per head and per position (gru_rel_pos_linear on the
-hidden states, its own gru_rel_pos_const scaling one gate), then hands its q/k/v/out_proj
-weights to F.multi_head_attention_forward itself. The first layer looks the bias up in its
+WavLMAttention: its forward gates a relative position bias per head and per position
+(gru_rel_pos_linear on the hidden states, its own gru_rel_pos_const scaling one gate), then
+hands its q/k/v/out_proj weights to F.multi_head_attention_forward itself. The first layer looks the bias up in its
 rel_attn_embed table with [T, T] buckets that hold no examples and repeats it to the batch; the
 later layers get that [B * H, T, T] bias passed down.
 
@@ -99,6 +99,8 @@ def _spec_augment_owner_class(module):
 
 
 class _WavLMAttention(BKLayer):
+
+    _bk_swap_without_parameters = True  # gru_rel_pos_const frozen: its projections still need this forward
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, index=0, **kwargs):
         if in_plain_forward() or self._bk_layout() is None:
