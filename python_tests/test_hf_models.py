@@ -421,3 +421,21 @@ def test_siglip_pooling_head_keeps_its_layers_fused(B):
     report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
     assert report.ok, report
     assert not bk.generic_modules(bk.convert(model))
+
+
+@pytest.mark.parametrize("B", [2, 4])
+def test_funnel_with_padding(B):
+    """Funnel's relative attention (generic path, block sizes 2) gets its position embeddings and cls_mask,
+    which hold no examples, with its masks: after pooling T = 8 to 4 and 2 they have B rows, and
+    read as the batch they were split per example (with a padding mask refused at the backward).
+    Now they are given whole to each example's recompute."""
+    config = transformers.FunnelConfig(vocab_size=40, d_model=16, n_head=2, d_head=8, d_inner=24, block_sizes=[2, 2, 2],
+                                       num_labels=3, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                                       pad_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.FunnelForSequenceClassification(config).to(DT)
+    ids, mask = _padded_ids(B, 8, 40, [8 - b % 3 for b in range(B)])
+    y = torch.randint(0, 3, (B,))
+    loss = lambda m, b: F.cross_entropy(m(input_ids=b[0], attention_mask=b[1]).logits, b[2])  # noqa: E731
+    report = bk.verify(model, loss, (ids, mask, y))
+    assert report.ok, report

@@ -12,6 +12,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
@@ -153,6 +154,39 @@ def _relative_bias_class(module):
 
 
 register_layer(None, _relative_bias_class, matches=_is_relative_bias_attention)
+
+
+class _FunnelRelAttention(GenericLayer):
+    """transformers' FunnelRelMultiheadAttention (its r_w_bias, r_r_bias, r_kernel, seg_embed...:
+    the generic path). Of its attention_inputs, the position embeddings and cls_mask ([T, T])
+    hold no examples, token_type_mat and attention_mask ([B, T]) do: said here by identity, since
+    after pooling T can equal B and the shapes alone then split a position table per example
+    (with a padding mask the recompute could not run: refused at the backward)."""
+
+    def forward(self, query, key, value, attention_inputs, output_attentions=False):
+        position_embeds, _, _, cls_mask = attention_inputs
+        shared = [t for t in tree_flatten((position_embeds, cls_mask))[0] if isinstance(t, torch.Tensor)]
+        self.__dict__["_bk_shared_inputs"] = {id(t) for t in shared}
+        try:
+            return self._bk_generic_call("forward", query, key, value, attention_inputs, output_attentions)
+        finally:
+            self.__dict__["_bk_shared_inputs"] = set()
+
+    def _bk_input_dim(self, t):
+        return None if id(t) in self.__dict__.get("_bk_shared_inputs", ()) else 0
+
+
+def _funnel_attention_class(module):
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return None
+    if not _takes(type(module), "forward", ["query", "key", "value", "attention_inputs", "output_attentions"]):
+        return GENERIC
+    return generic_class(type(module), mixin=_FunnelRelAttention)
+
+
+register_layer(None, _funnel_attention_class,
+               matches=lambda cls: (cls.__module__, cls.__name__) == ("transformers.models.funnel.modeling_funnel",
+                                                                     "FunnelRelMultiheadAttention"))
 
 
 class _OneMethodOnGenericPath(GenericLayer):
