@@ -439,3 +439,17 @@ def test_funnel_with_padding(B):
     loss = lambda m, b: F.cross_entropy(m(input_ids=b[0], attention_mask=b[1]).logits, b[2])  # noqa: E731
     report = bk.verify(model, loss, (ids, mask, y))
     assert report.ok, report
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_dinov2_layer_scale_through_bk_scale(B):
+    """DINOv2's LayerScale (`hidden_state * self.lambda1`) took the generic path, one recompute per
+    block and example; now bk.nn.scale. Only the embeddings (class token, positions) stay generic."""
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=16, patch_size=4, num_labels=3, layerscale_value=0.5)
+    torch.manual_seed(0)
+    model = transformers.Dinov2ForImageClassification(config).to(DT)
+    x, y = torch.randn(B, 3, 16, 16, dtype=DT), torch.randint(0, 3, (B,))
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1]), (x, y))
+    assert report.ok, report
+    assert {t for _, t, _ in bk.generic_modules(bk.convert(model))} == {"Dinov2Embeddings"}

@@ -8,6 +8,8 @@ building block; timm's LayerScale/LayerScale2d and ConvNeXt block and transforme
 Response Norm (with shift for its bias). timm's LayerNorm and LayerNorm2d go on bk's fused
 LayerNorm here too.
 """
+import inspect
+
 import torch
 
 from ..ops._norm_common import accumulation_dtype
@@ -117,6 +119,29 @@ class _TimmLayerScale(BKLayer):
 
 class _TimmLayerScale2d(_TimmLayerScale):
     _bk_channel_dim = 1
+
+
+class _HFLayerScale(BKLayer):
+    """transformers' LayerScale of DINOv2 and its copies (DINOv3, EoMT, RADIO, RF-DETR):
+    `hidden_state * self.lambda1` along the channels (it took the generic path: a recompute per
+    block and per example for C numbers)."""
+
+    def forward(self, hidden_state):
+        if in_plain_forward() or self._bk_layout() is None or not self.lambda1.requires_grad:
+            return super().forward(hidden_state)
+        return scale(self, hidden_state, self.lambda1, -1)
+
+
+def _hf_layer_scale_class(module):
+    cls = type(module)
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        source = ""
+    if takes(cls, "forward", ["hidden_state"]) and "return hidden_state * self.lambda1" in source and \
+            [n for n, _ in module.named_parameters(recurse=False)] == ["lambda1"]:
+        return mixin_class(cls, _HFLayerScale)
+    return GENERIC
 
 
 class _TimmConvNeXtBlock(BKLayer):
@@ -321,6 +346,9 @@ def _unless_fast_norm(mixin):
 
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
+register_layer(None, _hf_layer_scale_class, matches=lambda cls: cls.__name__.endswith("LayerScale")
+               and cls.__module__.startswith("transformers.models.") and "lambda1" in getattr(cls.__init__, "__code__",
+                                                                                             compile("", "", "exec")).co_names)
 register_layer(None, _hf_beit_layer_class, matches=lambda cls: cls.__name__ in ("BeitLayer", "Data2VecVisionLayer")
                and cls.__module__.startswith("transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _HFPoolFormerLayer),
