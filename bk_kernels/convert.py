@@ -154,9 +154,12 @@ def generic_modules(model):
     """[(path, type name, number of own trainable parameter elements)] of the modules of a
     converted model that take the generic path (nn/generic.py): per-example gradients of their
     own Parameters (absorbed children's included) by a recompute under torch.func, at the cost
-    of one more forward and backward of the module and B x that many elements per backward."""
+    of one more forward and backward of the module and B x that many elements per backward.
+    Modules that take that path only for rarer calls (HF ViT's embeddings with a mask or
+    interpolated positions) are left out."""
     return [(path or "<model>", type(m).__name__, sum(p.numel() for _, p in m._bk_own_trainable()))
-            for path, m in model.named_modules() if is_generic(m)]
+            for path, m in model.named_modules()
+            if is_generic(m) and not getattr(m, "_bk_generic_only_as_fallback", False)]
 
 
 def convert(model):

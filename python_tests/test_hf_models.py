@@ -453,3 +453,29 @@ def test_dinov2_layer_scale_through_bk_scale(B):
     report = bk.verify(model, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1]), (x, y))
     assert report.ok, report
     assert {t for _, t, _ in bk.generic_modules(bk.convert(model))} == {"Dinov2Embeddings"}
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_vit_embeddings_fused_and_their_fallbacks(B):
+    """HF ViT's embeddings (cls_token, position_embeddings) took the generic path, the patch
+    convolution recomputed per example: now shifts around a bk Conv2d. Calls with interpolated
+    positions (another image size) or a mask (bool_masked_pos) take the generic path: exact too."""
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                    image_size=16, patch_size=4, encoder_stride=4, num_labels=3, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).to(DT)
+    y = torch.randint(0, 3, (B,))
+    for size, interpolate in ((16, False), (24, True)):
+        x = torch.randn(B, 3, size, size, dtype=DT)
+        loss = lambda m, b: F.cross_entropy(  # noqa: E731
+            m(pixel_values=b[0], interpolate_pos_encoding=interpolate).logits, b[1])
+        report = bk.verify(model, loss, (x, y))
+        assert report.ok, (size, report)
+    assert not bk.generic_modules(bk.convert(copy.deepcopy(model)))
+    masked = transformers.ViTForMaskedImageModeling(config).to(DT)
+    x = torch.randn(B, 3, 16, 16, dtype=DT)
+    positions = torch.zeros(B, 16, dtype=torch.bool)
+    positions[:, ::3] = True
+    report = bk.verify(masked, lambda m, b: m(pixel_values=b[0], bool_masked_pos=b[1]).loss, (x, positions))
+    assert report.ok, report

@@ -1,4 +1,5 @@
-"""transformers modules that own a learned query token used inline: SigLIP's attention-pooling head.
+"""transformers modules that own learned tokens used inline: SigLIP's attention-pooling head, and
+ViT's embeddings (ViT, ViT-MSN).
 
 SiglipMultiheadAttentionPoolingHead repeats its probe ([1, 1, d]) to the batch, attends from it
 over the image tokens with an nn.MultiheadAttention (bk's), then a LayerNorm and an MLP. Left
@@ -7,10 +8,21 @@ the probe's d numbers). Here transformers' forward runs with the probe made per 
 shift of zeros (example b's gradient: its own query's), so every layer in the head stays on the
 fused path. A head whose forward takes other arguments (SigLIP-2's attention mask) keeps the
 generic path (exact, slower).
+
+ViTEmbeddings prepends its cls_token (expanded to the batch) to the patch embeddings and adds its
+position_embeddings: the module took the generic path, its patch convolution recomputed per
+example. Here its forward runs with the class token made per example and the positions added by
+bk.nn.shift, the patch convolution a bk Conv2d. A call with bool_masked_pos (the mask token) or
+interpolate_pos_encoding takes the generic path, as before.
 """
+import inspect
+
+import torch
+
 from ._core import BKLayer, in_plain_forward
 from ._made import mixin_class, takes
 from .families import GENERIC, register_layer
+from .generic import GenericLayer, generic_class
 from .layer_scale import shift
 
 
@@ -40,4 +52,55 @@ def _probe_pooling_head_class(module):
 
 register_layer(None, _probe_pooling_head_class,
                matches=lambda cls: cls.__name__ == "SiglipMultiheadAttentionPoolingHead"
+               and cls.__module__.startswith("transformers.models."))
+
+
+class _ViTEmbeddings(GenericLayer):
+    """transformers 5's ViTEmbeddings.forward, its tokens book-kept by shifts."""
+
+    _bk_generic_only_as_fallback = True  # bk.generic_modules leaves it out: the usual call is fused
+
+    def forward(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=False):
+        if in_plain_forward() or self._bk_layout() is None or bool_masked_pos is not None or interpolate_pos_encoding:
+            return self._bk_generic_call("forward", pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        batch_size, _, height, width = pixel_values.shape
+        if height != self.image_size[0] or width != self.image_size[1]:
+            raise ValueError(f"Input image size ({height}*{width}) doesn't match model"
+                             f" ({self.image_size[0]}*{self.image_size[1]}).")
+        embeddings = self.patch_embeddings(pixel_values)
+        token = self.cls_token
+        cls_tokens = shift(self, embeddings.new_zeros(batch_size, *token.shape[1:], dtype=token.dtype), token,
+                           (1, *token.shape[1:]))
+        embeddings = torch.cat((cls_tokens.to(embeddings.dtype), embeddings), dim=1)
+        positions = self.position_embeddings
+        embeddings = shift(self, embeddings, positions, (1, *positions.shape[1:]))
+        return self.dropout(embeddings)
+
+
+_VIT_FORWARD = None  # the source of transformers' ViTEmbeddings.forward, read once
+
+
+def _vit_embeddings_class(module):
+    """_ViTEmbeddings for a class whose forward is ViTEmbeddings' own (ViT-MSN copies it), with
+    its own Parameters among cls_token, position_embeddings and mask_token; else the generic path."""
+    global _VIT_FORWARD
+    cls = type(module)
+    if not any(p.requires_grad for p in module.parameters(recurse=False)):
+        return None
+    if _VIT_FORWARD is None:
+        from transformers.models.vit.modeling_vit import ViTEmbeddings
+        _VIT_FORWARD = inspect.getsource(ViTEmbeddings.forward)
+    try:
+        same = inspect.getsource(cls.forward) == _VIT_FORWARD
+    except (OSError, TypeError):
+        same = False
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if same and own <= {"cls_token", "position_embeddings", "mask_token"} and \
+            {"cls_token", "position_embeddings"} <= own:
+        return generic_class(cls, mixin=_ViTEmbeddings)
+    return GENERIC
+
+
+register_layer(None, _vit_embeddings_class,
+               matches=lambda cls: cls.__name__ in ("ViTEmbeddings", "ViTMSNEmbeddings")
                and cls.__module__.startswith("transformers.models."))
