@@ -25,6 +25,14 @@ def made_class(factory, args, name, bases, attrs):
     return _MADE[key]
 
 
+def source_of(fn):
+    """The source of a function or class, "" where it has none (built at run time, C)."""
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
 def takes(cls, method, names):
     """Whether cls.<method> has exactly these arguments after self: a bk mixin that copies a
     library's forward is made only for the version whose signature it read."""

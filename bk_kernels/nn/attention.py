@@ -6,7 +6,6 @@ when query, key and value differ), out_proj is a bk.nn.Linear, and the attention
 ordinary autograd (it has no parameters).
 """
 import copy
-import inspect
 import math
 import re
 
@@ -18,7 +17,7 @@ from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
 from ._uses import DenseUse
-from ._made import mixin_class, takes as _takes
+from ._made import mixin_class, source_of as _source, takes as _takes
 from .layer_scale import scale, shift
 from .linear import linear_with
 from ..ops._norm_common import accumulation_dtype
@@ -786,13 +785,6 @@ def _pos_embed_owner_class(module):
     if all(f"self.{n}" in pos_embed_source and not re.search(rf"self\.{n}\b", others) for n in own):
         return generic_class(cls, mixin=_PosEmbedOwner)
     return generic_class(cls)
-
-
-def _source(fn):
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
 
 
 register_layer(None, _pos_embed_owner_class, matches=_is_timm_pos_embed_owner)

@@ -15,15 +15,15 @@ example. Here its forward runs with the class token made per example and the pos
 bk.nn.shift, the patch convolution a bk Conv2d. A call with bool_masked_pos (the mask token) or
 interpolate_pos_encoding takes the generic path, as before.
 """
-import inspect
+import functools
 
 import torch
 
 from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class, takes
+from ._made import mixin_class, source_of, takes
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
-from .layer_scale import shift
+from .layer_scale import class_tokens, shift
 
 
 class _ProbePoolingHead(BKLayer):
@@ -33,10 +33,7 @@ class _ProbePoolingHead(BKLayer):
         probe = self.probe
         if in_plain_forward() or self._bk_layout() is None or not probe.requires_grad:
             return super().forward(hidden_state)
-        batch_size = hidden_state.shape[0]
-        probe = shift(self, hidden_state.new_zeros(batch_size, *probe.shape[1:], dtype=probe.dtype), probe,
-                      (1, *probe.shape[1:]))
-        hidden_state = self.attention(probe, hidden_state, hidden_state)[0]
+        hidden_state = self.attention(class_tokens(self, hidden_state, probe), hidden_state, hidden_state)[0]
         residual = hidden_state
         hidden_state = self.layernorm(hidden_state)
         hidden_state = residual + self.mlp(hidden_state)
@@ -63,37 +60,31 @@ class _ViTEmbeddings(GenericLayer):
     def forward(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding=False):
         if in_plain_forward() or self._bk_layout() is None or bool_masked_pos is not None or interpolate_pos_encoding:
             return self._bk_generic_call("forward", pixel_values, bool_masked_pos, interpolate_pos_encoding)
-        batch_size, _, height, width = pixel_values.shape
+        _, _, height, width = pixel_values.shape
         if height != self.image_size[0] or width != self.image_size[1]:
             raise ValueError(f"Input image size ({height}*{width}) doesn't match model"
                              f" ({self.image_size[0]}*{self.image_size[1]}).")
         embeddings = self.patch_embeddings(pixel_values)
-        token = self.cls_token
-        cls_tokens = shift(self, embeddings.new_zeros(batch_size, *token.shape[1:], dtype=token.dtype), token,
-                           (1, *token.shape[1:]))
-        embeddings = torch.cat((cls_tokens.to(embeddings.dtype), embeddings), dim=1)
+        embeddings = torch.cat((class_tokens(self, embeddings, self.cls_token), embeddings), dim=1)
         positions = self.position_embeddings
         embeddings = shift(self, embeddings, positions, (1, *positions.shape[1:]))
         return self.dropout(embeddings)
 
 
-_VIT_FORWARD = None  # the source of transformers' ViTEmbeddings.forward, read once
+@functools.lru_cache(maxsize=None)
+def _vit_forward_source():
+    from transformers.models.vit.modeling_vit import ViTEmbeddings
+    return source_of(ViTEmbeddings.forward)
 
 
 def _vit_embeddings_class(module):
     """_ViTEmbeddings for a class whose forward is ViTEmbeddings' own (ViT-MSN copies it), with
     its own Parameters among cls_token, position_embeddings and mask_token; else the generic path."""
-    global _VIT_FORWARD
     cls = type(module)
     if not any(p.requires_grad for p in module.parameters(recurse=False)):
         return None
-    if _VIT_FORWARD is None:
-        from transformers.models.vit.modeling_vit import ViTEmbeddings
-        _VIT_FORWARD = inspect.getsource(ViTEmbeddings.forward)
-    try:
-        same = inspect.getsource(cls.forward) == _VIT_FORWARD
-    except (OSError, TypeError):
-        same = False
+    source = source_of(cls.forward)
+    same = bool(source) and source == _vit_forward_source()
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if same and own <= {"cls_token", "position_embeddings", "mask_token"} and \
             {"cls_token", "position_embeddings"} <= own:

@@ -8,14 +8,12 @@ building block; timm's LayerScale/LayerScale2d and ConvNeXt block and transforme
 Response Norm (with shift for its bias). timm's LayerNorm and LayerNorm2d go on bk's fused
 LayerNorm here too.
 """
-import inspect
-
 import torch
 
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
-from ._made import mixin_class, takes
+from ._made import mixin_class, source_of, takes
 from .families import GENERIC, register_layer
 from .norm import GroupNorm, LayerNorm
 
@@ -71,6 +69,12 @@ def shift(layer, x, beta, shape):
     if not beta.requires_grad:
         return x + beta.view(shape)
     return _ShiftFn.apply(layer._bk_examples(x, 0), beta, layer, shape)
+
+
+def class_tokens(layer, x, token):
+    """token [1, k, C] repeated for each example of x, as a shift of zeros (per-example grads);
+    a frozen token is added as it is (timm's and transformers' class tokens, SigLIP's probe)."""
+    return shift(layer, x.new_zeros(x.shape[0], *token.shape[1:]), token, (1, *token.shape[1:]))
 
 
 class _DebertaLayerNorm(BKLayer):
@@ -134,11 +138,7 @@ class _HFLayerScale(BKLayer):
 
 def _hf_layer_scale_class(module):
     cls = type(module)
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        source = ""
-    if takes(cls, "forward", ["hidden_state"]) and "return hidden_state * self.lambda1" in source and \
+    if takes(cls, "forward", ["hidden_state"]) and "return hidden_state * self.lambda1" in source_of(cls.forward) and \
             [n for n, _ in module.named_parameters(recurse=False)] == ["lambda1"]:
         return mixin_class(cls, _HFLayerScale)
     return GENERIC

@@ -23,14 +23,13 @@ Linears on [B, T, d] (F.multi_head_attention_forward's order of operations, batc
 table looked up with the buckets expanded to the batch ([B, T, T] ids: each example's lookup
 its own, no copy), gru_rel_pos_const through bk.nn.scale. No per-example recompute.
 """
-import inspect
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class
+from ._made import mixin_class, source_of
 from .families import GENERIC, register_layer
 from .layer_scale import scale, shift
 
@@ -71,13 +70,6 @@ def _library_module(module):
     return sys.modules[next(c for c in type(module).__mro__ if c.__module__.startswith("transformers.")).__module__]
 
 
-def _source(fn):
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):
-        return ""
-
-
 def _is_spec_augment_owner(cls):
     return cls.__module__.startswith("transformers.models.") and callable(getattr(cls, "_mask_hidden_states", None))
 
@@ -90,8 +82,8 @@ def _spec_augment_owner_class(module):
     if not own:
         return None
     cls = type(module)
-    method = _source(cls._mask_hidden_states)
-    others = "".join(_source(fn) for name, fn in vars(cls).items() if callable(fn) and name != "_mask_hidden_states")
+    method = source_of(cls._mask_hidden_states)
+    others = "".join(source_of(fn) for name, fn in vars(cls).items() if callable(fn) and name != "_mask_hidden_states")
     if own == ["masked_spec_embed"] and "hidden_states[mask_time_indices] = self.masked_spec_embed" in method and \
             "masked_spec_embed" not in others.replace("self.masked_spec_embed = nn.Parameter", ""):
         return mixin_class(cls, _SpecAugmentOwner)

@@ -17,17 +17,12 @@ from ._made import mixin_class, takes as _takes
 from ._uses import DenseUse
 from .attention import _own, _timm_block, _timm_blocks
 from .families import GENERIC, register_layer
-from .layer_scale import scale, shift
+from .layer_scale import class_tokens as _class_tokens, scale, shift
 
 
 def _off(layer):
     """Whether timm's own forward runs: outside private training, or nothing of the layer's trains."""
     return in_plain_forward() or layer._bk_layout() is None or not layer._bk_trains()
-
-
-def _class_tokens(layer, x, token):
-    """token [1, k, C] repeated for each example of x, as a shift of zeros (per-example grads)."""
-    return shift(layer, x.new_zeros(x.shape[0], *token.shape[1:]), token, (1, *token.shape[1:]))
 
 
 def _with_class_tokens(layer, x, token):
