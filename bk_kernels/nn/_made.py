@@ -33,6 +33,11 @@ def source_of(fn):
         return ""
 
 
+def names_in_init(cls):
+    """The attribute and global names cls.__init__ uses (what it assigns to self among them)."""
+    return getattr(cls.__init__, "__code__", compile("", "", "exec")).co_names
+
+
 def takes(cls, method, names):
     """Whether cls.<method> has exactly these arguments after self: a bk mixin that copies a
     library's forward is made only for the version whose signature it read."""

@@ -17,7 +17,7 @@ from ._core import BKLayer, folded_rows, in_plain_forward
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
 from ._uses import DenseUse
-from ._made import mixin_class, source_of as _source, takes as _takes
+from ._made import mixin_class, names_in_init as _names_in_init, source_of as _source, takes as _takes
 from .layer_scale import scale, shift
 from .linear import linear_with
 from ..ops._norm_common import accumulation_dtype
@@ -124,9 +124,10 @@ register_layer(torch.nn.MultiheadAttention, lambda module: GenericMultiheadAtten
 def _is_relative_bias_attention(cls):
     """T5's attention and the families copied from it (mT5, LongT5, UMT5, Switch, UDOP, ...),
     known by shape, without importing transformers: a compute_bias method feeding a
-    relative_attention_bias Embedding. WavLM's attention (a compute_bias too) has its own class (speech.py)."""
+    relative_attention_bias Embedding (WavLM's attention has a compute_bias on a table of another
+    name, and its own class: speech.py)."""
     return callable(getattr(cls, "compute_bias", None)) and cls.__name__.endswith("Attention") and \
-        cls.__name__ != "WavLMAttention"
+        "relative_attention_bias" in _names_in_init(cls)
 
 
 def _table_owner_class(module, table, mixin=GenericLayer):

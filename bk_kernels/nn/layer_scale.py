@@ -13,7 +13,7 @@ import torch
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, in_plain_forward
 from ._uses import DenseUse
-from ._made import mixin_class, source_of, takes
+from ._made import mixin_class, names_in_init, source_of, takes
 from .families import GENERIC, register_layer
 from .norm import GroupNorm, LayerNorm
 
@@ -347,12 +347,12 @@ def _unless_fast_norm(mixin):
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmLayerScale), matches=_timm_class("LayerScale"))
 register_layer(None, _hf_layer_scale_class, matches=lambda cls: cls.__name__.endswith("LayerScale")
-               and cls.__module__.startswith("transformers.models.") and "lambda1" in getattr(cls.__init__, "__code__",
-                                                                                             compile("", "", "exec")).co_names)
+               and cls.__module__.startswith("transformers.models.") and "lambda1" in names_in_init(cls))
 register_layer(None, _hf_beit_layer_class, matches=lambda cls: cls.__name__ in ("BeitLayer", "Data2VecVisionLayer")
                and cls.__module__.startswith("transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _HFPoolFormerLayer),
-               matches=lambda cls: cls.__name__ == "PoolFormerLayer" and cls.__module__.startswith("transformers.models."))
+               matches=lambda cls: cls.__name__ == "PoolFormerLayer"
+               and cls.__module__.startswith("transformers.models."))
 register_layer(None, lambda module: mixin_class(type(module), _HFGroupNormActivation),
                matches=lambda cls: cls.__name__ == "BitGroupNormActivation" and cls.__module__.startswith(
                    "transformers.models."))
