@@ -178,6 +178,33 @@ def timm_bit(B=16, size=64, classes=10, model="resnetv2_50x1_bit"):
     return _timm_staged_net("timm_bit", model, B, size, classes)
 
 
+def tv_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
+    """torchvision's VisionTransformer at timm_vit's sizes: its root owns the class token and its
+    Encoder the positions, used inline (before session 15 both took the generic path, which
+    recomputed the whole model per example)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=size, patch_size=patch, num_layers=layers, num_heads=heads,
+                              hidden_dim=width, mlp_dim=4 * width, num_classes=classes)
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("tv_vit", model, (x,), y, lambda m, x: m(x),
+                    dict(model="tv_vit", layers=layers, width=width, T=(size // patch) ** 2 + 1, B=B))
+
+
+def tv_swin(B=8, size=64, classes=10):
+    """torchvision's swin_t (28M parameters) at 64 x 64: its window attention hands qkv.weight and
+    proj.weight to a function (before session 15 the generic path: each attention recomputed per
+    example)."""
+    from torchvision.models import swin_t
+
+    torch.manual_seed(0)
+    model = swin_t(weights=None, num_classes=classes)
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("tv_swin", model, (x,), y, lambda m, x: m(x),
+                    dict(model="tv_swin", layers=12, width=768, T=(size // 32) ** 2, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -219,7 +246,7 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit,
-          "timm_convnext": timm_convnext, "timm_bit": timm_bit}
+          "timm_convnext": timm_convnext, "timm_bit": timm_bit, "tv_vit": tv_vit, "tv_swin": tv_swin}
 
 
 # ---------------------------------------------------------------- methods

@@ -54,12 +54,13 @@ def _two_steps_move(w, method):
     return True
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "timm_vit", "timm_convnext", "timm_bit"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "timm_vit", "timm_convnext", "timm_bit", "tv_vit", "tv_swin"])
 def test_library_model_workloads_step(name):
-    """The workloads built from transformers and timm classes (bk against non-private only in the
+    """The workloads built from transformers, timm and torchvision classes (bk against non-private only in the
     suite): two steps of each, on the sizes the memory subprocess warms up with."""
     pytest.importorskip("transformers")
     pytest.importorskip("timm")
+    pytest.importorskip("torchvision")
     w = workloads.build(name, CPU, torch.float32, **models.TINY[name])
     for method in ("non-private", "bk (cpu)"):
         _two_steps_move(w, method)

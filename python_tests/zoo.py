@@ -469,6 +469,55 @@ def timm_mobilenetv3_bn_replaced():
                                 groups=4)
 
 
+def tv_vit():
+    """torchvision's VisionTransformer: the root owns class_token, its Encoder pos_embedding (both
+    used inline; 16 x 16 images, 4 x 4 patches: 17 positions)."""
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=3).to(DT)
+
+
+def tv_swin(v2=False):
+    """torchvision's Swin (v1, or v2: cosine attention, cpb_mlp, a qkv bias whose key block it
+    zeroes in every forward), the sizes of timm_swin: 32 x 32 images, 2 x 2 windows, 16 windows
+    per image at stage 0 and 4 at stage 1 (whose second block shifts)."""
+    from torchvision.models import swin_transformer as S
+    blocks = dict(block=S.SwinTransformerBlockV2, downsample_layer=S.PatchMergingV2) if v2 else {}
+    return S.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 2], num_heads=[1, 2], window_size=[2, 2],
+                             stochastic_depth_prob=0.0, num_classes=3, **blocks).to(DT)
+
+
+def tv_swin3d():
+    """torchvision's video Swin (SwinTransformer3d): 3-d windows of 2 x 2 x 2 on [B, 3, 4, 32, 32]
+    clips: 16 windows per clip at stage 0; at stage 1 the window's time extent is the input's
+    (2), so that dim neither pads nor shifts."""
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+    return SwinTransformer3d(patch_size=[2, 4, 4], embed_dim=8, depths=[1, 2], num_heads=[1, 2],
+                             window_size=[2, 2, 2], stochastic_depth_prob=0.0, num_classes=3).to(DT)
+
+
+def clip_batch(B, frames=4, size=32, labels=3):
+    """[B, 3, frames, size, size] clips (torchvision's video layout)."""
+    return {"x": torch.randn(B, 3, frames, size, size, dtype=DT), "y": torch.randint(0, labels, (B,))}
+
+
+def tv_convnext():
+    """torchvision's ConvNeXt: CNBlock multiplies by its layer_scale inline; LayerNorm2d."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.0,
+                    layer_scale=0.5, num_classes=3).to(DT)
+
+
+def tv_maxvit():
+    """torchvision's MaxViT (its MBConv BatchNorms replaced): window and grid attention adding their
+    relative position table inline, on [B, groups, positions, C]."""
+    import bk_kernels as bk
+    from torchvision.models.maxvit import MaxVit
+    return bk.replace_batchnorm(MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16],
+                                       block_layers=[1, 1], head_dim=4, stochastic_depth_prob=0.0,
+                                       num_classes=3).to(DT))
+
+
 def hf_resnet_bn_replaced():
     """HF ResNet (nn.BatchNorm2d in every conv layer) after bk.replace_batchnorm."""
     import bk_kernels as bk
@@ -613,6 +662,12 @@ ZOO = {
     "timm_bit": (timm_bit, classify_images, lambda B: image_batch(B, size=32)),
     "timm_nf_resnet": (timm_nf_resnet, classify_images, lambda B: image_batch(B, size=32)),
     "timm_mobilenetv3_bn_replaced": (timm_mobilenetv3_bn_replaced, classify_images, lambda B: image_batch(B, size=32)),
+    "tv_vit": (tv_vit, classify_images, image_batch),
+    "tv_swin": (tv_swin, classify_images, lambda B: image_batch(B, size=32)),
+    "tv_swinv2": (lambda: tv_swin(v2=True), classify_images, lambda B: image_batch(B, size=32)),
+    "tv_swin3d": (tv_swin3d, classify_images, clip_batch),
+    "tv_convnext": (tv_convnext, classify_images, lambda B: image_batch(B, size=32)),
+    "tv_maxvit": (tv_maxvit, classify_images, lambda B: image_batch(B, size=32)),
     "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_mobilevit_bn_replaced": (hf_mobilevit_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_timesformer": (hf_timesformer, classify_pixels, video_batch),

@@ -15,6 +15,7 @@ from . import timm_tokens  # noqa: F401  (register timm roots owning tokens: Cai
 from . import sequence_first  # noqa: F401  (register Longformer, LED, XLNet: layers run sequence-first)
 from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment, WavLM, conformers)
 from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
+from . import torchvision_models  # noqa: F401  (register torchvision's ViT, Swin, ConvNeXt, MaxViT modules)
 from .layer_scale import scale
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Sweeps model classes under bk.verify, one process per model (see hf_text.py, hf_image.py, hf_audio.py, timm_model.py).
-#   bash tools/sweep/run.sh hf|hf-seq-cls|hf-seq2seq|hf-mlm|hf-token-cls|hf-image|hf-audio|timm OUT.jsonl
+# Sweeps model classes under bk.verify, one process per model (see hf_text.py, hf_image.py, hf_audio.py, timm_model.py,
+# torchvision_model.py).
+#   bash tools/sweep/run.sh hf|hf-seq-cls|hf-seq2seq|hf-mlm|hf-token-cls|hf-image|hf-audio|timm|torchvision OUT.jsonl
 set -u
 kind=$1; out=$2; here=$(dirname "$0"); py=${PYTHON:-python}
 mapping() { $py -c "from transformers.models.auto import modeling_auto as M; print(' '.join(sorted(M.$1)))"; }
@@ -16,9 +17,10 @@ case $kind in
     [ -f /tmp/timm_picks.json ] || $py "$here/timm_pick.py" > /dev/null
     models=$($py -c "import json; print(' '.join(v[0] for v in json.load(open('/tmp/timm_picks.json')).values()))")
     head=timm ;;
+  torchvision)  models=$(cd "$here" && $py torchvision_model.py --list); head=torchvision ;;
   *) echo "unknown kind $kind"; exit 2 ;;
 esac
-case $head in image) script=$here/hf_image.py ;; audio) script=$here/hf_audio.py ;; timm) script=$here/timm_model.py ;; *) script=$here/hf_text.py ;; esac
+case $head in image) script=$here/hf_image.py ;; audio) script=$here/hf_audio.py ;; timm) script=$here/timm_model.py ;; torchvision) script=$here/torchvision_model.py ;; *) script=$here/hf_text.py ;; esac
 for m in $models; do
   line=$(SWEEP_HEAD=$head timeout 300 $py "$script" "$m" 4 2>/dev/null | tail -1)
   [ -n "$line" ] || line="{\"model\": \"$m\", \"error\": \"timeout or crash\"}"
