@@ -205,6 +205,20 @@ def tv_swin(B=8, size=64, classes=10):
                     dict(model="tv_swin", layers=12, width=768, T=(size // 32) ** 2, B=B))
 
 
+def tv_resnet18(B=32, size=32, classes=10):
+    """torchvision's resnet18 at CIFAR's 32 x 32 with its BatchNorms replaced by GroupNorm
+    (bk.replace_batchnorm; Opacus' tutorials do the same with ModuleValidator.fix): the DP image
+    classifier most users start from."""
+    import bk_kernels as bk
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = bk.replace_batchnorm(resnet18(weights=None, num_classes=classes))
+    x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
+    return Workload("tv_resnet18", model, (x,), y, lambda m, x: m(x),
+                    dict(model="tv_resnet18", layers=21, width=512, T=(size // 32) ** 2, B=B))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -246,7 +260,8 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit,
-          "timm_convnext": timm_convnext, "timm_bit": timm_bit, "tv_vit": tv_vit, "tv_swin": tv_swin}
+          "timm_convnext": timm_convnext, "timm_bit": timm_bit, "tv_vit": tv_vit, "tv_swin": tv_swin,
+          "tv_resnet18": tv_resnet18}
 
 
 # ---------------------------------------------------------------- methods

@@ -51,7 +51,8 @@ class _Standardization:
         x, g, args = use.x, use.g, use.args
         B, C_out, groups = g.shape[0], g.shape[1], args["groups"]
         n = self.normalized.shape[1]
-        conv = lambda w: F.conv2d(x, w.to(x.dtype), None, args["stride"], 0, args["dilation"], groups)  # noqa: E731
+        conv = lambda w: F.conv2d(x, w.to(x.dtype), None, args["stride"], args["padding"], args["dilation"],  # noqa: E731
+                                  groups)
         gf = g.flatten(2).to(self.acc)
         q = (gf * conv(self.normalized.view(self.weight_shape)).flatten(2).to(self.acc)).sum(-1) / n  # [B, C_out]
         out = []
@@ -121,12 +122,12 @@ class _TimmStdConv(Conv2d):
         grad_weight = grads.pop(0)[0].to(weight.dtype) if weight.requires_grad else None
         return grad_weight, grads[0][0].to(gain.dtype) if want_gain else None
 
-    def _bk_padded(self, x):
+    def _bk_pre_padded(self, x):
         if getattr(self, "same_pad", False):  # TensorFlow's "SAME", from each input's size
             from timm.layers.padding import pad_same
 
             return pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return super()._bk_padded(x)
+        return x
 
 
 register_layer(None, lambda module: mixin_class(type(module), _TimmStdConv),
@@ -138,10 +139,10 @@ class _HFStdConv(_TimmStdConv):
     arithmetic (the weight standardized by F.batch_norm over each output channel); its dynamic
     TensorFlow "SAME" padding module, when it has one, is applied first."""
 
-    def _bk_padded(self, x):
+    def _bk_pre_padded(self, x):
         if getattr(self, "pad", None) is not None:
             x = self.pad(x)
-        return super()._bk_padded(x)
+        return super()._bk_pre_padded(x)
 
 
 register_layer(None, lambda module: mixin_class(type(module), _HFStdConv),

@@ -326,7 +326,9 @@ template <typename S>
 void check_norm_layer_all(const char* name, double tol) {
   const int64_t shapes[][3] = {{0, 4, 3}, {1, 1, 1},    {2, 0, 5},    {3, 37, 123},
                                {2, 1, 300}, {1, 2000, 5}, {4, 130, 17}, {2, 5, 0},
-                               {4, 300, 77}};  // the last one large enough for threads
+                               {4, 300, 77},   // large enough for threads
+                               {5, 15, 40},    // channel-major with fewer positions than lanes
+                               {32, 4, 300}};  // ... in items of many channels, threaded
   for (const auto& s : shapes)
     for (int xl = 0; xl < 3; ++xl)
       for (int gl = 0; gl < 3; ++gl)

@@ -15,6 +15,12 @@ CASES = [
     (2, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=4), (2, 4, 7, 7), 8),  # depthwise, x2
     (2, dict(kernel_size=1, stride=1, padding=0, dilation=1, groups=1), (0, 3, 5, 5), 4),  # B = 0
     (3, dict(kernel_size=2, stride=1, padding=(0, 1, 0), dilation=1, groups=1), (2, 3, 4, 5, 3), 2),
+    # one output position per example (the CPU clipped sum's matmul path): a 3x3 kernel on a 1x1
+    # map padded by 1 (ResNet's last stage at 32 x 32), strided with groups, unpadded, in 3-d
+    (2, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=1), (3, 4, 1, 1), 5),
+    (2, dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=2), (2, 4, 2, 2), 6),
+    (1, dict(kernel_size=4, stride=1, padding=0, dilation=1, groups=1), (1, 3, 4), 2),
+    (3, dict(kernel_size=2, stride=2, padding=0, dilation=1, groups=1), (3, 2, 2, 2, 2), 3),
 ]
 
 
