@@ -19,7 +19,7 @@ except ImportError as err:  # fail loudly, saying how to fix it
 
 from . import accounting, clipping, data, distributed, nn, ops  # noqa: E402
 from .convert import UnsupportedModuleError, convert, generic_modules  # noqa: E402
-from .batchnorm import replace_batchnorm  # noqa: E402
+from .batchnorm import freeze_batchnorm, replace_batchnorm  # noqa: E402
 from .nn.families import register_layer  # noqa: E402
 from .engine import PrivacyEngine, UnsupportedLayoutError  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
@@ -32,4 +32,4 @@ def build_info():
 
 
 __all__ = ["PrivacyEngine", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
-           "convert", "data", "generic_modules", "distributed", "nn", "ops", "register_layer", "replace_batchnorm", "verify", "VerifyReport"]
+           "convert", "data", "generic_modules", "distributed", "nn", "ops", "register_layer", "freeze_batchnorm", "replace_batchnorm", "verify", "VerifyReport"]

@@ -1,5 +1,7 @@
 """bk.replace_batchnorm(model): every BatchNorm swapped for a GroupNorm, which normalises each
-example on its own, so that the model can be trained privately.
+example on its own, so that the model can be trained privately. bk.freeze_batchnorm(model): every
+BatchNorm swapped for a bk.nn.FrozenBatchNorm, which normalises with its running statistics in
+train mode too (a pretrained model keeps its function; its affine Parameters still train).
 
 BatchNorm normalises with the statistics of the whole batch: no example has a gradient of its
 own, so bk.convert refuses a trainable BatchNorm and the engine refuses a frozen one that runs
@@ -29,7 +31,9 @@ def _timm_norm_act(module):
     return cls.__module__.startswith("timm.") and cls.__name__ in ("BatchNormAct2d", "SyncBatchNormAct")
 
 
-def _problem(module):
+def _problem(module, frozen=False):
+    if frozen and not module.track_running_stats:
+        return "it keeps no running statistics (track_running_stats=False): there is nothing to freeze"
     if _timm_norm_act(module):
         return None
     if type(module).forward not in _PLAIN_FORWARDS:
@@ -57,6 +61,56 @@ def _group_norm(bn, groups):
     return gn
 
 
+def _swap_batchnorms(model, make, frozen=False, caller="replace_batchnorm"):
+    """Every BatchNorm of model (or model itself) swapped for make(bn), shared ones once; the
+    problems named in one error before anything changes."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _BATCHNORM)]
+    problems = [f"  {name or '<model>'} ({type(m).__name__}): {why}" for name, m in found
+                if (why := _problem(m, frozen))]
+    if problems:
+        raise UnsupportedModuleError(f"{caller}: these BatchNorm modules cannot be swapped (nothing was "
+                                     "changed):\n" + "\n".join(problems))
+    if isinstance(model, _BATCHNORM):
+        return make(model)
+    swapped = {}  # a BatchNorm reached twice (shared) gets one replacement
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if isinstance(child, _BATCHNORM):
+                if id(child) not in swapped:
+                    swapped[id(child)] = make(child)
+                parent._modules[child_name] = swapped[id(child)]
+    return model
+
+
+def _frozen(bn):
+    from .nn.frozen_batchnorm import FrozenBatchNorm, FrozenBatchNormAct
+
+    if not _timm_norm_act(bn):
+        return FrozenBatchNorm.from_batchnorm(bn)
+    frozen = FrozenBatchNormAct.from_batchnorm(bn)
+    frozen.drop, frozen.act = bn.drop, bn.act
+    return frozen
+
+
+def freeze_batchnorm(model):
+    """Swaps every BatchNorm1d/2d/3d and SyncBatchNorm of `model` (in place; timm's BatchNormAct2d
+    too, keeping its drop and act) for a bk.nn.FrozenBatchNorm: the normalisation by the running
+    statistics that eval mode uses, in train mode too, and its affine weight and bias (the same
+    Parameter objects) trainable privately. Returns the model (or the FrozenBatchNorm, when
+    `model` itself is a BatchNorm).
+
+    For fine-tuning a pretrained BatchNorm network (torchvision's and timm's ResNets,
+    EfficientNets...): the model computes what it computed in eval mode, where
+    bk.replace_batchnorm's GroupNorm would be another function. The statistics are the
+    checkpoint's and are never updated (an update from the private data would be outside the DP
+    guarantee); freeze the affine Parameters too (requires_grad_(False)) to train only the rest.
+    The state_dict keeps the BatchNorm's keys: load a checkpoint before or after. BatchNorms
+    without running statistics, and subclasses with a forward of their own, are named in one
+    UnsupportedModuleError before anything changes.
+    """
+    return _swap_batchnorms(model, _frozen, frozen=True, caller="freeze_batchnorm")
+
+
 def replace_batchnorm(model, groups=32):
     """Swaps every BatchNorm1d/2d/3d and SyncBatchNorm of `model` (in place) for a GroupNorm
     over the same channels (timm's BatchNormAct2d and SyncBatchNormAct for timm's GroupNormAct,
@@ -76,18 +130,4 @@ def replace_batchnorm(model, groups=32):
     """
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"replace_batchnorm: groups must be a positive int, got {groups!r}")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _BATCHNORM)]
-    problems = [f"  {name or '<model>'} ({type(m).__name__}): {why}" for name, m in found if (why := _problem(m))]
-    if problems:
-        raise UnsupportedModuleError("replace_batchnorm: these BatchNorm modules cannot be swapped (nothing was "
-                                     "changed):\n" + "\n".join(problems))
-    if isinstance(model, _BATCHNORM):
-        return _group_norm(model, groups)
-    swapped = {}  # a BatchNorm reached twice (shared) gets one GroupNorm
-    for parent in list(model.modules()):
-        for child_name, child in list(parent._modules.items()):
-            if isinstance(child, _BATCHNORM):
-                if id(child) not in swapped:
-                    swapped[id(child)] = _group_norm(child, groups)
-                parent._modules[child_name] = swapped[id(child)]
-    return model
+    return _swap_batchnorms(model, lambda bn: _group_norm(bn, groups))

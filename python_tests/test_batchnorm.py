@@ -157,3 +157,86 @@ def test_a_group_norm_of_one_value_per_group_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spatial(torch.randn(2, 3, 6, 6))
+
+
+# ---------------------------------------------------------------- bk.freeze_batchnorm
+
+def _with_statistics(model):
+    """Running statistics and affine values other than 0 / 1 (a pretrained BatchNorm's)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("frozen_affine", [None, "weight", "bias", "both"])
+def test_freeze_batchnorm_keeps_the_eval_function_and_trains_exactly(frozen_affine):
+    """The frozen model computes in train mode what the BatchNorm model computed in eval mode,
+    holds the same Parameter objects and a state_dict with the BatchNorm's keys; its private
+    step is exact with the affine Parameters trained, partly frozen or frozen."""
+    model = _with_statistics(conv_net())
+    inputs = batch()
+    want = model.eval()(inputs["x"])
+    state = copy.deepcopy(model.state_dict())
+    weight, bias = model[1].weight, model[1].bias
+    assert bk.freeze_batchnorm(model) is model
+    frozen = model[1]
+    assert type(frozen) is bk.nn.FrozenBatchNorm and frozen.weight is weight and frozen.bias is bias
+    assert set(model.state_dict()) == set(state)
+    model.train()
+    torch.testing.assert_close(model(inputs["x"]), want, rtol=0, atol=0)
+    model.load_state_dict(state)  # a BatchNorm checkpoint loads as it is
+    for name in {"weight": ["weight"], "bias": ["bias"], "both": ["weight", "bias"]}.get(frozen_affine, []):
+        getattr(frozen, name).requires_grad_(False)
+    assert_exact(model, inputs)
+
+
+def test_freeze_batchnorm_never_updates_the_statistics():
+    """Private steps move the trained Parameters and leave the running statistics as they were."""
+    model = bk.convert(bk.freeze_batchnorm(_with_statistics(conv_net())))
+    statistics = {n: b.clone() for n, b in model.named_buffers()}
+    engine, optimizer = engine_for(model)
+    before = model[1].weight.detach().clone()
+    for _ in range(2):
+        loss(model, batch()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert engine.steps == 2 and not torch.equal(model[1].weight, before)
+    for name, value in model.named_buffers():
+        assert torch.equal(value, statistics[name]), name
+
+
+def test_freeze_batchnorm_of_a_pretrained_style_network_is_exact():
+    """torchvision's resnet18 (in-place ReLU after each norm), timm's EfficientNet (BatchNormAct2d:
+    the drop and act kept) and an MLP's BatchNorm1d on [B, C], at B = 1 and 3, under bk.verify."""
+    tv = pytest.importorskip("torchvision")
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(DT)
+    models = {"resnet18": (tv.models.resnet18(num_classes=3).to(DT), (3, 16, 16)),
+              "efficientnet": (timm.create_model("efficientnet_b0", num_classes=3).to(DT), (3, 32, 32)),
+              "mlp": (mlp, (6,))}
+    for name, (model, shape) in models.items():
+        model = bk.freeze_batchnorm(_with_statistics(model))
+        assert not [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        acts = [m for m in model.modules() if isinstance(m, bk.nn.frozen_batchnorm.FrozenBatchNormAct)]
+        assert (name == "efficientnet") == bool(acts) and all(hasattr(m, "act") for m in acts)
+        assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+        for B in (1, 3):
+            x = torch.randn(B, *shape, dtype=DT)
+            report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, torch.randint(0, 3, (B,))))
+            assert report.ok, f"{name} B={B}: {report}"
+
+
+def test_freeze_batchnorm_refuses_what_it_cannot_freeze_and_changes_nothing():
+    model = conv_net()
+    model.add_module("no_stats", nn.BatchNorm2d(8, track_running_stats=False))
+    before = list(model.children())
+    with pytest.raises(bk.UnsupportedModuleError, match=r"(?s)freeze_batchnorm.*no_stats \(BatchNorm2d\).*"
+                                                        r"track_running_stats=False"):
+        bk.freeze_batchnorm(model)
+    assert list(model.children()) == before

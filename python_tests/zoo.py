@@ -518,6 +518,23 @@ def tv_maxvit():
                                        num_classes=3).to(DT))
 
 
+def tv_resnet_frozen_bn():
+    """torchvision's ResNet (one BasicBlock a stage) with its BatchNorms frozen by
+    bk.freeze_batchnorm (running statistics and affine values other than 0 / 1, as a pretrained
+    network's): the normalisation by the statistics, the affine Parameters trained."""
+    import bk_kernels as bk
+    from torchvision.models.resnet import BasicBlock, ResNet
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).to(DT)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return bk.freeze_batchnorm(model)
+
+
 def hf_resnet_bn_replaced():
     """HF ResNet (nn.BatchNorm2d in every conv layer) after bk.replace_batchnorm."""
     import bk_kernels as bk
@@ -668,6 +685,7 @@ ZOO = {
     "tv_swin3d": (tv_swin3d, classify_images, clip_batch),
     "tv_convnext": (tv_convnext, classify_images, lambda B: image_batch(B, size=32)),
     "tv_maxvit": (tv_maxvit, classify_images, lambda B: image_batch(B, size=32)),
+    "tv_resnet_frozen_bn": (tv_resnet_frozen_bn, classify_images, lambda B: image_batch(B, size=32)),
     "hf_resnet_bn_replaced": (hf_resnet_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_mobilevit_bn_replaced": (hf_mobilevit_bn_replaced, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_timesformer": (hf_timesformer, classify_pixels, video_batch),

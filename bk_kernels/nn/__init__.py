@@ -17,6 +17,7 @@ from . import speech  # noqa: F401  (register transformers' speech encoders: Spe
 from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
 from . import torchvision_models  # noqa: F401  (register torchvision's ViT, Swin, ConvNeXt, MaxViT modules)
 from .layer_scale import scale
+from .frozen_batchnorm import FrozenBatchNorm
 from .recurrent import GRU, LSTM, RNN
 from .norm import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm
 
@@ -30,6 +31,7 @@ __all__ = [
     "ConvTranspose3d",
     "Embedding",
     "EmbeddingBag",
+    "FrozenBatchNorm",
     "GenericLayer",
     "GenericMultiheadAttention",
     "GRU",
