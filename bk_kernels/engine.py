@@ -182,8 +182,9 @@ class PrivacyEngine:
                 f"PrivacyEngine: {type(module).__name__} ({self._module_path(module)}) normalises with the statistics "
                 "of the whole batch (train mode, or no running statistics), which mixes the examples: no example has a "
                 "gradient of its own, so clipping would not bound any example's influence. Put it in eval mode after "
-                "model.train() (it then uses its running statistics, per example), or replace it with GroupNorm "
-                "(bk.replace_batchnorm(model)); nothing was recorded and no budget was spent.")
+                "model.train() (it then uses its running statistics, per example), freeze it for good "
+                "(bk.freeze_batchnorm(model)), or replace it with GroupNorm (bk.replace_batchnorm(model)); nothing "
+                "was recorded and no budget was spent.")
 
     def _forward_starts(self, args, kwargs):
         """The model's forward pre-hook: this forward's batch size, for the layers to check."""

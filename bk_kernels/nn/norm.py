@@ -248,5 +248,6 @@ for _torch_class, _bk_class in ((torch.nn.LayerNorm, LayerNorm), (torch.nn.RMSNo
     register_layer(_torch_class, _bk_class)
 register_layer(torch.nn.modules.batchnorm._BatchNorm, None, unsupported_reason=lambda module: (
     "BatchNorm mixes the examples of a batch, so per-example gradients do not exist: use GroupNorm "
-    "(bk.replace_batchnorm(model) swaps every BatchNorm for one) or LayerNorm instead"))
+    "(bk.replace_batchnorm(model) swaps every BatchNorm for one) or LayerNorm instead, or, to fine-tune a "
+    "pretrained network, bk.freeze_batchnorm(model) (its running statistics in train mode too)"))
 
