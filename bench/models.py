@@ -48,6 +48,7 @@ CONFIGS = {
     "tv-vit": ("tv_vit", dict(B=32)),
     "tv-swin": ("tv_swin", dict(B=8)),
     "tv-resnet18": ("tv_resnet18", dict(B=32)),
+    "tv-resnet18-frozen-bn": ("tv_resnet18", dict(B=32, frozen_bn=True)),
     # Small batches, where the engine's fixed cost per step and per layer shows (issue 12's sizes)
     "mlp-B64": ("mlp", dict(B=64)),
     "cnn-B32": ("cnn", dict(B=32)),
@@ -55,7 +56,7 @@ CONFIGS = {
     "gpt2-v8192": ("gpt2", dict(B=8, T=128, layers=4, width=256, vocab=8192)),
 }
 SMALL_BATCH = ["mlp-B64", "cnn-B32", "vit-B16", "gpt2-v8192"]
-# mixtral, timm-vit, timm-convnext, timm-bit, tv-vit, tv-swin, tv-resnet18: opt-in with --config (1.6 min more on the 2-core EPYC
+# mixtral, timm-vit, timm-convnext, timm-bit, tv-vit, tv-swin, tv-resnet18(-frozen-bn): opt-in with --config (1.6 min more on the 2-core EPYC
 # for the first three)
 CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora"] + SMALL_BATCH
 GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora",
@@ -69,7 +70,7 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                                       "in README); shown at T=128; --all-methods runs it"}}
 # bk against non-private only on these: the default-size rows compare the baselines
 for _config in ("llama", "llama-lora", "mixtral", "timm-vit", "timm-convnext", "timm-bit", "tv-vit", "tv-swin",
-                "tv-resnet18", *SMALL_BATCH):
+                "tv-resnet18", "tv-resnet18-frozen-bn", *SMALL_BATCH):
     SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
          "llama": dict(B=4, T=64), "llama-lora": dict(B=4, T=64), "mixtral": dict(B=4, T=64), "timm-vit": dict(B=8)}

@@ -205,15 +205,17 @@ def tv_swin(B=8, size=64, classes=10):
                     dict(model="tv_swin", layers=12, width=768, T=(size // 32) ** 2, B=B))
 
 
-def tv_resnet18(B=32, size=32, classes=10):
+def tv_resnet18(B=32, size=32, classes=10, frozen_bn=False):
     """torchvision's resnet18 at CIFAR's 32 x 32 with its BatchNorms replaced by GroupNorm
     (bk.replace_batchnorm; Opacus' tutorials do the same with ModuleValidator.fix): the DP image
-    classifier most users start from."""
+    classifier most users start from. frozen_bn: the BatchNorms frozen instead
+    (bk.freeze_batchnorm, a pretrained network's fine-tuning; non-private runs the same model)."""
     import bk_kernels as bk
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
-    model = bk.replace_batchnorm(resnet18(weights=None, num_classes=classes))
+    model = resnet18(weights=None, num_classes=classes)
+    model = bk.freeze_batchnorm(model) if frozen_bn else bk.replace_batchnorm(model)
     x, y = torch.randn(B, 3, size, size), torch.randint(0, classes, (B,))
     return Workload("tv_resnet18", model, (x,), y, lambda m, x: m(x),
                     dict(model="tv_resnet18", layers=21, width=512, T=(size // 32) ** 2, B=B))
