@@ -169,11 +169,13 @@ def test_timm_beit_has_no_generic_module(frozen):
     assert report.ok, str(report)
 
 
-def test_hf_beit_layers_scale_without_a_recompute():
+@pytest.mark.parametrize("name,prefix", [("hf_beit", "Beit"), ("hf_data2vec_vision", "Data2VecVision")])
+def test_hf_beit_layers_scale_without_a_recompute(name, prefix):
     """HF BEiT's layers (lambda_1 / lambda_2 inline) were each recomputed per example, attention and
-    MLP included; now only the relative position tables' lookups and the embeddings are."""
-    generic = {t for _, t, _ in bk.generic_modules(bk.convert(_build("hf_beit")[0]))}
-    assert generic == {"BeitEmbeddings", "BeitRelativePositionBias"}
+    MLP included; now only the relative position tables' lookups and the embeddings are.
+    Data2VecVisionLayer (BEiT's older forward) likewise since session 15."""
+    generic = {t for _, t, _ in bk.generic_modules(bk.convert(_build(name)[0]))}
+    assert generic == {f"{prefix}Embeddings", f"{prefix}RelativePositionBias"}
 
 
 @pytest.mark.parametrize("name", ["timm_swin", "hf_swin", "hf_swin_eager", "timm_swinv2", "hf_swinv2", "timm_swinv2_cr"])

@@ -295,10 +295,11 @@ def hf_bit(layer_type="preactivation", padding="SAME"):
                layer_type=layer_type, num_groups=2, global_padding=padding, num_labels=3)
 
 
-def hf_beit(relative=True):
+def hf_beit(relative=True, classes=("BeitConfig", "BeitForImageClassification")):
     """HF BEiT: each BeitLayer multiplies by its lambda_1 / lambda_2 inline (bk.nn.scale since session
-    13; before, the whole layer was recomputed per example); relative position bias per layer."""
-    return _hf(("BeitConfig", "BeitForImageClassification"), image_size=16, patch_size=4, hidden_size=16,
+    13; before, the whole layer was recomputed per example); relative position bias per layer.
+    Data2Vec-vision (classes=...): BEiT's older layer forward, book-kept since session 15."""
+    return _hf(classes, image_size=16, patch_size=4, hidden_size=16,
                num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, use_relative_position_bias=relative,
                layer_scale_init_value=0.1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
                use_mean_pooling=True)
@@ -666,6 +667,8 @@ ZOO = {
     "timm_swinv2_cr": (timm_swinv2_cr, classify_images, lambda B: image_batch(B, size=32)),
     "hf_swin": (hf_swin, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_beit": (hf_beit, classify_pixels, image_batch),
+    "hf_data2vec_vision": (lambda: hf_beit(classes=("Data2VecVisionConfig", "Data2VecVisionForImageClassification")),
+                           classify_pixels, image_batch),
     "hf_poolformer": (hf_poolformer, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_bit": (hf_bit, classify_pixels, lambda B: image_batch(B, size=32)),
     "hf_bit_bottleneck": (lambda: hf_bit("bottleneck", padding=None), classify_pixels, lambda B: image_batch(B, size=32)),

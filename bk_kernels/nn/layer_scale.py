@@ -296,14 +296,42 @@ class _HFBeitLayer(BKLayer):
         return self.drop_path(self._bk_scaled(hidden_states, self.lambda_2)) + residual
 
 
+class _HFData2VecVisionLayer(_HFBeitLayer):
+    """transformers' Data2VecVisionLayer (5.x), which kept BEiT's older forward (the relative
+    position bias handed to its attention, intermediate and output modules): that forward, with
+    the two layer scales book-kept by bk.nn.scale (before: the whole layer recomputed per example)."""
+
+    def forward(self, hidden_states, output_attentions=False, relative_position_bias=None,
+                interpolate_pos_encoding=False, resolution=None):
+        if in_plain_forward() or self._bk_layout() is None:
+            return super(_HFBeitLayer, self).forward(hidden_states, output_attentions, relative_position_bias,
+                                                     interpolate_pos_encoding, resolution)
+        attention_outputs = self.attention(self.layernorm_before(hidden_states), output_attentions=output_attentions,
+                                           relative_position_bias=relative_position_bias,
+                                           interpolate_pos_encoding=interpolate_pos_encoding, resolution=resolution)
+        attention_output = attention_outputs[0]
+        if self.lambda_1 is not None:
+            attention_output = self._bk_scaled(attention_output, self.lambda_1)
+        hidden_states = self.drop_path(attention_output) + hidden_states
+        layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        if self.lambda_2 is not None:
+            layer_output = self._bk_scaled(layer_output, self.lambda_2)
+        return (self.drop_path(layer_output) + hidden_states,) + attention_outputs[1:]
+
+
 def _hf_beit_layer_class(module):
-    if not takes(type(module), "forward", ["hidden_states", "attention_mask", "interpolate_pos_encoding",
-                                           "resolution", "kwargs"]) or \
-            not all(hasattr(module, a) for a in ("attention", "layernorm_before", "layernorm_after", "mlp", "dropout",
-                                                 "drop_path", "lambda_1", "lambda_2", "relative_position_bias",
-                                                 "patch_size")):
-        return GENERIC  # another forward (Data2VecVisionLayer's older one): recomputed per example, as before
-    return mixin_class(type(module), _HFBeitLayer)
+    has = lambda *names: all(hasattr(module, a) for a in names)  # noqa: E731
+    if takes(type(module), "forward", ["hidden_states", "attention_mask", "interpolate_pos_encoding", "resolution",
+                                       "kwargs"]) and \
+            has("attention", "layernorm_before", "layernorm_after", "mlp", "dropout", "drop_path", "lambda_1",
+                "lambda_2", "relative_position_bias", "patch_size"):
+        return mixin_class(type(module), _HFBeitLayer)
+    if takes(type(module), "forward", ["hidden_states", "output_attentions", "relative_position_bias",
+                                       "interpolate_pos_encoding", "resolution"]) and \
+            has("attention", "layernorm_before", "layernorm_after", "intermediate", "output", "drop_path", "lambda_1",
+                "lambda_2"):
+        return mixin_class(type(module), _HFData2VecVisionLayer)
+    return GENERIC  # another forward: recomputed per example
 
 
 class _HFPoolFormerLayer(BKLayer):

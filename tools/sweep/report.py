@@ -33,9 +33,13 @@ def build_from_config(auto_class, name, settings, out):
     built by `auto_class` (seed 0), its BatchNorms replaced (noted in `out`)."""
     from transformers import AutoConfig
     config = AutoConfig.for_model(name)
-    for key, value in settings.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (list, tuple, dict)):
-            setattr(config, key, value)
+    # the settings go to the model's config and to its vision sub-config (CLIP, SigLIP, AltCLIP...:
+    # the image tower reads its image size there)
+    for target in (config, getattr(config, "vision_config", None)):
+        for key, value in settings.items():
+            if target is not None and hasattr(target, key) and \
+                    not isinstance(getattr(target, key), (list, tuple, dict)):
+                setattr(target, key, value)
     torch.manual_seed(0)
     model = auto_class.from_config(config)
     if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
