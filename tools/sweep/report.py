@@ -8,6 +8,7 @@ out gets stage, ok and the report (or the error and where it was raised), the ge
 module types and their share of the trained Parameters, and the seconds since `start`.
 """
 import json
+import os
 import sys
 import time
 import traceback
@@ -30,7 +31,7 @@ def begin(head=None):
 
 def build_from_config(auto_class, name, settings, out):
     """(config, model): transformers' default config of `name` with the scalar `settings` it has,
-    built by `auto_class` (seed 0), its BatchNorms replaced (noted in `out`)."""
+    built by `auto_class` (seed 0), its BatchNorms replaced or frozen (without_batchnorm)."""
     from transformers import AutoConfig
     config = AutoConfig.for_model(name)
     # the settings go to the model's config and to its vision sub-config (CLIP, SigLIP, AltCLIP...:
@@ -42,10 +43,34 @@ def build_from_config(auto_class, name, settings, out):
                 setattr(target, key, value)
     torch.manual_seed(0)
     model = auto_class.from_config(config)
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        model = bk.replace_batchnorm(model)
-        out["bn_replaced"] = True
-    return config, model
+    return config, without_batchnorm(model, out)
+
+
+def without_batchnorm(model, out):
+    """The model with its BatchNorms replaced (bk.replace_batchnorm) or, with SWEEP_BATCHNORM=freeze
+    in the environment, frozen (bk.freeze_batchnorm: running statistics made other than 0 / 1 first,
+    as a pretrained network's); noted in `out`."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if os.environ.get("SWEEP_BATCHNORM") == "freeze":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+        try:
+            model = bk.freeze_batchnorm(model)
+        except bk.UnsupportedModuleError as err:  # a BatchNorm subclass it names: replaced instead
+            out["bn_frozen_refused"] = str(err)[:200]
+            return without_batchnorm_replaced(model, out)
+        out["bn_frozen"] = True
+        return model
+    return without_batchnorm_replaced(model, out)
+
+
+def without_batchnorm_replaced(model, out):
+    out["bn_replaced"] = True
+    return bk.replace_batchnorm(model)
 
 
 def build_failed(out, err):

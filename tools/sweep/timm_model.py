@@ -9,8 +9,7 @@ import sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch, timm
 import torch.nn.functional as F
-import bk_kernels as bk
-from report import build_failed, verify_and_print
+from report import build_failed, verify_and_print, without_batchnorm
 torch.set_num_threads(1)
 name = sys.argv[1]; B = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 out = dict(model=name, B=B); t0 = time.time()
@@ -24,8 +23,7 @@ try:
         except Exception: continue
     if m is None: m = timm.create_model(name, **kw); used = {}
     m = m.double()
-    if any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in m.modules()):
-        m = bk.replace_batchnorm(m); out["bn_replaced"] = True
+    m = without_batchnorm(m, out)
     cfg = m.pretrained_cfg if hasattr(m, "pretrained_cfg") else {}
     size = 64 if used else cfg.get("input_size", (3, 224, 224))[-1]
     chans = cfg.get("input_size", (3,))[0] if cfg else 3

@@ -1,16 +1,16 @@
-"""One torchvision model (random weights, num_classes 3, BatchNorms replaced) under bk.verify:
+"""One torchvision model (random weights, num_classes 3, BatchNorms replaced or frozen) under bk.verify:
 prints one JSON line, as hf_text.py. Classification at 64 x 64 where the model takes it,
 video classification on 8 frames, segmentation with a per-pixel loss averaged per example.
 
     python tools/sweep/torchvision_model.py MODEL_NAME [B]
     bash tools/sweep/run.sh torchvision OUT.jsonl       the smallest model of each family
+    SWEEP_BATCHNORM=freeze bash tools/sweep/run.sh ...   BatchNorms frozen, not replaced (any sweep)
 """
 import torch
 import torch.nn.functional as F
 from torchvision import models
 
-import bk_kernels as bk
-from report import begin, build_failed, verify_and_print
+from report import begin, build_failed, verify_and_print, without_batchnorm
 
 # the smallest of each family (torchvision.models.list_models(module=...))
 PICKS = {
@@ -50,9 +50,7 @@ if __name__ == "__main__":
         torch.manual_seed(0)
         kind, model = build(name)
         model = model.double()
-        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            model = bk.replace_batchnorm(model)
-            out["bn_replaced"] = True
+        model = without_batchnorm(model, out)
         size = SIZE.get(name, 64)
         shape = (B, 3, FRAMES.get(name, 8), size, size) if kind == "video" else (B, 3, size, size)
         x = torch.randn(shape, dtype=torch.float64)
