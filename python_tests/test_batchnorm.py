@@ -175,7 +175,8 @@ def _with_statistics(model):
 
 @pytest.mark.parametrize("frozen_affine", [None, "weight", "bias", "both"])
 def test_freeze_batchnorm_keeps_the_eval_function_and_trains_exactly(frozen_affine):
-    """The frozen model computes in train mode what the BatchNorm model computed in eval mode,
+    """The frozen model computes in train mode what the BatchNorm model computed in eval mode (to
+    float64 rounding: x * scale + shift, as torchvision's FrozenBatchNorm2d, not F.batch_norm),
     holds the same Parameter objects and a state_dict with the BatchNorm's keys; its private
     step is exact with the affine Parameters trained, partly frozen or frozen."""
     model = _with_statistics(conv_net())
@@ -188,7 +189,7 @@ def test_freeze_batchnorm_keeps_the_eval_function_and_trains_exactly(frozen_affi
     assert type(frozen) is bk.nn.FrozenBatchNorm and frozen.weight is weight and frozen.bias is bias
     assert set(model.state_dict()) == set(state)
     model.train()
-    torch.testing.assert_close(model(inputs["x"]), want, rtol=0, atol=0)
+    torch.testing.assert_close(model(inputs["x"]), want, rtol=1e-13, atol=1e-13)  # x * scale + shift: rounding
     model.load_state_dict(state)  # a BatchNorm checkpoint loads as it is
     for name in {"weight": ["weight"], "bias": ["bias"], "both": ["weight", "bias"]}.get(frozen_affine, []):
         getattr(frozen, name).requires_grad_(False)
@@ -240,3 +241,22 @@ def test_freeze_batchnorm_refuses_what_it_cannot_freeze_and_changes_nothing():
                                                         r"track_running_stats=False"):
         bk.freeze_batchnorm(model)
     assert list(model.children()) == before
+
+
+def test_frozen_batchnorm_before_a_channels_last_gradient_is_exact():
+    """A mean over positions after flatten(2).transpose(1, 2) (XCiT's and iFormer's heads) sends
+    back a channels-last output gradient; for one example, torch's CPU batch_norm backward in eval
+    mode then returns a wrong input gradient, which the one-example-at-a-time reference hit (a
+    10x false mismatch with F.batch_norm inside FrozenBatchNorm). Its elementwise form is exact."""
+
+    class TokenMean(nn.Module):
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2).mean(1)
+
+    torch.manual_seed(0)
+    model = _with_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), TokenMean(),
+                                           nn.Linear(8, 3)).to(DT))
+    model = bk.freeze_batchnorm(model)
+    x = torch.randn(4, 3, 16, 16, dtype=DT)
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, torch.randint(0, 3, (4,))), rtol=1e-9)
+    assert report.ok, str(report)

@@ -10,7 +10,6 @@ xhat * g), the bias's bk.nn.shift's. The running statistics are never updated: a
 private batch would be a release outside the DP guarantee.
 """
 import torch
-import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
 from .layer_scale import scale, shift
@@ -54,13 +53,21 @@ class FrozenBatchNorm(BKLayer, torch.nn.Module):
                              f"{tuple(x.shape)}")
 
     def forward(self, x):
+        # Elementwise ops, not F.batch_norm: torch 2.14's CPU batch_norm backward in eval mode
+        # returns a wrong input gradient for one example whose output gradient is laid out channels
+        # last ([1, C, H, W], strides (C, 1, W*C, C): what a mean over positions after
+        # flatten(2).transpose(1, 2) sends back; XCiT's and iFormer's heads do). The per-example
+        # reference, one example at a time, hit it (bk.verify: a false mismatch of 10x).
         self._check_input_dim(x)
+        channels = (1, self.num_features) + (1,) * (x.dim() - 2)
+        rstd = (self.running_var + self.eps).rsqrt()
         trained = self.affine and (self.weight.requires_grad or self.bias.requires_grad)
         if in_plain_forward() or self._bk_layout() is None or not trained:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        xhat = F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
-        channels = (1, self.num_features) + (1,) * (x.dim() - 2)
-        return shift(self, scale(self, xhat, self.weight, 1), self.bias, channels)
+            factor = rstd * self.weight if self.affine else rstd
+            offset = -self.running_mean * factor + (self.bias if self.affine else 0)
+            return (x * factor.view(channels) + offset.view(channels)).to(x.dtype)
+        xhat = (x - self.running_mean.view(channels)) * rstd.view(channels)
+        return shift(self, scale(self, xhat, self.weight, 1), self.bias, channels).to(x.dtype)
 
 
 class FrozenBatchNormAct(FrozenBatchNorm):
