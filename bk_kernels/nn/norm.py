@@ -151,7 +151,8 @@ class _ChannelGroupNorm(BKLayer):
                 f"bk: {type(self).__name__} normalizes one value per group (input {tuple(x.shape)}, {sizes[3]} groups): its "
                 "output is its bias, whatever the input. A BatchNorm on pooled [B, C, 1, 1] features (a squeeze-and-"
                 "excitation gate) swapped by bk.replace_batchnorm does this; replace it by hand (or pass a smaller "
-                "groups=) to keep what it did", stacklevel=2)
+                "groups=) to keep what it did, or freeze the model's BatchNorms instead (bk.freeze_batchnorm)",
+                stacklevel=2)
         y, mean, rstd = torch.native_group_norm(bx, weight, bias, *sizes, self.eps)
         return (y if y.shape == x.shape else y.view(x.shape)), (mean, rstd)
 
