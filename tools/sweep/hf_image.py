@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForImageClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from report import begin, build_failed, build_from_config, verify_and_print
 
@@ -16,7 +17,9 @@ name, B, out, start = begin()
 try:
     settings = dict(image_size=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                     drop_path_rate=0.0, layerdrop=0.0)
-    config, model = build_from_config(AutoModelForImageClassification, name, settings, out)
+    classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(name)
+    config, model = build_from_config(AutoModelForImageClassification, name, settings, out,
+                                      architecture=classes[0] if isinstance(classes, (list, tuple)) else None)
     size = getattr(config, "image_size", 64)
     size = size if isinstance(size, int) else 64
     channels = getattr(config, "num_channels", 3)

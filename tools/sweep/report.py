@@ -29,7 +29,7 @@ def begin(head=None):
     return name, B, out, time.time()
 
 
-def build_from_config(auto_class, name, settings, out):
+def build_from_config(auto_class, name, settings, out, architecture=None):
     """(config, model): transformers' default config of `name` with the scalar `settings` it has,
     built by `auto_class` (seed 0), its BatchNorms replaced or frozen (without_batchnorm)."""
     from transformers import AutoConfig
@@ -41,6 +41,8 @@ def build_from_config(auto_class, name, settings, out):
             if target is not None and hasattr(target, key) and \
                     not isinstance(getattr(target, key), (list, tuple, dict)):
                 setattr(target, key, value)
+    if architecture:  # a mapping entry of several classes (DeiT's, with its teacher head): the first
+        config.architectures = [architecture]
     torch.manual_seed(0)
     model = auto_class.from_config(config)
     return config, without_batchnorm(model, out)
