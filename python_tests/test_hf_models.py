@@ -479,3 +479,23 @@ def test_vit_embeddings_fused_and_their_fallbacks(B):
     positions[:, ::3] = True
     report = bk.verify(masked, lambda m, b: m(pixel_values=b[0], bool_masked_pos=b[1]).loss, (x, positions))
     assert report.ok, report
+
+
+@pytest.mark.parametrize("B", [1, 3, 4])
+def test_perceiver_latents_and_learned_positions_per_example(B):
+    """Perceiver's latents (PerceiverEmbeddings) and learned image positions
+    (PerceiverTrainablePositionEncoding) are expanded to the batch from the batch size alone
+    (`forward(batch_size)`): on the generic path each example's recompute returned all B rows and
+    the model failed with a shape error. Now the rows are made per example by shifts; neither
+    module is generic. B = 4 is the number of latents."""
+    config = transformers.PerceiverConfig(num_latents=4, d_latents=16, d_model=16, num_blocks=1,
+                                          num_self_attends_per_block=1, num_self_attention_heads=2,
+                                          num_cross_attention_heads=1, image_size=8, num_labels=3,
+                                          qk_channels=8, v_channels=16)
+    torch.manual_seed(0)
+    model = transformers.PerceiverForImageClassificationLearned(config).to(DT)
+    x, y = torch.randn(B, 3, 8, 8, dtype=DT), torch.randint(0, 3, (B,))
+    report = bk.verify(model, lambda m, b: F.cross_entropy(m(pixel_values=b[0]).logits, b[1]), (x, y))
+    assert report.ok, report
+    generic = {t for _, t, _ in bk.generic_modules(bk.convert(copy.deepcopy(model)))}
+    assert not generic & {"PerceiverEmbeddings", "PerceiverTrainablePositionEncoding"}, generic

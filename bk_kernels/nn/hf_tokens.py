@@ -1,5 +1,5 @@
-"""transformers modules that own learned tokens used inline: SigLIP's attention-pooling head, and
-ViT's embeddings (ViT, ViT-MSN).
+"""transformers modules that own learned tokens used inline: SigLIP's attention-pooling head,
+ViT's embeddings (ViT, ViT-MSN), Perceiver's latents and learned positions.
 
 SiglipMultiheadAttentionPoolingHead repeats its probe ([1, 1, d]) to the batch, attends from it
 over the image tokens with an nn.MultiheadAttention (bk's), then a LayerNorm and an MLP. Left
@@ -94,4 +94,44 @@ def _vit_embeddings_class(module):
 
 register_layer(None, _vit_embeddings_class,
                matches=lambda cls: cls.__name__ in ("ViTEmbeddings", "ViTMSNEmbeddings")
+               and cls.__module__.startswith("transformers.models."))
+
+
+class _PerBatchExpand(BKLayer):
+    """transformers' Perceiver modules that expand one Parameter to the batch from the batch size
+    alone: PerceiverEmbeddings' latents, PerceiverTrainablePositionEncoding's positions
+    (`forward(batch_size)`). On the generic path each example's recompute returned all B rows
+    ([B, B, N, d], a shape error downstream); here the rows are made per example by a shift of
+    zeros (example b's gradient: its own row's). A call that interpolates the positions, or for
+    another batch size, runs transformers' forward (its expand: ordinary gradients, refused by the
+    engine's guard if they reach the Parameter)."""
+
+    @property
+    def _bk_expanded(self):
+        """The Parameter its forward expands."""
+        return self.latents if type(self).__name__ == "PerceiverEmbeddings" else self.position_embeddings
+
+    def forward(self, batch_size, *args, **kwargs):
+        param = self._bk_expanded
+        layout = self._bk_layout()
+        interpolate = kwargs.get("interpolate_pos_encoding", args[0] if args else False)
+        if in_plain_forward() or layout is None or not param.requires_grad or batch_size != layout.batch or \
+                interpolate:
+            return super().forward(batch_size, *args, **kwargs)
+        zeros = param.new_zeros(batch_size, *param.shape)
+        return shift(self, zeros, param, (1, *param.shape))
+
+
+def _per_batch_expand_class(module):
+    own = [name for name, p in module.named_parameters(recurse=False)]
+    name = {"PerceiverEmbeddings": "latents", "PerceiverTrainablePositionEncoding": "position_embeddings"}.get(
+        type(module).__name__)
+    if own != [name] or not takes(type(module), "forward", ["batch_size"] if name == "latents" else
+                                  ["batch_size", "interpolate_pos_encoding", "input_size"]):
+        return GENERIC if own else None
+    return mixin_class(type(module), _PerBatchExpand)
+
+
+register_layer(None, _per_batch_expand_class,
+               matches=lambda cls: cls.__name__ in ("PerceiverEmbeddings", "PerceiverTrainablePositionEncoding")
                and cls.__module__.startswith("transformers.models."))
