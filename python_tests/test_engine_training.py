@@ -515,3 +515,23 @@ def test_a_float64_model_under_autocast_stays_float64_as_torchs_layers_do():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, _ = private_update(model, loss, {"x": x, "y": y}, 4, max_grad_norm=0.3)
     assert_updates_close(got, want)
+
+
+def test_a_compiled_model_takes_the_eager_private_step():
+    """torch.compile(model) of a converted model under the engine: bk's layers' Functions break the
+    graph where they must, and the private step (clipping active, float64) is the eager one."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.LayerNorm(16), nn.Linear(16, 5)).double()
+    x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 5, (6,))
+    updates = []
+    for compiled in (False, True):
+        model = bk.convert(copy.deepcopy(base))
+        engine = bk.PrivacyEngine(model, batch_size=6, sample_size=60, noise_multiplier=0.0, max_grad_norm=0.05)
+        optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+        run = torch.compile(model) if compiled else model
+        F.cross_entropy(run(x), y).backward()
+        optimizer.step()
+        updates.append(torch.cat([(p - q).detach().flatten() for p, q in zip(model.parameters(), base.parameters())]))
+        assert engine.steps == 1
+    assert updates[0].abs().max() > 0
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-12, atol=1e-14)
