@@ -145,6 +145,11 @@ class BKLayer:
         """Whether any of this layer's own Parameters trains."""
         return any(p.requires_grad for p in self._parameters.values() if p is not None)
 
+    def _bk_bypassed(self):
+        """Whether the library's own forward runs instead of bk's: outside private training (a
+        plain forward, no engine, no grad), or none of the layer's own Parameters trains."""
+        return in_plain_forward() or self._bk_layout() is None or not self._bk_trains()
+
     def _bk_row_wise(self, x, dim, apply):
         """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows
         folded example-major come in as [B, k, ...] and the output goes back as the caller

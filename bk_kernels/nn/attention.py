@@ -18,7 +18,7 @@ from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
 from ._uses import DenseUse
 from ._made import mixin_class, names_in_init as _names_in_init, source_of as _source, takes as _takes
-from .layer_scale import scale, shift
+from .layer_scale import class_tokens, positions, scale, shift
 from .linear import linear_with
 from ..ops._norm_common import accumulation_dtype
 
@@ -637,7 +637,7 @@ class _TimmEvaBlock(BKLayer):
     book-kept by bk.nn.scale (its attention, norms and MLP are bk layers of their own)."""
 
     def forward(self, x, rope=None, attn_mask=None, is_causal=False):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(x_attn if self.gamma_1 is None else scale(self, x_attn, self.gamma_1, -1))
@@ -693,7 +693,7 @@ class _TimmBeitBlock(BKLayer):
     """timm's BEiT Block with layer scales: the inline gamma_1 / gamma_2 through bk.nn.scale."""
 
     def forward(self, x, shared_rel_pos_bias=None):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
         x_attn = self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
         x = x + self.drop_path1(scale(self, x_attn, self.gamma_1, -1))
@@ -707,13 +707,12 @@ class _TimmBeitRoot(BKLayer):
     positions added by a shift: [B, 1, C] and [B, N + 1, C] per-example gradients, no recompute."""
 
     def forward_features(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward_features(x)
         x = self.patch_embed(x)
-        cls = shift(self, x.new_zeros(x.shape[0], 1, x.shape[-1]), self.cls_token, (1, 1, -1))
-        x = torch.cat((cls, x), dim=1)
+        x = torch.cat((class_tokens(self, x, self.cls_token), x), dim=1)
         if self.pos_embed is not None:
-            x = shift(self, x, self.pos_embed, (1, *self.pos_embed.shape[1:]))
+            x = positions(self, x, self.pos_embed)
         x = self.pos_drop(x)
         # from here on timm's forward_features (timm 1.0)
         rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None

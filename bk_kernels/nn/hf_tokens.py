@@ -23,7 +23,7 @@ from ._core import BKLayer, in_plain_forward
 from ._made import mixin_class, source_of, takes
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
-from .layer_scale import class_tokens, shift
+from .layer_scale import class_tokens, positions, shift
 
 
 class _ProbePoolingHead(BKLayer):
@@ -66,9 +66,7 @@ class _ViTEmbeddings(GenericLayer):
                              f" ({self.image_size[0]}*{self.image_size[1]}).")
         embeddings = self.patch_embeddings(pixel_values)
         embeddings = torch.cat((class_tokens(self, embeddings, self.cls_token), embeddings), dim=1)
-        positions = self.position_embeddings
-        embeddings = shift(self, embeddings, positions, (1, *positions.shape[1:]))
-        return self.dropout(embeddings)
+        return self.dropout(positions(self, embeddings, self.position_embeddings))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,13 +104,8 @@ class _PerBatchExpand(BKLayer):
     another batch size, runs transformers' forward (its expand: ordinary gradients, refused by the
     engine's guard if they reach the Parameter)."""
 
-    @property
-    def _bk_expanded(self):
-        """The Parameter its forward expands."""
-        return self.latents if type(self).__name__ == "PerceiverEmbeddings" else self.position_embeddings
-
     def forward(self, batch_size, *args, **kwargs):
-        param = self._bk_expanded
+        (param,) = self._parameters.values()  # latents or position_embeddings (_per_batch_expand_class)
         layout = self._bk_layout()
         interpolate = kwargs.get("interpolate_pos_encoding", args[0] if args else False)
         if in_plain_forward() or layout is None or not param.requires_grad or batch_size != layout.batch or \

@@ -77,13 +77,19 @@ def class_tokens(layer, x, token):
     return shift(layer, x.new_zeros(x.shape[0], *token.shape[1:]), token, (1, *token.shape[1:]))
 
 
+def positions(layer, x, table):
+    """x + table, a position table [1, *x.shape[1:]] (or broadcast to it) added to every example,
+    book-kept per example by a shift (timm's pos_embed, transformers' and torchvision's ViT positions)."""
+    return shift(layer, x, table, (1, *table.shape[1:]))
+
+
 class _DebertaLayerNorm(BKLayer):
     """transformers' DebertaLayerNorm (v1): its own normalisation (in float32), then its
     weight * h + bias through scale and shift: the same arithmetic, per-example gradients with
     no recompute of the module."""
 
     def forward(self, hidden_states):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(hidden_states)
         input_type = hidden_states.dtype
         h = hidden_states.float()
@@ -166,7 +172,7 @@ class _TimmResMLPBlock(BKLayer):
     bk.nn.scale (its Affine norms and Linear layers are bk layers of their own)."""
 
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(x)
         tokens = self.linear_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
         x = x + self.drop_path(scale(self, tokens, self.ls1, -1))
@@ -196,7 +202,7 @@ class _GlobalResponseNorm(BKLayer):
     _bk_dims = ((1, 2), -1, (1, 1, 1, -1))  # positions, channels, the weight's broadcast shape (channels last)
 
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(x)
         positions, channels, shape = self._bk_dims
         norms = torch.linalg.vector_norm(x, ord=2, dim=positions, keepdim=True)
@@ -235,7 +241,7 @@ class _AffineOfParameters(BKLayer):
         return x
 
     def forward(self, x):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(x)
         gamma, beta = (getattr(self, name) for name in self._bk_affine)
         y = scale(self, self._bk_inner(x), gamma, -1)
@@ -252,7 +258,8 @@ class _TimmResMLPAffine(_AffineOfParameters):
 
 
 class _TimmLayerNorm2d(LayerNorm):
-    """timm's LayerNorm2d: a LayerNorm over the channels of NCHW, on bk's fused LayerNorm."""
+    """timm's LayerNorm2d (and torchvision's ConvNeXt LayerNorm2d): a LayerNorm over the channels
+    of NCHW, on bk's fused LayerNorm."""
 
     def forward(self, x):
         if in_plain_forward():

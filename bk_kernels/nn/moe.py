@@ -169,7 +169,7 @@ class ExpertsMixin(BKLayer):
     """Put in front of a transformers experts class (see experts_class)."""
 
     def forward(self, *args, **kwargs):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(*args, **kwargs)
         bound = self._bk_signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -249,7 +249,7 @@ class Llama4ExpertsMixin(BKLayer):
     examples in an order it cannot check, and it refuses."""
 
     def forward(self, hidden_states):
-        if in_plain_forward() or self._bk_layout() is None or not self._bk_trains():
+        if self._bk_bypassed():
             return super().forward(hidden_states)
         raise self._bk_layout_error(hidden_states, 0, why=(
             "Llama 4's experts take every token's copy for each expert ([experts * tokens, d]) and are "

@@ -17,12 +17,7 @@ from ._made import mixin_class, takes as _takes
 from ._uses import DenseUse
 from .attention import _own, _timm_block, _timm_blocks
 from .families import GENERIC, register_layer
-from .layer_scale import class_tokens as _class_tokens, scale, shift
-
-
-def _off(layer):
-    """Whether timm's own forward runs: outside private training, or nothing of the layer's trains."""
-    return in_plain_forward() or layer._bk_layout() is None or not layer._bk_trains()
+from .layer_scale import class_tokens as _class_tokens, positions, scale
 
 
 def _with_class_tokens(layer, x, token):
@@ -38,15 +33,12 @@ def _class_attention(layer, x, token, blocks):
     return x
 
 
-def _positions(layer, x, pos_embed):
-    return shift(layer, x, pos_embed, (1, *pos_embed.shape[1:]))
-
 
 class _TimmCaitRoot(BKLayer):
     def forward_features(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_features(x)
-        x = _timm_blocks(self, self.blocks, self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed)))
+        x = _timm_blocks(self, self.blocks, self.pos_drop(positions(self, self.patch_embed(x), self.pos_embed)))
         if self.blocks_token_only is not None:
             cls_tokens = _class_tokens(self, x, self.cls_token)
             for blk in self.blocks_token_only:
@@ -59,7 +51,7 @@ class _TimmCaitBlock(BKLayer):
     """LayerScaleBlock: x + gamma_1 * attn(norm1(x)), then the MLP likewise."""
 
     def forward(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x)
         x = x + self.drop_path(scale(self, self.attn(self.norm1(x)), self.gamma_1, -1))
         return x + self.drop_path(scale(self, self.mlp(self.norm2(x)), self.gamma_2, -1))
@@ -69,7 +61,7 @@ class _TimmCaitClassBlock(BKLayer):
     """LayerScaleBlockClassAttn: the class token attends to itself and the patches."""
 
     def forward(self, x, x_cls):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x, x_cls)
         u = torch.cat((x_cls, x), dim=1)
         x_cls = x_cls + self.drop_path(scale(self, self.attn(self.norm1(u)), self.gamma_1, -1))
@@ -78,9 +70,9 @@ class _TimmCaitClassBlock(BKLayer):
 
 class _TimmPitRoot(BKLayer):
     def forward_features(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_features(x)
-        x = self.pos_drop(_positions(self, self.patch_embed(x), self.pos_embed))
+        x = self.pos_drop(positions(self, self.patch_embed(x), self.pos_embed))
         x, cls_tokens = self.transformers((x, _class_tokens(self, x, self.cls_token)))
         return self.norm(cls_tokens)
 
@@ -89,7 +81,7 @@ class _TimmVisformerRoot(BKLayer):
     """Visformer: a [1, C, H, W] position embedding added after each stage's patch embedding."""
 
     def forward_features(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_features(x)
         if self.stem is not None:
             x = self.stem(x)
@@ -99,7 +91,7 @@ class _TimmVisformerRoot(BKLayer):
             if patch_embed is not None:
                 x = patch_embed(x)
                 if pos_embed is not None:
-                    x = self.pos_drop(_positions(self, x, pos_embed))
+                    x = self.pos_drop(positions(self, x, pos_embed))
             x = _timm_blocks(self, stage, x)
         return self.norm(x)
 
@@ -109,16 +101,16 @@ class _TimmVoloRoot(BKLayer):
     token prepended for the class-attention blocks (forward_cls)."""
 
     def forward_tokens(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_tokens(x)
         for idx, block in enumerate(self.network):
             if idx == 2 and self.pos_embed is not None:
-                x = self.pos_drop(_positions(self, x, self.pos_embed))
+                x = self.pos_drop(positions(self, x, self.pos_embed))
             x = _timm_block(self, block, x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
     def forward_cls(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_cls(x)
         return _class_attention(self, x, self.cls_token, self.post_network)
 
@@ -127,7 +119,7 @@ class _TimmCrossVitRoot(BKLayer):
     """CrossViT: each branch's class token and positions (cls_token_i, pos_embed_i) in _embed."""
 
     def _embed(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super()._embed(x)
         from timm.models.crossvit import scale_image
 
@@ -136,7 +128,7 @@ class _TimmCrossVitRoot(BKLayer):
             x_ = patch_embed(scale_image(x, self.img_size_scaled[i], self.crop_scale))
             token, pos_embed = (self.cls_token_0, self.pos_embed_0) if i == 0 else (self.cls_token_1, self.pos_embed_1)
             x_ = _with_class_tokens(self, x_, token)
-            xs.append(self.pos_drop(_positions(self, x_, pos_embed)))
+            xs.append(self.pos_drop(positions(self, x_, pos_embed)))
         return xs
 
 
@@ -147,7 +139,7 @@ def _gamma(layer, x, gamma):
 
 class _TimmXcitRoot(BKLayer):
     def forward_cls(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_cls(x)
         return _class_attention(self, x, self.cls_token, self.cls_attn_blocks)
 
@@ -156,7 +148,7 @@ class _TimmXca(BKLayer):
     """XCA, cross-covariance attention: its per-head temperature [H, 1, 1] through bk.nn.scale."""
 
     def forward(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
@@ -172,7 +164,7 @@ class _TimmXca(BKLayer):
 
 class _TimmXcaBlock(BKLayer):
     def forward(self, x, H, W):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x, H, W)
         x = x + self.drop_path1(_gamma(self, self.attn(self.norm1(x)), self.gamma1))
         x = x + self.drop_path3(_gamma(self, self.local_mp(self.norm3(x), H, W), self.gamma3))
@@ -181,7 +173,7 @@ class _TimmXcaBlock(BKLayer):
 
 class _TimmXcitClassBlock(BKLayer):
     def forward(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x)
         x_norm1 = self.norm1(x)
         x = x + self.drop_path1(_gamma(self, torch.cat([self.attn(x_norm1), x_norm1[:, 1:]], dim=1), self.gamma1))
@@ -219,11 +211,11 @@ class _TimmXcitPositions(BKLayer):
 
 class _TimmConvitRoot(BKLayer):
     def forward_features(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward_features(x)
         x = self.patch_embed(x)
         if self.use_pos_embed:
-            x = _positions(self, x, self.pos_embed)
+            x = positions(self, x, self.pos_embed)
         x = self.pos_drop(x)
         for u, blk in enumerate(self.blocks):
             if u == self.local_up_to_layer and self.cls_token is not None:
@@ -238,7 +230,7 @@ class _TimmCoatRoot(BKLayer):
     follow. timm's forward_features (timm 1.0) for classification, the tokens through shifts."""
 
     def forward_features(self, x0):
-        if _off(self) or (not torch.jit.is_scripting() and self.return_interm_layers):
+        if self._bk_bypassed() or (not torch.jit.is_scripting() and self.return_interm_layers):
             return super().forward_features(x0)
         B, x, xs, sizes = x0.shape[0], x0, [], []
         for i in range(1, 5):
@@ -289,7 +281,7 @@ class _TimmGpsa(BKLayer):
     pos_proj are bk Linears; pos_proj reads the relative indices expanded to the batch)."""
 
     def get_attention(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().get_attention(x)
         B, N, C = x.shape
         qk = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)

@@ -25,26 +25,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class, source_of, takes
+from ._core import BKLayer
+from ._made import mixin_class, source_of
 from .attention import (_AbsorbingAttention, _active_layout, _add_relative_bias, _add_shared_bias,
                         _add_shift_mask, _continuous_position_bias, _logit_scaled)
 from .families import GENERIC, register_layer
-from .layer_scale import class_tokens, scale, shift
+from .layer_scale import _TimmLayerNorm2d, class_tokens, positions, scale
 from .linear import linear_with
-from .norm import LayerNorm
-
-
-def _off(layer):
-    """Whether torchvision's own forward runs: outside private training, or nothing of the layer trains."""
-    return in_plain_forward() or layer._bk_layout() is None or not layer._bk_trains()
 
 
 class _VisionTransformer(BKLayer):
     """VisionTransformer.forward with the class token made per example (a shift of zeros)."""
 
     def forward(self, x):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(x)
         x = self._process_input(x)
         x = torch.cat((class_tokens(self, x, self.class_token), x), dim=1)
@@ -55,29 +49,20 @@ class _VitEncoder(BKLayer):
     """Encoder.forward with pos_embedding added by a shift."""
 
     def forward(self, input):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(input)
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-        positions = self.pos_embedding
-        return self.ln(self.layers(self.dropout(shift(self, input, positions, (1, *positions.shape[1:])))))
+        return self.ln(self.layers(self.dropout(positions(self, input, self.pos_embedding))))
 
 
 class _CNBlock(BKLayer):
     """CNBlock.forward with layer_scale ([C, 1, 1] on NCHW) through bk.nn.scale."""
 
     def forward(self, input):
-        if _off(self):
+        if self._bk_bypassed():
             return super().forward(input)
         return self.stochastic_depth(scale(self, self.block(input), self.layer_scale, 1)) + input
 
-
-class _LayerNorm2d(LayerNorm):
-    """torchvision's LayerNorm2d (over the channels of NCHW) on bk's fused LayerNorm."""
-
-    def forward(self, x):
-        if in_plain_forward():
-            return super().forward(x)
-        return self._bk_forward(x.permute(0, 2, 3, 1), self.bias).permute(0, 3, 1, 2)
 
 
 def _shift_mask(x, window_size, shift_size, windows):
@@ -235,7 +220,7 @@ _MIXINS = {
     ("torchvision.models.vision_transformer", "Encoder"):
         (_VitEncoder, ("layers", "ln", "dropout"), {"pos_embedding"}),
     ("torchvision.models.convnext", "CNBlock"): (_CNBlock, ("block", "stochastic_depth"), {"layer_scale"}),
-    ("torchvision.models.convnext", "LayerNorm2d"): (_LayerNorm2d, (), {"weight", "bias"}),
+    ("torchvision.models.convnext", "LayerNorm2d"): (_TimmLayerNorm2d, (), {"weight", "bias"}),
     ("torchvision.models.swin_transformer", "ShiftedWindowAttention"):
         (_ShiftedWindowAttention, ("qkv", "proj", "relative_position_index", "window_size", "shift_size",
                                    "num_heads", "attention_dropout", "dropout"), {"relative_position_bias_table"}),
