@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import bk_kernels as bk
 from python_tests.model_reference import assert_updates_close, expected_update, per_example_grads, private_update
+from python_tests.zoo import with_batchnorm_statistics
 
 DT = torch.float64
 
@@ -161,25 +162,13 @@ def test_a_group_norm_of_one_value_per_group_warns_once():
 
 # ---------------------------------------------------------------- bk.freeze_batchnorm
 
-def _with_statistics(model):
-    """Running statistics and affine values other than 0 / 1 (a pretrained BatchNorm's)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
-
-
 @pytest.mark.parametrize("frozen_affine", [None, "weight", "bias", "both"])
 def test_freeze_batchnorm_keeps_the_eval_function_and_trains_exactly(frozen_affine):
     """The frozen model computes in train mode what the BatchNorm model computed in eval mode (to
     float64 rounding: x * scale + shift, as torchvision's FrozenBatchNorm2d, not F.batch_norm),
     holds the same Parameter objects and a state_dict with the BatchNorm's keys; its private
     step is exact with the affine Parameters trained, partly frozen or frozen."""
-    model = _with_statistics(conv_net())
+    model = with_batchnorm_statistics(conv_net())
     inputs = batch()
     want = model.eval()(inputs["x"])
     state = copy.deepcopy(model.state_dict())
@@ -198,7 +187,7 @@ def test_freeze_batchnorm_keeps_the_eval_function_and_trains_exactly(frozen_affi
 
 def test_freeze_batchnorm_never_updates_the_statistics():
     """Private steps move the trained Parameters and leave the running statistics as they were."""
-    model = bk.convert(bk.freeze_batchnorm(_with_statistics(conv_net())))
+    model = bk.convert(bk.freeze_batchnorm(with_batchnorm_statistics(conv_net())))
     statistics = {n: b.clone() for n, b in model.named_buffers()}
     engine, optimizer = engine_for(model)
     before = model[1].weight.detach().clone()
@@ -222,7 +211,7 @@ def test_freeze_batchnorm_of_a_pretrained_style_network_is_exact():
               "efficientnet": (timm.create_model("efficientnet_b0", num_classes=3).to(DT), (3, 32, 32)),
               "mlp": (mlp, (6,))}
     for name, (model, shape) in models.items():
-        model = bk.freeze_batchnorm(_with_statistics(model))
+        model = bk.freeze_batchnorm(with_batchnorm_statistics(model))
         assert not [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         acts = [m for m in model.modules() if isinstance(m, bk.nn.frozen_batchnorm.FrozenBatchNormAct)]
         assert (name == "efficientnet") == bool(acts) and all(hasattr(m, "act") for m in acts)
@@ -254,7 +243,7 @@ def test_frozen_batchnorm_before_a_channels_last_gradient_is_exact():
             return x.flatten(2).transpose(1, 2).mean(1)
 
     torch.manual_seed(0)
-    model = _with_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), TokenMean(),
+    model = with_batchnorm_statistics(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), TokenMean(),
                                            nn.Linear(8, 3)).to(DT))
     model = bk.freeze_batchnorm(model)
     x = torch.randn(4, 3, 16, 16, dtype=DT)

@@ -519,21 +519,26 @@ def tv_maxvit():
                                        num_classes=3).to(DT))
 
 
+def with_batchnorm_statistics(model):
+    """The model with its BatchNorms' running statistics and affine values other than 0 / 1 (a
+    pretrained BatchNorm's), in place."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
 def tv_resnet_frozen_bn():
     """torchvision's ResNet (one BasicBlock a stage) with its BatchNorms frozen by
     bk.freeze_batchnorm (running statistics and affine values other than 0 / 1, as a pretrained
     network's): the normalisation by the statistics, the affine Parameters trained."""
     import bk_kernels as bk
     from torchvision.models.resnet import BasicBlock, ResNet
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).to(DT)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return bk.freeze_batchnorm(model)
+    return bk.freeze_batchnorm(with_batchnorm_statistics(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).to(DT)))
 
 
 def hf_resnet_bn_replaced():
