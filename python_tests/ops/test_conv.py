@@ -18,6 +18,7 @@ CASES = [
     # one output position per example (the CPU clipped sum's matmul path): a 3x3 kernel on a 1x1
     # map padded by 1 (ResNet's last stage at 32 x 32), strided with groups, unpadded, in 3-d
     (2, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=1), (3, 4, 1, 1), 5),
+    (2, dict(kernel_size=3, stride=1, padding=1, dilation=1, groups=1), (0, 4, 1, 1), 5),  # B = 0
     (2, dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=2), (2, 4, 2, 2), 6),
     (1, dict(kernel_size=4, stride=1, padding=0, dilation=1, groups=1), (1, 3, 4), 2),
     (3, dict(kernel_size=2, stride=2, padding=0, dilation=1, groups=1), (3, 2, 2, 2, 2), 3),
