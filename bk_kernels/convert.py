@@ -79,11 +79,21 @@ def _names_called(cls):
 
 @functools.lru_cache(maxsize=None)
 def _names_used_directly(cls):
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return ()
-    return tuple(dict.fromkeys(m.group(1) for m in _DIRECT_USE.finditer(source)))
+    """The children named as self.<child>.weight/.bias in cls.forward and, where that forward
+    calls super(), in the forwards it may reach up the MRO (a user's subclass wrapping a
+    library forward that reads its children's weights)."""
+    names = []
+    for klass in cls.__mro__:
+        if klass in (torch.nn.Module, object) or "forward" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            break
+        names.extend(m.group(1) for m in _DIRECT_USE.finditer(source))
+        if "super(" not in source:
+            break
+    return tuple(dict.fromkeys(names))
 
 
 _PROMPT_REPEATED = {"PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"}

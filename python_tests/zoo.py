@@ -201,9 +201,17 @@ def llama4():
 
 
 def mamba():
-    """HF Mamba: its mixer owns A_log and D and reads dt_proj.weight itself (absorbed)."""
+    """HF Mamba: its mixer owns A_log and D and reads conv1d.weight and dt_proj.weight itself."""
     return _hf(("MambaConfig", "MambaForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,
                num_hidden_layers=2, expand=2, conv_kernel=3, use_mambapy=False, use_cache=False)
+
+
+def mamba2():
+    """HF Mamba-2: its mixer owns A_log, D and dt_bias (per head) and reads conv1d.weight itself;
+    a gated RMSNorm after the chunked scan (chunk 4 < T: two chunks, the second padded)."""
+    return _hf(("Mamba2Config", "Mamba2ForCausalLM"), vocab_size=VOCAB, hidden_size=16, state_size=4,
+               num_hidden_layers=2, expand=2, num_heads=4, head_dim=8, n_groups=2, conv_kernel=3, chunk_size=4,
+               use_cache=False)
 
 
 def falcon(new_decoder_architecture=False):
@@ -644,6 +652,7 @@ ZOO = {
     "falcon": (falcon, causal_lm, ids_batch),
     "falcon_new": (lambda: falcon(new_decoder_architecture=True), causal_lm, ids_batch),
     "mamba": (mamba, causal_lm, ids_batch),
+    "mamba2": (mamba2, causal_lm, ids_batch),
     "mixtral": (mixtral, causal_lm, ids_batch),
     "qwen2_moe": (qwen2_moe, causal_lm, ids_batch),
     "gpt_oss": (gpt_oss, causal_lm, ids_batch),

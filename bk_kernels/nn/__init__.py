@@ -16,6 +16,7 @@ from . import sequence_first  # noqa: F401  (register Longformer, LED, XLNet: la
 from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment, WavLM, conformers)
 from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
 from . import torchvision_models  # noqa: F401  (register torchvision's ViT, Swin, ConvNeXt, MaxViT modules)
+from . import mamba  # noqa: F401  (register transformers' Mamba and Falcon-Mamba mixers)
 from .layer_scale import scale
 from .frozen_batchnorm import FrozenBatchNorm
 from .recurrent import GRU, LSTM, RNN
