@@ -42,6 +42,7 @@ CONFIGS = {
     "llama": ("llama", dict(B=8, T=128)),
     "llama-lora": ("llama", dict(B=8, T=128, lora=True)),
     "mixtral": ("mixtral", dict(B=8, T=128)),
+    "mamba2": ("mamba2", dict(B=8, T=128)),
     "timm-vit": ("timm_vit", dict(B=32)),
     "timm-convnext": ("timm_convnext", dict(B=16)),
     "timm-bit": ("timm_bit", dict(B=16)),
@@ -56,7 +57,7 @@ CONFIGS = {
     "gpt2-v8192": ("gpt2", dict(B=8, T=128, layers=4, width=256, vocab=8192)),
 }
 SMALL_BATCH = ["mlp-B64", "cnn-B32", "vit-B16", "gpt2-v8192"]
-# mixtral, timm-vit, timm-convnext, timm-bit, tv-vit, tv-swin, tv-resnet18(-frozen-bn): opt-in with --config (1.6 min more on the 2-core EPYC
+# mixtral, mamba2, timm-vit, timm-convnext, timm-bit, tv-vit, tv-swin, tv-resnet18(-frozen-bn): opt-in with --config (1.6 min more on the 2-core EPYC
 # for the first three)
 CPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "llama", "llama-lora"] + SMALL_BATCH
 GPU_CONFIGS = ["mlp", "cnn", "vit", "gpt2", "gpt2-T512", "gpt2-124m", "gpt2-355m", "llama", "llama-lora",
@@ -69,7 +70,7 @@ SKIP = {"gpt2-T512": {**{m: "slow baseline on the CPU (~20 s a step); shown at T
                       "opacus ghost": "left out on the CPU for time (2.09x non-private in the run of 2026-11-25 "
                                       "in README); shown at T=128; --all-methods runs it"}}
 # bk against non-private only on these: the default-size rows compare the baselines
-for _config in ("llama", "llama-lora", "mixtral", "timm-vit", "timm-convnext", "timm-bit", "tv-vit", "tv-swin",
+for _config in ("llama", "llama-lora", "mixtral", "mamba2", "timm-vit", "timm-convnext", "timm-bit", "tv-vit", "tv-swin",
                 "tv-resnet18", "tv-resnet18-frozen-bn", *SMALL_BATCH):
     SKIP[_config] = {m: "left out for time; the default-size rows compare the baselines" for m in BASELINES}
 QUICK = {"mlp": dict(B=64), "cnn": dict(B=16), "vit": dict(B=8), "gpt2": dict(B=4, T=64),
@@ -96,6 +97,7 @@ TINY = {"mlp": dict(B=4, width=16), "cnn": dict(B=2, width=4, size=8),
         "vit": dict(B=2, width=32, layers=1, heads=2, size=8), "gpt2": dict(B=2, T=8, layers=1, width=32, vocab=53),
         "llama": dict(B=2, T=8, layers=1, width=64, vocab=53),
         "mixtral": dict(B=2, T=8, layers=1, width=64, experts=4, vocab=53),
+        "mamba2": dict(B=2, T=8, layers=1, width=64, state=8, head_dim=16, chunk=4, vocab=53),
         "timm_vit": dict(B=2, size=8, patch=4, width=32, layers=1, heads=2),
         "timm_convnext": dict(B=2, size=32), "timm_bit": dict(B=2, size=32),
         "tv_vit": dict(B=2, size=8, patch=4, width=32, layers=1, heads=2), "tv_swin": dict(B=2, size=32),

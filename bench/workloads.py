@@ -140,6 +140,25 @@ def mixtral(B=8, T=128, layers=4, width=256, experts=8, top_k=2, vocab=32000):
                     dict(model="mixtral", layers=layers, width=width, T=T, B=B))
 
 
+def mamba2(B=8, T=128, layers=4, width=256, state=64, head_dim=64, chunk=64, vocab=8192):
+    """Hugging Face Mamba-2 (its mixers on bk's fused path: nn/mamba.py; its RMSNorms and gated
+    RMSNorms on the generic path), full fine-tuning, transformers' torch chunked scan."""
+    import transformers
+
+    config = transformers.Mamba2Config(vocab_size=vocab, hidden_size=width, state_size=state, num_hidden_layers=layers,
+                                       expand=2, head_dim=head_dim, num_heads=2 * width // head_dim, n_groups=1,
+                                       chunk_size=chunk, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.Mamba2ForCausalLM(config)
+    ids = torch.randint(0, vocab, (B, T + 1))
+
+    def forward(m, ids):
+        return m(input_ids=ids).logits
+
+    return Workload("mamba2", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
+                    dict(model="mamba2", layers=layers, width=width, T=T, B=B))
+
+
 def timm_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
     """timm's vit_tiny_patch16_224 at 32 x 32 images, 4 x 4 patches: the root model owns the cls
     token and the positions (used only in its _pos_embed, which takes the generic path); timm's
@@ -261,7 +280,8 @@ def vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
                     dict(model="vit", layers=layers, width=width, T=model.patches, B=B))
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "timm_vit": timm_vit,
+MODELS = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "llama": llama, "mixtral": mixtral, "mamba2": mamba2,
+          "timm_vit": timm_vit,
           "timm_convnext": timm_convnext, "timm_bit": timm_bit, "tv_vit": tv_vit, "tv_swin": tv_swin,
           "tv_resnet18": tv_resnet18}
 

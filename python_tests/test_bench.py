@@ -54,7 +54,7 @@ def _two_steps_move(w, method):
     return True
 
 
-@pytest.mark.parametrize("name", ["llama", "mixtral", "timm_vit", "timm_convnext", "timm_bit", "tv_vit", "tv_swin"])
+@pytest.mark.parametrize("name", ["llama", "mixtral", "mamba2", "timm_vit", "timm_convnext", "timm_bit", "tv_vit", "tv_swin"])
 def test_library_model_workloads_step(name):
     """The workloads built from transformers, timm and torchvision classes (bk against non-private only in the
     suite): two steps of each, on the sizes the memory subprocess warms up with."""
