@@ -45,6 +45,11 @@ def _model(name, use_cache=False):
         config = transformers.GraniteMoeHybridConfig(**HYBRID, layer_types=["mamba", "attention"], num_local_experts=4,
                                                      num_experts_per_tok=2, shared_intermediate_size=24, **MAMBA2)
         return transformers.GraniteMoeHybridForCausalLM(config).to(DT).train()
+    if name.startswith("falcon_h1"):  # muP multipliers (not 1) around in_proj; gated RMSNorm or SiLU gate
+        config = transformers.FalconH1Config(**HYBRID, head_dim=8, mamba_d_ssm=32, mamba_rms_norm=name.endswith("norm"),
+                                             ssm_in_multiplier=0.7, ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9],
+                                             **MAMBA2)
+        return transformers.FalconH1ForCausalLM(config).to(DT).train()
     assert name == "zamba2"
     config = transformers.Zamba2Config(**HYBRID, layers_block_type=["mamba", "hybrid"], mamba_d_state=4, mamba_d_conv=3,
                                        mamba_expand=2, mamba_ngroups=2, n_mamba_heads=4, chunk_size=4, num_mem_blocks=1)
@@ -54,7 +59,7 @@ def _model(name, use_cache=False):
 def _mixers(model):
     return [m for m in model.modules() if type(m).__name__ in ("MambaMixer", "FalconMambaMixer", "Mamba2Mixer",
                                                                  "BambaMixer", "GraniteMoeHybridMambaLayer",
-                                                                 "Zamba2MambaMixer")]
+                                                                 "Zamba2MambaMixer", "FalconH1Mixer")]
 
 
 def _batch(B, padded):
@@ -149,14 +154,15 @@ def test_empty_batch_takes_a_noise_only_step():
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("name", ["bamba", "granitemoehybrid", "zamba2"])
+@pytest.mark.parametrize("name", ["bamba", "granitemoehybrid", "zamba2", "falcon_h1", "falcon_h1_norm"])
 def test_mamba2_copies_in_hybrid_models(name):
-    """Bamba, Granite-MoE-hybrid (Granite 4) and Zamba2 copy Mamba2Mixer's forward: the same
+    """Bamba, Granite-MoE-hybrid (Granite 4) and Zamba2 copy Mamba2Mixer's forward, Falcon-H1 adds
+    muP multipliers around in_proj and gates by SiLU where it has no gated RMSNorm: the same
     book-kept mixer; padded batch, B = 4, under bk.verify."""
     model = _model(name)
     assert _mixers(model)
     generic = _generic_types(model)
-    assert not generic & {"BambaMixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer"}, generic
+    assert not generic & {"BambaMixer", "GraniteMoeHybridMambaLayer", "Zamba2MambaMixer", "FalconH1Mixer"}, generic
     report = bk.verify(model, lambda m, b: lm_loss(m, b).mean(), _batch(4, padded=True))
     assert report.ok, report
     assert report.update_error < 1e-12, report

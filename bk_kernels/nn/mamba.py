@@ -1,5 +1,5 @@
 """transformers' Mamba mixers (Mamba, Falcon-Mamba; Mamba-2 and its copies in Bamba,
-Granite-MoE-hybrid, Nemotron-H and Zamba2): the selective scan book-kept.
+Granite-MoE-hybrid, Nemotron-H, Zamba2 and Falcon-H1): the selective scan book-kept.
 
 The mixer owns A_log [I, N] and D [I] and uses them inline, and hands conv1d.weight and
 dt_proj.weight to its scan functions itself. Left alone it took the generic path with those
@@ -169,8 +169,8 @@ def _library_module(cls):
 
 
 class _HFMamba2Mixer(BKLayer):
-    """Mamba2Mixer.forward (and its copies: Bamba, Granite-MoE-hybrid, Nemotron-H, Zamba2) without
-    a cache, book-kept: its chunked scan (the library's own torch function) reads per-example
+    """Mamba2Mixer.forward (and its copies: Bamba, Granite-MoE-hybrid, Nemotron-H, Zamba2; Falcon-H1's
+    with its muP multipliers and optional norm) without a cache, book-kept: its chunked scan (the library's own torch function) reads per-example
     copies of A_log, D and dt_bias ([B, 1, H], broadcast where it reads [H]); conv1d is called as
     the bk Conv1d it is. The gated RMSNorm after the scan is a module of its own (generic: a
     recompute of an elementwise norm)."""
@@ -182,7 +182,11 @@ class _HFMamba2Mixer(BKLayer):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype
-        projected = self.in_proj(_masked(hidden_states, attention_mask))
+        hidden_states = _masked(hidden_states, attention_mask)
+        falcon_h1 = hasattr(self, "mup_vector")  # Falcon-H1: muP multipliers around in_proj
+        projected = self.in_proj(hidden_states * self.ssm_in_multiplier if falcon_h1 else hidden_states)
+        if falcon_h1:
+            projected = projected * self.mup_vector
         gate, x, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         _fill_conv_cache(self, cache, x.transpose(1, 2))
         # causal_conv1d_fn: the module pads kernel - 1 on both sides; keep the first T positions
@@ -202,7 +206,9 @@ class _HFMamba2Mixer(BKLayer):
         if cache is not None:
             y, final_state = y
             cache.update_recurrent_state(final_state, layer_idx=self.layer_idx)
-        y = self.norm(y.reshape(batch, seq_len, -1), gate)
+        y = y.reshape(batch, seq_len, -1)
+        # Falcon-H1 without its gated RMSNorm (mamba_rms_norm off) gates by SiLU alone
+        y = self.norm(y, gate) if getattr(self, "mamba_rms_norm", True) else y * F.silu(gate)
         return self.out_proj(y.to(dtype))
 
 
@@ -211,6 +217,9 @@ class _HFMamba2Mixer(BKLayer):
 _MAMBA2_READS = ("A = -torch.exp(self.A_log.float())", "causal_conv1d_fn(", "mamba2_chunk_scan(",
                  "D=self.D,", "dt_bias=self.dt_bias,", "scan_output = self.norm(scan_output, gate)",
                  "self.out_proj(scan_output.to(dtype))")
+_FALCON_H1_READS = ("hidden_states = hidden_states * self.ssm_in_multiplier",
+                    "projected_states = projected_states * self.mup_vector", "if self.mamba_rms_norm:",
+                    "scan_output = scan_output * torch.nn.functional.silu(gate)")
 _CHUNK_SCAN_READS = ("dt = dt + dt_bias.to(dt.dtype)", "D_residual = D[..., None] * pad_tensor_by_size(hidden_states",
                      "A = A.to(hidden_states.dtype) * dt.float()")
 
@@ -221,12 +230,15 @@ def _mamba2_mixer_class(module):
     own = {name for name, _ in module.named_parameters(recurse=False)}
     scan = getattr(sys.modules.get(cls.__module__), "mamba2_chunk_scan", None)
     scan_source = source_of(inspect.unwrap(scan)) if callable(scan) else ""
+    falcon_h1 = "self.mup_vector" in source
+    norm = getattr(module, "mamba_rms_norm", True)
     fits = (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
-            and all(statement in source for statement in _MAMBA2_READS)
+            and all(statement in source for statement in _MAMBA2_READS + (_FALCON_H1_READS if falcon_h1 else ()))
             and all(statement in scan_source for statement in _CHUNK_SCAN_READS)
             and own == {"A_log", "D", "dt_bias"}
+            and (not falcon_h1 or isinstance(getattr(module, "mup_vector", None), torch.Tensor))
             and all(isinstance(getattr(module, name, None), torch.nn.Module)
-                    for name in ("in_proj", "conv1d", "norm", "out_proj")))
+                    for name in ("in_proj", "conv1d", "out_proj") + (("norm",) if norm else ())))
     if fits:
         return mixin_class(cls, _HFMamba2Mixer)
     return GENERIC if own else None
@@ -234,5 +246,5 @@ def _mamba2_mixer_class(module):
 
 register_layer(None, _mamba2_mixer_class,
                matches=lambda cls: cls.__name__ in ("Mamba2Mixer", "BambaMixer", "GraniteMoeHybridMambaLayer",
-                                                    "NemotronHMamba2Mixer", "Zamba2MambaMixer")
+                                                    "NemotronHMamba2Mixer", "Zamba2MambaMixer", "FalconH1Mixer")
                and cls.__module__.startswith("transformers.models."))
