@@ -214,6 +214,14 @@ def mamba2():
                use_cache=False)
 
 
+def qwen3_5():
+    """HF Qwen 3.5 (text): a gated delta net (owns A_log and dt_bias, reads conv1d.weight itself)
+    then a full attention layer."""
+    return _hf(("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"), **_decoder_config(
+        head_dim=8, linear_key_head_dim=8, linear_value_head_dim=4, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_conv_kernel_dim=3, layer_types=["linear_attention", "full_attention"], use_cache=False))
+
+
 def falcon(new_decoder_architecture=False):
     """HF Falcon: every projection is a FalconLinear (nn.Linear with its own `x @ W.T + b`
     forward); the original layout (parallel attention, one LayerNorm) or the new one (grouped
@@ -653,6 +661,7 @@ ZOO = {
     "falcon_new": (lambda: falcon(new_decoder_architecture=True), causal_lm, ids_batch),
     "mamba": (mamba, causal_lm, ids_batch),
     "mamba2": (mamba2, causal_lm, ids_batch),
+    "qwen3_5": (qwen3_5, causal_lm, ids_batch),
     "mixtral": (mixtral, causal_lm, ids_batch),
     "qwen2_moe": (qwen2_moe, causal_lm, ids_batch),
     "gpt_oss": (gpt_oss, causal_lm, ids_batch),

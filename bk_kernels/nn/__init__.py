@@ -16,7 +16,8 @@ from . import sequence_first  # noqa: F401  (register Longformer, LED, XLNet: la
 from . import speech  # noqa: F401  (register transformers' speech encoders: SpecAugment, WavLM, conformers)
 from . import hf_tokens  # noqa: F401  (register transformers' modules owning a learned query: SigLIP's pooling head)
 from . import torchvision_models  # noqa: F401  (register torchvision's ViT, Swin, ConvNeXt, MaxViT modules)
-from . import mamba  # noqa: F401  (register transformers' Mamba and Falcon-Mamba mixers)
+from . import mamba  # noqa: F401  (register transformers' Mamba, Mamba-2 mixers and their copies)
+from . import gated_delta_net  # noqa: F401  (register transformers' gated delta nets: Qwen3-Next, Qwen 3.5)
 from .layer_scale import scale
 from .frozen_batchnorm import FrozenBatchNorm
 from .recurrent import GRU, LSTM, RNN

@@ -54,11 +54,19 @@ def _per_example(layer, param, batch):
     return shift(layer, param.new_zeros(batch, *param.shape), param, (1, *param.shape))
 
 
-def _bypassed(layer, cache):
-    """transformers' own forward runs outside private training and for a call continuing from
-    cached states (generation); a prefill into an empty cache (a model in eval mode with
-    use_cache on: bk.verify's copies, users training in eval mode) is book-kept."""
+# Packed sequences: transformers' torch scans cannot keep them apart (its hub wrapper raises
+# without the kernel packages); bk calls the unwrapped torch function, so it leaves such calls to
+# transformers' forward (which raises, or runs the kernels and is refused at the backward)
+_PACKED = ("cu_seqlens", "seq_idx", "cu_seq_lens_q")
+
+
+def _bypassed(layer, cache, kwargs=None):
+    """transformers' own forward runs outside private training, for a call continuing from
+    cached states (generation) and for packed sequences; a prefill into an empty cache (a model
+    in eval mode with use_cache on: bk.verify's copies, users training in eval mode) is book-kept."""
     if in_plain_forward() or layer._bk_layout() is None:
+        return True
+    if kwargs and any(kwargs.get(name) is not None for name in _PACKED):
         return True
     return cache is not None and (cache.get_conv_state(layer.layer_idx) is not None
                                   or cache.get_recurrent_state(layer.layer_idx) is not None)
@@ -98,7 +106,7 @@ class _HFMambaMixer(BKLayer):
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         # conv1d's and dt_proj's weights are read here, so this runs whether or not A_log, D train
-        if _bypassed(self, cache):
+        if _bypassed(self, cache, kwargs):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         seq_len = hidden_states.shape[1]
         dtype = hidden_states.dtype
@@ -178,7 +186,7 @@ class _HFMamba2Mixer(BKLayer):
     _bk_swap_without_parameters = True  # A_log, D, dt_bias frozen: conv1d still needs this forward
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
-        if _bypassed(self, cache):
+        if _bypassed(self, cache, kwargs):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         batch, seq_len, _ = hidden_states.shape
         dtype = hidden_states.dtype

@@ -1,0 +1,101 @@
+"""transformers' gated delta nets (Qwen3-Next; Qwen 3.5 and its MoE, Lara-mini, Qwen4-exp):
+the linear-attention layers of those hybrid models, book-kept.
+
+The layer owns A_log and dt_bias (per value head), used inline in its decay
+g = -exp(A_log) * softplus(a + dt_bias), and hands conv1d.weight to its causal convolution
+itself. Left alone it took the generic path with conv1d absorbed: the whole layer (its
+projections, convolution and chunked delta rule) recomputed per example. Here its forward is
+transformers' (5.24) with conv1d called as the bk Conv1d it is and per-example copies of A_log
+and dt_bias ([B, 1, H], shifts of zeros: broadcast against [B, T, H] as transformers' [H] are);
+the delta rule is transformers' own torch function. Its gated RMSNorm (a module of its own, on
+folded rows) stays generic. As for the Mamba mixers (mamba.py): a prefill into an empty cache is
+book-kept, generation from cached states, packed sequences and a plain forward run
+transformers' forward.
+"""
+import inspect
+
+import torch
+
+from ._core import BKLayer
+from ._made import mixin_class, source_of, takes
+from .families import GENERIC, register_layer
+from .mamba import _bypassed, _fill_conv_cache, _library_module, _masked, _per_example
+
+
+class _HFGatedDeltaNet(BKLayer):
+    """Qwen3NextGatedDeltaNet.forward (fused qkvz / ba projections) and Qwen3_5GatedDeltaNet.forward
+    (separate qkv, z, b, a projections), book-kept (module docstring)."""
+
+    _bk_swap_without_parameters = True  # A_log, dt_bias frozen: conv1d still needs this forward
+
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
+        if _bypassed(self, cache, kwargs):
+            return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+        hidden_states = _masked(hidden_states, attention_mask)
+        batch, seq_len, _ = hidden_states.shape
+        if hasattr(self, "in_proj_qkvz"):  # Qwen3-Next
+            query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
+                                                                          self.in_proj_ba(hidden_states))
+            mixed = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in (query, key, value)], dim=-1)
+        else:  # Qwen 3.5
+            mixed = self.in_proj_qkv(hidden_states)
+            z = self.in_proj_z(hidden_states).reshape(batch, seq_len, -1, self.head_v_dim)
+            b, a = self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+        mixed = mixed.transpose(1, 2)
+        _fill_conv_cache(self, cache, mixed)
+        # causal_conv1d_fn: the module pads kernel - 1 on both sides; keep the first T positions
+        conv = self.conv1d(mixed.to(self.conv1d.weight.dtype))[:, :, :seq_len]
+        mixed = _activation(self.activation)(conv).to(mixed.dtype).transpose(1, 2)
+        query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query = query.reshape(batch, seq_len, -1, self.head_k_dim)
+        key = key.reshape(batch, seq_len, -1, self.head_k_dim)
+        value = value.reshape(batch, seq_len, -1, self.head_v_dim)
+        beta = b.sigmoid()
+        A_log = _per_example(self, self.A_log, batch)[:, None]
+        dt_bias = _per_example(self, self.dt_bias, batch)[:, None]
+        g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias)
+        delta_rule = inspect.unwrap(_library_module(type(self)).torch_chunk_gated_delta_rule)  # its torch path
+        out, last_state = delta_rule(query, key, value, g=g, beta=beta, initial_state=None,
+                                     output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
+                                     cu_seqlens=kwargs.pop("cu_seq_lens_q", None), **kwargs)
+        if cache is not None:
+            cache.update_recurrent_state(last_state, self.layer_idx)
+        out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
+        return self.out_proj(out.reshape(batch, seq_len, -1))
+
+
+def _activation(name):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name] if name is not None else (lambda x: x)
+
+
+# What the copy above relies on in transformers' forward and its delta rule
+_READS = ("g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)", "beta = b.sigmoid()",
+          "causal_conv1d_fn(", "torch_chunk_gated_delta_rule(", "use_qk_l2norm_in_kernel=True",
+          "core_attn_out = self.norm(core_attn_out, z)", "output = self.out_proj(core_attn_out)")
+_PROJECTIONS = {"qwen3_next": ("in_proj_qkvz", "in_proj_ba"), "qwen3_5": ("in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                                         "in_proj_a")}
+
+
+def _gated_delta_net_class(module):
+    """_HFGatedDeltaNet where the forward reads what the copy reads, the projections are those of
+    one of the two layouts, and A_log and dt_bias are the only own Parameters; else generic."""
+    cls = type(module)
+    source = source_of(cls.forward)
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    layout = "qwen3_next" if "self.fix_query_key_value_ordering(" in source else "qwen3_5"
+    rule = getattr(inspect.getmodule(cls), "torch_chunk_gated_delta_rule", None)
+    fits = (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
+            and all(statement in source for statement in _READS) and callable(rule)
+            and "g: torch.Tensor" in source_of(inspect.unwrap(rule))
+            and own == {"A_log", "dt_bias"}
+            and all(isinstance(getattr(module, name, None), torch.nn.Module)
+                    for name in ("conv1d", "norm", "out_proj") + _PROJECTIONS[layout]))
+    if fits:
+        return mixin_class(cls, _HFGatedDeltaNet)
+    return GENERIC if own else None
+
+
+register_layer(None, _gated_delta_net_class,
+               matches=lambda cls: cls.__name__.endswith("GatedDeltaNet") and cls.__module__.startswith("transformers.models."))
