@@ -1,0 +1,86 @@
+"""transformers' RMSNorm classes (LlamaRMSNorm and its copies: 153 classes in transformers 5.24)
+book-kept instead of recomputed per example.
+
+Each LLM family has its own RMSNorm class (normalise in float32, then weight * h), which took the
+generic path: a vmap recompute of the norm per module and step (4% of a Llama step on the CPU).
+Here its forward is transformers' own arithmetic with the weight multiplied through bk.nn.scale
+(per-example gradient: each example's sum of g * h). Made only for a class whose forward is one
+of the two arithmetic forms below, word for word. Inputs are taken as bk's LayerNorm takes them:
+examples on dim 0, rows folded example-major ([B * T, d]), or on dim 1 in a sequence-first scope
+(which the generic path refused).
+"""
+import functools
+
+import torch
+
+from ._core import in_plain_forward
+from ._made import source_of
+from .families import GENERIC, register_layer
+from .generic import GenericLayer, generic_class
+from .layer_scale import scale
+
+_NORMALISE = """
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+"""
+# the weight times the normalised input cast back (Llama), or the product cast back (Olmo, Bamba...)
+_FORMS = {"        return self.weight * hidden_states.to(input_dtype)\n": "cast first",
+          "        return (self.weight * hidden_states).to(input_dtype)\n": "cast last"}
+
+
+@functools.lru_cache(maxsize=None)
+def _form(cls):
+    """"cast first", "cast last" or None: which of the forms cls.forward is."""
+    source = source_of(cls.forward)
+    head, _, body = source.partition("\n")
+    if not head.strip().startswith("def forward(self, hidden_states") or not body.startswith(_NORMALISE.lstrip("\n")):
+        return None
+    last = body[len(_NORMALISE.lstrip("\n")):]
+    last = last.split("  #")[0].rstrip() + "\n" if "  #" in last else last.rstrip() + "\n"
+    return _FORMS.get(last)
+
+
+def _library_class(cls):
+    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+
+
+class _HFRMSNorm(GenericLayer):
+    """transformers' RMSNorm forward with its weight through bk.nn.scale (module docstring)."""
+
+    _bk_generic_only_as_fallback = True  # bk.generic_modules leaves it out: the usual call is fused
+
+    def forward(self, hidden_states):
+        if in_plain_forward() or self._bk_layout() is None or not self.weight.requires_grad:
+            return self._bk_generic_call("forward", hidden_states)
+        input_dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        cast_first = _form(_library_class(type(self))) == "cast first"
+        bdim = self._bk_batch_dim(hidden_states)  # 1 in a sequence-first scope
+
+        def scaled(he):  # he: the examples on bdim (rows folded example-major: [B, k, d])
+            return scale(self, he.transpose(0, bdim), self.weight, dim=-1).transpose(0, bdim)
+
+        if cast_first:
+            return self._bk_row_wise(h.to(input_dtype), bdim, scaled)
+        return self._bk_row_wise(h, bdim, scaled).to(input_dtype)
+
+
+def _hf_rmsnorm_class(module):
+    """_HFRMSNorm for a class whose forward is one of the forms above, owning only `weight` (1-d)
+    and `variance_epsilon`; else the generic path where it owns a trained Parameter."""
+    cls = type(module)
+    own = {name: p for name, p in module.named_parameters(recurse=False)}
+    if not any(p.requires_grad for p in own.values()):
+        return None
+    form = _form(cls)
+    if form is None or set(own) != {"weight"} or own["weight"].dim() != 1 or \
+            not isinstance(getattr(module, "variance_epsilon", None), float):
+        return GENERIC
+    return generic_class(cls, mixin=_HFRMSNorm)
+
+
+register_layer(None, _hf_rmsnorm_class,
+               matches=lambda cls: cls.__name__.endswith("RMSNorm") and cls.__module__.startswith("transformers.models."))

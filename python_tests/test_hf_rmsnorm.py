@@ -1,0 +1,100 @@
+"""transformers' RMSNorm classes (LlamaRMSNorm's forward and its copies, in the two arithmetic
+forms of nn/hf_rmsnorm.py) with their weight through bk.nn.scale instead of a per-example
+recompute; other forms (Gemma's 1 + weight) keep the generic path. Against one backward per example in float64 (B = 4: see test_models_zoo.py)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bk_kernels as bk
+from python_tests import zoo
+from python_tests.test_models import check_model
+
+transformers = pytest.importorskip("transformers")
+DT = torch.float64
+
+
+def _lm(model_type, **extra):
+    config = transformers.AutoConfig.for_model(model_type, **zoo._decoder_config(use_cache=False, **extra))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to(DT).train()
+
+
+def _norm_types(model):
+    return {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "olmo2"])  # weight * h.to(dtype); (weight * h).to(dtype)
+def test_rmsnorm_through_scale_is_exact(model_type):
+    model = _lm(model_type)
+    norm_types = _norm_types(model)
+    assert norm_types, "the model has no RMSNorm class"
+    generic = {t for _, t, _ in bk.generic_modules(bk.convert(copy.deepcopy(model)))}
+    assert not generic & norm_types, generic
+    inputs = zoo.ids_batch(4)
+    check_model(model, zoo.causal_lm, inputs, style="all-layer", backend="cpu", R=0.5)
+    check_model(model, zoo.causal_lm, inputs, style="layer-wise", backend="cpu", R=0.05)
+
+
+def test_another_form_keeps_the_generic_path():
+    """Gemma's RMSNorm multiplies by (1 + weight): not a form read here, so generic (and exact)."""
+    model = _lm("gemma", head_dim=8)
+    generic = {t for _, t, _ in bk.generic_modules(bk.convert(copy.deepcopy(model)))}
+    assert "GemmaRMSNorm" in generic
+    report = bk.verify(model, lambda m, b: zoo.causal_lm(m, b).mean(), zoo.ids_batch(4))
+    assert report.ok, report
+
+
+class _FoldedNorm(nn.Module):
+    """A LlamaRMSNorm fed the batch's rows folded ([B * T, d]), as reshape(-1, d) callers do."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        self.proj = nn.Linear(5, 6)
+        self.norm = LlamaRMSNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(self.norm(h.reshape(-1, 6)).view(h.shape)).mean(1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_folded_rows_and_sequence_first_inputs(batch_first):
+    """Rows folded example-major go through bk.nn.scale as [B, T, d], and a sequence-first input
+    (examples on dim 1) as bk's LayerNorm takes it (the generic path refused it): both exact."""
+    torch.manual_seed(0)
+    model = _FoldedNorm().to(DT)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+    x, y = torch.randn(4, 7, 5, dtype=DT), torch.randint(0, 3, (4,))
+    if batch_first:
+        loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+        check_model(model, loss, {"x": x, "y": y}, style="all-layer", backend="cpu", R=0.3)
+    else:
+        class SequenceFirst(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):  # x [T, B, d]
+                h = self.inner.proj(x)
+                return self.inner.head(self.inner.norm(h)).mean(0)
+
+        seq = SequenceFirst(model)
+        report = bk.verify(seq, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x.transpose(0, 1), y),
+                           batch_first=False)
+        assert report.ok and report.update_error < 1e-12, report
+
+
+def test_frozen_weight_is_a_plain_norm():
+    model = _lm("llama")
+    for m in model.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.weight.requires_grad_(False)
+    converted = bk.convert(copy.deepcopy(model))
+    assert not any(type(m).__name__ == "LlamaRMSNorm" and isinstance(m, bk.nn.BKLayer) for m in converted.modules())
+    check_model(model, zoo.causal_lm, zoo.ids_batch(4), style="all-layer", backend="cpu", R=0.5)
