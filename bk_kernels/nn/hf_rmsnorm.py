@@ -1,11 +1,12 @@
-"""transformers' RMSNorm classes (LlamaRMSNorm and its copies: 153 classes in transformers 5.24)
+"""transformers' RMSNorm classes (LlamaRMSNorm and its copies, Gemma's: 166 classes in transformers 5.24)
 book-kept instead of recomputed per example.
 
 Each LLM family has its own RMSNorm class (normalise in float32, then weight * h), which took the
 generic path: a vmap recompute of the norm per module and step (4% of a Llama step on the CPU).
 Here its forward is transformers' own arithmetic with the weight multiplied through bk.nn.scale
 (per-example gradient: each example's sum of g * h). Made only for a class whose forward is one
-of the two arithmetic forms below, word for word. Inputs are taken as bk's LayerNorm takes them:
+of the arithmetic forms below, word for word; Gemma's (1 + weight, in float32) multiplies by
+per-example copies of the weight (a shift of zeros, [B, d]) instead, cast as Gemma casts them. Inputs are taken as bk's LayerNorm takes them:
 examples on dim 0, rows folded example-major ([B * T, d]), or on dim 1 in a sequence-first scope
 (which the generic path refused).
 """
@@ -17,7 +18,7 @@ from ._core import in_plain_forward
 from ._made import source_of
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
-from .layer_scale import scale
+from .layer_scale import scale, shift
 
 _NORMALISE = """
         input_dtype = hidden_states.dtype
@@ -30,11 +31,26 @@ _FORMS = {"        return self.weight * hidden_states.to(input_dtype)\n": "cast 
           "        return (self.weight * hidden_states).to(input_dtype)\n": "cast last"}
 
 
+# Gemma's: normalise in float32 (its _norm), multiply by 1 + weight in float32, cast back
+_GEMMA_NORM = "        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)\n"
+_GEMMA_FORWARD = ["output = self._norm(x.float())", "output = output * (1.0 + self.weight.float())",
+                  "return output.type_as(x)"]
+
+
+def _statements(fn):
+    """The body of fn without its def line, comments and blank lines, each line stripped."""
+    lines = source_of(fn).split("\n")[1:]
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
 @functools.lru_cache(maxsize=None)
 def _form(cls):
-    """"cast first", "cast last" or None: which of the forms cls.forward is."""
+    """"cast first", "cast last", "gemma" or None: which of the forms cls.forward is."""
     source = source_of(cls.forward)
     head, _, body = source.partition("\n")
+    if head.strip().startswith("def forward(self, x)") and _statements(cls.forward) == _GEMMA_FORWARD and \
+            source_of(getattr(cls, "_norm", None)).endswith(_GEMMA_NORM):
+        return "gemma"
     if not head.strip().startswith("def forward(self, hidden_states") or not body.startswith(_NORMALISE.lstrip("\n")):
         return None
     last = body[len(_NORMALISE.lstrip("\n")):]
@@ -54,16 +70,26 @@ class _HFRMSNorm(GenericLayer):
     def forward(self, hidden_states):
         if in_plain_forward() or self._bk_layout() is None or not self.weight.requires_grad:
             return self._bk_generic_call("forward", hidden_states)
+        form = _form(_library_class(type(self)))
+        bdim = self._bk_batch_dim(hidden_states)  # 1 in a sequence-first scope
+        if form == "gemma":
+            h = self._norm(hidden_states.float())
+
+            def gemma_scaled(he):  # (1 + weight) from per-example copies, cast as Gemma casts
+                he = he.transpose(0, bdim)
+                weights = shift(self, self.weight.new_zeros(he.shape[0], *self.weight.shape), self.weight,
+                                (1, *self.weight.shape))
+                return (he * (1.0 + weights.float()).view(he.shape[0], *[1] * (he.dim() - 2), -1)).transpose(0, bdim)
+
+            return self._bk_row_wise(h, bdim, gemma_scaled).type_as(hidden_states)
         input_dtype = hidden_states.dtype
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        cast_first = _form(_library_class(type(self))) == "cast first"
-        bdim = self._bk_batch_dim(hidden_states)  # 1 in a sequence-first scope
 
         def scaled(he):  # he: the examples on bdim (rows folded example-major: [B, k, d])
             return scale(self, he.transpose(0, bdim), self.weight, dim=-1).transpose(0, bdim)
 
-        if cast_first:
+        if form == "cast first":
             return self._bk_row_wise(h.to(input_dtype), bdim, scaled)
         return self._bk_row_wise(h, bdim, scaled).to(input_dtype)
 
@@ -76,8 +102,8 @@ def _hf_rmsnorm_class(module):
     if not any(p.requires_grad for p in own.values()):
         return None
     form = _form(cls)
-    if form is None or set(own) != {"weight"} or own["weight"].dim() != 1 or \
-            not isinstance(getattr(module, "variance_epsilon", None), float):
+    eps = getattr(module, "eps" if form == "gemma" else "variance_epsilon", None)
+    if form is None or set(own) != {"weight"} or own["weight"].dim() != 1 or not isinstance(eps, float):
         return GENERIC
     return generic_class(cls, mixin=_HFRMSNorm)
 
