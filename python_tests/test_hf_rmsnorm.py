@@ -113,3 +113,21 @@ def test_frozen_weight_is_a_plain_norm():
     converted = bk.convert(copy.deepcopy(model))
     assert not any(type(m).__name__ == "LlamaRMSNorm" and isinstance(m, bk.nn.BKLayer) for m in converted.modules())
     check_model(model, zoo.causal_lm, zoo.ids_batch(4), style="all-layer", backend="cpu", R=0.5)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "qwen3_5"])
+def test_gated_rmsnorms_through_scale(name):
+    """The gated RMSNorm after a Mamba-2 scan (gate first, normalised in groups) and after a
+    gated delta rule (normalised, weighted, then gated; fed folded [B * T * H, d] rows): with
+    the mixers and the plain RMSNorms, nothing of these models is left on the generic path."""
+    build, loss, batch = zoo.ZOO[name]
+    torch.manual_seed(0)
+    model = build().train()
+    gated = {type(m).__name__ for m in model.modules() if type(m).__name__.endswith("RMSNormGated")}
+    assert gated
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ in gated:
+                m.weight.uniform_(0.5, 1.5)
+    assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
+    check_model(model, loss, batch(4), style="all-layer", backend="cpu", R=0.5)

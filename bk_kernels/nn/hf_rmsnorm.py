@@ -110,3 +110,75 @@ def _hf_rmsnorm_class(module):
 
 register_layer(None, _hf_rmsnorm_class,
                matches=lambda cls: cls.__name__.endswith("RMSNorm") and cls.__module__.startswith("transformers.models."))
+
+
+# The gated RMSNorms after a Mamba-2 scan (gate first, normalised in groups) and after a gated
+# delta rule (normalise, weight, then gate), statement for statement (transformers 5.24)
+_GATE_FIRST = [
+    "input_dtype = hidden_states.dtype", "hidden_states = hidden_states.to(torch.float32)", "if gate is not None:",
+    "hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))",
+    "*prefix_dims, last_dim = hidden_states.shape", "group_count = last_dim // self.group_size",
+    "hidden_states_group = hidden_states.view(*prefix_dims, group_count, self.group_size)",
+    "variance = hidden_states_group.pow(2).mean(-1, keepdim=True)",
+    "hidden_states_group = hidden_states_group * torch.rsqrt(variance + self.variance_epsilon)",
+    "hidden_states = hidden_states_group.view(*prefix_dims, group_count * self.group_size)",
+    "return self.weight * hidden_states.to(input_dtype)"]
+_NORM_FIRST = [
+    "input_dtype = hidden_states.dtype", "hidden_states = hidden_states.to(torch.float32)",
+    "variance = hidden_states.pow(2).mean(-1, keepdim=True)",
+    "hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)",
+    "hidden_states = self.weight * hidden_states.to(input_dtype)",
+    "hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))",
+    "return hidden_states.to(input_dtype)"]
+
+
+@functools.lru_cache(maxsize=None)
+def _gated_form(cls):
+    statements = _statements(cls.forward)
+    return {tuple(_GATE_FIRST): "gate first", tuple(_NORM_FIRST): "norm first"}.get(tuple(statements))
+
+
+class _HFRMSNormGated(GenericLayer):
+    """transformers' gated RMSNorms (the forms above) with the weight through bk.nn.scale."""
+
+    _bk_generic_only_as_fallback = True
+
+    def forward(self, hidden_states, gate=None):
+        if in_plain_forward() or self._bk_layout() is None or not self.weight.requires_grad:
+            return self._bk_generic_call("forward", hidden_states, gate)
+        input_dtype = hidden_states.dtype
+        bdim = self._bk_batch_dim(hidden_states)
+
+        def scaled(he):
+            return scale(self, he.transpose(0, bdim), self.weight, dim=-1).transpose(0, bdim)
+
+        h = hidden_states.to(torch.float32)
+        if _gated_form(_library_class(type(self))) == "gate first":
+            if gate is not None:
+                h = h * torch.nn.functional.silu(gate.to(torch.float32))
+            *prefix, last = h.shape
+            groups = h.view(*prefix, last // self.group_size, self.group_size)
+            groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self._bk_row_wise(groups.view(*prefix, last).to(input_dtype), bdim, scaled)
+        from transformers.activations import ACT2FN
+
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        h = self._bk_row_wise(h.to(input_dtype), bdim, scaled)
+        return (h * ACT2FN[self.activation](gate.to(torch.float32))).to(input_dtype)
+
+
+def _hf_rmsnorm_gated_class(module):
+    cls = type(module)
+    own = {name: p for name, p in module.named_parameters(recurse=False)}
+    if not any(p.requires_grad for p in own.values()):
+        return None
+    form = _gated_form(cls)
+    needs = {"gate first": "group_size", "norm first": "activation"}.get(form)
+    if form is None or set(own) != {"weight"} or own["weight"].dim() != 1 or \
+            not isinstance(getattr(module, "variance_epsilon", None), float) or not hasattr(module, needs):
+        return GENERIC
+    return generic_class(cls, mixin=_HFRMSNormGated)
+
+
+register_layer(None, _hf_rmsnorm_gated_class,
+               matches=lambda cls: cls.__name__.endswith("RMSNormGated") and cls.__module__.startswith("transformers.models."))
