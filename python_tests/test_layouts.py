@@ -705,3 +705,68 @@ def test_folded_rows_through_a_concatenation_of_per_example_tokens():
     other = torch.tanh(torch.randn(B * T, 1, d, dtype=DT, requires_grad=True))
     assert not folded_rows(torch.cat([other, patches], dim=1), 3)  # a [6, 1, d] input of no proven fold
 
+
+
+class _ExpandedLatents(nn.Module):
+    """Perceiver's pattern: one Parameter expanded to the batch from the batch size alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+
+    def forward(self, batch_size):
+        return self.latents.expand(batch_size, -1, -1)
+
+
+class _LatentsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lat, self.proj = _ExpandedLatents(), nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        return (self.proj(x) + self.lat(x.shape[0])).mean((1, 2))
+
+
+def test_a_batch_made_from_its_size_is_refused_in_the_forward():
+    """The generic path read such an output as shared by all examples and gave it another batch dim:
+    [B, B, 3, 4], broadcast against [B, 3, 4] without an error, so the private model computed another
+    function than the model (found with Perceiver, where a shape error happened to show it). Now
+    refused in the forward, naming the module; nothing moves and no step is taken."""
+    model = bk.convert(_LatentsModel())
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine = bk.PrivacyEngine(model, batch_size=5, sample_size=50, noise_multiplier=1.0, max_grad_norm=1.0)
+    engine.attach(optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(bk.nn.generic.GenericError, match=r"_ExpandedLatents \(lat\).*batch size 5 as a number"):
+        model(torch.randn(5, 3, 4, dtype=torch.float64))
+    assert engine.steps == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    # B = 1: the one example's rows are its own (nothing to refuse), exact
+    check_model(_LatentsModel(), lambda m, b: m(b["x"]), {"x": torch.randn(1, 3, 4, dtype=torch.float64)},
+                style="all-layer", backend="cpu", R=0.1)
+
+
+class _Positions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+
+    def forward(self, seq_len):
+        return self.table[:seq_len]
+
+
+class _PositionsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos, self.proj = _Positions(), nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return self.proj(x + self.pos(x.shape[1])).mean(1)
+
+
+def test_a_sequence_length_equal_to_the_batch_size_is_not_a_batch_size():
+    """forward(seq_len) returning T rows of a table, at T == B: shared by every example (not
+    refused as a batch made from its size), and exact."""
+    x, y = torch.randn(4, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    check_model(_PositionsModel(), lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"),
+                {"x": x, "y": y}, style="all-layer", backend="cpu", R=0.1)

@@ -22,7 +22,9 @@ cannot be replayed per example and are refused.
 import contextlib
 import copy
 import functools
+import inspect
 import itertools
+import re
 import warnings
 
 import torch
@@ -33,6 +35,8 @@ from ._core import BKLayer, folded_rows, in_plain_forward, plain_forward
 from ._made import made_class
 from ._uses import DenseUse
 
+# Argument names that hold the batch size (Perceiver's forward(batch_size), XLNet's bsz)
+_BATCH_SIZE_NAME = re.compile(r"batch_size|^bsz$|^batch$|^n_batch$")
 # Examples per vmap chunk: their per-example gradients stay within this many elements.
 CHUNK_ELEMENTS = 1 << 24
 # Warn once per module when its per-example gradients exceed this many elements.
@@ -101,6 +105,8 @@ class GenericLayer(BKLayer):
         batched_in = [d is not None and t.dim() > d and t.shape[d] == B for t, d in zip(in_leaves, in_dims)]
         folds_in = self._bk_folded_inputs(in_leaves, in_dims, batched_in, B)
         self._bk_check_unbatched_inputs(in_leaves, in_dims, batched_in, folds_in, B)
+        self._bk_check_batch_made_from_its_size(original, args, kwargs, batched_in, folds_in, out_leaves, picked,
+                                                out_dims, B)
         fold_sizes = {k * B for k in folds_in if k}
         layouts, outs, folded_here = [], [], False
         for i, d in zip(picked, out_dims):
@@ -195,6 +201,33 @@ class GenericLayer(BKLayer):
                 "experts take them) or another module's Parameter (a relative-position table) cannot be split per "
                 "example on this path. Call the module on [B, ...] inputs, or let a bk layer own its Parameters "
                 "(bk.register_layer); nothing was recorded and no budget was spent")
+
+    def _bk_check_batch_made_from_its_size(self, method, args, kwargs, batched_in, folds_in, out_leaves, picked,
+                                           out_dims, B):
+        """A module given the batch size (an argument named batch_size, bsz, ...) and no per-example
+        tensor, whose output has B rows (Perceiver's latents: `param.expand(batch_size, ...)`),
+        makes the batch from one value: its output would be read as shared by all examples and
+        given another batch dim ([B, B, ...]), which later ops may broadcast silently. Refused
+        here, in the forward, naming the module. (A sequence length that happens to equal B is
+        not a batch size: only the argument's name tells them apart.)"""
+        if B is None or B < 2 or any(batched_in) or any(folds_in):
+            return
+        try:
+            bound = inspect.signature(method).bind(*args, **kwargs).arguments
+        except (TypeError, ValueError):
+            return
+        if not any(_BATCH_SIZE_NAME.search(name) and value == B and isinstance(value, int)
+                   for name, value in bound.items()):
+            return
+        if not any(out_leaves[i].dim() > d and out_leaves[i].shape[d] == B for i, d in zip(picked, out_dims)):
+            return
+        raise GenericError(
+            f"PrivacyEngine: {type(self).__name__} ({self._bk_engine._module_path(self)}) takes the generic path "
+            f"(its own Parameters {[n for n, _ in self._bk_own_trainable()]} are used in its forward), is given the "
+            f"batch size {B} as a number and no tensor holding the examples, and returns {B} rows: it makes the batch "
+            "from one value (an expand to the batch size), which the per-example recompute cannot split. Make its "
+            "rows per example with bk.nn.shift (a shift of zeros, as bk does for Perceiver's latents) in a bk layer "
+            "(bk.register_layer); nothing was recorded and no budget was spent")
 
     def _bk_output_layout(self, t, dim, B, any_batched_input, fold_sizes=()):
         """How an output holds the examples on `dim`: "batched" (size B), "folded" (k*B rows, as
