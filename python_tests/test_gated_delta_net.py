@@ -1,4 +1,5 @@
-"""transformers' gated delta nets (Qwen3-Next's fused projections, Qwen 3.5's separate ones) on
+"""transformers' gated delta nets (Qwen3-Next's fused projections, Qwen 3.5's separate ones,
+OLMo-hybrid's q/k/v/b/a/g projections) on
 bk's fused path (bk_kernels/nn/gated_delta_net.py): the layer owns A_log and dt_bias and hands
 conv1d.weight to its convolution itself, so the whole linear-attention layer was recomputed per
 example. Against one backward per example in float64 at B = 1 and 4 (see test_mamba.py on B)."""
@@ -13,7 +14,7 @@ from python_tests.test_models import check_model
 
 transformers = pytest.importorskip("transformers")
 DT = torch.float64
-NAMES = ["qwen3_next", "qwen3_5"]
+NAMES = ["qwen3_next", "qwen3_5", "olmo_hybrid", "olmo_hybrid_neg"]
 
 
 def _model(name, use_cache=False):
@@ -26,6 +27,10 @@ def _model(name, use_cache=False):
         config = transformers.Qwen3NextConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                                               shared_expert_intermediate_size=8, experts_implementation="eager")
         return transformers.Qwen3NextForCausalLM(config).to(DT).train()
+    if name.startswith("olmo_hybrid"):  # q/k/v/b/a/g projections; beta doubled where eigenvalues may be negative
+        common = dict(common, linear_num_value_heads=2, linear_value_head_dim=8,
+                      linear_allow_neg_eigval=name.endswith("neg"), pad_token_id=0)
+        return transformers.OlmoHybridForCausalLM(transformers.OlmoHybridConfig(**common)).to(DT).train()
     config = transformers.Qwen3_5TextConfig(**common)
     return transformers.Qwen3_5ForCausalLM(config).to(DT).train()
 

@@ -1,4 +1,4 @@
-"""transformers' gated delta nets (Qwen3-Next; Qwen 3.5 and its MoE, Lara-mini, Qwen4-exp):
+"""transformers' gated delta nets (Qwen3-Next; Qwen 3.5 and its MoE, Lara-mini, Qwen4-exp; OLMo-hybrid):
 the linear-attention layers of those hybrid models, book-kept.
 
 The layer owns A_log and dt_bias (per value head), used inline in its decay
@@ -23,8 +23,9 @@ from .mamba import _bypassed, _fill_conv_cache, _library_module, _masked, _per_e
 
 
 class _HFGatedDeltaNet(BKLayer):
-    """Qwen3NextGatedDeltaNet.forward (fused qkvz / ba projections) and Qwen3_5GatedDeltaNet.forward
-    (separate qkv, z, b, a projections), book-kept (module docstring)."""
+    """Qwen3NextGatedDeltaNet.forward (fused qkvz / ba projections), Qwen3_5GatedDeltaNet.forward
+    (separate qkv, z, b, a projections) and OlmoHybridGatedDeltaNet.forward (q, k, v, b, a, g
+    projections, o_norm, o_proj), book-kept (module docstring)."""
 
     _bk_swap_without_parameters = True  # A_log, dt_bias frozen: conv1d still needs this forward
 
@@ -33,7 +34,12 @@ class _HFGatedDeltaNet(BKLayer):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         hidden_states = _masked(hidden_states, attention_mask)
         batch, seq_len, _ = hidden_states.shape
-        if hasattr(self, "in_proj_qkvz"):  # Qwen3-Next
+        olmo = hasattr(self, "o_norm")  # OLMo-hybrid: separate q/k/v/b/a/g projections, o_norm, o_proj
+        if olmo:
+            mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)],
+                              dim=-1)
+            b, a = self.b_proj(hidden_states), self.a_proj(hidden_states)
+        elif hasattr(self, "in_proj_qkvz"):  # Qwen3-Next
             query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                           self.in_proj_ba(hidden_states))
             mixed = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in (query, key, value)], dim=-1)
@@ -51,6 +57,8 @@ class _HFGatedDeltaNet(BKLayer):
         key = key.reshape(batch, seq_len, -1, self.head_k_dim)
         value = value.reshape(batch, seq_len, -1, self.head_v_dim)
         beta = b.sigmoid()
+        if olmo and self.allow_neg_eigval:
+            beta = beta * 2.0
         A_log = _per_example(self, self.A_log, batch)[:, None]
         dt_bias = _per_example(self, self.dt_bias, batch)[:, None]
         g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias)
@@ -60,6 +68,10 @@ class _HFGatedDeltaNet(BKLayer):
                                      cu_seqlens=kwargs.pop("cu_seq_lens_q", None), **kwargs)
         if cache is not None:
             cache.update_recurrent_state(last_state, self.layer_idx)
+        if olmo:
+            gate = self.g_proj(hidden_states)
+            out = self.o_norm(out.reshape(-1, self.head_v_dim), gate.reshape(-1, self.head_v_dim))
+            return self.o_proj(out.reshape(batch, seq_len, -1))
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, seq_len, -1))
 
@@ -70,28 +82,37 @@ def _activation(name):
     return ACT2FN[name] if name is not None else (lambda x: x)
 
 
-# What the copy above relies on in transformers' forward and its delta rule
-_READS = ("g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)", "beta = b.sigmoid()",
-          "causal_conv1d_fn(", "torch_chunk_gated_delta_rule(", "use_qk_l2norm_in_kernel=True",
-          "core_attn_out = self.norm(core_attn_out, z)", "output = self.out_proj(core_attn_out)")
-_PROJECTIONS = {"qwen3_next": ("in_proj_qkvz", "in_proj_ba"), "qwen3_5": ("in_proj_qkv", "in_proj_z", "in_proj_b",
-                                                                         "in_proj_a")}
+# What the copy above relies on in transformers' forward (per layout) and its delta rule
+_READS = ("causal_conv1d_fn(", "torch_chunk_gated_delta_rule(", "use_qk_l2norm_in_kernel=True")
+_QWEN_READS = ("g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)", "beta = b.sigmoid()",
+               "core_attn_out = self.norm(core_attn_out, z)", "output = self.out_proj(core_attn_out)")
+_LAYOUTS = {  # layout: (statements its forward has, children it calls)
+    "qwen3_next": (_QWEN_READS + ("self.fix_query_key_value_ordering(",), ("in_proj_qkvz", "in_proj_ba", "norm",
+                                                                         "out_proj")),
+    "qwen3_5": (_QWEN_READS + ("z = self.in_proj_z(hidden_states)",), ("in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                                      "in_proj_a", "norm", "out_proj")),
+    "olmo_hybrid": (("g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias)",
+                     "beta = self.b_proj(hidden_states).sigmoid()", "if self.allow_neg_eigval:", "beta = beta * 2.0",
+                     "gate = self.g_proj(hidden_states)", "output = self.o_norm(output, gate)",
+                     "output = self.o_proj(output)"),
+                    ("q_proj", "k_proj", "v_proj", "b_proj", "a_proj", "g_proj", "o_norm", "o_proj")),
+}
 
 
 def _gated_delta_net_class(module):
-    """_HFGatedDeltaNet where the forward reads what the copy reads, the projections are those of
-    one of the two layouts, and A_log and dt_bias are the only own Parameters; else generic."""
+    """_HFGatedDeltaNet where the forward reads what the copy reads for one of its projection
+    layouts, with A_log and dt_bias the only own Parameters; else the generic path."""
     cls = type(module)
     source = source_of(cls.forward)
     own = {name for name, _ in module.named_parameters(recurse=False)}
-    layout = "qwen3_next" if "self.fix_query_key_value_ordering(" in source else "qwen3_5"
     rule = getattr(inspect.getmodule(cls), "torch_chunk_gated_delta_rule", None)
-    fits = (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
+    layout = next((name for name, (reads, _) in _LAYOUTS.items() if all(r in source for r in reads)), None)
+    fits = (layout is not None and takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
             and all(statement in source for statement in _READS) and callable(rule)
             and "g: torch.Tensor" in source_of(inspect.unwrap(rule))
             and own == {"A_log", "dt_bias"}
             and all(isinstance(getattr(module, name, None), torch.nn.Module)
-                    for name in ("conv1d", "norm", "out_proj") + _PROJECTIONS[layout]))
+                    for name in ("conv1d",) + _LAYOUTS[layout][1]))
     if fits:
         return mixin_class(cls, _HFGatedDeltaNet)
     return GENERIC if own else None
