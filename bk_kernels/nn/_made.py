@@ -8,6 +8,7 @@ user's class name in reprs and error messages.
 """
 import copyreg
 import inspect
+import sys
 
 _MADE = {}          # (factory, args) -> the class it made
 _METACLASSES = {}   # the user class's metaclass -> the metaclass of the classes made from it
@@ -42,6 +43,17 @@ def takes(cls, method, names):
     """Whether cls.<method> has exactly these arguments after self: a bk mixin that copies a
     library's forward is made only for the version whose signature it read."""
     return list(inspect.signature(getattr(cls, method)).parameters) == ["self", *names]
+
+
+def library_class(cls):
+    """The transformers class a bk mixin class was made from (the first in its MRO)."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers."))
+
+
+def library_module(cls):
+    """The module of library_class(cls): where transformers keeps the helper functions its
+    forward calls (the scans, the mask draws)."""
+    return sys.modules[library_class(cls).__module__]
 
 
 def mixin_class(cls, mixin):

@@ -7,8 +7,8 @@ itself. Left alone it took the generic path with conv1d absorbed: the whole laye
 projections, convolution and chunked delta rule) recomputed per example. Here its forward is
 transformers' (5.24) with conv1d called as the bk Conv1d it is and per-example copies of A_log
 and dt_bias ([B, 1, H], shifts of zeros: broadcast against [B, T, H] as transformers' [H] are);
-the delta rule is transformers' own torch function. Its gated RMSNorm (a module of its own, on
-folded rows) stays generic. As for the Mamba mixers (mamba.py): a prefill into an empty cache is
+the delta rule is transformers' own torch function. Its gated RMSNorm is a module of its own, on
+folded rows (hf_rmsnorm.py). As for the Mamba mixers (mamba.py): a prefill into an empty cache is
 book-kept, generation from cached states, packed sequences and a plain forward run
 transformers' forward.
 """
@@ -17,9 +17,10 @@ import inspect
 import torch
 
 from ._core import BKLayer
-from ._made import mixin_class, source_of, takes
+from ._made import library_module, mixin_class, source_of
 from .families import GENERIC, register_layer
-from .mamba import _bypassed, _fill_conv_cache, _library_module, _masked, _per_example
+from .layer_scale import per_example
+from .mamba import _bypassed, _causal_conv1d, _copies_forward, _fill_conv_cache, _masked
 
 
 class _HFGatedDeltaNet(BKLayer):
@@ -49,9 +50,7 @@ class _HFGatedDeltaNet(BKLayer):
             b, a = self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
         mixed = mixed.transpose(1, 2)
         _fill_conv_cache(self, cache, mixed)
-        # causal_conv1d_fn: the module pads kernel - 1 on both sides; keep the first T positions
-        conv = self.conv1d(mixed.to(self.conv1d.weight.dtype))[:, :, :seq_len]
-        mixed = _activation(self.activation)(conv).to(mixed.dtype).transpose(1, 2)
+        mixed = _causal_conv1d(self, mixed).transpose(1, 2)
         query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
         query = query.reshape(batch, seq_len, -1, self.head_k_dim)
         key = key.reshape(batch, seq_len, -1, self.head_k_dim)
@@ -59,10 +58,10 @@ class _HFGatedDeltaNet(BKLayer):
         beta = b.sigmoid()
         if olmo and self.allow_neg_eigval:
             beta = beta * 2.0
-        A_log = _per_example(self, self.A_log, batch)[:, None]
-        dt_bias = _per_example(self, self.dt_bias, batch)[:, None]
+        A_log = per_example(self, self.A_log, batch)[:, None]
+        dt_bias = per_example(self, self.dt_bias, batch)[:, None]
         g = -A_log.float().exp() * torch.nn.functional.softplus(a.float() + dt_bias)
-        delta_rule = inspect.unwrap(_library_module(type(self)).torch_chunk_gated_delta_rule)  # its torch path
+        delta_rule = inspect.unwrap(library_module(type(self)).torch_chunk_gated_delta_rule)  # its torch path
         out, last_state = delta_rule(query, key, value, g=g, beta=beta, initial_state=None,
                                      output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
                                      cu_seqlens=kwargs.pop("cu_seq_lens_q", None), **kwargs)
@@ -74,12 +73,6 @@ class _HFGatedDeltaNet(BKLayer):
             return self.o_proj(out.reshape(batch, seq_len, -1))
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
         return self.out_proj(out.reshape(batch, seq_len, -1))
-
-
-def _activation(name):
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[name] if name is not None else (lambda x: x)
 
 
 # What the copy above relies on in transformers' forward (per layout) and its delta rule
@@ -102,20 +95,14 @@ _LAYOUTS = {  # layout: (statements its forward has, children it calls)
 def _gated_delta_net_class(module):
     """_HFGatedDeltaNet where the forward reads what the copy reads for one of its projection
     layouts, with A_log and dt_bias the only own Parameters; else the generic path."""
-    cls = type(module)
-    source = source_of(cls.forward)
-    own = {name for name, _ in module.named_parameters(recurse=False)}
-    rule = getattr(inspect.getmodule(cls), "torch_chunk_gated_delta_rule", None)
+    source = source_of(type(module).forward)
+    rule = getattr(library_module(type(module)), "torch_chunk_gated_delta_rule", None)
     layout = next((name for name, (reads, _) in _LAYOUTS.items() if all(r in source for r in reads)), None)
-    fits = (layout is not None and takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
-            and all(statement in source for statement in _READS) and callable(rule)
-            and "g: torch.Tensor" in source_of(inspect.unwrap(rule))
-            and own == {"A_log", "dt_bias"}
-            and all(isinstance(getattr(module, name, None), torch.nn.Module)
-                    for name in ("conv1d",) + _LAYOUTS[layout][1]))
+    fits = (layout is not None and callable(rule) and "g: torch.Tensor" in source_of(inspect.unwrap(rule))
+            and _copies_forward(module, _READS, {"A_log", "dt_bias"}, ("conv1d",) + _LAYOUTS[layout][1]))
     if fits:
-        return mixin_class(cls, _HFGatedDeltaNet)
-    return GENERIC if own else None
+        return mixin_class(type(module), _HFGatedDeltaNet)
+    return GENERIC if any(True for _ in module.parameters(recurse=False)) else None
 
 
 register_layer(None, _gated_delta_net_class,

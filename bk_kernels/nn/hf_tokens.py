@@ -23,7 +23,7 @@ from ._core import BKLayer, in_plain_forward
 from ._made import mixin_class, source_of, takes
 from .families import GENERIC, register_layer
 from .generic import GenericLayer, generic_class
-from .layer_scale import class_tokens, positions, shift
+from .layer_scale import class_tokens, per_example, positions
 
 
 class _ProbePoolingHead(BKLayer):
@@ -111,8 +111,7 @@ class _PerBatchExpand(BKLayer):
         if in_plain_forward() or layout is None or not param.requires_grad or batch_size != layout.batch or \
                 interpolate:
             return super().forward(batch_size, *args, **kwargs)
-        zeros = param.new_zeros(batch_size, *param.shape)
-        return shift(self, zeros, param, (1, *param.shape))
+        return per_example(self, param, batch_size)
 
 
 def _per_batch_expand_class(module):

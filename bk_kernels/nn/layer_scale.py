@@ -71,6 +71,13 @@ def shift(layer, x, beta, shape):
     return _ShiftFn.apply(layer._bk_examples(x, 0), beta, layer, shape)
 
 
+def per_example(layer, param, batch):
+    """param repeated for each of `batch` examples ([batch, *param.shape]), a shift of zeros owned
+    by `layer`: what each example reads from its own copy gives its own gradient of param (a
+    frozen param: a plain repeat)."""
+    return shift(layer, param.new_zeros(batch, *param.shape), param, (1, *param.shape))
+
+
 def class_tokens(layer, x, token):
     """token [1, k, C] repeated for each example of x, as a shift of zeros (per-example grads);
     a frozen token is added as it is (timm's and transformers' class tokens, SigLIP's probe)."""

@@ -21,15 +21,14 @@ Mamba-2's mixer (_HFMamba2Mixer) owns A_log, D and dt_bias per head: the same pe
 go to transformers' own chunked scan.
 """
 import inspect
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class, source_of, takes
+from ._made import library_module, mixin_class, source_of, takes
 from .families import GENERIC, register_layer
-from .layer_scale import shift
+from .layer_scale import per_example
 from .linear import linear
 
 
@@ -46,12 +45,6 @@ def _pscan():
     except ImportError:
         return None
     return pscan
-
-
-def _per_example(layer, param, batch):
-    """param repeated for each of `batch` examples, a shift of zeros owned by `layer`: its backward
-    gives each example's gradient of param (a frozen param: a plain repeat)."""
-    return shift(layer, param.new_zeros(batch, *param.shape), param, (1, *param.shape))
 
 
 # Packed sequences: transformers' torch scans cannot keep them apart (its hub wrapper raises
@@ -77,6 +70,29 @@ def _fill_conv_cache(layer, cache, x):
     output is the uncached one's (its left padding, if any, is zeros, as the convolution's own)."""
     if cache is not None:
         cache.update_conv_state(x, layer.layer_idx, conv_kernel_size=layer.conv_kernel_size)
+
+
+def _causal_conv1d(layer, x):
+    """transformers' causal_conv1d_fn on x [B, channels, T] through layer.conv1d, the bk Conv1d it
+    is (its padding, kernel - 1 on both sides, then the first T positions), then layer.activation."""
+    from transformers.activations import ACT2FN
+
+    out = layer.conv1d(x.to(layer.conv1d.weight.dtype))[:, :, :x.shape[-1]]
+    if layer.activation is not None:
+        out = ACT2FN[layer.activation](out)
+    return out.to(x.dtype)
+
+
+def _copies_forward(module, reads, own, children):
+    """Whether module's forward is the one a bk copy was written from: the signature
+    (hidden_states, cache, attention_mask, **kwargs), these statements in its source, exactly
+    these own Parameters and these child modules."""
+    cls = type(module)
+    source = source_of(cls.forward)
+    return (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
+            and all(statement in source for statement in reads)
+            and {name for name, _ in module.named_parameters(recurse=False)} == set(own)
+            and all(isinstance(getattr(module, name, None), torch.nn.Module) for name in children))
 
 
 def selective_scan(u, dt, A, B, C, use_mambapy=False):
@@ -108,15 +124,11 @@ class _HFMambaMixer(BKLayer):
         # conv1d's and dt_proj's weights are read here, so this runs whether or not A_log, D train
         if _bypassed(self, cache, kwargs):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
-        seq_len = hidden_states.shape[1]
         dtype = hidden_states.dtype
         projected = self.in_proj(_masked(hidden_states, attention_mask)).transpose(1, 2)
         x, gate = projected.chunk(2, dim=1)
         _fill_conv_cache(self, cache, x)
-        # causal_conv1d_fn: the module's padding is kernel - 1 on both sides; keep the first T
-        x = self.conv1d(x.to(self.conv1d.weight.dtype))[:, :, :seq_len]
-        x = self.act(x).to(projected.dtype)
-        x = _masked(x.transpose(1, 2), attention_mask)  # [B, T, I]
+        x = _masked(_causal_conv1d(self, x).transpose(1, 2), attention_mask)  # [B, T, I]
         time_step, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.ssm_state_size,
                                                        self.ssm_state_size], dim=-1)
         if hasattr(self, "b_layernorm"):  # Falcon-Mamba: weightless RMS norms on dt, B and C
@@ -129,13 +141,13 @@ class _HFMambaMixer(BKLayer):
             dt = F.linear(time_step, self.dt_proj.weight)
         dt = dt.transpose(1, 2)  # [B, I, T]
         batch = x.shape[0]
-        dt = F.softplus(dt + _per_example(self.dt_proj, self.dt_proj.bias, batch).float().to(dt.dtype)[:, :, None])
-        A = -torch.exp(_per_example(self, self.A_log, batch).float())
+        dt = F.softplus(dt + per_example(self.dt_proj, self.dt_proj.bias, batch).float().to(dt.dtype)[:, :, None])
+        A = -torch.exp(per_example(self, self.A_log, batch).float())
         u = x.transpose(1, 2)
         y, last_state = selective_scan(u, dt, A, B, C, self.use_mambapy)
         if cache is not None:
             cache.update_recurrent_state(last_state, self.layer_idx)
-        y = y + u * _per_example(self, self.D, batch).float()[:, :, None]
+        y = y + u * per_example(self, self.D, batch).float()[:, :, None]
         y = y * F.silu(gate)
         return self.out_proj(y.transpose(1, 2).to(dtype))
 
@@ -149,21 +161,15 @@ _READS = ("A = -torch.exp(self.A_log.float())", "projected_states.chunk(2, dim=1
 def _mamba_mixer_class(module):
     """_HFMambaMixer for a mixer whose forward reads what the copy reads, with A_log and D its
     only own Parameters and the children it calls; else the generic path (exact, slower)."""
-    cls = type(module)
-    source = source_of(cls.forward)
-    own = {name for name, _ in module.named_parameters(recurse=False)}
-    children = ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj")
-    falcon = "self.b_layernorm(B)" in source
-    fits = (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
-            and all(statement in source for statement in _READS) and own == {"A_log", "D"}
-            and all(isinstance(getattr(module, name, None), torch.nn.Module) for name in children)
-            and getattr(module, "dt_proj").bias is not None
+    falcon = "self.b_layernorm(B)" in source_of(type(module).forward)
+    fits = (_copies_forward(module, _READS, {"A_log", "D"}, ("in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"))
+            and module.dt_proj.bias is not None
             and not hasattr(getattr(module, "config", None), "_is_quantized")
             and (not falcon or all(not any(True for _ in getattr(module, name).parameters())
                                    for name in ("dt_layernorm", "b_layernorm", "c_layernorm"))))
     if fits:
-        return mixin_class(cls, _HFMambaMixer)
-    return GENERIC if own else None
+        return mixin_class(type(module), _HFMambaMixer)
+    return GENERIC if any(True for _ in module.parameters(recurse=False)) else None
 
 
 register_layer(None, _mamba_mixer_class,
@@ -171,17 +177,11 @@ register_layer(None, _mamba_mixer_class,
                and cls.__module__.startswith("transformers.models."))
 
 
-def _library_module(cls):
-    """The transformers module of the library class a bk mixin class was made from."""
-    return sys.modules[next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models.")).__module__]
-
-
 class _HFMamba2Mixer(BKLayer):
     """Mamba2Mixer.forward (and its copies: Bamba, Granite-MoE-hybrid, Nemotron-H, Zamba2; Falcon-H1's
-    with its muP multipliers and optional norm) without a cache, book-kept: its chunked scan (the library's own torch function) reads per-example
-    copies of A_log, D and dt_bias ([B, 1, H], broadcast where it reads [H]); conv1d is called as
-    the bk Conv1d it is. The gated RMSNorm after the scan is a module of its own (generic: a
-    recompute of an elementwise norm)."""
+    with its muP multipliers and optional norm) without a cache, book-kept: its chunked scan (the
+    library's own torch function) reads per-example copies of A_log, D and dt_bias ([B, 1, H], broadcast where it reads [H]); conv1d is called as
+    the bk Conv1d it is. The gated RMSNorm after the scan is a module of its own (hf_rmsnorm.py)."""
 
     _bk_swap_without_parameters = True  # A_log, D, dt_bias frozen: conv1d still needs this forward
 
@@ -197,19 +197,17 @@ class _HFMamba2Mixer(BKLayer):
             projected = projected * self.mup_vector
         gate, x, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         _fill_conv_cache(self, cache, x.transpose(1, 2))
-        # causal_conv1d_fn: the module pads kernel - 1 on both sides; keep the first T positions
-        x = self.act(self.conv1d(x.transpose(1, 2).to(self.conv1d.weight.dtype))[:, :, :seq_len]).to(x.dtype)
-        x = _masked(x.transpose(1, 2), attention_mask)
+        x = _masked(_causal_conv1d(self, x.transpose(1, 2)).transpose(1, 2), attention_mask)
         groups = self.n_groups * self.ssm_state_size
         x, B, C = torch.split(x, [self.intermediate_size, groups, groups], dim=-1)
-        chunk_scan = inspect.unwrap(_library_module(type(self)).mamba2_chunk_scan)  # its torch path
+        chunk_scan = inspect.unwrap(library_module(type(self)).mamba2_chunk_scan)  # its torch path
         y = chunk_scan(x.view(batch, seq_len, self.num_heads, self.head_dim), dt,
-                       -torch.exp(_per_example(self, self.A_log, batch).float())[:, None],
+                       -torch.exp(per_example(self, self.A_log, batch).float())[:, None],
                        B.view(batch, seq_len, self.n_groups, self.ssm_state_size),
                        C.view(batch, seq_len, self.n_groups, self.ssm_state_size),
-                       chunk_size=self.chunk_size, D=_per_example(self, self.D, batch)[:, None], z=None,
+                       chunk_size=self.chunk_size, D=per_example(self, self.D, batch)[:, None], z=None,
                        return_final_states=cache is not None,
-                       dt_bias=_per_example(self, self.dt_bias, batch)[:, None], dt_softplus=True,
+                       dt_bias=per_example(self, self.dt_bias, batch)[:, None], dt_softplus=True,
                        initial_states=None, dt_limit=self.time_step_limit, **kwargs)
         if cache is not None:
             y, final_state = y
@@ -233,23 +231,19 @@ _CHUNK_SCAN_READS = ("dt = dt + dt_bias.to(dt.dtype)", "D_residual = D[..., None
 
 
 def _mamba2_mixer_class(module):
-    cls = type(module)
-    source = source_of(cls.forward)
-    own = {name for name, _ in module.named_parameters(recurse=False)}
-    scan = getattr(sys.modules.get(cls.__module__), "mamba2_chunk_scan", None)
+    """_HFMamba2Mixer for a mixer whose forward and chunk scan read what the copy reads; else the
+    generic path (exact, slower)."""
+    scan = getattr(library_module(type(module)), "mamba2_chunk_scan", None)
     scan_source = source_of(inspect.unwrap(scan)) if callable(scan) else ""
-    falcon_h1 = "self.mup_vector" in source
-    norm = getattr(module, "mamba_rms_norm", True)
-    fits = (takes(cls, "forward", ["hidden_states", "cache", "attention_mask", "kwargs"])
-            and all(statement in source for statement in _MAMBA2_READS + (_FALCON_H1_READS if falcon_h1 else ()))
+    falcon_h1 = "self.mup_vector" in source_of(type(module).forward)
+    children = ("in_proj", "conv1d", "out_proj") + (("norm",) if getattr(module, "mamba_rms_norm", True) else ())
+    fits = (_copies_forward(module, _MAMBA2_READS + (_FALCON_H1_READS if falcon_h1 else ()), {"A_log", "D", "dt_bias"},
+                            children)
             and all(statement in scan_source for statement in _CHUNK_SCAN_READS)
-            and own == {"A_log", "D", "dt_bias"}
-            and (not falcon_h1 or isinstance(getattr(module, "mup_vector", None), torch.Tensor))
-            and all(isinstance(getattr(module, name, None), torch.nn.Module)
-                    for name in ("in_proj", "conv1d", "out_proj") + (("norm",) if norm else ())))
+            and (not falcon_h1 or isinstance(getattr(module, "mup_vector", None), torch.Tensor)))
     if fits:
-        return mixin_class(cls, _HFMamba2Mixer)
-    return GENERIC if own else None
+        return mixin_class(type(module), _HFMamba2Mixer)
+    return GENERIC if any(True for _ in module.parameters(recurse=False)) else None
 
 
 register_layer(None, _mamba2_mixer_class,

@@ -23,15 +23,14 @@ Linears on [B, T, d] (F.multi_head_attention_forward's order of operations, batc
 table looked up with the buckets expanded to the batch ([B, T, T] ids: each example's lookup
 its own, no copy), gru_rel_pos_const through bk.nn.scale. No per-example recompute.
 """
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from ._core import BKLayer, in_plain_forward
-from ._made import mixin_class, source_of
+from ._made import library_module, mixin_class, source_of
 from .families import GENERIC, register_layer
-from .layer_scale import scale, shift
+from .layer_scale import per_example, scale
 
 
 class _SpecAugmentOwner(BKLayer):
@@ -46,16 +45,15 @@ class _SpecAugmentOwner(BKLayer):
         if not getattr(config, "apply_spec_augment", True):
             return hidden_states
         batch_size, sequence_length, hidden_size = hidden_states.size()
-        draw = _library_module(self)._compute_mask_indices  # numpy's draws, as transformers makes them
+        draw = library_module(type(self))._compute_mask_indices  # numpy's draws, as transformers makes them
         if mask_time_indices is None and config.mask_time_prob > 0 and self.training:
             mask_time_indices = torch.tensor(draw((batch_size, sequence_length), mask_prob=config.mask_time_prob,
                                                   mask_length=config.mask_time_length, attention_mask=attention_mask,
                                                   min_masks=config.mask_time_min_masks),
                                              device=hidden_states.device, dtype=torch.bool)
         if mask_time_indices is not None:
-            per_example = shift(self, hidden_states.new_zeros(batch_size, 1, hidden_size, dtype=embed.dtype), embed,
-                                (1, 1, -1)).to(hidden_states.dtype)  # [B, 1, C]: each example's copy
-            hidden_states = torch.where(mask_time_indices.bool()[..., None], per_example, hidden_states)
+            copies = per_example(self, embed, batch_size)[:, None].to(hidden_states.dtype)  # [B, 1, C]
+            hidden_states = torch.where(mask_time_indices.bool()[..., None], copies, hidden_states)
         if config.mask_feature_prob > 0 and self.training:
             mask_feature_indices = torch.tensor(draw((batch_size, hidden_size), mask_prob=config.mask_feature_prob,
                                                      mask_length=config.mask_feature_length,
@@ -63,11 +61,6 @@ class _SpecAugmentOwner(BKLayer):
                                                 device=hidden_states.device, dtype=torch.bool)
             hidden_states = hidden_states.masked_fill(mask_feature_indices[:, None], 0)
         return hidden_states
-
-
-def _library_module(module):
-    """The module of transformers' class under the bk mixin (its helpers live there)."""
-    return sys.modules[next(c for c in type(module).__mro__ if c.__module__.startswith("transformers.")).__module__]
 
 
 def _is_spec_augment_owner(cls):
