@@ -95,9 +95,20 @@ def gpt2(B=8, T=128, layers=4, width=256, vocab=50257):
                     dict(model="gpt2", layers=layers, width=width, T=T, B=B))
 
 
+def _causal_lm(name, model, B, T, vocab, layers, width, label=None):
+    """A transformers causal LM called with ids alone, next-token targets; ids drawn after the model."""
+    ids = torch.randint(0, vocab, (B, T + 1))
+
+    def forward(m, ids):
+        return m(input_ids=ids).logits
+
+    return Workload(name, model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
+                    dict(model=label or name, layers=layers, width=width, T=T, B=B))
+
+
 def llama(B=8, T=128, layers=4, width=256, vocab=32000, lora=False):
     """Hugging Face Llama called as its users call it (no position_ids), full fine-tuning or
-    PEFT LoRA (r=8 on q_proj and v_proj). Its LlamaRMSNorm layers take bk's generic path."""
+    PEFT LoRA (r=8 on q_proj and v_proj). Its LlamaRMSNorm layers go through bk.nn.scale (nn/hf_rmsnorm.py)."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 8 // 3,
@@ -109,19 +120,13 @@ def llama(B=8, T=128, layers=4, width=256, vocab=32000, lora=False):
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                            lora_dropout=0.0))
-    ids = torch.randint(0, vocab, (B, T + 1))
-
-    def forward(m, ids):
-        return m(input_ids=ids).logits
-
-    return Workload("llama", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
-                    dict(model="llama-lora" if lora else "llama", layers=layers, width=width, T=T, B=B))
+    return _causal_lm("llama", model, B, T, vocab, layers, width, "llama-lora" if lora else "llama")
 
 
 def mixtral(B=8, T=128, layers=4, width=256, experts=8, top_k=2, vocab=32000):
     """Hugging Face Mixtral (sparse MoE: top-2 of 8 experts per token), full fine-tuning. Its
-    experts take bk's MoE path (per (expert, example) ghost/direct norms); the routers and the
-    RMSNorm layers take the generic path."""
+    experts take bk's MoE path (per (expert, example) ghost/direct norms); the routers take the
+    generic path."""
     import transformers
 
     config = transformers.MixtralConfig(vocab_size=vocab, hidden_size=width, intermediate_size=width * 2,
@@ -131,18 +136,12 @@ def mixtral(B=8, T=128, layers=4, width=256, experts=8, top_k=2, vocab=32000):
                                         router_jitter_noise=0.0, experts_implementation="eager")
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
-    ids = torch.randint(0, vocab, (B, T + 1))
-
-    def forward(m, ids):
-        return m(input_ids=ids).logits
-
-    return Workload("mixtral", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
-                    dict(model="mixtral", layers=layers, width=width, T=T, B=B))
+    return _causal_lm("mixtral", model, B, T, vocab, layers, width)
 
 
 def mamba2(B=8, T=128, layers=4, width=256, state=64, head_dim=64, chunk=64, vocab=8192):
     """Hugging Face Mamba-2 (its mixers on bk's fused path: nn/mamba.py; its RMSNorms and gated
-    RMSNorms on the generic path), full fine-tuning, transformers' torch chunked scan."""
+    RMSNorms through bk.nn.scale: nn/hf_rmsnorm.py), full fine-tuning, transformers' torch chunked scan."""
     import transformers
 
     config = transformers.Mamba2Config(vocab_size=vocab, hidden_size=width, state_size=state, num_hidden_layers=layers,
@@ -150,13 +149,7 @@ def mamba2(B=8, T=128, layers=4, width=256, state=64, head_dim=64, chunk=64, voc
                                        chunk_size=chunk, use_cache=False)
     torch.manual_seed(0)
     model = transformers.Mamba2ForCausalLM(config)
-    ids = torch.randint(0, vocab, (B, T + 1))
-
-    def forward(m, ids):
-        return m(input_ids=ids).logits
-
-    return Workload("mamba2", model, (ids[:, :-1].contiguous(),), ids[:, 1:].contiguous(), forward,
-                    dict(model="mamba2", layers=layers, width=width, T=T, B=B))
+    return _causal_lm("mamba2", model, B, T, vocab, layers, width)
 
 
 def timm_vit(B=32, size=32, patch=4, width=192, layers=4, heads=3, classes=10):
