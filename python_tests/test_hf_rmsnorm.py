@@ -131,3 +131,23 @@ def test_gated_rmsnorms_through_scale(name):
                 m.weight.uniform_(0.5, 1.5)
     assert bk.generic_modules(bk.convert(copy.deepcopy(model))) == []
     check_model(model, loss, batch(4), style="all-layer", backend="cpu", R=0.5)
+
+
+
+@pytest.mark.parametrize("norm", ["llama", "gemma"])
+def test_one_example_and_an_empty_batch(norm):
+    """B = 1 exact; Poisson sampling's empty batch: a noise-only step (the norms alone: transformers'
+    attention layers cannot take an empty batch themselves)."""
+    torch.manual_seed(0)
+    model = _FoldedNorm(norm).to(DT)
+    loss = lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none")  # noqa: E731
+    check_model(model, loss, {"x": torch.randn(1, 7, 5, dtype=DT), "y": torch.randint(0, 3, (1,))},
+                style="all-layer", backend="cpu", R=0.3)
+    private = bk.convert(copy.deepcopy(model))
+    optimizer = torch.optim.SGD(private.parameters(), lr=1.0)
+    engine = bk.PrivacyEngine(private, batch_size=4, sample_size=40, noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    engine.attach(optimizer)
+    private(torch.randn(0, 7, 5, dtype=DT)).sum().backward()
+    optimizer.step()
+    assert engine.steps == 1
+    assert not torch.equal(private.norm.weight, model.norm.weight)

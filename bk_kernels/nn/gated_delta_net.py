@@ -35,6 +35,7 @@ class _HFGatedDeltaNet(BKLayer):
             return super().forward(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         hidden_states = _masked(hidden_states, attention_mask)
         batch, seq_len, _ = hidden_states.shape
+        k_heads, v_heads = self.key_dim // self.head_k_dim, self.value_dim // self.head_v_dim  # named: B may be 0
         olmo = hasattr(self, "o_norm")  # OLMo-hybrid: separate q/k/v/b/a/g projections, o_norm, o_proj
         if olmo:
             mixed = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)],
@@ -43,18 +44,18 @@ class _HFGatedDeltaNet(BKLayer):
         elif hasattr(self, "in_proj_qkvz"):  # Qwen3-Next
             query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                           self.in_proj_ba(hidden_states))
-            mixed = torch.cat([t.reshape(t.shape[0], t.shape[1], -1) for t in (query, key, value)], dim=-1)
+            mixed = torch.cat([t.flatten(2) for t in (query, key, value)], dim=-1)
         else:  # Qwen 3.5
             mixed = self.in_proj_qkv(hidden_states)
-            z = self.in_proj_z(hidden_states).reshape(batch, seq_len, -1, self.head_v_dim)
+            z = self.in_proj_z(hidden_states).reshape(batch, seq_len, v_heads, self.head_v_dim)
             b, a = self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
         mixed = mixed.transpose(1, 2)
         _fill_conv_cache(self, cache, mixed)
         mixed = _causal_conv1d(self, mixed).transpose(1, 2)
         query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        query = query.reshape(batch, seq_len, -1, self.head_k_dim)
-        key = key.reshape(batch, seq_len, -1, self.head_k_dim)
-        value = value.reshape(batch, seq_len, -1, self.head_v_dim)
+        query = query.reshape(batch, seq_len, k_heads, self.head_k_dim)
+        key = key.reshape(batch, seq_len, k_heads, self.head_k_dim)
+        value = value.reshape(batch, seq_len, v_heads, self.head_v_dim)
         beta = b.sigmoid()
         if olmo and self.allow_neg_eigval:
             beta = beta * 2.0
@@ -70,9 +71,9 @@ class _HFGatedDeltaNet(BKLayer):
         if olmo:
             gate = self.g_proj(hidden_states)
             out = self.o_norm(out.reshape(-1, self.head_v_dim), gate.reshape(-1, self.head_v_dim))
-            return self.o_proj(out.reshape(batch, seq_len, -1))
+            return self.o_proj(out.reshape(batch, seq_len, self.value_dim))
         out = self.norm(out.reshape(-1, self.head_v_dim), z.reshape(-1, self.head_v_dim))
-        return self.out_proj(out.reshape(batch, seq_len, -1))
+        return self.out_proj(out.reshape(batch, seq_len, self.value_dim))
 
 
 # What the copy above relies on in transformers' forward (per layout) and its delta rule

@@ -111,7 +111,7 @@ class _HFRMSNorm(GenericLayer):
             he = he.transpose(0, bdim)
             if gemma:
                 copies = per_example(self, self.weight, he.shape[0]).float()
-                out = he * (1.0 + copies).view(he.shape[0], *[1] * (he.dim() - 2), -1)
+                out = he * (1.0 + copies).view(he.shape[0], *[1] * (he.dim() - 2), self.weight.numel())
             else:
                 out = scale(self, he, self.weight, dim=-1)
             return out.transpose(0, bdim)

@@ -212,7 +212,7 @@ class _HFMamba2Mixer(BKLayer):
         if cache is not None:
             y, final_state = y
             cache.update_recurrent_state(final_state, layer_idx=self.layer_idx)
-        y = y.reshape(batch, seq_len, -1)
+        y = y.flatten(2)  # [B, T, H * P] (B may be 0)
         # Falcon-H1 without its gated RMSNorm (mamba_rms_norm off) gates by SiLU alone
         y = self.norm(y, gate) if getattr(self, "mamba_rms_norm", True) else y * F.silu(gate)
         return self.out_proj(y.to(dtype))
