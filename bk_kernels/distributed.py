@@ -97,7 +97,6 @@ class DistributedPrivacyEngine(PrivacyEngine):
         self.rank, self.world_size = _group_rank_and_size(process_group)
         self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         self._pending = defaultdict(list)  # id(sharded p) -> [(uses, clip factors)] until the step
-        self._padding_forward = False  # the forward now running is micro_batches' padding chunk
         super().__init__(model, **engine_kwargs)
         try:
             self._shards = self._find_shards(model)  # id(sharded p) -> _fsdp.Shard0
@@ -156,17 +155,15 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 self._hooks.append(unsharded.register_hook(self._make_guard(self._names[id_p])))
 
     def _forward_starts(self, args, kwargs):
-        super()._forward_starts(args, kwargs)
-        self._padding_forward = getattr(_padding, "current", False)
+        padded = super()._forward_starts(args, kwargs)
+        # micro_batches' padding chunk: its backward adds nothing (engine._padding_reached_output)
+        self._padding_forward = self._padding_forward or getattr(_padding, "current", False)
+        return padded
 
     def _finish_backward(self):
         problem = None
         try:
-            if self._padding_forward:  # micro_batches' padding: its backward adds nothing
-                self._reset_backward_state()
-                self._ready_for_step = True
-            else:
-                super()._finish_backward()
+            super()._finish_backward()
         except Exception as err:  # noqa: BLE001  (re-raised below, after the ranks agree)
             problem = err
         if not (self._shards and self.reduce_scatter == "backward"):

@@ -123,6 +123,8 @@ class PrivacyEngine:
         self._reset_backward_state()
         self._ready_for_step = False
         self._forward_labels = None  # a forward's `labels` keyword, until its outputs are seen
+        self._padding_forward = False  # the forward now running is a padding example's (no example of the batch)
+        self._unpad_outputs = False  # ... an empty batch's: its outputs get their 0 examples back
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._hooks = []
         self._attach_to_modules()
@@ -187,17 +189,30 @@ class PrivacyEngine:
                 "was recorded and no budget was spent.")
 
     def _forward_starts(self, args, kwargs):
-        """The model's forward pre-hook: this forward's batch size, for the layers to check."""
+        """The model's forward pre-hook: this forward's batch size, for the layers to check. An
+        empty batch (Poisson sampling makes them) runs as one all-zero padding example whose
+        backward adds nothing, and its outputs come back with no example (_watch_outputs): the
+        step still takes place (noise only, counted), whether or not the model can run zero
+        examples."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
         self.layout.take(args, kwargs)
+        self._padding_forward = self._unpad_outputs = self.layout.empty_batch()
+        if self._padding_forward:
+            args, kwargs = self.layout.pad(args, kwargs)
+            self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None
+        return (args, kwargs) if self._padding_forward else None
 
     def _watch_outputs(self, output):
         """The model's forward hook: the first gradient to reach one of its outputs marks the start
         of a backward through the model, on the backward's own graph task. The clipping callback
         is queued there, so a layer first recorded inside a nested backward (reentrant activation
-        checkpointing runs one per checkpointed segment) cannot end the book-keeping early."""
+        checkpointing runs one per checkpointed segment) cannot end the book-keeping early.
+        Returns the output (an empty batch's: with no example again)."""
+        if self._unpad_outputs:
+            output = self.layout.unpad(output)
+            self._unpad_outputs = False
         loss = output.get("loss") if isinstance(output, dict) else None  # a Hugging Face ModelOutput's
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             problem = _token_mean_problem(self._forward_labels, self.model)
@@ -209,9 +224,11 @@ class PrivacyEngine:
         leaves = torch.utils._pytree.tree_leaves(output)
         if self.layout.expanded:
             self._check_expanded_uses(leaves)
+        reached = self._padding_reached_output if self._padding_forward else self._backward_reached_output
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._backward_reached_output)
+                t.register_hook(reached)
+        return output
 
     def _check_expanded_uses(self, outputs):
         """Refuses a forward in which a bk layer's input broadcast over the batch was expanded to
@@ -231,6 +248,12 @@ class PrivacyEngine:
     def _backward_reached_output(self, grad):
         self._queue_finish()
         return grad
+
+    def _padding_reached_output(self, grad):
+        """The backward of a padding example (an empty batch's, or bk.distributed.micro_batches'
+        padding chunk): no example of the batch, nothing of it is kept."""
+        self._backward_of_padding = True
+        return self._backward_reached_output(grad)
 
     def _queue_finish(self):
         if not self._callback_queued:
@@ -336,6 +359,7 @@ class PrivacyEngine:
         self._self_norms = defaultdict(list)  # id(param) -> [[B] squared norm of each use]
         self._recorders = {}
         self._callback_queued = False
+        self._backward_of_padding = False
 
     def _record(self, module, uses):
         """Called by a bk layer's backward with [(param, use)]."""
@@ -380,7 +404,14 @@ class PrivacyEngine:
     def _finish_backward(self):
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
         uses, self_norms, recorders = self._uses, self._self_norms, self._recorders
+        padding = self._backward_of_padding
         self._reset_backward_state()
+        if padding:  # a sum over no example: zero, and the step may come (noise only)
+            for p in self._params:
+                if p.grad is None and not _fsdp.is_sharded(p):  # a shard's is made at the step
+                    p.grad = torch.zeros_like(p)
+            self._ready_for_step = True
+            return
         if not uses:
             return
         sizes = {u.batch for us in uses.values() for u in us}

@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 class UnsupportedLayoutError(RuntimeError):
@@ -45,7 +45,44 @@ class BatchLayout:
         # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
         # guess, which an EmbeddingBag's bag count replaces.
         self.guessed = first is not None and first.dim() == 1
-        self.batch = None if first is None else first.shape[0 if self.batch_first or first.dim() < 2 else 1]
+        self.batch = None if first is None else first.shape[self.example_dim(first)]
+
+    def example_dim(self, x):
+        """Where a model input or output holds the examples: dim 0, or dim 1 with batch_first=False
+        (dim 0 for a 1-D tensor), as `take` reads the first input."""
+        return 0 if self.batch_first or x.dim() < 2 else 1
+
+    def empty_batch(self):
+        """Whether the forward now starting has no example, and padding it is safe: a batch size
+        read from a 1-D input is a guess (EmbeddingBag's flat ids may be empty while its bags
+        are not), and a PackedSequence has no tensor to pad."""
+        return self.batch == 0 and self.input_shape is not None and not self.guessed
+
+    def pad(self, args, kwargs):
+        """An empty batch's inputs with ONE all-zero example in place of none: every tensor input
+        with no example gets one (models such as HF's attention cannot run zero examples:
+        `view(B, T, -1, head_dim)` of 0 elements). The engine keeps nothing of its backward."""
+        def one_example(t):
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[self.example_dim(t)] == 0:
+                shape = list(t.shape)
+                shape[self.example_dim(t)] = 1
+                return t.new_zeros(shape)
+            return t
+        return tree_map(one_example, (args, kwargs))
+
+    def unpad(self, output):
+        """The padded forward's output as an empty batch's: each tensor's example dim (size 1)
+        narrowed to 0 (a view, so a loss on it still backpropagates into the padding's graph),
+        a 0-d float (a loss the model computed on the padding) times 0. Containers that pytree
+        does not know (a cache object) pass unchanged."""
+        def no_example(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.dim() == 0:
+                return t * 0 if t.is_floating_point() else t
+            dim = self.example_dim(t)
+            return t.narrow(dim, 0, 0) if t.shape[dim] == 1 else t
+        return tree_map(no_example, output)
 
     @contextlib.contextmanager
     def sequence_first(self):
@@ -134,10 +171,8 @@ class ModelProbe:
         if self.engine is None:
             return None
         if self.after:
-            self.engine._watch_outputs(rest[0])
-        else:
-            self.engine._forward_starts(args, rest[0])
-        return None
+            return self.engine._watch_outputs(rest[0])
+        return self.engine._forward_starts(args, rest[0])
 
     def __deepcopy__(self, memo):
         return ModelProbe(None, self.after)

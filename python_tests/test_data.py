@@ -262,6 +262,96 @@ def test_empty_batch_through_micro_batches_still_steps():
     assert engine.steps == 1
 
 
+def _tiny_causal_lm(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=17, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+        return transformers.GPT2LMHeadModel(config).to(DT)
+    config = transformers.LlamaConfig(vocab_size=17, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    return transformers.LlamaForCausalLM(config).to(DT)
+
+
+def _private(model, noise):
+    engine = bk.PrivacyEngine(bk.convert(model), batch_size=2, sample_size=10, noise_multiplier=noise, seed=5)
+    return engine, engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_empty_batch_steps_models_that_cannot_run_zero_examples(kind, noise):
+    """Hugging Face's attention cannot run zero examples (`view(0, T, -1, head_dim)`). The engine
+    runs an empty batch as one all-zero padding example, hands back outputs with no example,
+    and keeps nothing of the padding's backward: the step moves the model exactly as a real
+    batch whose examples all have zero gradients (the noise alone; nothing at all without it)."""
+    model = _tiny_causal_lm(kind)
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    engine, opt = _private(model, noise)
+    ids = torch.zeros(0, 5, dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert out.logits.shape == (0, 5, 17) and out.loss.item() == 0
+    out.loss.backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    opt.step()
+    assert engine.steps == 1 and engine.epsilon() > 0
+
+    ref_engine, ref_opt = _private(reference, noise)
+    real = torch.randint(0, 17, (3, 5), generator=torch.Generator().manual_seed(0))
+    (reference(input_ids=real).logits.sum() * 0).backward()  # every example's gradient is zero
+    ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+        if noise == 0:
+            assert torch.equal(p, initial[name]), name
+        else:
+            assert not torch.equal(p, initial[name]), name
+    out = model(input_ids=real, labels=real)  # the next batch runs as usual
+    out.loss.backward()
+    opt.step()
+    assert engine.steps == 2
+
+
+def test_empty_sequence_first_batch_is_padded_on_its_example_dim():
+    """batch_first=False: the examples lie on dim 1 of the model's input, and so of the padding."""
+    torch.manual_seed(0)
+    model = bk.convert(nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1,
+                                             enable_nested_tensor=False).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=10, noise_multiplier=0.0, seed=5, batch_first=False)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = copy.deepcopy(model.state_dict())
+    out = model(torch.zeros(4, 0, 8, dtype=DT))
+    assert out.shape == (4, 0, 8)
+    out.sum().backward()
+    opt.step()
+    assert engine.steps == 1
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_padding_never_replaces_a_batch_read_from_a_flat_input():
+    """An EmbeddingBag's flat ids can be empty while its bags are not: the batch size read from a
+    1-D input is a guess, and such a batch is never padded (it holds real examples)."""
+    torch.manual_seed(0)
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(7, 3, mode="sum")
+
+        def forward(self, ids, offsets):
+            return self.bag(ids, offsets)
+
+    model = bk.convert(Bags().to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=10, noise_multiplier=0.0, seed=5)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    out = model(torch.zeros(0, dtype=torch.long), torch.zeros(2, dtype=torch.long))  # two empty bags
+    assert out.shape == (2, 3) and not out.any()
+    out.sum().backward()
+    opt.step()
+    assert engine.steps == 1
+
+
 # ---------------------------------------------------------------- bad arguments
 
 class Stream(IterableDataset):

@@ -50,16 +50,19 @@ def _trainer(model, tmp_path, **extra):
                           noise_multiplier=0.7, max_grad_norm=0.3, seed=11)
 
 
-def own_loop(model, steps):
+def own_loop(model, steps, per_device=4, micro=2):
     """The same training written with the engine directly."""
     bk.convert(model)
-    engine = bk.PrivacyEngine(model, batch_size=8, sample_size=N, noise_multiplier=0.7, max_grad_norm=0.3, seed=11)
+    batch_size = per_device * micro
+    engine = bk.PrivacyEngine(model, batch_size=batch_size, sample_size=N, noise_multiplier=0.7, max_grad_norm=0.3,
+                              seed=11)
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.5))
-    sampler = PoissonMicroBatchSampler(N, 8 / N, 5, 2, 11)
+    epoch_steps = round(N / batch_size)
+    sampler = PoissonMicroBatchSampler(N, batch_size / N, epoch_steps, micro, 11)
     data = Texts()
     for step in range(steps):
-        epoch, i = divmod(step, 5)
-        for part in torch.tensor_split(sampler.sample(epoch, i), 2):
+        epoch, i = divmod(step, epoch_steps)
+        for part in torch.tensor_split(sampler.sample(epoch, i), micro):
             ids = data.ids[part]
             losses = example_losses(model(input_ids=ids).logits, ids, causal=True)
             (losses.sum() / max(len(losses), 1)).backward()
@@ -80,6 +83,22 @@ def test_trainer_takes_the_steps_of_our_own_loop(tmp_path):
     logged = [h for h in trainer.state.log_history if "epsilon" in h]
     assert logged and logged[-1]["epsilon"] == pytest.approx(engine.epsilon())
     assert trainer.args.max_grad_norm == 0  # Trainer's own clipping of the noisy sum is off
+
+
+def test_empty_micro_batches_take_their_step(tmp_path):
+    """A Poisson batch smaller than gradient_accumulation_steps leaves micro-batches empty, and
+    Hugging Face's attention cannot run zero examples (a view of 0 elements with a -1): the
+    engine runs such a forward on one all-zero padding example whose backward it drops."""
+    sampler = PoissonMicroBatchSampler(N, 4 / N, 10, 4, 11)
+    assert any(len(part) == 0 for part in sampler)  # the case under test does occur in these steps
+    model = tiny_gpt2()
+    reference = copy.deepcopy(model)
+    trainer = _trainer(model, tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=10)
+    trainer.train()
+    engine = own_loop(reference, 10, per_device=1, micro=4)
+    assert trainer.engine.steps == engine.steps == 10
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_resume_from_a_checkpoint_takes_the_uninterrupted_steps(tmp_path):
