@@ -517,6 +517,10 @@ def test_folded_rows_through_a_router():
     logits = F.linear(_rows(), nn.Parameter(torch.randn(5, 4, dtype=DT)))
     top = logits.topk(2, dim=1)
     assert folded_rows(torch.sigmoid(torch.full_like(logits, float("-inf")).scatter_(1, top.indices, top.values)), 2)
+    # PhiMoE's sparsemixer: scores far below a row's maximum masked to -inf (a mask of no gradient)
+    with torch.no_grad():
+        far = (logits.max(-1, keepdim=True).values - logits) > 0.5
+    assert folded_rows(logits.masked_fill(far, float("-inf")).softmax(-1).gather(-1, top.indices), 2)
 
 
 def test_folded_rows_refuses_what_mixes_rows():
@@ -540,6 +544,8 @@ def test_folded_rows_refuses_what_mixes_rows():
     assert not folded_rows(_rows() @ _rows().t(), 2)  # rows times rows: every pair of examples
     y = torch.randn(2, 2, dtype=DT, requires_grad=True)  # [B, 2] flattened into one shared row
     assert not folded_rows(_rows() * torch.tanh(y).view(1, 4), 2)
+    shared = torch.tanh(y).view(1, 4)  # one row broadcast by masked_fill over the mask's six
+    assert not folded_rows(shared.masked_fill(torch.rand(6, 4) > 0.5, 0.0), 2)
 
 
 def test_folded_rows_refuses_a_per_example_tensor_broadcast_over_the_rows():

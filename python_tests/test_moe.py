@@ -301,3 +301,93 @@ def test_an_empty_batch_through_the_experts_is_a_noise_only_step(name):
     for p, b in zip(model.parameters(), before):
         moved = p.detach() - b
         assert torch.isfinite(moved).all() and (moved != 0).all()  # noise, and nothing else
+
+
+def _phimoe(seed):
+    config = transformers.PhimoeConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                       num_experts_per_tok=2, attention_dropout=0.0, use_cache=False)
+    config._experts_implementation = "eager"  # grouped_mm takes no float64
+    torch.manual_seed(seed)
+    return transformers.PhimoeForCausalLM(config).to(DT)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_phimoe_sparsemixer_under_verify(B):
+    """PhiMoE's sparsemixer masks the router's scores (masked_fill), scatters -inf over the first
+    pick and gathers each pick's softmax weight: refused before as rows folded in an unknown
+    order (masked_fill was not known to keep rows apart). In eval mode (bk.verify's) its picks
+    are the top two."""
+    model = _phimoe(B)
+    ids = torch.randint(0, 50, (B, 6), generator=torch.Generator().manual_seed(B))
+    report = bk.verify(model, lambda m, b: m(input_ids=b[0], labels=b[0]).loss, (ids,))
+    assert report.ok, str(report)
+    assert not report.generic_modules
+
+
+@pytest.mark.parametrize("R", [0.05, 100.0])
+def test_phimoe_in_training_mode_is_exact_against_its_own_sampled_forward(R):
+    """In training mode PhiMoE samples its experts (Gumbel noise) and its routing weight's
+    backward is its own autograd Function (PhimoeMultiplier: a straight-through estimate that
+    reaches the scores row by row). bk.verify cannot replay the sampling, so the reference is
+    one backward per example through ONE sampled forward (the same seed for bk's): the clipped
+    sum bk adds must equal the sum of those per-example gradients, each clipped."""
+    from bk_kernels.hf import example_losses
+
+    B, T = 4, 6
+    reference, model = _phimoe(0).train(), bk.convert(_phimoe(0).train())
+    ids = torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    losses = example_losses(reference(input_ids=ids).logits, ids, causal=True)
+    params = list(reference.parameters())
+    want, norms = [torch.zeros_like(p) for p in params], []
+    for b in range(B):
+        grads = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
+        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+        norms.append(torch.sqrt(sum(g.square().sum() for g in grads)).item())
+        c = min(1.0, R / (norms[-1] + 1e-6))  # the engine's abadi clipping
+        for w, g in zip(want, grads):
+            w += c * g
+    assert all(n > R for n in norms) if R < 1 else all(n < R for n in norms)  # the small R clips every example
+    engine = bk.PrivacyEngine(model, batch_size=B, sample_size=100, noise_multiplier=0.0, max_grad_norm=R)
+    torch.manual_seed(7)
+    example_losses(model(input_ids=ids).logits, ids, causal=True).mean().backward()
+    assert engine._ready_for_step
+    for (name, p), w in zip(model.named_parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12, msg=name)
+
+
+class _OwnRowFunction(torch.autograd.Function):
+    """A routing weight through an autograd Function bk does not know: it cannot tell whether its
+    backward keeps rows apart."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def test_routing_weights_through_an_unknown_autograd_function_are_refused():
+    from transformers.models.mixtral import modeling_mixtral as m
+
+    config = transformers.MixtralConfig(hidden_size=8, intermediate_size=6, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 4)
+
+        def forward(self, rows):
+            weights, index = self.proj(rows).softmax(-1).topk(2, dim=-1)
+            return None, _OwnRowFunction.apply(weights), index
+
+    block = bk.convert(MoEBlock(Router(), m.MixtralExperts(config), 8).to(DT))
+    engine = bk.PrivacyEngine(block, batch_size=2, sample_size=20, noise_multiplier=0.0)
+    with pytest.raises(bk.UnsupportedLayoutError, match="MixtralExperts"):
+        block(_inputs(2)["x"])
+    assert engine.steps == 0

@@ -198,7 +198,10 @@ _ROW_WISE_NODES = frozenset(
                                   "Add", "Sub", "Mul", "Div") for v in (0, 1)) | frozenset(
     # one-operand elementwise maps (a SwiGLU's clamps, exp/log/pow of a row's values)
     f"{op}Backward0" for op in ("ClampMin", "ClampMax", "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Rsqrt", "Pow",
-                                "Abs", "Sin", "Cos", "Erf", "LogSigmoid", "Reciprocal", "Hardsigmoid")) | {
+                                "Abs", "Sin", "Cos", "Erf", "LogSigmoid", "Reciprocal", "Hardsigmoid",
+                                # x.masked_fill(mask, value): the output has x's shape (a broadcast x
+                                # fails the shape check below); the mask holds no gradient
+                                "MaskedFill")) | {
     "ClampBackward1"}
 # Of _ROW_WISE_NODES, the tensor-tensor ops, whose operands may be broadcast (the *Backward1
 # nodes are the tensor-scalar ops: one operand, of the output's shape)
@@ -298,8 +301,9 @@ def folded_rows(x, B):
         elif folded_outputs is not None:  # a generic-path module's output (an MoE router's weights)
             if output_nr not in folded_outputs:
                 return False
-        elif row_wise_input is not None:  # a bk layer's map of the rows (a frozen bk Linear router)
-            i, input_numel = row_wise_input
+        elif row_wise_input is not None or _library_row_wise_input(node) is not None:
+            # a bk layer's map of the rows (a frozen bk Linear router), or a library's known one
+            i, input_numel = row_wise_input if row_wise_input is not None else _library_row_wise_input(node)
             f, nr = node.next_functions[i]
             stack.append((f, nr, input_numel, None, 0))
         elif name in _VIEW_NODES:
@@ -392,6 +396,25 @@ def _fold_moved_inputs(node, name, numel, ndim, fold, B):
     if any(f is not None for f, _ in node.next_functions[len(shapes):]):  # a trained mask or bias
         return None
     return [(f, nr, math.prod(shape), len(shape), 0) for (f, nr), shape in zip(node.next_functions, shapes)]
+
+
+# Libraries' own autograd Functions that map rows to rows (each output row's gradient goes to
+# the same row of one input only): (module, class) -> node -> (that input's index in
+# next_functions, its number of elements).
+_LIBRARY_ROW_WISE_FUNCTIONS = {
+    # PhiMoE's sparsemixer: the routing weight of the sampled expert, whose backward (a
+    # straight-through estimate) goes to the router's scores only: per row, through the saved
+    # softmax of the masked scores (the scores' shape) and a scatter_add along the experts.
+    ("transformers.models.phimoe.modeling_phimoe", "PhimoeMultiplier"): lambda node: (0, node.saved_tensors[2].numel()),
+}
+
+
+def _library_row_wise_input(node):
+    cls = getattr(type(node), "_forward_cls", None)  # a custom Function's node: the Function class
+    if cls is None:
+        return None
+    rule = _LIBRARY_ROW_WISE_FUNCTIONS.get((cls.__module__, cls.__qualname__))
+    return rule(node) if rule is not None else None
 
 
 def _output_shape(node, output_nr):
