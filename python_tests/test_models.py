@@ -380,6 +380,44 @@ def test_parametrized_layers_are_exact(kind):
     check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
 
 
+class _ScaledHead(nn.Linear):
+    """A Linear subclass with a Parameter of its own that its forward uses besides the parent's
+    (Dory's LM head: a learned per-class logit scale, named in a helper method)."""
+
+    def __init__(self, d, k):
+        super().__init__(d, k)
+        self.logit_scale = nn.Parameter(torch.linspace(0.5, 1.5, k))
+
+    def scale(self):
+        return self.logit_scale * 2.0
+
+    def forward(self, x):
+        return super().forward(x) * self.scale()
+
+
+class _OffsetEmbedding(nn.Embedding):
+    """A subclass whose forward calls the parent's and owns no Parameter of its own besides (OPT's
+    offset positions): it keeps the bk layer under it."""
+
+    def forward(self, ids):
+        return super().forward(ids + 1)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_subclass_with_a_parameter_of_its_own_takes_the_generic_path(B):
+    """A torch-layer subclass whose forward calls the parent's got the bk layer under it, which
+    book-keeps the parent's Parameters only: its own logit_scale got an ordinary gradient,
+    refused at the backward. It now takes the generic path; a subclass with nothing of its own
+    keeps the fused layer."""
+    torch.manual_seed(B)
+    model = nn.Sequential(_OffsetEmbedding(9, 6), nn.Flatten(), _ScaledHead(18, 3)).to(DT)
+    converted = bk.convert(copy.deepcopy(model))
+    assert [t for _, t, _ in bk.generic_modules(converted)] == ["_ScaledHead"]
+    assert isinstance(converted[0], bk.nn.BKLayer) and not bk.generic_modules(converted[:1])
+    inputs = {"x": torch.randint(0, 8, (B, 3)), "y": torch.randint(0, 3, (B,))}
+    check_model(model, classification_loss, inputs, style="all-layer", backend="cpu")
+
+
 _TRANSPOSED = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 

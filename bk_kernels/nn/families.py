@@ -7,10 +7,13 @@ own with bk.register_layer (README: "Your own layers").
 
 What a module of class C becomes:
   C registered (or matched by a registered predicate)  -> its family's bk class, or its refusal;
-  C a subclass of a registered class whose forward is the parent's or calls super().forward
+  C a subclass of a registered class whose forward is the parent's or calls super().forward,
+    and that names no trainable Parameter of its own that the parent's forward does not use
                                                        -> C with the bk class under it;
   anything else that owns trainable Parameters         -> the generic exact path (generic.py).
 """
+import inspect
+import re
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -39,7 +42,8 @@ class LayerFamily:
         if exact:
             return self.bk_class if isinstance(self.bk_class, type) else self.bk_class(module)
         cls = type(module)
-        if isinstance(self.bk_class, type) and _reaches_parent_forward(cls, self.module_class):
+        if isinstance(self.bk_class, type) and _reaches_parent_forward(cls, self.module_class) and \
+                not _extra_parameters(module, self.module_class):
             return subclass_adapter(cls, self.bk_class)
         return GENERIC
 
@@ -92,6 +96,25 @@ def lookup(cls):
         if base in _BY_CLASS:
             return _BY_CLASS[base], False
     return None, False
+
+
+def _extra_parameters(module, base):
+    """The module's own trainable Parameters that its subclass's methods name (self.<name>) and
+    the parent's forward does not (Dory's LM head, an nn.Linear whose forward multiplies the
+    logits by its own `logit_scale`): the bk layer under the subclass book-keeps only the
+    parent's, so such a module takes the generic path (else that Parameter would get an
+    ordinary gradient, refused at the backward). Read from the source; none without it."""
+    own = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
+    if not own:
+        return ()
+    try:
+        named = set(re.findall(r"self\.(\w+)", "".join(
+            inspect.getsource(k) for k in type(module).__mro__ if issubclass(k, base) and k is not base
+            and not issubclass(base, k))))
+        parents = set(re.findall(r"self\.(\w+)", inspect.getsource(base.forward)))
+    except (OSError, TypeError):
+        return ()
+    return tuple(n for n in own if n in named and n not in parents)
 
 
 def _reaches_parent_forward(cls, base):
