@@ -117,6 +117,12 @@ class BatchLayout:
         B, shape = self.batch, self.input_shape or ()
         other = 1 if self.batch_first else 0  # the model input's dim the other layout reads
         causes = []
+        if _storage(x) in self.input_storages and x.dim() and x.shape[0] != B:
+            causes.append(f"this input is (a view of) one of the model's inputs, whose first dim ({x.shape[0]}) is "
+                          "not the batch: the rows of all examples concatenated, which bk cannot split per example "
+                          "(Qwen2-VL's and Qwen2.5-VL's pixel_values hold every image's patches, split by "
+                          "image_grid_thw). Freeze the layers that read it (a vision tower: "
+                          "model.model.visual.requires_grad_(False)); the layers after them train privately")
         if n is not None and len(shape) > 1 and shape[other] == n:
             causes.append(f"the model's input {shape} has {n} on dim {other}: " + (
                 "if the model is sequence-first (inputs [T, B, ...], as torch's nn.Transformer* and "
