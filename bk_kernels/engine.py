@@ -196,6 +196,9 @@ class PrivacyEngine:
         examples."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
+        problem = _packed_sequences_problem(kwargs)
+        if problem is not None:
+            raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)
         self._padding_forward = self._unpad_outputs = self.layout.empty_batch()
         if self._padding_forward:
@@ -631,6 +634,42 @@ def _token_mean_problem(labels, model):
             "Backpropagate the mean over examples of each example's own loss instead: "
             "bk_kernels.hf.example_losses(outputs.logits, labels, causal).mean() gives it for token labels "
             "(bk_kernels.hf.PrivateTrainer does this); nothing was recorded and no budget was spent.")
+
+
+# Keywords with which Hugging Face models (and their flash-attention kernels) read a row as
+# several packed sequences (DataCollatorWithFlattening(return_flash_attn_kwargs=True), Mamba's seq_idx)
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens", "seq_idx")
+
+
+def _packed_sequences_problem(kwargs):
+    """Why a forward's keyword inputs pack several sequences into one row, or None. Hugging Face
+    models read a row as packed sequences (each attends only to itself: transformers'
+    find_packed_sequence_indices) when its position_ids restart and no attention_mask is given,
+    or from flash-attention's cumulative lengths. The engine clips each ROW as one example, so
+    the packed examples would be clipped together: one example's influence is then not bounded
+    by the clipping norm, and the privacy guarantee does not hold."""
+    if not kwargs:
+        return None
+    given = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
+    where = f"the keyword(s) {', '.join(given)} say so" if given else None
+    positions = kwargs.get("position_ids")
+    if where is None and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[1] > 1 \
+            and not positions.is_floating_point() and kwargs.get("attention_mask") is None and \
+            kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
+        restarts = (positions.diff(dim=-1) != 1).any(-1)
+        if bool(restarts.any()):
+            row = int(restarts.nonzero()[0, 0])
+            where = (f"position_ids restart inside row {row} ({positions[row, :12].tolist()}"
+                     f"{' ...' if positions.shape[1] > 12 else ''}) and no attention_mask is given")
+    if where is None:
+        return None
+    return (f"PrivacyEngine: the batch packs several sequences into one row ({where}): Hugging Face models then read "
+            "each row as separate sequences (DataCollatorWithFlattening's format), but the engine clips each ROW as "
+            "one example, so the packed examples would be clipped together and no example's influence would be "
+            "bounded. Give each example its own row (padding with an attention_mask, as DataCollatorWithPadding or "
+            "bk_kernels.hf.PrivateTrainer's default collator does). If a row really is one example (a pre-packed "
+            "chunk sampled as a unit), pass attention_mask=torch.ones_like(input_ids): the model then reads it as one "
+            "sequence too. Nothing was recorded and no budget was spent.")
 
 
 def clipped_sum_into(total, uses, c, backend, param, dtype):

@@ -113,6 +113,10 @@ class PrivateTrainer(transformers.Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("PrivateTrainer: give the model (model_init is not supported)")
+        if isinstance(kwargs.get("data_collator"), transformers.DataCollatorWithFlattening):
+            raise ValueError("PrivateTrainer: DataCollatorWithFlattening packs a micro-batch's examples into one row, "
+                             "which the engine would clip as ONE example (no example's influence bounded); use a "
+                             "padding collator (each example its own row, with an attention_mask)")
         convert(model)  # in place: Trainer sees the same module, Parameters and state_dict keys
         super().__init__(*args, **kwargs)
         targs = self.args

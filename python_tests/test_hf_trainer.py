@@ -127,6 +127,11 @@ def test_sampler_splits_every_poisson_batch_into_the_accumulation_steps():
 
 
 def test_refuses_what_it_cannot_do_privately(tmp_path):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="DataCollatorWithFlattening packs"):
+        PrivateTrainer(model=model, args=_args(tmp_path), train_dataset=Texts(), noise_multiplier=1.0,
+                       data_collator=transformers.DataCollatorWithFlattening())
+    assert not any(isinstance(m, bk.nn.BKLayer) for m in model.modules())  # refused before converting
     with pytest.raises(ValueError, match="exactly one of target_epsilon and noise_multiplier"):
         PrivateTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=Texts())
     with pytest.raises(ValueError, match="exceeds"):

@@ -776,3 +776,48 @@ def test_a_sequence_length_equal_to_the_batch_size_is_not_a_batch_size():
     x, y = torch.randn(4, 4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
     check_model(_PositionsModel(), lambda m, b: F.cross_entropy(m(b["x"]), b["y"], reduction="none"),
                 {"x": x, "y": y}, style="all-layer", backend="cpu", R=0.1)
+
+
+# ---------------------------------------------------------------- packed sequences
+
+def _packed_llama():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)
+    model = bk.convert(tf.LlamaForCausalLM(config).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=3, sample_size=30, noise_multiplier=1.0)
+    return tf, model, engine, engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_sequences_packed_into_one_row_are_refused():
+    """DataCollatorWithFlattening packs a batch's examples into ONE row, with position_ids that
+    restart at each example and no attention_mask: Hugging Face models then keep the sequences
+    apart, but the engine would clip the row as one example, the three together (their step
+    went through silently before). Refused in the forward, nothing recorded."""
+    tf, model, engine, opt = _packed_llama()
+    features = [{"input_ids": list(range(1, n + 1))} for n in (5, 3, 6)]
+    batch = tf.DataCollatorWithFlattening()(features)
+    assert batch["input_ids"].shape == (1, 14)
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"restart inside row 0 .*clips each ROW as one example"):
+        model(**batch)
+    flash = tf.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(features)
+    with pytest.raises(bk.UnsupportedLayoutError, match="cu_seq_lens_q"):
+        model(**flash)
+    assert all(p.grad is None for p in model.parameters()) and engine.steps == 0
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+
+
+def test_a_row_with_an_attention_mask_is_one_sequence_and_trains():
+    """With an attention_mask the model reads a row as one sequence whatever its position_ids
+    (a pre-packed chunk sampled as a unit; left padding with position ids that restart), and so
+    does the engine: it trains."""
+    tf, model, engine, opt = _packed_llama()
+    ids = torch.randint(0, 64, (2, 8))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [1, 1, 1, 0, 1, 2, 3, 4]])
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    model(input_ids=ids, position_ids=positions, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()
+    assert engine.steps == 1
