@@ -22,6 +22,7 @@ from .convert import UnsupportedModuleError, convert, generic_modules  # noqa: E
 from .batchnorm import freeze_batchnorm, replace_batchnorm  # noqa: E402
 from .nn.families import register_layer  # noqa: E402
 from .engine import PrivacyEngine, UnsupportedLayoutError  # noqa: E402
+from .sampling_check import SamplingWarning  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
 
@@ -31,5 +32,5 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["PrivacyEngine", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
+__all__ = ["PrivacyEngine", "SamplingWarning", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
            "convert", "data", "generic_modules", "distributed", "nn", "ops", "register_layer", "freeze_batchnorm", "replace_batchnorm", "verify", "VerifyReport"]

@@ -28,6 +28,7 @@ from .nn._uses import UnsupportedSharingError, cross
 from .ops._norm_common import accumulation_dtype
 from .ops.add_noise import counters
 from .ops.linear_norm import MODES
+from .sampling_check import SamplingCheck
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
@@ -119,6 +120,8 @@ class PrivacyEngine:
         self.steps = 0
         self.skipped_steps = 0  # fp16 steps a GradScaler skipped for overflow (counted as spent)
         self._history = []      # [[noise_multiplier, sample_rate, steps]] segments, for the accountant
+        self._sampling = SamplingCheck(batch_size, sample_size)  # do the steps' sizes look Poisson?
+        self._examples = 0  # examples in the backwards since the last step
         self._optimizer, self._grad_scaler = None, None
         self._reset_backward_state()
         self._ready_for_step = False
@@ -448,11 +451,13 @@ class PrivacyEngine:
             unit_sq[u] = unit_sq[u].double() * seen_to_true ** 2
             if not torch.isfinite(unit_sq[u]).all():
                 if self._grad_scaler is not None:
+                    self._examples += B  # sampled and used: the skipped step counts
                     self._overflowed()
                     return
                 raise FloatingPointError(
                     "PrivacyEngine: non-finite per-example gradient norms (the loss diverged?); no gradient was "
                     "recorded and no privacy budget was spent")
+        self._examples += B
         # The true squared norms of this backward, per unit (bk.verify reads them)
         self._last_unit_sq_norms = {u: s.detach() for u, s in unit_sq.items()}
         # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
@@ -517,6 +522,13 @@ class PrivacyEngine:
         self.steps += 1
         self._spend()
         self._ready_for_step = False
+        self._count_examples()
+
+    def _count_examples(self):
+        """The step's examples to the sampling check (a rank of a data-parallel run sees only its share)."""
+        if getattr(self, "world_size", 1) == 1:
+            self._sampling.step(self._examples)
+        self._examples = 0
 
     def _check_ready_to_step(self):
         if self._overflow:
@@ -565,8 +577,10 @@ class PrivacyEngine:
             self.skipped_steps += 1
             self._spend()
             self._overflow = False
+            self._count_examples()
         self._reset_backward_state()
         self._ready_for_step = False
+        self._examples = 0  # a dropped backward's examples were not stepped on
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -352,6 +352,61 @@ def test_padding_never_replaces_a_batch_read_from_a_flat_input():
     assert engine.steps == 1
 
 
+# ---------------------------------------------------------------- the engine's check of the batch sizes
+
+def _train_counting_warnings(loader, batch_size, sample_size, micro=None, steps=None):
+    """Trains a tiny model on `loader`'s batches; the SamplingWarnings raised, and at which step."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = bk.convert(nn.Linear(4, 3).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=batch_size, sample_size=sample_size, noise_multiplier=1.0, seed=0)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    raised = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, batch in enumerate(loader):
+            for x, y in (data.micro_batches(batch, micro) if micro else [batch]):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            raised += [(engine.steps, str(w.message)) for w in caught if issubclass(w.category, bk.SamplingWarning)]
+            caught.clear()
+            if steps is not None and engine.steps == steps:
+                break
+    return raised
+
+
+def _sampling_dataset(n=2000):
+    gen = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 4, dtype=DT, generator=gen), torch.randint(0, 3, (n,), generator=gen))
+
+
+@pytest.mark.parametrize("micro", [None, 20])
+def test_a_fixed_size_dataloader_is_warned_about(micro):
+    """A shuffled fixed-size DataLoader is not Poisson sampling: its epsilon is no guarantee. Every
+    step holding exactly the same number of examples (micro-batches summed) for 20 steps has
+    probability below 1e-13 under Poisson sampling at this rate: warned once, at step 20."""
+    loader = DataLoader(_sampling_dataset(), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
+    raised = _train_counting_warnings(loader, 50, 2000, micro=micro)
+    assert len(raised) == 1 and raised[0][0] == 20 and "fixed-size DataLoader" in raised[0][1]
+    assert "exactly 50 examples" in raised[0][1]
+
+
+def test_poisson_batches_at_the_declared_rate_are_not_warned_about():
+    assert _train_counting_warnings(data.poisson_loader(_sampling_dataset(), batch_size=50, seed=3), 50, 2000) == []
+    # every example every step (q = 1): Poisson sizes do not vary, nothing to tell apart
+    full = data.poisson_loader(_sampling_dataset(60), batch_size=60, seed=3)  # one step an epoch
+    assert _train_counting_warnings((b for _ in range(25) for b in full), 60, 60, steps=25) == []
+
+
+def test_a_loader_sampling_more_than_the_engine_was_told_is_warned_about():
+    """A loader at batch size 80 under an engine told 50: the accountant's epsilon would be an
+    underestimate. The mean size is 6 standard errors above 50 well within the epoch."""
+    raised = _train_counting_warnings(data.poisson_loader(_sampling_dataset(), batch_size=80, seed=3), 50, 2000)
+    assert len(raised) == 1 and "higher rate than batch_size / sample_size" in raised[0][1]
+
+
 # ---------------------------------------------------------------- bad arguments
 
 class Stream(IterableDataset):
