@@ -11,6 +11,7 @@ Flow of one step (docs/DESIGN.md):
 4. optimizer.step(): Gaussian noise N(0, (sigma R)^2) is added to every trainable parameter's
    summed gradient and the result divided by the logical batch size, then the optimizer steps.
 """
+import functools
 import math
 import os
 import types
@@ -126,6 +127,8 @@ class PrivacyEngine:
         self._reset_backward_state()
         self._ready_for_step = False
         self._forward_labels = None  # a forward's `labels` keyword, until its outputs are seen
+        self._forward_serial = 0  # numbers the model's forwards
+        self._summed_forwards = set()  # the forwards whose backward was summed since the last step
         self._padding_forward = False  # the forward now running is a padding example's (no example of the batch)
         self._unpad_outputs = False  # ... an empty batch's: its outputs get their 0 examples back
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
@@ -231,9 +234,10 @@ class PrivacyEngine:
         if self.layout.expanded:
             self._check_expanded_uses(leaves)
         reached = self._padding_reached_output if self._padding_forward else self._backward_reached_output
+        serial, self._forward_serial = self._forward_serial, self._forward_serial + 1
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(reached)
+                t.register_hook(functools.partial(reached, forward=serial))
         return output
 
     def _check_expanded_uses(self, outputs):
@@ -251,15 +255,18 @@ class PrivacyEngine:
                 "freeze it, or let its owner take the generic path (bk.register_layer); nothing was recorded and no "
                 "budget was spent.")
 
-    def _backward_reached_output(self, grad):
+    def _backward_reached_output(self, grad, forward=None):
+        """`forward`: which forward of the model made the output (a serial number)."""
         self._queue_finish()
+        if forward is not None:
+            self._backward_forwards.add(forward)
         return grad
 
-    def _padding_reached_output(self, grad):
+    def _padding_reached_output(self, grad, forward=None):
         """The backward of a padding example (an empty batch's, or bk.distributed.micro_batches'
         padding chunk): no example of the batch, nothing of it is kept."""
         self._backward_of_padding = True
-        return self._backward_reached_output(grad)
+        return self._backward_reached_output(grad, forward)
 
     def _queue_finish(self):
         if not self._callback_queued:
@@ -366,11 +373,14 @@ class PrivacyEngine:
         self._recorders = {}
         self._callback_queued = False
         self._backward_of_padding = False
+        self._backward_forwards = set()  # the forwards whose outputs this backward reached
 
     def _record(self, module, uses):
         """Called by a bk layer's backward with [(param, use)]."""
         self._queue_finish()  # already queued when the backward came through the model's output
         for p, use in uses:
+            if not _gradient_requested(p):  # torch.autograd.grad for other inputs: no use of p
+                continue
             p = self._engine_param(module, p)
             use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
             self._uses[id(p)].append(use)
@@ -410,7 +420,7 @@ class PrivacyEngine:
     def _finish_backward(self):
         """After the whole backward: clip factors per unit, clipped sums added into p.grad."""
         uses, self_norms, recorders = self._uses, self._self_norms, self._recorders
-        padding = self._backward_of_padding
+        padding, forwards = self._backward_of_padding, self._backward_forwards
         self._reset_backward_state()
         if padding:  # a sum over no example: zero, and the step may come (noise only)
             for p in self._params:
@@ -420,6 +430,13 @@ class PrivacyEngine:
             return
         if not uses:
             return
+        if forwards & self._summed_forwards:
+            raise RuntimeError(
+                "PrivacyEngine: a second backward through the same forward of the model before the step (two losses "
+                "backpropagated one at a time, or backward(retain_graph=True) twice): each example's gradient would "
+                "be clipped and added twice, so its influence would be bounded by 2 x max_grad_norm, not by "
+                "max_grad_norm. Add the losses and call backward() once. This backward was not recorded; the "
+                "earlier one stands.")
         sizes = {u.batch for us in uses.values() for u in us}
         B = max(sizes)
         for id_p, us in uses.items() if len(sizes) > 1 else ():
@@ -458,6 +475,7 @@ class PrivacyEngine:
                     "PrivacyEngine: non-finite per-example gradient norms (the loss diverged?); no gradient was "
                     "recorded and no privacy budget was spent")
         self._examples += B
+        self._summed_forwards |= forwards
         # The true squared norms of this backward, per unit (bk.verify reads them)
         self._last_unit_sq_norms = {u: s.detach() for u, s in unit_sq.items()}
         # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
@@ -522,6 +540,7 @@ class PrivacyEngine:
         self.steps += 1
         self._spend()
         self._ready_for_step = False
+        self._summed_forwards = set()
         self._count_examples()
 
     def _count_examples(self):
@@ -581,6 +600,7 @@ class PrivacyEngine:
         self._reset_backward_state()
         self._ready_for_step = False
         self._examples = 0  # a dropped backward's examples were not stepped on
+        self._summed_forwards = set()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -709,6 +729,18 @@ def _sum_terms(terms):
     if all(t.dtype == terms[0].dtype for t in terms):
         return torch.stack(terms).sum(0)
     return sum(terms[1:], terms[0])
+
+
+def _gradient_requested(p):
+    """Whether the backward now running computes p's gradient: not so under
+    torch.autograd.grad(loss, inputs) without p (an input gradient for an adversarial example, a
+    saliency map), or loss.backward(inputs=[...]) without p. Such a backward must leave p.grad
+    and the step alone, as autograd does; a use recorded there would be added to the next step's
+    sum a second time."""
+    try:
+        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(p).node)
+    except (AttributeError, RuntimeError):  # not a leaf's edge, or no backward running: keep the use
+        return True
 
 
 def _check_positive_int(value, name):

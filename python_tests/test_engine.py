@@ -235,6 +235,53 @@ def test_two_backwards_accumulate_before_one_step():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("how", ["autograd.grad", "backward(inputs=)"])
+def test_an_input_gradient_leaves_the_parameters_alone(how):
+    """An adversarial example or a saliency map takes the loss's gradient with respect to the
+    INPUT only. Before, the bk layers book-kept their weights in that backward too: p.grad got a
+    clipped sum that the training backward's was then added to (each example counted twice, no
+    zero_grad in between). Now nothing is recorded; the step after the training backward is
+    exactly the step of the training backward alone."""
+    torch.manual_seed(2)
+    x, y = data()
+    model, engine, opt = make(mlp(), noise_multiplier=1.0, seed=4)
+    reference, _, ref_opt = make(mlp(), noise_multiplier=1.0, seed=4)
+    x = x.requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    if how == "autograd.grad":
+        (grad_x,) = torch.autograd.grad(loss, x)
+    else:
+        loss.backward(inputs=[x])
+        grad_x = x.grad
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()  # nothing to step on yet
+    adversarial = (x + 0.1 * grad_x.sign()).detach()
+    F.cross_entropy(model(adversarial), y).backward()
+    opt.step()
+    F.cross_entropy(reference(adversarial), y).backward()
+    ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    """Two losses of one forward backpropagated one at a time (or backward(retain_graph=True)
+    twice) would clip and add every example's gradient twice: bounded by 2R, not R."""
+    x, y = data()
+    model, engine, opt = make()
+    out = model(x)
+    F.cross_entropy(out, y).backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="second backward through the same forward"):
+        out.square().mean().backward(retain_graph=True)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))  # the first stands
+    opt.zero_grad()  # drops the first: the same forward's backward is the step's only sum again
+    out.square().mean().backward()
+    opt.step()
+    assert engine.steps == 1
+
+
 def test_detach_restores_ordinary_training():
     model, engine, opt = make()
     engine.detach()
