@@ -211,6 +211,7 @@ class PrivacyEngine:
             args, kwargs = self.layout.pad(args, kwargs)
             self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None
+        self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None  # HF's loss divisor
         return (args, kwargs) if self._padding_forward else None
 
     def _watch_outputs(self, output):
@@ -224,7 +225,7 @@ class PrivacyEngine:
             self._unpad_outputs = False
         loss = output.get("loss") if isinstance(output, dict) else None  # a Hugging Face ModelOutput's
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
-            problem = _token_mean_problem(self._forward_labels, self.model)
+            problem = _token_mean_problem(self._forward_labels, self.model, self._forward_items)
             if problem is not None:
                 def refuse(grad):  # first in the backward: nothing recorded yet
                     raise ValueError(problem)
@@ -646,20 +647,33 @@ class PrivacyEngine:
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
 
 
-def _token_mean_problem(labels, model):
+def _token_mean_problem(labels, model, num_items=None):
     """Why a Hugging Face model's own loss (outputs.loss) cannot be trained privately with these
     token labels, or None. That loss is the mean over ALL the batch's labelled tokens: when the
     examples hold different numbers of them (padding, random MLM masks), each example's
     gradient is scaled by the whole batch's token count, which the other examples change, and
-    an unclipped example's contribution then moves with them: the per-example bound fails."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point() or labels.shape[0] < 2:
+    an unclipped example's contribution then moves with them: the per-example bound fails.
+    With `num_items_in_batch` (Trainer's count over all of a step's micro-batches) the loss is
+    the token sum divided by it: the same unless it equals B x every example's count."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point() or \
+            (labels.shape[0] < 2 and num_items is None):
         return None
     config = getattr(model, "config", None)
     causal = callable(getattr(model, "can_generate", None)) and model.can_generate() and \
         not getattr(config, "is_encoder_decoder", False)
     counted = labels[:, 1:] if causal else labels  # a causal LM's loss shifts its labels by one
     counts = (counted != -100).flatten(1).sum(1)
-    if bool((counts == counts[0]).all()):
+    equal = bool((counts == counts[0]).all())
+    if num_items is not None and not (equal and float(num_items) == float(counts.sum())):
+        return (f"PrivacyEngine: the backward runs through the model's own loss (outputs.loss), which divides the "
+                f"batch's token losses by num_items_in_batch={int(num_items)}, while this batch's {len(counts)} "
+                f"example(s) hold {int(counts.sum())} labelled tokens ({int(counts.min())} to {int(counts.max())} "
+                "each): each example's gradient would be scaled by a count that other examples (of this batch or of "
+                "other micro-batches) set, and clipping would not bound its influence. Do not pass "
+                "num_items_in_batch; backpropagate the mean over examples of each example's own loss "
+                "(bk_kernels.hf.example_losses(outputs.logits, labels, causal).mean()); nothing was recorded and no "
+                "budget was spent.")
+    if equal:
         return None  # the token mean is then the mean of the examples' own token means: exact
     return (f"PrivacyEngine: the backward runs through the model's own loss (outputs.loss), which averages over all "
             f"the batch's labelled tokens, and its examples hold different numbers of them ({int(counts.min())} to "

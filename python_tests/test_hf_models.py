@@ -180,6 +180,22 @@ def test_own_token_mean_loss_with_unequal_token_counts_is_refused_and_changes_no
     assert engine.steps == 1
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_own_loss_divided_by_a_num_items_in_batch_of_other_examples_is_refused(B):
+    """Trainer passes num_items_in_batch, the labelled tokens of ALL of a step's micro-batches:
+    the model's loss is then this batch's token sum divided by a count the other micro-batches'
+    examples set (even at B = 1). Refused before anything is recorded, unless it is exactly this
+    batch's count with every example holding as many tokens (the mean of the examples' means)."""
+    model, engine, optimizer = _private(tiny_gpt2())
+    ids = torch.randint(0, 40, (B, 7))
+    with pytest.raises(ValueError, match=r"num_items_in_batch=40.*Do not pass num_items_in_batch"):
+        model(input_ids=ids, labels=ids, num_items_in_batch=40).loss.backward()
+    assert all(p.grad is None for p in model.parameters()) and engine.steps == 0
+    model(input_ids=ids, labels=ids, num_items_in_batch=6 * B).loss.backward()  # 6 labelled tokens each
+    optimizer.step()
+    assert engine.steps == 1
+
+
 def test_own_token_mean_loss_with_equal_token_counts_is_exact():
     """Without padding the token mean is the mean of the examples' own token means: exact, at the
     precision of the loss itself: ForCausalLMLoss casts the logits to float32 (logits.float()) in
