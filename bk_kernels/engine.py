@@ -15,6 +15,7 @@ import functools
 import math
 import os
 import types
+import weakref
 from collections import defaultdict
 
 import torch
@@ -133,6 +134,7 @@ class PrivacyEngine:
         self._unpad_outputs = False  # ... an empty batch's: its outputs get their 0 examples back
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._hooks = []
+        self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
         self._attach_to_modules()
 
     # ---------------------------------------------------------------- set-up
@@ -380,13 +382,33 @@ class PrivacyEngine:
         """Called by a bk layer's backward with [(param, use)]."""
         self._queue_finish()  # already queued when the backward came through the model's output
         for p, use in uses:
-            if not _gradient_requested(p):  # torch.autograd.grad for other inputs: no use of p
+            if not self._gradient_requested(p):  # torch.autograd.grad for other inputs: no use of p
                 continue
             p = self._engine_param(module, p)
             use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
             self._uses[id(p)].append(use)
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
+
+    def _gradient_requested(self, p):
+        """Whether the backward now running computes p's gradient: not so under
+        torch.autograd.grad(loss, inputs) without p (an input gradient for an adversarial
+        example, a saliency map), or loss.backward(inputs=[...]) without p. Such a backward must
+        leave p.grad and the step alone, as autograd does; a use recorded there would be added to
+        the next step's sum a second time. p's AccumulateGrad node is held here, so p keeps it
+        (get_gradient_edge costs microseconds a call); a False is checked again with a fresh one."""
+        try:
+            ref, node = self._grad_nodes.get(id(p), (None, None))
+            if ref is None or ref() is not p:
+                node = torch.autograd.graph.get_gradient_edge(p).node
+                self._grad_nodes[id(p)] = (weakref.ref(p), node)
+            if torch._C._will_engine_execute_node(node):
+                return True
+            fresh = torch.autograd.graph.get_gradient_edge(p).node  # p's accumulator replaced since?
+            self._grad_nodes[id(p)] = (weakref.ref(p), fresh)
+            return fresh is not node and torch._C._will_engine_execute_node(fresh)
+        except (AttributeError, RuntimeError):  # not a leaf's edge, or no backward running: keep the use
+            return True
 
     def _is_model_input(self, x):
         """Whether x is (a view of) one of the tensors given to the model's forward now running."""
@@ -743,18 +765,6 @@ def _sum_terms(terms):
     if all(t.dtype == terms[0].dtype for t in terms):
         return torch.stack(terms).sum(0)
     return sum(terms[1:], terms[0])
-
-
-def _gradient_requested(p):
-    """Whether the backward now running computes p's gradient: not so under
-    torch.autograd.grad(loss, inputs) without p (an input gradient for an adversarial example, a
-    saliency map), or loss.backward(inputs=[...]) without p. Such a backward must leave p.grad
-    and the step alone, as autograd does; a use recorded there would be added to the next step's
-    sum a second time."""
-    try:
-        return torch._C._will_engine_execute_node(torch.autograd.graph.get_gradient_edge(p).node)
-    except (AttributeError, RuntimeError):  # not a leaf's edge, or no backward running: keep the use
-        return True
 
 
 def _check_positive_int(value, name):
