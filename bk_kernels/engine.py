@@ -204,7 +204,7 @@ class PrivacyEngine:
         examples."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
-        problem = _packed_sequences_problem(kwargs)
+        problem = _packed_sequences_problem(kwargs) if torch.is_grad_enabled() else None  # eval records nothing
         if problem is not None:
             raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)

@@ -807,6 +807,8 @@ def test_sequences_packed_into_one_row_are_refused():
     assert all(p.grad is None for p in model.parameters()) and engine.steps == 0
     with pytest.raises(RuntimeError, match="without a backward"):
         opt.step()
+    with torch.no_grad():  # evaluation records nothing: packed rows run as the model runs them
+        assert model(**batch).logits.shape == (1, 14, 64)
 
 
 def test_a_row_with_an_attention_mask_is_one_sequence_and_trains():
