@@ -128,6 +128,7 @@ class PrivacyEngine:
         self._reset_backward_state()
         self._ready_for_step = False
         self._forward_labels = None  # a forward's `labels` keyword, until its outputs are seen
+        self._forward_items = None  # ... and its `num_items_in_batch` (Hugging Face's loss divisor)
         self._forward_serial = 0  # numbers the model's forwards
         self._summed_forwards = set()  # the forwards whose backward was summed since the last step
         self._padding_forward = False  # the forward now running is a padding example's (no example of the batch)
@@ -213,7 +214,7 @@ class PrivacyEngine:
             args, kwargs = self.layout.pad(args, kwargs)
             self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None
-        self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None  # HF's loss divisor
+        self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None
         return (args, kwargs) if self._padding_forward else None
 
     def _watch_outputs(self, output):
@@ -232,7 +233,7 @@ class PrivacyEngine:
                 def refuse(grad):  # first in the backward: nothing recorded yet
                     raise ValueError(problem)
                 loss.register_hook(refuse)
-        self._forward_labels = None
+        self._forward_labels = self._forward_items = None
         leaves = torch.utils._pytree.tree_leaves(output)
         if self.layout.expanded:
             self._check_expanded_uses(leaves)
