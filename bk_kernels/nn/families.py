@@ -12,7 +12,7 @@ What a module of class C becomes:
                                                        -> C with the bk class under it;
   anything else that owns trainable Parameters         -> the generic exact path (generic.py).
 """
-import inspect
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ._core import BKLayer, in_plain_forward
-from ._made import made_class
+from ._made import made_class, source_of
 
 GENERIC = "generic"  # plan()'s answer for the generic exact path
 
@@ -107,14 +107,19 @@ def _extra_parameters(module, base):
     own = [n for n, p in module._parameters.items() if p is not None and p.requires_grad]
     if not own:
         return ()
-    try:
-        named = set(re.findall(r"self\.(\w+)", "".join(
-            inspect.getsource(k) for k in type(module).__mro__ if issubclass(k, base) and k is not base
-            and not issubclass(base, k))))
-        parents = set(re.findall(r"self\.(\w+)", inspect.getsource(base.forward)))
-    except (OSError, TypeError):
-        return ()
+    named, parents = _names_in_sources(type(module), base)
     return tuple(n for n in own if n in named and n not in parents)
+
+
+@functools.lru_cache(maxsize=None)
+def _names_in_sources(cls, base):
+    """(the self.<name> names in the classes between cls and base, those in base.forward), read
+    once per class (convert meets every instance); empty when any of those sources is missing."""
+    sources = [source_of(k) for k in cls.__mro__ if issubclass(k, base) and k is not base and not issubclass(base, k)]
+    parent = source_of(base.forward)
+    if not parent or not all(sources):
+        return frozenset(), frozenset()
+    return frozenset(re.findall(r"self\.(\w+)", "".join(sources))), frozenset(re.findall(r"self\.(\w+)", parent))
 
 
 def _reaches_parent_forward(cls, base):
