@@ -258,7 +258,8 @@ def folded_rows(x, B):
         numel, ndim = math.prod(shape), len(shape)
         name = node.name()
         folded_outputs = getattr(node, "_bk_folded_outputs", None)
-        row_wise_input = getattr(node, "_bk_row_wise_input", None)
+        # a bk layer's map of the rows (a frozen bk Linear router), or a library's known one
+        row_wise_input = getattr(node, "_bk_row_wise_input", None) or _library_row_wise_input(node)
         if name in _BINARY_OPS:
             pushed = _binary_operands(node, shape, fold)
             if pushed is None:
@@ -301,9 +302,8 @@ def folded_rows(x, B):
         elif folded_outputs is not None:  # a generic-path module's output (an MoE router's weights)
             if output_nr not in folded_outputs:
                 return False
-        elif row_wise_input is not None or _library_row_wise_input(node) is not None:
-            # a bk layer's map of the rows (a frozen bk Linear router), or a library's known one
-            i, input_numel = row_wise_input if row_wise_input is not None else _library_row_wise_input(node)
+        elif row_wise_input is not None:
+            i, input_numel = row_wise_input
             f, nr = node.next_functions[i]
             stack.append((f, nr, input_numel, None, 0))
         elif name in _VIEW_NODES:
