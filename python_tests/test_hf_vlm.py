@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import bk_kernels as bk
+from python_tests.model_reference import expected_update
 
 tf = pytest.importorskip("transformers")
 DT = torch.float64
@@ -130,18 +131,16 @@ def test_qwen_vl_trains_privately_with_its_vision_tower_frozen(name):
 
     for m in (model, reference):
         m.model.visual.requires_grad_(False)
-    params = [p for p in reference.parameters() if p.requires_grad]
-    want = [torch.zeros_like(p) for p in params]
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    grads = []
     for b in range(B):  # one backward per example: its own ids, its own image's 16 patch rows
-        grads = torch.autograd.grad(_qwen_losses(reference, ids[b:b + 1], pixels[16 * b:16 * b + 16], grid[b:b + 1]),
-                                    params, allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-        norm = torch.sqrt(sum(g.square().sum() for g in grads))
-        for w, g in zip(want, grads):
-            w += min(1.0, R / (norm.item() + 1e-6)) * g
+        g = torch.autograd.grad(_qwen_losses(reference, ids[b:b + 1], pixels[16 * b:16 * b + 16], grid[b:b + 1]),
+                                [p for _, p in named], allow_unused=True)
+        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)  # minus the sum of the clipped
     engine = bk.PrivacyEngine(model, batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, ids, pixels, grid).mean().backward()
     assert not bk.generic_modules(model)
-    got = [p.grad for p in model.parameters() if p.requires_grad]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, -want[name], rtol=1e-9, atol=1e-12, msg=name)

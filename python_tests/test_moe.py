@@ -1,6 +1,7 @@
 """Mixture-of-experts layers: transformers' experts classes on the BK path (bk/nn/moe.py), and
 the routers that feed them, against one backward per example in float64."""
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import bk_kernels as bk
 from bk_kernels.nn.moe import ExpertsMixin
 from python_tests import zoo
+from python_tests.model_reference import expected_update
 from python_tests.test_models import check_model
 
 transformers = pytest.importorskip("transformers")
@@ -339,22 +341,20 @@ def test_phimoe_in_training_mode_is_exact_against_its_own_sampled_forward(R):
     ids = torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
     losses = example_losses(reference(input_ids=ids).logits, ids, causal=True)
-    params = list(reference.parameters())
-    want, norms = [torch.zeros_like(p) for p in params], []
+    named = list(reference.named_parameters())
+    grads = []
     for b in range(B):
-        grads = torch.autograd.grad(losses[b], params, retain_graph=True, allow_unused=True)
-        grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-        norms.append(torch.sqrt(sum(g.square().sum() for g in grads)).item())
-        c = min(1.0, R / (norms[-1] + 1e-6))  # the engine's abadi clipping
-        for w, g in zip(want, grads):
-            w += c * g
+        g = torch.autograd.grad(losses[b], [p for _, p in named], retain_graph=True, allow_unused=True)
+        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    norms = [math.sqrt(sum(x.square().sum().item() for x in g.values())) for g in grads]
     assert all(n > R for n in norms) if R < 1 else all(n < R for n in norms)  # the small R clips every example
+    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)  # minus the sum of the clipped
     engine = bk.PrivacyEngine(model, batch_size=B, sample_size=100, noise_multiplier=0.0, max_grad_norm=R)
     torch.manual_seed(7)
     example_losses(model(input_ids=ids).logits, ids, causal=True).mean().backward()
     assert engine._ready_for_step
-    for (name, p), w in zip(model.named_parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12, msg=name)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, -want[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 class _OwnRowFunction(torch.autograd.Function):
