@@ -154,11 +154,9 @@ class DistributedPrivacyEngine(PrivacyEngine):
                 # An ordinary gradient reaches the stand-in (FSDP2 would reduce it into the shard)
                 self._hooks.append(unsharded.register_hook(self._make_guard(self._names[id_p])))
 
-    def _forward_starts(self, args, kwargs):
-        padded = super()._forward_starts(args, kwargs)
+    def _padding_chunk(self):
         # micro_batches' padding chunk: its backward adds nothing (engine._padding_reached_output)
-        self._padding_forward = self._padding_forward or getattr(_padding, "current", False)
-        return padded
+        return getattr(_padding, "current", False)
 
     def _finish_backward(self):
         problem = None

@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _fsdp, accounting, ops
+from . import _fsdp, accounting, example_rows, ops
 from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
@@ -134,6 +134,8 @@ class PrivacyEngine:
         self._padding_forward = False  # the forward now running is a padding example's (no example of the batch)
         self._unpad_outputs = False  # ... an empty batch's: its outputs get their 0 examples back
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
+        self._example_rows = None  # which example each row of the batch is (example_rows); None: one row each
+        self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
         self._hooks = []
         self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
         self._attach_to_modules()
@@ -209,13 +211,46 @@ class PrivacyEngine:
         if problem is not None:
             raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)
-        self._padding_forward = self._unpad_outputs = self.layout.empty_batch()
-        if self._padding_forward:
+        self._unpad_outputs = self.layout.empty_batch()
+        self._padding_forward = self._unpad_outputs or self._padding_chunk()
+        # the rows' examples, checked against this batch before anything runs (padding holds none)
+        self._forward_groups = None if self._padding_forward or not torch.is_grad_enabled() else \
+            example_rows.resolve(self._example_rows, self.layout.batch)
+        if self._unpad_outputs:
             args, kwargs = self.layout.pad(args, kwargs)
             self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None
         self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None
-        return (args, kwargs) if self._padding_forward else None
+        return (args, kwargs) if self._unpad_outputs else None
+
+    def _padding_chunk(self):
+        """Whether the forward starting is a padding chunk of bk.distributed.micro_batches."""
+        return False
+
+    def example_rows(self, rows):
+        """Tells the engine which example each row of the model's batch belongs to, when one
+        example is laid out as several rows (a DPO batch of chosen then rejected sequences:
+        bk.stacked_rows(2); K augmentations of each image: bk.interleaved_rows(K)): the rows of
+        an example are then clipped TOGETHER, as one example (its gradient the sum of its rows'),
+        and count as one example (the mean loss's scale, the sampling check). Clipped row by row,
+        each example's influence would be bounded by K x max_grad_norm only.
+
+        rows: None (one row per example: the default), a 1-D integer tensor (the example of each
+        row of the model's input; any labels, relabelled in order), or a callable taking the
+        number of rows and returning one (bk.stacked_rows(k), bk.interleaved_rows(k)). A tensor
+        must match every forward's batch (a check before the forward runs); a callable follows
+        the batch size (Poisson batches, micro-batches).
+
+        Takes effect at once, for every forward from now on (Trainers that run the forward
+        themselves), and as a context manager restores the previous setting on exit:
+
+            with engine.example_rows(torch.cat([ids, ids])):
+                loss = dpo_loss(model(torch.cat([chosen, rejected])))
+                loss.backward()
+
+        Each backward uses the rows of the forward it goes through (set when that forward ran)."""
+        previous, self._example_rows = self._example_rows, example_rows.check_spec(rows)
+        return _Restore(self, previous)
 
     def _watch_outputs(self, output):
         """The model's forward hook: the first gradient to reach one of its outputs marks the start
@@ -241,7 +276,7 @@ class PrivacyEngine:
         serial, self._forward_serial = self._forward_serial, self._forward_serial + 1
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(functools.partial(reached, forward=serial))
+                t.register_hook(functools.partial(reached, forward=serial, groups=self._forward_groups))
         return output
 
     def _check_expanded_uses(self, outputs):
@@ -259,18 +294,25 @@ class PrivacyEngine:
                 "freeze it, or let its owner take the generic path (bk.register_layer); nothing was recorded and no "
                 "budget was spent.")
 
-    def _backward_reached_output(self, grad, forward=None):
-        """`forward`: which forward of the model made the output (a serial number)."""
+    def _backward_reached_output(self, grad, forward=None, groups=None):
+        """`forward`: which forward of the model made the output (a serial number); `groups`: the
+        examples of its rows (example_rows; None: one row each)."""
         self._queue_finish()
         if forward is not None:
+            if self._backward_forwards and not example_rows.same(groups, self._backward_groups):
+                raise UnsupportedLayoutError(
+                    "PrivacyEngine: one backward goes through forwards of the model made under different "
+                    "example_rows settings, so the rows of its uses cannot all be matched to their examples. Run "
+                    "backward() once per forward; nothing of this backward was kept.")
             self._backward_forwards.add(forward)
+            self._backward_groups = groups
         return grad
 
-    def _padding_reached_output(self, grad, forward=None):
+    def _padding_reached_output(self, grad, forward=None, groups=None):
         """The backward of a padding example (an empty batch's, or bk.distributed.micro_batches'
         padding chunk): no example of the batch, nothing of it is kept."""
         self._backward_of_padding = True
-        return self._backward_reached_output(grad, forward)
+        return self._backward_reached_output(grad, forward, groups)
 
     def _queue_finish(self):
         if not self._callback_queued:
@@ -378,6 +420,7 @@ class PrivacyEngine:
         self._callback_queued = False
         self._backward_of_padding = False
         self._backward_forwards = set()  # the forwards whose outputs this backward reached
+        self._backward_groups = None  # ... the examples of their rows (example_rows.RowGroups)
 
     def _record(self, module, uses):
         """Called by a bk layer's backward with [(param, use)]."""
@@ -386,6 +429,9 @@ class PrivacyEngine:
             if not self._gradient_requested(p):  # torch.autograd.grad for other inputs: no use of p
                 continue
             p = self._engine_param(module, p)
+            groups = self._backward_groups if self._backward_forwards else self._forward_groups
+            if groups is not None and not self._backward_of_padding:  # several rows of one example
+                use = groups.regroup(use, lambda: f"{type(module).__name__} ({self._module_path(module)})")
             use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
             self._uses[id(p)].append(use)
             self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
@@ -771,3 +817,17 @@ def _sum_terms(terms):
 def _check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"PrivacyEngine: {name} must be a positive int, got {value!r}")
+
+
+class _Restore:
+    """PrivacyEngine.example_rows' context manager: restores the setting it replaced."""
+
+    def __init__(self, engine, previous):
+        self.engine, self.previous = engine, previous
+
+    def __enter__(self):
+        return self.engine
+
+    def __exit__(self, *exc):
+        self.engine._example_rows = self.previous
+        return False

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .clipping import clip_factors_ref
 from .convert import convert, generic_modules
 from .engine import PrivacyEngine
+from .example_rows import check_spec, resolve
 
 
 @dataclass
@@ -62,7 +63,7 @@ def _in_float64(model):
 
 
 def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer", max_grad_norm=None,
-           clipping_fn="abadi", rtol=1e-6):
+           clipping_fn="abadi", rtol=1e-6, example_rows=None):
     """Compares bk's per-example norms and clipped update with a loop of one backward per example.
 
     model: the user's model (converted or not; it is copied, never changed).
@@ -70,6 +71,10 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     batch: a tensor or a tuple/list/dict of them; every tensor whose example dim (0, or 1 with
         batch_first=False and more than one dim) has the batch size is split into examples,
         the others are passed whole to every example.
+    example_rows: which example each row of the model's batch belongs to, as given to
+        PrivacyEngine.example_rows (an example laid out as several rows). The reference's
+        example e is then batch's rows of example e (every batched tensor's), and the loss_fn
+        must take such a batch (a DPO loss: chosen rows, then rejected rows).
     Raises what the engine raises for a model it refuses (a clear error naming the module).
     """
     leaves, spec = tree_flatten(batch)
@@ -84,20 +89,25 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
                for t in leaves]
     leaves = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in leaves]
 
+    groups = example_rows_of(example_rows, B)
+    rows_of = [torch.arange(B)[i:i + 1] for i in range(B)] if groups is None else \
+        [torch.nonzero(groups.example == e).flatten() for e in range(groups.examples)]
+
     def example(i):
-        return tree_unflatten([t.narrow(example_dim(t), i, 1) if b else t for t, b in zip(leaves, batched)], spec)
+        return tree_unflatten([t.index_select(example_dim(t), rows_of[i].to(t.device)) if b else t
+                               for t, b in zip(leaves, batched)], spec)
 
     reference = _in_float64(copy.deepcopy(model))  # copies of converted models are not attached
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     per_example = []
-    for i in range(B):
+    for i in range(len(rows_of)):
         reference.zero_grad(set_to_none=True)
         try:
             loss = loss_fn(reference, example(i))
         except Exception as err:  # the split did not give examples: say so rather than guess
             raise ValueError(
                 f"bk.verify: the loss of one example failed ({type(err).__name__}: {err}); the batch was split "
-                f"into {B} examples on dim {0 if batch_first else 1} of its tensors (batch_first={batch_first}). "
+                f"into {len(rows_of)} examples on dim {0 if batch_first else 1} of its tensors (batch_first={batch_first}). "
                 "If the model's examples lie elsewhere, its layout is declared wrong") from err
         loss.backward()
         params = dict(reference.named_parameters())
@@ -110,12 +120,14 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
             f"bk.verify: the reference gradient of example(s) {not_finite} is not finite: the model's own "
             "float64 forward and backward of that one example (without bk) gives inf or NaN (a mask filled with "
             "-inf over a whole row, or float32 arithmetic inside the model). Nothing was checked")
+    B = len(rows_of)  # examples, from here on
     R = max_grad_norm if max_grad_norm is not None else (sorted(totals)[B // 2] or 1.0)
 
     private = convert(_in_float64(copy.deepcopy(model)))
     engine = PrivacyEngine(private, batch_size=B, sample_size=max(2 * B, 2), noise_multiplier=0.0, max_grad_norm=R,
                            clipping_style=clipping_style, clipping_fn=clipping_fn, batch_first=batch_first)
     optimizer = engine.attach(torch.optim.SGD([p for p in private.parameters() if p.requires_grad], lr=1.0))
+    engine.example_rows(example_rows)
     loss_fn(private, tree_unflatten(leaves, spec)).backward()
     norms = engine._last_unit_sq_norms
     optimizer.step()
@@ -148,3 +160,8 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     return VerifyReport(batch_size=B, max_grad_norm=R, norm_error=norm_error,
                         update_error=worst[0][0] if worst else 0.0, worst=worst,
                         generic_modules=generic_modules(private), rtol=rtol)
+
+
+def example_rows_of(spec, rows):
+    """The RowGroups of a batch of `rows` rows under an example_rows setting (None: one row each)."""
+    return resolve(check_spec(spec), rows)

@@ -69,6 +69,11 @@ class ExpertsUse:
     def densify(self, mode):
         return self
 
+    def regrouped(self, example, examples):
+        """This use over `examples` examples, row r's example being example[r] (engine.example_rows)."""
+        routing = Routing(self.counts, self.routing.experts, example.to(self.examples.device)[self.examples], examples)
+        return ExpertsUse(self.a, self.g, routing, self.transposed)
+
     def sq_norm(self, mode, backend):
         acc = accumulation_dtype(self.a.dtype)
         total = torch.zeros(self.B, dtype=acc, device=self.a.device)
@@ -96,10 +101,13 @@ class ExpertsUse:
         expert's rows start."""
         counts = torch.tensor(self.counts, device=self.a.device)
         starts = torch.cumsum(counts, 0) - counts
-        group = self.routing.experts * self.B + self.examples  # (expert, example), ascending along the rows
+        group = self.routing.experts * self.B + self.examples  # (expert, example) of each row
         sizes = torch.bincount(group, minlength=len(self.counts) * self.B)
         first = torch.cumsum(sizes, 0) - sizes
-        pos = torch.arange(len(group), device=self.a.device) - first[group]
+        # ascending along the rows, unless examples were relabelled (engine.example_rows)
+        order = torch.argsort(group, stable=True)
+        pos = torch.empty_like(group)
+        pos[order] = torch.arange(len(group), device=self.a.device) - first[group[order]]
         return dict(pos=pos, L=int(sizes.max()), starts=starts.tolist())
 
     def clipped(self, c, backend):
