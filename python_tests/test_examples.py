@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import image_classification  # noqa: E402
+import private_dpo  # noqa: E402
 import private_gpt2  # noqa: E402
 import private_mlp  # noqa: E402
 
@@ -34,6 +35,13 @@ def test_gpt2_example_runs_under_bf16_autocast():
     epsilon = private_gpt2.main(["--layers", "1", "--width", "64", "--seq-len", "16", "--samples", "100",
                                  "--batch-size", "5", "--steps", "2", "--epsilon", "8", "--seed", "0"])
     assert 0 < epsilon <= 8.0
+
+
+def test_dpo_example_learns_the_preference_with_pairs_clipped_whole():
+    first, last, epsilon = private_dpo.main(["--steps", "30", "--seed", "0"])
+    assert first == 0.5  # the policy starts as the reference: every reward 0
+    assert last > 0.7
+    assert 0.99 * 8.0 <= epsilon <= 8.0 * (1 + 1e-9)
 
 
 def test_ddp_example_runs_under_torchrun(tmp_path):
