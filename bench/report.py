@@ -31,6 +31,13 @@ SECTIONS = {
                "`mem_ratio`: over non-private's.",
                ["config", "B", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max", "mem_mib",
                 "mem_ratio", "note"]),
+    "example_rows": ("One example as several rows",
+                     "`engine.example_rows`: a DPO step of GPT-2 (4 layers, width 256, vocabulary 8192; `B` pairs, "
+                     "chosen then rejected rows, `bk.stacked_rows(2)`) and augmentation multiplicity on the CNN "
+                     "(`B` images, 4 copies each, `bk.interleaved_rows(4)`). `bk (rows alone)` is bk without the "
+                     "setting (each row clipped as an example: not private for these batches; the cost to compare "
+                     "with). Rounds interleave the methods; `ratio`: median per-round time over non-private.",
+                     ["config", "B", "rows", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max"]),
     "max_batch": ("Largest batch within a memory budget",
                   "Per method, the batch size doubles while the step memory (as above) fits the budget, then "
                   "bisects to within 1/16, up to a largest batch tried (`capped`); `est_max_batch` extends the "

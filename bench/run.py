@@ -25,14 +25,14 @@ for i, arg in enumerate(sys.argv):
 
 import torch  # noqa: E402
 
-from bench import (clipped_sum, conv, embedding, fsdp_memory, harness, maxbatch, models, noise,  # noqa: E402
-                   norm_choice, norm_layer, norms, overhead, report)
+from bench import (clipped_sum, conv, embedding, example_rows, fsdp_memory, harness, maxbatch, models,  # noqa: E402
+                   noise, norm_choice, norm_layer, norms, overhead, report)
 
 SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice, "embedding": embedding,
              "noise": noise, "conv": conv, "norm_layer": norm_layer, "overhead": overhead, "models": models,
-             "max_batch": maxbatch, "fsdp": fsdp_memory}
+             "example_rows": example_rows, "max_batch": maxbatch, "fsdp": fsdp_memory}
 ORDER = ["norms", "clipped_sum", "norm_choice", "embedding", "noise", "conv", "norm_layer", "overhead", "models",
-         "max_batch", "fsdp"]
+         "example_rows", "max_batch", "fsdp"]
 # The default run leaves out norm_choice (a tuning study of the ghost-or-direct rule, ~1 min) and
 # fsdp (sharded memory on 1, 2 and 4 gloo processes, ~2 min): `--scenario NAME` runs them.
 DEFAULT = [s for s in ORDER if s not in ("norm_choice", "fsdp")]
@@ -47,8 +47,9 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="smaller sweeps and models, fewer rounds")
     parser.add_argument("--config", action="append",
-                        help=f"models / max_batch: which models (models: {', '.join(models.CONFIGS)}; "
-                             f"max_batch: {', '.join(maxbatch.CONFIGS)}); default: the device's suite")
+                        help=f"models / max_batch / example_rows: which models (models: {', '.join(models.CONFIGS)}; "
+                             f"max_batch: {', '.join(maxbatch.CONFIGS)}; example_rows: "
+                             f"{', '.join(example_rows.CONFIGS)}); default: the device's suite")
     parser.add_argument("--rounds", type=int, help="models: timed rounds (default 15, --quick 3)")
     parser.add_argument("--all-methods", action="store_true",
                         help="models: also the baselines left out for time (vmap and Opacus hooks at GPT-2 T=512)")
@@ -76,7 +77,7 @@ def main():
         accepted = inspect.signature(scenario.run).parameters
         kwargs = {k: v for k, v in extra.items() if k in accepted}
         if args.config and "configs" in accepted:
-            kwargs["configs"] = [c for c in args.config if c in (scenario.CONFIGS if name == "max_batch"
+            kwargs["configs"] = [c for c in args.config if c in (scenario.CONFIGS if name in ("max_batch", "example_rows")
                                                                   else models.CONFIGS)] or None
             if kwargs["configs"] is None and not (args.scenario and name in args.scenario):
                 continue  # none of the chosen models belongs to this scenario, not asked for by name

@@ -432,9 +432,10 @@ class PrivacyEngine:
             groups = self._backward_groups if self._backward_forwards else self._forward_groups
             if groups is not None and not self._backward_of_padding:  # several rows of one example
                 use = groups.regroup(use, lambda: f"{type(module).__name__} ({self._module_path(module)})")
-            use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
-            self._uses[id(p)].append(use)
-            self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
+            for use in use if isinstance(use, list) else [use]:
+                use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are
+                self._uses[id(p)].append(use)
+                self._self_norms[id(p)].append(use.sq_norm(self.clipping_mode, self.backend))
             self._recorders.setdefault(id(p), module)
 
     def _gradient_requested(self, p):

@@ -13,7 +13,14 @@ Every use of a parameter (nn/_uses.py) is regrouped as it is recorded, into a us
 examples:
   - a linear map's a [R, T, d] and g [R, T, p] become [E, K*T, d] and [E, K*T, p] (example e's rows
     side by side along T, K its number of rows at most, missing rows zeros): G_e = g_e^T a_e is the
-    sum of its rows' gradients, and the fused norms and clipped sums run on it unchanged;
+    sum of its rows' gradients, and the fused norms and clipped sums run on it unchanged (a view
+    when each example's rows are consecutive already: interleaved copies);
+  - when every example's k-th row lies in one slice of the rows (stacked copies: DPO's chosen
+    rows, then its rejected rows), a linear map or embedding becomes K uses of the parameter over
+    the E examples instead, one per slice (views, no copy): the engine adds their cross terms as
+    for a layer called K times (side by side, the copies cost more than the cross terms: 1.285x
+    against 1.232x non-private for a DPO step of GPT-2, 4 layers, width 256, vocabulary 8192,
+    16 pairs of 64 tokens, 2-core AMD EPYC; rows clipped alone: 1.166x);
   - an embedding's ids and g the same way (zero rows of g add nothing);
   - per-example gradients [R, ...] are summed per example (index_add);
   - a convolution's rows go side by side as the folded inputs of one example (the fold of
@@ -118,24 +125,32 @@ class RowGroups:
         position = torch.empty_like(example)
         position[order] = torch.arange(self.rows, device=example.device) - first[example[order]]
         self.slot = example * self.most + position               # row r's place among [E * most] rows
-        # each example's rows already consecutive and equal in number: a reshape, no copy
-        self.in_place = bool((self.slot == torch.arange(self.rows, device=example.device)).all()) and \
-            self.examples * self.most == self.rows
+        # every example the same number of rows: a gather of the rows (no zeros to fill), or
+        # nothing when each example's rows are consecutive already (a reshape)
+        self.uniform = self.examples * self.most == self.rows
+        self.gather = torch.argsort(self.slot) if self.uniform else None  # the row in each slot
+        self.in_place = self.uniform and bool((self.slot == torch.arange(self.rows, device=example.device)).all())
+        # every example's k-th row together a slice of the rows (stacked copies: rows kE .. kE + E - 1)
+        self.copies = None
+        if self.uniform and not self.in_place:
+            by_copy = self.gather.view(self.examples, self.most).T  # [K, E]
+            starts = by_copy[:, 0]
+            if bool((by_copy == starts[:, None] + torch.arange(self.examples, device=example.device)).all()):
+                self.copies = [(int(s), int(s) + self.examples) for s in starts]
 
     def side_by_side(self, t, fill=0):
         """[R, T, ...] -> [E, most * T, ...]: example e's rows one after the other along dim 1,
         zeros (or `fill`) where it has fewer rows than the largest example."""
-        if not self.in_place:
-            out = t.new_full((self.examples * self.most, *t.shape[1:]), fill)
-            out[self.slot.to(t.device)] = t
-            t = out
+        t = self.folds(t, fill)
         return t.reshape(self.examples, self.most * t.shape[1], *t.shape[2:])
 
-    def folds(self, t):
-        """[R, C, ...] -> [E * most, C, ...]: example e's rows at e*most .. (zeros where missing)."""
+    def folds(self, t, fill=0):
+        """[R, C, ...] -> [E * most, C, ...]: example e's rows at e*most .. (`fill` where missing)."""
         if self.in_place:
             return t
-        out = t.new_zeros((self.examples * self.most, *t.shape[1:]))
+        if self.uniform:
+            return t.index_select(0, self.gather.to(t.device))
+        out = t.new_full((self.examples * self.most, *t.shape[1:]), fill)
         out[self.slot.to(t.device)] = t
         return out
 
@@ -151,6 +166,8 @@ class RowGroups:
                 f"PrivacyEngine.example_rows: {where()} read {use.batch} rows from its input while the model's forward "
                 f"had {self.rows}: its rows cannot be matched to the examples they belong to; nothing was recorded "
                 "and no budget was spent.")
+        if self.copies is not None and isinstance(use, (LinearUse, EmbeddingUse)):
+            return [_rows(use, lo, hi) for lo, hi in self.copies]  # one use per copy, views (cross terms)
         if isinstance(use, LinearUse):
             return LinearUse(self.side_by_side(use.a), self.side_by_side(use.g), use.transposed, use.rows)
         if isinstance(use, EmbeddingUse):
@@ -170,3 +187,9 @@ class RowGroups:
                 f"PrivacyEngine.example_rows: {where()} keeps its per-example gradients as {type(use).__name__}, which "
                 "cannot be summed over an example's rows yet; nothing was recorded and no budget was spent.")
         return DenseUse(self.summed(dense))
+
+
+def _rows(use, lo, hi):
+    if isinstance(use, LinearUse):
+        return LinearUse(use.a[lo:hi], use.g[lo:hi], use.transposed, use.rows)
+    return EmbeddingUse(use.ids[lo:hi], use.g[lo:hi], use.V, use.padding_idx)

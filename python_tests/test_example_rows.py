@@ -94,6 +94,10 @@ def test_dpo_pairs_are_clipped_as_one_example(B):
     model = TinyLM().to(DT)
     ids = torch.randint(0, 23, (2 * B, 7))
     check(model, dpo_loss, {"ids": ids}, list(range(B)) * 2, rows_spec=bk.stacked_rows(2))
+    # the same pairs as explicit ids whose order is not the rows': gathered, not sliced
+    labels = list(range(B))[::-1] * 2  # example 0 is rows B - 1 and 2B - 1
+    assert B == 1 or bk.example_rows.resolve(torch.tensor(labels), 2 * B).copies is None
+    check(model, dpo_loss, {"ids": ids}, labels)
 
 
 # 4 pairs: the mean's 1/4 is exact in the float32 RMSNorms inside HF's float64 Llama and Mixtral
@@ -163,11 +167,14 @@ def multiplicity_loss(model, batch):
     return (per_row / counts[example]).sum() / len(counts)
 
 
-@pytest.mark.parametrize("spec", ["interleaved", "ragged"])
+# interleaved: each example's rows consecutive (a view); permuted: as many rows each, in no
+# order (a gather); ragged: 3, 2, 2, 3 rows (zero rows pad the smaller examples)
+@pytest.mark.parametrize("spec", ["interleaved", "permuted", "ragged"])
 def test_augmentation_multiplicity_on_a_cnn(spec):
     torch.manual_seed(2)
     model = SmallCNN().to(DT)
-    ids = [0, 0, 0, 1, 1, 1, 2, 2, 2] if spec == "interleaved" else [5, 2, 5, 9, 2, 5, 7, 7, 9, 5]
+    ids = {"interleaved": [0, 0, 0, 1, 1, 1, 2, 2, 2], "permuted": [2, 0, 1, 1, 0, 2, 1, 0, 2],
+           "ragged": [5, 2, 5, 9, 2, 5, 7, 7, 9, 5]}[spec]
     n = len(ids)
     batch = {"x": torch.randn(n, 3, 8, 8, dtype=DT), "y": torch.randint(0, 4, (n,)), "ids": torch.tensor(ids)}
     check(model, multiplicity_loss, batch, ids, rows_spec=bk.interleaved_rows(3) if spec == "interleaved" else None)
