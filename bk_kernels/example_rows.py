@@ -110,14 +110,18 @@ def same(groups, other):
 
 class RowGroups:
     """Which example each of a forward's R rows belongs to: the ids, relabelled 0..E-1 in the
-    order of their values (any labels do: dataset indices, repeats)."""
+    order of their values (any labels do: dataset indices, repeats); or, with `examples`, the
+    ids 0..examples-1 as they are (an example may have no row: a vision tower's, without image)."""
 
-    def __init__(self, ids, device=None):
+    def __init__(self, ids, device=None, examples=None):
         ids = ids.to(device) if device is not None else ids
-        _, example = torch.unique(ids, return_inverse=True)
+        if examples is None:
+            _, example = torch.unique(ids, return_inverse=True)
+        else:
+            example = ids.long()
         self.rows = ids.shape[0]
         self.example = example                                   # [R] example of each row
-        sizes = torch.bincount(example)
+        sizes = torch.bincount(example, minlength=examples or 0)
         self.examples = int(sizes.shape[0])
         self.most = int(sizes.max()) if self.rows else 0         # rows of the largest example
         order = torch.argsort(example, stable=True)              # rows example by example, in row order

@@ -27,6 +27,8 @@ class BatchLayout:
         self.input_storages = set()  # storages of the model's tensor inputs in the forward now running
         self.state_storages = None
         self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
+        self.row_maps = None  # inside a patch-rows vision tower: {rows: example of each row} (nn/patch_rows.py)
+        self.row_serial = None  # ... and the serial of the model's forward it runs in
 
     def take(self, args, kwargs):
         """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
@@ -120,8 +122,9 @@ class BatchLayout:
         if _storage(x) in self.input_storages and x.dim() and x.shape[0] != B:
             causes.append(f"this input is (a view of) one of the model's inputs, whose first dim ({x.shape[0]}) is "
                           "not the batch: the rows of all examples concatenated, which bk cannot split per example "
-                          "(Qwen2-VL's and Qwen2.5-VL's pixel_values hold every image's patches, split by "
-                          "image_grid_thw). Freeze the layers that read it (a vision tower: "
+                          "(a vision tower whose pixel_values hold every image's patches, split by a grid_thw: bk "
+                          "maps the rows of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's towers, bk_kernels/nn/"
+                          "patch_rows.py, not yet this one's). Freeze the layers that read it (a vision tower: "
                           "model.model.visual.requires_grad_(False)); the layers after them train privately")
         if n is not None and len(shape) > 1 and shape[other] == n:
             causes.append(f"the model's input {shape} has {n} on dim {other}: " + (

@@ -1,9 +1,9 @@
 """Hugging Face vision-language models with images, as users fine-tune them (session 17): tiny
 configs, float64. LLaVA, PaliGemma, Gemma 3 and Idefics3 take pixel_values [B, ...] and train
 whole (vision tower, projector, language model) under bk.verify. Qwen2-VL and Qwen2.5-VL take
-every image's patches concatenated ([patches, D], split by image_grid_thw): their vision tower
-is refused with an error that says to freeze it, and with it frozen the rest is exact against
-one backward per example."""
+every image's patches concatenated ([patches, D], split by image_grid_thw): since session 18 their
+vision tower maps its rows to the examples through the placeholder tokens (nn/patch_rows.py) and
+trains exactly, whatever the number of images per example."""
 import copy
 
 import pytest
@@ -86,6 +86,12 @@ def _qwen_vl(name):
     text = _text(rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
     text.pop("head_dim")
     ids = dict(image_token_id=IMAGE, vision_start_token_id=V - 2, vision_end_token_id=V - 3)
+    if name == "qwen3_vl":  # a learned position table (an Embedding) and deepstack mergers in the tower
+        text["rope_parameters"]["mrope_interleaved"] = True
+        return tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(text_config=text, vision_config=dict(
+            depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, out_hidden_size=16, num_position_embeddings=16,
+            deepstack_visual_indexes=[0]), **ids))
     if name == "qwen2_vl":
         config = tf.Qwen2VLConfig(text_config=text, vision_config=dict(
             depth=1, embed_dim=16, hidden_size=16, num_heads=2, patch_size=2, spatial_merge_size=2,
@@ -113,34 +119,137 @@ def _qwen_losses(model, ids, pixels, grid):
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_vl_trains_privately_with_its_vision_tower_frozen(name):
+def _ragged_qwen_batch():
+    """4 examples with 1, 0, 2 and 1 images of 4 x 4 or 2 x 4 patches (4 or 2 image tokens after
+    the 2 x 2 merge), each image's tokens between a vision start and end token: (ids [4, 12],
+    pixel rows of all images [56, 24], grid_thw [4, 3], the images of each example)."""
+    images = {0: [(1, 4, 4)], 1: [], 2: [(1, 4, 4), (1, 2, 4)], 3: [(1, 2, 4)]}
+    ids = torch.randint(0, V - 4, (4, 12), generator=torch.Generator().manual_seed(7))
+    grids, of_example = [], {}
+    for b, grid in images.items():
+        at = 1
+        of_example[b] = []
+        for t, h, w in grid:
+            tokens = t * h * w // 4
+            ids[b, at], ids[b, at + 1:at + 1 + tokens], ids[b, at + 1 + tokens] = V - 2, IMAGE, V - 3
+            at += tokens + 2
+            of_example[b].append(len(grids))
+            grids.append((t, h, w))
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    return ids, pixels, grid, of_example
+
+
+def _example_inputs(ids, pixels, grid, of_example, b):
+    """Example b alone: its ids, its images' patch rows and grid rows (None without an image)."""
+    if not of_example[b]:
+        return ids[b:b + 1], None, None
+    starts = torch.cumsum(grid.prod(-1), 0) - grid.prod(-1)
+    rows = torch.cat([torch.arange(int(starts[i]), int(starts[i] + grid[i].prod())) for i in of_example[b]])
+    return ids[b:b + 1], pixels[rows], grid[of_example[b]]
+
+
+@pytest.mark.parametrize("frozen_vision", [False, True])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, frozen_vision):
+    """The vision tower's rows are every image's patches (nn/patch_rows.py): exact against one
+    backward per example, whose own images alone run through the tower, with 1, 0, 2 and 1
+    images in the 4 examples, the tower trained or frozen."""
     torch.manual_seed(0)
     reference = _qwen_vl(name).to(DT).train()
+    if frozen_vision:
+        reference.model.visual.requires_grad_(False)
     model = copy.deepcopy(reference)
     # B = 4: the engine recovers each example's gradient from the mean loss's (times B), and HF's
     # RMSNorm rounds gradients to float32 inside the float64 model, exactly only for a power of 2
-    B, R = 4, 0.5
-    ids, pixels, grid = _qwen_batch(B)
-
-    engine = bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
-    with pytest.raises(bk.UnsupportedLayoutError, match=r"Freeze the layers that read it .*visual"):
-        _qwen_losses(model, ids, pixels, grid)
-    assert all(p.grad is None for p in model.parameters()) and engine.steps == 0
-    engine.detach()
-
-    for m in (model, reference):
-        m.model.visual.requires_grad_(False)
+    B = 4
+    batch = _ragged_qwen_batch()
     named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
     grads = []
-    for b in range(B):  # one backward per example: its own ids, its own image's 16 patch rows
-        g = torch.autograd.grad(_qwen_losses(reference, ids[b:b + 1], pixels[16 * b:16 * b + 16], grid[b:b + 1]),
-                                [p for _, p in named], allow_unused=True)
+    for b in range(B):  # one backward per example: its own ids, its own images' patch rows
+        g = torch.autograd.grad(_qwen_losses(reference, *_example_inputs(*batch, b)), [p for _, p in named],
+                                allow_unused=True)
         grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
+    R = (norms[1] + norms[2]) / 2  # two clipped, two not
     want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)  # minus the sum of the clipped
-    engine = bk.PrivacyEngine(model, batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
-    _qwen_losses(model, ids, pixels, grid).mean().backward()
-    assert not bk.generic_modules(model)
-    for name, p in model.named_parameters():
+    engine = bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
+    _qwen_losses(model, *batch[:3]).mean().backward()
+    assert not bk.generic_modules(model) and engine._examples == B
+    for name_, p in model.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, -want[name], rtol=1e-9, atol=1e-12, msg=name)
+            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)
+
+
+def test_qwen_vl_patch_rows_that_cannot_be_matched_are_refused():
+    """The tower's rows are mapped through the placeholder tokens of input_ids: a count that does
+    not match, or no input_ids, is refused when the tower starts (before HF's own check)."""
+    torch.manual_seed(0)
+    model = bk.convert(_qwen_vl("qwen2_vl").to(DT).train())
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=30, noise_multiplier=0.0)
+    ids, pixels, grid, _ = _ragged_qwen_batch()
+    short = ids.clone()
+    short[0, 2] = 5  # one image token of example 0 made text
+    with pytest.raises(bk.UnsupportedLayoutError, match=r"model.visual .*hold 11 placeholder tokens for its 12 merged rows"):
+        _qwen_losses(model, short, pixels, grid)
+    embeds = model.model.get_input_embeddings()(ids)
+    with pytest.raises(bk.UnsupportedLayoutError, match="not given its input_ids"):
+        model(inputs_embeds=embeds, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE).long())
+    assert engine.steps == 0 and all(p.grad is None for p in model.parameters())
+    model.model.visual.requires_grad_(False)  # frozen: nothing to map
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=30, noise_multiplier=0.0)
+    _qwen_losses(model, ids, pixels, grid).mean().backward()
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_with_images_and_videos_in_one_batch(name):
+    """The tower runs twice in one forward (the images, then the videos): each call's rows are
+    mapped through its own placeholder tokens (told apart by their numbers of rows)."""
+    video = V - 4
+    torch.manual_seed(0)
+    reference = _qwen_vl(name).to(DT).train()
+    reference.config.video_token_id = video
+    model = copy.deepcopy(reference)
+    B = 4
+    ids = torch.randint(0, V - 5, (B, 12), generator=torch.Generator().manual_seed(3))
+    kinds = ["video", "image", None, "video"]  # a video of 2 frames of 2 x 4 patches, an image of 4 x 4
+    grids, media = {"image": [], "video": []}, []
+    for b, kind in enumerate(kinds):
+        media.append(None)
+        if kind is not None:
+            t, h, w = (1, 4, 4) if kind == "image" else (2, 2, 4)
+            tokens = t * h * w // 4
+            ids[b, 1], ids[b, 2:2 + tokens], ids[b, 2 + tokens] = V - 2, IMAGE if kind == "image" else video, V - 3
+            media[b] = (kind, len(grids[kind]))
+            grids[kind].append((t, h, w))
+    grids = {k: torch.tensor(g) for k, g in grids.items()}
+    pixels = {k: torch.randn(int(g.prod(-1).sum()), 24, dtype=DT, generator=torch.Generator().manual_seed(len(k)))
+              for k, g in grids.items()}
+    starts = {k: torch.cumsum(g.prod(-1), 0) - g.prod(-1) for k, g in grids.items()}
+
+    def losses(m, examples):
+        inputs = {}
+        for kind, (pixel_key, grid_key) in {"image": ("pixel_values", "image_grid_thw"),
+                                            "video": ("pixel_values_videos", "video_grid_thw")}.items():
+            own = [media[b][1] for b in examples if media[b] is not None and media[b][0] == kind]
+            if own:
+                rows = torch.cat([torch.arange(int(starts[kind][i]), int(starts[kind][i] + grids[kind][i].prod()))
+                                  for i in own])
+                inputs[pixel_key], inputs[grid_key] = pixels[kind][rows], grids[kind][own]
+        x = ids[examples]
+        logits = m(input_ids=x, mm_token_type_ids=(x == IMAGE).long() + 2 * (x == video).long(), **inputs).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").mean(1)
+
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    grads = []
+    for b in range(B):
+        g = torch.autograd.grad(losses(reference, [b]), [p for _, p in named], allow_unused=True)
+        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
+    R = (norms[1] + norms[2]) / 2
+    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)
+    bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
+    losses(model, list(range(B))).mean().backward()
+    for name_, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)

@@ -110,6 +110,8 @@ class BKLayer:
         layout = self._bk_layout()
         if layout is None or layout.batch is None:
             return x
+        if layout.row_maps is not None:  # inside a vision tower whose rows are all images' patches
+            return self._bk_patch_rows(x, dim, layout)
         B = layout.batch
         if x.dim() > dim and x.shape[dim] == B:  # the common case, first: one compare per forward
             if B > 1 and x.grad_fn is None and x.stride(dim) != 0 and self._bk_reads_model_state(x):
@@ -135,6 +137,22 @@ class BKLayer:
         if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
             return x.unflatten(0, (B, n // B))
         raise self._bk_layout_error(x, dim)
+
+    def _bk_patch_rows(self, x, dim, layout):
+        """x inside a vision tower that takes every image's patches as rows (nn/patch_rows.py): its
+        rows on dim 0 must be the patches, or the merged patches, whose examples the tower's call
+        gave; the engine sums each example's rows when it records this layer's uses."""
+        if not self._bk_trains():
+            return x
+        n = x.shape[dim] if x.dim() > dim else None
+        if dim != 0 or n not in layout.row_maps:
+            raise self._bk_layout_error(x, dim, why=(
+                f"inside a vision tower that takes every image's patches as rows, its input of shape "
+                f"{tuple(x.shape)} should hold on dim 0 the {' or '.join(map(str, layout.row_maps))} rows whose "
+                "examples the tower's grid_thw and the placeholder tokens give; nothing was recorded and no budget "
+                "was spent."))
+        self._bk_engine._note_patch_rows(self, layout)
+        return x
 
     def _bk_reads_model_state(self, x):
         """A trainable layer fed (a view of) a buffer or Parameter of the model (checked only for

@@ -89,6 +89,11 @@ class GenericLayer(BKLayer):
         original = getattr(super(GenericLayer, self), method)
         if in_plain_forward() or engine is None or not own or not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        if engine.layout.row_maps is not None:  # inside a patch-rows vision tower: its rows are not examples
+            raise engine.layout.error(self, engine._module_path(self), args[0] if args else torch.empty(0), 0, why=(
+                "it takes the generic path inside a vision tower that takes every image's patches as rows, whose "
+                "rows the generic path cannot split per example. Freeze it; nothing was recorded and no budget "
+                "was spent."))
         in_leaves, in_spec = tree_flatten((args, kwargs), is_leaf=_is_kv_cache)
         kept = [t.detach() if isinstance(t, torch.Tensor) else _snapshot(t) for t in in_leaves]  # before the call
         with _reparametrize_module(self, {n: p.detach() for n, p in own}):
