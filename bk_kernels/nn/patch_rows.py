@@ -1,4 +1,4 @@
-"""Vision towers that take every image's patches as rows (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
+"""Vision towers that take every image's patches as rows (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
 
 Such a tower's input is [P, ...]: the patches of all the batch's images concatenated (each image
 t x h x w patches, as `grid_thw` says), not [B, ...]. Its layers see P rows (patch embedding,
@@ -23,6 +23,8 @@ TOWERS = frozenset({
     ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
     ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel"),
+    ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionModel"),
 })
 
 
