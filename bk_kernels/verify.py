@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .clipping import clip_factors_ref
 from .convert import convert, generic_modules
@@ -63,7 +63,7 @@ def _in_float64(model):
 
 
 def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer", max_grad_norm=None,
-           clipping_fn="abadi", rtol=1e-6, example_rows=None):
+           clipping_fn="abadi", rtol=1e-6, example_rows=None, split=None):
     """Compares bk's per-example norms and clipped update with a loop of one backward per example.
 
     model: the user's model (converted or not; it is copied, never changed).
@@ -75,6 +75,10 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         PrivacyEngine.example_rows (an example laid out as several rows). The reference's
         example e is then batch's rows of example e (every batched tensor's), and the loss_fn
         must take such a batch (a DPO loss: chosen rows, then rejected rows).
+    split: batch -> [the batch of example 0, of example 1, ...], for batches whose tensors do not
+        all hold the examples on one dim (a Qwen-VL batch: pixel_values hold every image's patch
+        rows, image_grid_thw one row per image). Replaces the split above; the float64 casts
+        are applied to every example's batch it returns.
     Raises what the engine raises for a model it refuses (a clear error naming the module).
     """
     leaves, spec = tree_flatten(batch)
@@ -97,6 +101,16 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         return tree_unflatten([t.index_select(example_dim(t), rows_of[i].to(t.device)) if b else t
                                for t, b in zip(leaves, batched)], spec)
 
+    if split is not None:  # the user's own split; each part in float64 as the whole batch
+        parts = [tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, p)
+                 for p in split(batch)]
+        if not parts:
+            raise ValueError("bk.verify: split(batch) gave no example")
+        rows_of = parts  # one entry per example
+
+        def example(i):  # noqa: F811
+            return parts[i]
+
     reference = _in_float64(copy.deepcopy(model))  # copies of converted models are not attached
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     per_example = []
@@ -105,10 +119,12 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         try:
             loss = loss_fn(reference, example(i))
         except Exception as err:  # the split did not give examples: say so rather than guess
+            how = "by split()" if split is not None else \
+                f"on dim {0 if batch_first else 1} of its tensors (batch_first={batch_first})"
             raise ValueError(
                 f"bk.verify: the loss of one example failed ({type(err).__name__}: {err}); the batch was split "
-                f"into {len(rows_of)} examples on dim {0 if batch_first else 1} of its tensors (batch_first={batch_first}). "
-                "If the model's examples lie elsewhere, its layout is declared wrong") from err
+                f"into {len(rows_of)} examples {how}. If the model's examples lie elsewhere, its layout is declared "
+                "wrong (a batch whose tensors do not all hold the examples on one dim: give split=)") from err
         loss.backward()
         params = dict(reference.named_parameters())
         per_example.append({n: params[n].grad.detach().clone() if params[n].grad is not None

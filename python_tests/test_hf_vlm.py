@@ -269,3 +269,21 @@ def test_qwen_vl_with_images_and_videos_in_one_batch(name):
     for name_, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)
+
+
+def test_verify_checks_a_qwen_vl_batch_through_split():
+    """bk.verify splits a batch on dim 0 of its tensors; a Qwen-VL batch's pixel rows are not its
+    examples: split= gives each example's own ids, patch rows and grid rows."""
+    torch.manual_seed(0)
+    model = _qwen_vl("qwen2_5_vl").train()
+    ids, pixels, grid, of_example = _ragged_qwen_batch()
+
+    def loss_fn(m, batch):
+        return _qwen_losses(m, *batch).mean()
+
+    def split(batch):
+        return [_example_inputs(*batch, of_example, b) for b in range(len(batch[0]))]
+    report = bk.verify(model, loss_fn, (ids, pixels.float(), grid), split=split)
+    assert report.ok and report.batch_size == 4, str(report)
+    with pytest.raises(ValueError, match="give split="):
+        bk.verify(model, loss_fn, (ids, pixels.float(), grid))
