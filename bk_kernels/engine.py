@@ -228,6 +228,8 @@ class PrivacyEngine:
         self._forward_groups = None if self._padding_forward or not torch.is_grad_enabled() else \
             example_rows.resolve(self._example_rows, self.layout.batch)
         if self._unpad_outputs:
+            if self._towers:  # no example, no image: a 0-row patch input is left out, not padded
+                kwargs = patch_rows.without_empty_patches(kwargs)
             args, kwargs = self.layout.pad(args, kwargs)
             self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None

@@ -287,3 +287,44 @@ def test_verify_checks_a_qwen_vl_batch_through_split():
     assert report.ok and report.batch_size == 4, str(report)
     with pytest.raises(ValueError, match="give split="):
         bk.verify(model, loss_fn, (ids, pixels.float(), grid))
+
+
+def test_qwen_vl_empty_batch_and_private_trainer():
+    """An empty Poisson batch collated from an example with an image has 0-row pixel_values and
+    image_grid_thw: its padding example runs without them (no image); PrivateTrainer trains the
+    tower through a collator that concatenates the examples' patch rows."""
+    from bk_kernels.hf import PrivateTrainer
+
+    torch.manual_seed(0)
+    model = _qwen_vl("qwen2_vl")
+    ids, pixels, grid, of_example = _ragged_qwen_batch()
+    engine = bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=40, noise_multiplier=1.0)
+    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    losses = _qwen_losses(model, ids[:0], pixels[:0].float(), grid[:0])
+    assert losses.shape == (0,)
+    losses.sum().backward()
+    optimizer.step()
+    assert engine.steps == 1
+    engine.detach()
+
+    def collate(items):
+        out = {"input_ids": torch.stack([e["input_ids"] for e in items])}
+        out["labels"], out["mm_token_type_ids"] = out["input_ids"].clone(), (out["input_ids"] == IMAGE).long()
+        with_image = [e for e in items if e["pixel_values"] is not None]
+        if with_image:
+            out["pixel_values"] = torch.cat([e["pixel_values"] for e in with_image])
+            out["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_image])
+        return out
+    examples = []
+    for b in range(4):
+        x, p, g = _example_inputs(ids, pixels.float(), grid, of_example, b)
+        examples += [dict(input_ids=x[0], pixel_values=p, image_grid_thw=g)] * 10
+    args = tf.TrainingArguments(output_dir="/tmp/bk-test-qwen-vl-trainer", per_device_train_batch_size=4,
+                                gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3, report_to=[],
+                                remove_unused_columns=False, use_cpu=True, save_strategy="no")
+    trainer = PrivateTrainer(model=model, args=args, train_dataset=examples, data_collator=collate,
+                             noise_multiplier=1.0, seed=0)
+    before = model.model.visual.blocks[0].attn.qkv.weight.detach().clone()
+    trainer.train()
+    assert trainer.engine.steps == 3
+    assert not torch.equal(model.model.visual.blocks[0].attn.qkv.weight, before)

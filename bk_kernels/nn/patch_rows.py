@@ -28,6 +28,17 @@ TOWERS = frozenset({
 })
 
 
+# The model inputs that feed such a tower (patch rows and their grids)
+PATCH_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+
+
+def without_empty_patches(kwargs):
+    """An empty batch's keywords without its 0-row patch inputs: it has no image (its padding
+    example is text only, as the tower cannot run a padded grid of zeros)."""
+    return {k: v for k, v in (kwargs or {}).items()
+            if not (k in PATCH_INPUTS and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == 0)}
+
+
 def is_tower(module):
     return (type(module).__module__, type(module).__qualname__) in TOWERS
 
