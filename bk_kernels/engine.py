@@ -139,7 +139,6 @@ class PrivacyEngine:
         self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
         self._model_call = ((), {})  # the (args, kwargs) of the model's forward now running
         self._patch_rows = {}  # forward serial -> {id(layer in a patch-rows vision tower): _PatchRows}
-        self._tower_call = None  # ... the _PatchRows of the tower call now running
         self._hooks = []
         self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
         self._attach_to_modules()
@@ -185,6 +184,7 @@ class PrivacyEngine:
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
         self._towers = [m for m in self.model.modules() if patch_rows.is_tower(m)]
+        self._tower_layers = {id(t): [m for m in t.modules() if isinstance(m, BKLayer)] for t in self._towers}
         for module in self._towers:  # its rows are every image's patches: mapped while it runs
             self._hooks.append(module.register_forward_pre_hook(self._tower_starts, with_kwargs=True))
             self._hooks.append(module.register_forward_hook(self._tower_ends, always_call=True))
@@ -245,23 +245,27 @@ class PrivacyEngine:
             return
         layout.row_maps = patch_rows.patch_rows(tower, self._module_path(tower), args, kwargs, *self._model_call,
                                                 getattr(self.model, "config", None), layout.batch)
-        layout.row_serial = self._forward_serial  # the serial this forward of the model gets
-        self._tower_call = _PatchRows(layout.row_maps, layout.batch)
-
-    def _tower_ends(self, tower, args, output):
-        self.layout.row_maps = None
-
-    def _note_patch_rows(self, layer, layout):
-        """A bk layer read patch rows in a vision tower: its uses are summed per example."""
-        serial = layout.row_serial
+        serial = layout.row_serial = self._forward_serial  # the serial this forward of the model gets
+        call = _PatchRows(layout.row_maps, layout.batch)
         if serial not in self._patch_rows:
             for old in [s for s in self._patch_rows if s < serial - 8]:  # forwards never backpropagated
                 del self._patch_rows[old]
             self._patch_rows[serial] = {}
-        noted, call = self._patch_rows[serial].get(id(layer)), self._tower_call
-        if noted is not None and noted is not call:  # the tower called again (videos after images)
-            call = noted.merged(call, lambda: f"{type(layer).__name__} ({self._module_path(layer)})")
-        self._patch_rows[serial][id(layer)] = call
+        # Every bk layer in the tower reads its rows through this call's maps, also where it runs
+        # again in the backward (activation checkpointing recomputes the tower's blocks)
+        noted = self._patch_rows[serial]
+        for layer in self._tower_layers[id(tower)]:
+            earlier = noted.get(id(layer))
+            noted[id(layer)] = call if earlier is None else earlier.merged(  # the tower again: videos after images
+                call, lambda: f"{type(layer).__name__} ({self._module_path(layer)})")
+
+    def _tower_ends(self, tower, args, output):
+        self.layout.row_maps = None
+
+    def _patch_rows_known(self, layer, rows):
+        """Whether a layer of a vision tower read `rows` patch rows in a forward not yet
+        backpropagated: its recompute under activation checkpointing, in the backward."""
+        return any(id(layer) in noted and rows in noted[id(layer)].maps for noted in self._patch_rows.values())
 
     def _patch_rows_of(self, module):
         """The _PatchRows of the forward this backward goes through, for a layer in a vision tower."""

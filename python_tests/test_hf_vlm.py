@@ -328,3 +328,28 @@ def test_qwen_vl_empty_batch_and_private_trainer():
     trainer.train()
     assert trainer.engine.steps == 3
     assert not torch.equal(model.model.visual.blocks[0].attn.qkv.weight, before)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_qwen_vl_tower_under_activation_checkpointing(reentrant):
+    """The tower's blocks recomputed in the backward (outside the tower's forward) read their rows
+    through the maps of the forward they recompute; the reference runs without checkpointing."""
+    torch.manual_seed(0)
+    reference = _qwen_vl("qwen2_5_vl").to(DT).train()
+    model = copy.deepcopy(reference)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    batch = _ragged_qwen_batch()
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    grads = []
+    for b in range(4):
+        g = torch.autograd.grad(_qwen_losses(reference, *_example_inputs(*batch, b)), [p for _, p in named],
+                                allow_unused=True)
+        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
+    R = (norms[1] + norms[2]) / 2
+    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)
+    bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
+    _qwen_losses(model, *batch[:3]).mean().backward()
+    for name_, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)

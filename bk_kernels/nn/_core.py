@@ -134,6 +134,8 @@ class BKLayer:
         if n == 1:  # what follows must keep the B copies apart: checked at the forward's end (expanded.py)
             layout.expanded.append(self)
             return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
+        if dim == 0 and self._bk_engine._patch_rows and self._bk_engine._patch_rows_known(self, n):
+            return x  # a vision tower's layer recomputed in the backward (activation checkpointing)
         if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
             return x.unflatten(0, (B, n // B))
         raise self._bk_layout_error(x, dim)
@@ -151,7 +153,6 @@ class BKLayer:
                 f"{tuple(x.shape)} should hold on dim 0 the {' or '.join(map(str, layout.row_maps))} rows whose "
                 "examples the tower's grid_thw and the placeholder tokens give; nothing was recorded and no budget "
                 "was spent."))
-        self._bk_engine._note_patch_rows(self, layout)
         return x
 
     def _bk_reads_model_state(self, x):
