@@ -214,6 +214,15 @@ def test_weight_standardized_convolutions_and_the_generic_path():
 # ---------------------------------------------------------------- how it is told, and refused
 
 
+def attached_tiny_lm(seed, batch_size, noise_multiplier=1.0):
+    """(a converted TinyLM, its engine, SGD attached to it)."""
+    torch.manual_seed(seed)
+    model = bk.convert(TinyLM().to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=batch_size, sample_size=10 * batch_size,
+                              noise_multiplier=noise_multiplier)
+    return model, engine, engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
 def test_forward_under_the_setting_backward_outside_still_groups():
     """A backward uses the rows of the forward it goes through: leaving the `with` between
     forward and backward must not fall back to row-by-row clipping."""
@@ -233,10 +242,7 @@ def test_forward_under_the_setting_backward_outside_still_groups():
 
 
 def test_the_setting_persists_without_with_and_counts_examples():
-    torch.manual_seed(5)
-    model = bk.convert(TinyLM().to(DT))
-    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=1.0)
-    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model, engine, optimizer = attached_tiny_lm(5, 2)
     engine.example_rows(bk.interleaved_rows(2))  # a Trainer runs the forwards: set once
     for B in (2, 3):
         dpo = torch.randint(0, 23, (2 * B, 7))
@@ -250,10 +256,7 @@ def test_the_setting_persists_without_with_and_counts_examples():
 
 
 def test_wrong_ids_are_refused_before_anything_runs():
-    torch.manual_seed(6)
-    model = bk.convert(TinyLM().to(DT))
-    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=1.0)
-    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model, engine, optimizer = attached_tiny_lm(6, 2)
     before = [p.detach().clone() for p in model.parameters()]
     ids = torch.randint(0, 23, (5, 7))
     with engine.example_rows(torch.tensor([0, 0, 1, 1])):
@@ -273,10 +276,7 @@ def test_wrong_ids_are_refused_before_anything_runs():
 
 
 def test_one_backward_through_forwards_of_different_settings_is_refused():
-    torch.manual_seed(10)
-    model = bk.convert(TinyLM().to(DT))
-    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=1.0)
-    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model, engine, optimizer = attached_tiny_lm(10, 2)
     ids = torch.randint(0, 23, (4, 7))
     with engine.example_rows(bk.stacked_rows(2)):
         first = dpo_loss(model, {"ids": ids})
@@ -289,10 +289,7 @@ def test_one_backward_through_forwards_of_different_settings_is_refused():
 
 
 def test_an_empty_batch_under_the_setting_steps_on_noise_only():
-    torch.manual_seed(7)
-    model = bk.convert(TinyLM().to(DT))
-    engine = bk.PrivacyEngine(model, batch_size=2, sample_size=20, noise_multiplier=0.0)
-    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model, engine, optimizer = attached_tiny_lm(7, 2, noise_multiplier=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     with engine.example_rows(bk.stacked_rows(2)):
         out = model(torch.zeros(0, 7, dtype=torch.long))

@@ -118,15 +118,6 @@ def _qwen_vl(name):
     return tf.Qwen2_5_VLForConditionalGeneration(config)
 
 
-def _qwen_batch(B):
-    """One image of 4 x 4 patches per example (grid t, h, w = 1, 4, 4): 16 patch rows each,
-    merged 2 x 2 into 4 image tokens."""
-    ids = _ids(B, 4)
-    ids[:, 0], ids[:, 5] = V - 2, V - 3  # vision start and end around the image tokens
-    pixels = torch.randn(B * 16, 3 * 2 * 2 * 2, dtype=DT, generator=torch.Generator().manual_seed(1))
-    return ids, pixels, torch.tensor([[1, 4, 4]] * B)
-
-
 def _qwen_losses(model, ids, pixels, grid):
     """Each example's mean next-token cross-entropy, in float64 (HF's own loss runs in float32)."""
     logits = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid,
@@ -164,6 +155,25 @@ def _example_inputs(ids, pixels, grid, of_example, b):
     return ids[b:b + 1], pixels[rows], grid[of_example[b]]
 
 
+def _reference_update(reference, losses_of, B):
+    """(want, R): minus the sum of the clipped per-example gradients of one backward per example
+    (losses_of(model, b): example b's loss alone), R between the 2nd and 3rd smallest norms."""
+    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    grads = []
+    for b in range(B):
+        g = torch.autograd.grad(losses_of(reference, b), [p for _, p in named], allow_unused=True)
+        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
+    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
+    R = (norms[1] + norms[2]) / 2  # two clipped, two not
+    return expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1), R
+
+
+def _assert_update(model, want):
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, -want[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("frozen_vision", [False, True])
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"])
 def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, frozen_vision):
@@ -179,22 +189,13 @@ def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, fr
     # RMSNorm rounds gradients to float32 inside the float64 model, exactly only for a power of 2
     B = 4
     batch = _ragged_qwen_batch()
-    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
-    grads = []
-    for b in range(B):  # one backward per example: its own ids, its own images' patch rows
-        g = torch.autograd.grad(_qwen_losses(reference, *_example_inputs(*batch, b)), [p for _, p in named],
-                                allow_unused=True)
-        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
-    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
-    R = (norms[1] + norms[2]) / 2  # two clipped, two not
-    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)  # minus the sum of the clipped
+    # one backward per example: its own ids, its own images' patch rows
+    want, R = _reference_update(reference, lambda m, b: _qwen_losses(m, *_example_inputs(*batch, b)), B)
     engine = bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, *batch[:3]).mean().backward()
     # Qwen3.5-MoE's routers own the weight they apply inline: the generic path, outside the tower
     assert all(path.endswith("mlp.gate") for path, _, _ in bk.generic_modules(model)) and engine._examples == B
-    for name_, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)
+    _assert_update(model, want)
 
 
 def test_qwen_vl_patch_rows_that_cannot_be_matched_are_refused():
@@ -256,19 +257,10 @@ def test_qwen_vl_with_images_and_videos_in_one_batch(name):
         logits = m(input_ids=x, mm_token_type_ids=(x == IMAGE).long() + 2 * (x == video).long(), **inputs).logits
         return F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").mean(1)
 
-    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
-    grads = []
-    for b in range(B):
-        g = torch.autograd.grad(losses(reference, [b]), [p for _, p in named], allow_unused=True)
-        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
-    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
-    R = (norms[1] + norms[2]) / 2
-    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)
+    want, R = _reference_update(reference, lambda m, b: losses(m, [b]), B)
     bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     losses(model, list(range(B))).mean().backward()
-    for name_, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)
+    _assert_update(model, want)
 
 
 def test_verify_checks_a_qwen_vl_batch_through_split():
@@ -339,17 +331,7 @@ def test_qwen_vl_tower_under_activation_checkpointing(reentrant):
     model = copy.deepcopy(reference)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     batch = _ragged_qwen_batch()
-    named = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
-    grads = []
-    for b in range(4):
-        g = torch.autograd.grad(_qwen_losses(reference, *_example_inputs(*batch, b)), [p for _, p in named],
-                                allow_unused=True)
-        grads.append({n: x if x is not None else torch.zeros_like(p) for (n, p), x in zip(named, g)})
-    norms = sorted(sum(x.square().sum() for x in g.values()).sqrt().item() for g in grads)
-    R = (norms[1] + norms[2]) / 2
-    want = expected_update(grads, [list(grads[0])], R, "abadi", batch_size=1)
+    want, R = _reference_update(reference, lambda m, b: _qwen_losses(m, *_example_inputs(*batch, b)), 4)
     bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, *batch[:3]).mean().backward()
-    for name_, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, -want[name_], rtol=1e-9, atol=1e-12, msg=name_)
+    _assert_update(model, want)
