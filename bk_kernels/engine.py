@@ -137,8 +137,7 @@ class PrivacyEngine:
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._example_rows = None  # which example each row of the batch is (example_rows); None: one row each
         self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
-        self._model_call = ((), {})  # the (args, kwargs) of the model's forward now running
-        self._patch_rows = {}  # forward serial -> {id(layer in a patch-rows vision tower): _PatchRows}
+        self._towers = patch_rows.TowerRows(self)  # vision towers whose rows are all images' patches
         self._hooks = []
         self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
         self._attach_to_modules()
@@ -183,11 +182,7 @@ class PrivacyEngine:
         self._hooks.append(self.model.register_forward_hook(ModelProbe(self, after=True)))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
-        self._towers = [m for m in self.model.modules() if patch_rows.is_tower(m)]
-        self._tower_layers = {id(t): [m for m in t.modules() if isinstance(m, BKLayer)] for t in self._towers}
-        for module in self._towers:  # its rows are every image's patches: mapped while it runs
-            self._hooks.append(module.register_forward_pre_hook(self._tower_starts, with_kwargs=True))
-            self._hooks.append(module.register_forward_hook(self._tower_ends, always_call=True))
+        self._hooks += self._towers.attach(self.model)
         for module in self.model.modules():  # frozen ones: convert refuses trainable BatchNorm
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 self._hooks.append(module.register_forward_pre_hook(self._refuse_batch_statistics))
@@ -219,64 +214,20 @@ class PrivacyEngine:
         if problem is not None:
             raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)
-        self.layout.row_maps = None
-        if self._towers:  # what a patch-rows vision tower maps its rows through (its input_ids)
-            self._model_call = (args, kwargs or {})
+        self._towers.model_call(args, kwargs)
         self._unpad_outputs = self.layout.empty_batch()
         self._padding_forward = self._unpad_outputs or self._padding_chunk()
         # the rows' examples, checked against this batch before anything runs (padding holds none)
         self._forward_groups = None if self._padding_forward or not torch.is_grad_enabled() else \
             example_rows.resolve(self._example_rows, self.layout.batch)
         if self._unpad_outputs:
-            if self._towers:  # no example, no image: a 0-row patch input is left out, not padded
+            if self._towers.towers:  # no example, no image: a 0-row patch input is left out, not padded
                 kwargs = patch_rows.without_empty_patches(kwargs)
             args, kwargs = self.layout.pad(args, kwargs)
             self.layout.take(args, kwargs)
         self._forward_labels = kwargs.get("labels") if kwargs else None
         self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None
         return (args, kwargs) if self._unpad_outputs else None
-
-    def _tower_starts(self, tower, args, kwargs):
-        """A patch-rows vision tower's forward pre-hook (nn/patch_rows.py): the example of each
-        of its rows, for its layers to read while it runs (only when it trains)."""
-        layout = self.layout
-        if not torch.is_grad_enabled() or layout.batch is None or self._padding_forward or \
-                not any(p.requires_grad for p in tower.parameters()):
-            return
-        layout.row_maps = patch_rows.patch_rows(tower, self._module_path(tower), args, kwargs, *self._model_call,
-                                                getattr(self.model, "config", None), layout.batch)
-        serial = layout.row_serial = self._forward_serial  # the serial this forward of the model gets
-        call = _PatchRows(layout.row_maps, layout.batch)
-        if serial not in self._patch_rows:
-            for old in [s for s in self._patch_rows if s < serial - 8]:  # forwards never backpropagated
-                del self._patch_rows[old]
-            self._patch_rows[serial] = {}
-        # Every bk layer in the tower reads its rows through this call's maps, also where it runs
-        # again in the backward (activation checkpointing recomputes the tower's blocks)
-        noted = self._patch_rows[serial]
-        for layer in self._tower_layers[id(tower)]:
-            earlier = noted.get(id(layer))
-            noted[id(layer)] = call if earlier is None else earlier.merged(  # the tower again: videos after images
-                call, lambda: f"{type(layer).__name__} ({self._module_path(layer)})")
-
-    def _tower_ends(self, tower, args, output):
-        self.layout.row_maps = None
-
-    def _patch_rows_known(self, layer, rows):
-        """Whether a layer of a vision tower read `rows` patch rows in a forward not yet
-        backpropagated: its recompute under activation checkpointing, in the backward."""
-        return any(id(layer) in noted and rows in noted[id(layer)].maps for noted in self._patch_rows.values())
-
-    def _patch_rows_of(self, module):
-        """The _PatchRows of the forward this backward goes through, for a layer in a vision tower."""
-        forwards = self._backward_forwards or ([max(self._patch_rows)] if self._patch_rows else [])
-        found = [self._patch_rows[s][id(module)] for s in forwards
-                 if s in self._patch_rows and id(module) in self._patch_rows[s]]
-        if len(found) > 1:
-            raise UnsupportedLayoutError(
-                "PrivacyEngine: one backward goes through several forwards of the model that ran its vision tower on "
-                "patch rows; run backward() once per forward. Nothing of this backward was kept.")
-        return found[0] if found else None
 
     def _padding_chunk(self):
         """Whether the forward starting is a padding chunk of bk.distributed.micro_batches."""
@@ -486,7 +437,7 @@ class PrivacyEngine:
             p = self._engine_param(module, p)
             groups = self._backward_groups if self._backward_forwards else self._forward_groups
             where = lambda: f"{type(module).__name__} ({self._module_path(module)})"  # noqa: E731
-            patches = self._patch_rows_of(module) if self._patch_rows else None
+            patches = self._towers.rows_of(module, self._backward_forwards) if self._towers.noted else None
             if patches is not None and not self._backward_of_padding:  # a vision tower's patch rows
                 use = patches.groups(use.batch, groups, where).regroup(use, where)
             elif groups is not None and not self._backward_of_padding:  # several rows of one example
@@ -606,8 +557,7 @@ class PrivacyEngine:
                     "recorded and no privacy budget was spent")
         self._examples += B
         self._summed_forwards |= forwards
-        for serial in forwards:
-            self._patch_rows.pop(serial, None)
+        self._towers.forget(forwards)
         # The true squared norms of this backward, per unit (bk.verify reads them)
         self._last_unit_sq_norms = {u: s.detach() for u, s in unit_sq.items()}
         # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
@@ -894,36 +844,3 @@ class _Restore:
         self.engine._example_rows = self.previous
         return False
 
-
-class _PatchRows:
-    """The examples of a vision tower's rows in one forward: {rows: example of each} over B
-    examples; the RowGroups of each row count made once."""
-
-    def __init__(self, maps, batch):
-        self.maps, self.batch, self._groups = maps, batch, {}
-
-    def merged(self, other, where):
-        """The rows of two calls of the tower in one forward (images, then videos): told apart by
-        their numbers of rows, which must differ."""
-        clash = [n for n in other.maps if n in self.maps and not torch.equal(other.maps[n], self.maps[n])]
-        if clash:
-            raise UnsupportedLayoutError(
-                f"PrivacyEngine: {where()} ran in two calls of a vision tower in one forward of the model (images and "
-                f"videos) with {clash[0]} rows each, so the engine cannot tell which call a row came from. Run the "
-                "images and the videos in different forwards; nothing was recorded and no budget was spent.")
-        return _PatchRows({**self.maps, **other.maps}, self.batch)
-
-    def groups(self, rows, example_groups, where):
-        key = (rows, id(example_groups))
-        if key not in self._groups:
-            ids = self.maps.get(rows)
-            if ids is None:
-                raise UnsupportedLayoutError(
-                    f"PrivacyEngine: {where()} recorded {rows} rows inside a vision tower whose rows were "
-                    f"{' or '.join(map(str, self.maps))}; nothing of this backward was kept.")
-            if example_groups is None:  # the model's batch rows are its examples
-                self._groups[key] = example_rows.RowGroups(ids, examples=self.batch)
-            else:  # ... or rows of examples themselves (engine.example_rows)
-                self._groups[key] = example_rows.RowGroups(example_groups.example.to(ids.device)[ids],
-                                                           examples=example_groups.examples)
-        return self._groups[key]

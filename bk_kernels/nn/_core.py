@@ -134,7 +134,7 @@ class BKLayer:
         if n == 1:  # what follows must keep the B copies apart: checked at the forward's end (expanded.py)
             layout.expanded.append(self)
             return x.expand(*[B if i == dim else -1 for i in range(x.dim())])
-        if dim == 0 and self._bk_engine._patch_rows and self._bk_engine._patch_rows_known(self, n):
+        if dim == 0 and self._bk_engine._towers.noted and self._bk_engine._towers.known(self, n):
             return x  # a vision tower's layer recomputed in the backward (activation checkpointing)
         if fold_rows and dim == 0 and layout.batch_first and folded_rows(x, B):
             return x.unflatten(0, (B, n // B))

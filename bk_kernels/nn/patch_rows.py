@@ -16,7 +16,9 @@ P or P / m is refused), and the engine sums each example's rows when it records 
 """
 import torch
 
+from ..example_rows import RowGroups
 from ..layout import UnsupportedLayoutError
+from ._core import BKLayer
 
 # (module, class) of the towers: forward(hidden_states [P, ...], grid_thw [images, 3])
 TOWERS = frozenset({
@@ -88,3 +90,114 @@ def patch_rows(tower, tower_path, args, kwargs, model_args, model_kwargs, config
         raise _refused(tower_path, "an image's placeholder tokens lie in more than one example")
     merged = merged.to(hidden.device)
     return {P: merged.repeat_interleave(m), P // m: merged}
+
+
+class TowerRows:
+    """What the engine keeps of its model's patch-rows towers: the rows of every tower call of
+    the forwards not yet backpropagated, per bk layer of the tower."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.towers = []
+        self.layers = {}  # id(tower) -> its bk layers
+        self.noted = {}   # forward serial -> {id(layer): Rows}
+        self.call = ((), {})  # the (args, kwargs) of the model's forward now running
+
+    def attach(self, model):
+        """Finds the towers; returns the hooks that map their rows while they run."""
+        self.towers = [m for m in model.modules() if is_tower(m)]
+        self.layers = {id(t): [m for m in t.modules() if isinstance(m, BKLayer)] for t in self.towers}
+        hooks = []
+        for tower in self.towers:
+            hooks.append(tower.register_forward_pre_hook(self._starts, with_kwargs=True))
+            hooks.append(tower.register_forward_hook(self._ends, always_call=True))
+        return hooks
+
+    def model_call(self, args, kwargs):
+        """The model's forward starts: what its towers will map their rows through (input_ids)."""
+        self.engine.layout.row_maps = None
+        if self.towers:
+            self.call = (args, kwargs or {})
+
+    def _starts(self, tower, args, kwargs):
+        """A tower's forward pre-hook: the example of each of its rows, for its layers to read
+        while it runs (only when it trains)."""
+        engine, layout = self.engine, self.engine.layout
+        if not torch.is_grad_enabled() or layout.batch is None or engine._padding_forward or \
+                not any(p.requires_grad for p in tower.parameters()):
+            return
+        layout.row_maps = patch_rows(tower, engine._module_path(tower), args, kwargs, *self.call,
+                                     getattr(engine.model, "config", None), layout.batch)
+        serial = layout.row_serial = engine._forward_serial  # the serial this forward of the model gets
+        call = Rows(layout.row_maps, layout.batch)
+        if serial not in self.noted:
+            for old in [s for s in self.noted if s < serial - 8]:  # forwards never backpropagated
+                del self.noted[old]
+            self.noted[serial] = {}
+        # Every bk layer of the tower reads its rows through this call's maps, also where it runs
+        # again in the backward (activation checkpointing recomputes the tower's blocks)
+        noted, merges = self.noted[serial], {}
+        for layer in self.layers[id(tower)]:
+            earlier = noted.get(id(layer))
+            if earlier is not None and id(earlier) not in merges:  # the tower again: videos after images
+                merges[id(earlier)] = earlier.merged(call, lambda: engine._module_path(tower))
+            noted[id(layer)] = call if earlier is None else merges[id(earlier)]
+
+    def _ends(self, tower, args, output):
+        self.engine.layout.row_maps = None
+
+    def known(self, layer, rows):
+        """Whether a layer of a tower read `rows` rows in a forward not yet backpropagated: its
+        recompute under activation checkpointing, in the backward."""
+        return any(id(layer) in noted and rows in noted[id(layer)].maps for noted in self.noted.values())
+
+    def rows_of(self, layer, forwards):
+        """The Rows of a tower's layer in the forward this backward goes through (`forwards`: the
+        serials it reached; none: the latest)."""
+        forwards = forwards or [max(self.noted)]
+        found = [self.noted[s][id(layer)] for s in forwards if id(layer) in self.noted.get(s, ())]
+        if len(found) > 1:
+            raise UnsupportedLayoutError(
+                "PrivacyEngine: one backward goes through several forwards of the model that ran its vision tower on "
+                "patch rows; run backward() once per forward. Nothing of this backward was kept.")
+        return found[0] if found else None
+
+    def forget(self, forwards):
+        for serial in forwards:
+            self.noted.pop(serial, None)
+
+
+class Rows:
+    """The examples of a tower's rows in one forward: {rows: example of each} over B examples;
+    the RowGroups of each row count made once."""
+
+    def __init__(self, maps, batch):
+        self.maps, self.batch, self._groups = maps, batch, {}
+
+    def merged(self, other, where):
+        """The rows of two calls of the tower in one forward (images, then videos): told apart by
+        their numbers of rows, which must differ."""
+        clash = [n for n in other.maps if n in self.maps and not torch.equal(other.maps[n], self.maps[n])]
+        if clash:
+            raise UnsupportedLayoutError(
+                f"PrivacyEngine: the vision tower {where()} ran twice in one forward of the model (images and videos) "
+                f"with {clash[0]} rows each, so the engine cannot tell which call a row came from. Run the images and "
+                "the videos in different forwards; nothing was recorded and no budget was spent.")
+        return Rows({**self.maps, **other.maps}, self.batch)
+
+    def groups(self, rows, example_groups, where):
+        """The RowGroups of a use over `rows` rows: to the model's examples, or through
+        engine.example_rows' groups (example_groups) when the batch's rows are not examples."""
+        key = (rows, id(example_groups))
+        if key not in self._groups:
+            ids = self.maps.get(rows)
+            if ids is None:
+                raise UnsupportedLayoutError(
+                    f"PrivacyEngine: {where()} recorded {rows} rows inside a vision tower whose rows were "
+                    f"{' or '.join(map(str, self.maps))}; nothing of this backward was kept.")
+            if example_groups is None:
+                self._groups[key] = RowGroups(ids, examples=self.batch)
+            else:
+                self._groups[key] = RowGroups(example_groups.example.to(ids.device)[ids],
+                                              examples=example_groups.examples)
+        return self._groups[key]
