@@ -33,11 +33,19 @@ def shard(batch, rank, world):
     return [t[rank::world] if world > 1 else t for t in batch]
 
 
-def train(model, opt, rank, world, steps=2, micro=None):
+def pair_loss(model, x, y):
+    """Each example as two rows (its ids, and shifted by one), stacked: the mean over examples of
+    their two rows' mean loss (engine.example_rows(bk.stacked_rows(2)))."""
+    out = model(torch.cat([x, (x + 1) % 11]))
+    n = len(x)
+    return (0.5 * (F.cross_entropy(out[:n], y, reduction="none") + F.cross_entropy(out[n:], y, reduction="none"))).mean()
+
+
+def train(model, opt, rank, world, steps=2, micro=None, pairs=False):
     for step in range(steps):
         x, y = shard(data(step), rank, world)
         for xm, ym in bk.data.micro_batches((x, y), micro or max(1, len(x))):  # accumulate, then one step
-            F.cross_entropy(model(xm), ym).backward()
+            (pair_loss(model, xm, ym) if pairs else F.cross_entropy(model(xm), ym)).backward()
         opt.step()
         opt.zero_grad()
 
@@ -50,11 +58,13 @@ def main(scenario, rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     out = {}
     model = model_of_rank(rank)
-    if scenario in ("exact", "noise", "micro"):
-        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(0.0 if scenario == "exact" else 1.0))
+    if scenario in ("exact", "noise", "micro", "pairs"):
+        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(0.0 if scenario in ("exact", "pairs") else 1.0))
         opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+        if scenario == "pairs":
+            engine.example_rows(bk.stacked_rows(2))
         out["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
-        train(model, opt, rank, world, micro=1 if scenario == "micro" else None)
+        train(model, opt, rank, world, micro=1 if scenario == "micro" else None, pairs=scenario == "pairs")
         out["state"] = model.state_dict()
         out["epsilon"] = engine.epsilon()
         out["engine"] = engine.state_dict()

@@ -29,24 +29,28 @@ def run_ranks(scenario, world, tmp_path, worker="python_tests.dist_worker"):
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def one_process(noise):
+def one_process(noise, pairs=False):
     """The same two steps in one process over the whole batches, from rank 0's model."""
     model = dist_worker.model_of_rank(0)
     engine = bk.PrivacyEngine(model, **dist_worker.engine_kwargs(noise))
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
-    dist_worker.train(model, opt, rank=0, world=1)
+    if pairs:
+        engine.example_rows(bk.stacked_rows(2))
+    dist_worker.train(model, opt, rank=0, world=1, pairs=pairs)
     return model.state_dict(), engine
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("scenario", ["exact", "noise", "micro"])
+@pytest.mark.parametrize("scenario", ["exact", "noise", "micro", "pairs"])
 def test_ranks_take_the_step_of_one_process(scenario, world, tmp_path):
     """Without noise the ranks' step equals one process's step on the union of their batches (to
     float64 rounding); with noise too, which shows the noise is drawn once (by rank 0), not once per
-    rank; and with each rank accumulating one backward per example before the step ("micro").
+    rank; with each rank accumulating one backward per example before the step ("micro"); and
+    with each example as two stacked rows ("pairs": engine.example_rows on every rank, no noise).
     Every rank ends bit-identical, started from rank 0's parameters, and accounts the same."""
     ranks = run_ranks(scenario, world, tmp_path)
-    want_state, want_engine = one_process(0.0 if scenario == "exact" else 1.0)
+    noiseless = scenario in ("exact", "pairs")
+    want_state, want_engine = one_process(0.0 if noiseless else 1.0, pairs=scenario == "pairs")
     rank0_initial = dist_worker.model_of_rank(0).state_dict()
     for r, out in enumerate(ranks):
         for k in want_state:
@@ -59,7 +63,7 @@ def test_ranks_take_the_step_of_one_process(scenario, world, tmp_path):
         moved = (want - rank0_initial[k]).norm()
         err = (ranks[0]["state"][k] - want).norm()
         assert err <= 1e-9 * max(moved, 1e-300), (k, err, moved)
-    if scenario != "exact":  # the noise is what moved most coordinates: check it is there, once
+    if not noiseless:  # the noise is what moved most coordinates: check it is there, once
         assert any((want_state[k] - rank0_initial[k]).abs().max() > 0.01 for k in want_state)
 
 
