@@ -101,6 +101,13 @@ def _qwen_vl(name):
             depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3, out_hidden_size=16, num_position_embeddings=16),
             **(dict(experts_implementation="eager") if moe else {}), **ids))
+    if name == "glm4v":  # a learned position table resampled per image (grid_sample), a downsampling conv
+        text["rope_parameters"]["partial_rotary_factor"] = 1.0
+        return tf.Glm4vForConditionalGeneration(tf.Glm4vConfig(text_config=text, vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, out_hidden_size=16, image_size=8), image_token_id=IMAGE,
+            image_start_token_id=V - 2, image_end_token_id=V - 3, video_token_id=V - 4, video_start_token_id=V - 5,
+            video_end_token_id=V - 6))
     if name == "qwen3_vl":  # a learned position table (an Embedding) and deepstack mergers in the tower
         text["rope_parameters"]["mrope_interleaved"] = True
         return tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(text_config=text, vision_config=dict(
@@ -155,6 +162,23 @@ def _example_inputs(ids, pixels, grid, of_example, b):
     return ids[b:b + 1], pixels[rows], grid[of_example[b]]
 
 
+@pytest.fixture
+def glm4v_in_float64(monkeypatch):
+    """GLM-4V resamples its position table in float32 even in a float64 model (transformers'
+    choice, 3e-8 from a float64 sample here): both sides resample in float64 for the comparison
+    at 1e-9 (bk's own float32 default is checked against grid_sample in test_glm4v_bicubic_taps)."""
+    import inspect
+    import textwrap
+
+    from bk_kernels.nn.patch_rows import _Glm4vPositions
+    glm = pytest.importorskip("transformers.models.glm4v.modeling_glm4v")
+    source = textwrap.dedent(inspect.getsource(glm.Glm4vVisionEmbeddings.forward)).replace("float32", "float64")
+    namespace = dict(vars(glm))
+    exec(source, namespace)  # noqa: S102  (transformers' own forward, one dtype changed)
+    monkeypatch.setattr(glm.Glm4vVisionEmbeddings, "forward", namespace["forward"])
+    monkeypatch.setattr(_Glm4vPositions, "sample_dtype", torch.float64)
+
+
 def _reference_update(reference, losses_of, B):
     """(want, R): minus the sum of the clipped per-example gradients of one backward per example
     (losses_of(model, b): example b's loss alone), R between the 2nd and 3rd smallest norms."""
@@ -175,11 +199,13 @@ def _assert_update(model, want):
 
 
 @pytest.mark.parametrize("frozen_vision", [False, True])
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"])
-def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, frozen_vision):
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "glm4v"])
+def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, frozen_vision, request):
     """The vision tower's rows are every image's patches (nn/patch_rows.py): exact against one
     backward per example, whose own images alone run through the tower, with 1, 0, 2 and 1
     images in the 4 examples, the tower trained or frozen."""
+    if name == "glm4v":
+        request.getfixturevalue("glm4v_in_float64")
     torch.manual_seed(0)
     reference = _qwen_vl(name).to(DT).train()
     if frozen_vision:
@@ -335,3 +361,36 @@ def test_qwen_vl_tower_under_activation_checkpointing(reentrant):
     bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, *batch[:3]).mean().backward()
     _assert_update(model, want)
+
+
+def test_glm4v_bicubic_taps():
+    """bk's GLM-4V position sample (16 weighted table rows per point) is grid_sample's bicubic,
+    border-padded sample, in float32 (transformers' precision) and float64, points outside the
+    grid included."""
+    from bk_kernels.nn.patch_rows import bicubic_taps
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float64, 1e-13)):
+        for side in (3, 4, 7):
+            table = torch.randn(side * side, 5, dtype=dtype)
+            y, x = torch.rand(200, dtype=dtype) * 2.4 - 1.2, torch.rand(200, dtype=dtype) * 2.4 - 1.2
+            image = table.view(side, side, 5).permute(2, 0, 1).unsqueeze(0)
+            want = F.grid_sample(image, torch.stack((x, y), -1)[None, :, None], mode="bicubic", align_corners=False,
+                                 padding_mode="border")[0, :, :, 0].T
+            ids, weights = bicubic_taps(y, x, side, dtype)
+            got = (table[ids] * weights.unsqueeze(-1)).sum(1)
+            assert (got - want).abs().max() <= tol * want.abs().max(), (dtype, side)
+
+
+def test_glm4v_with_its_float32_sample():
+    """GLM-4V as transformers runs it (the table resampled in float32 inside the float64 model):
+    within float32 rounding of the reference (3e-8 measured; exact in float64, above)."""
+    torch.manual_seed(0)
+    reference = _qwen_vl("glm4v").to(DT).train()
+    model = copy.deepcopy(reference)
+    batch = _ragged_qwen_batch()
+    want, R = _reference_update(reference, lambda m, b: _qwen_losses(m, *_example_inputs(*batch, b)), 4)
+    bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
+    _qwen_losses(model, *batch[:3]).mean().backward()
+    for name, p in model.named_parameters():
+        scale = want[name].abs().max()
+        assert (p.grad + want[name]).abs().max() <= 1e-6 * scale, name

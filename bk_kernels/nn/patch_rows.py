@@ -1,4 +1,5 @@
-"""Vision towers that take every image's patches as rows (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5).
+"""Vision towers that take every image's patches as rows (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+GLM-4V).
 
 Such a tower's input is [P, ...]: the patches of all the batch's images concatenated (each image
 t x h x w patches, as `grid_thw` says), not [B, ...]. Its layers see P rows (patch embedding,
@@ -16,9 +17,11 @@ P or P / m is refused), and the engine sums each example's rows when it records 
 """
 import torch
 
-from ..example_rows import RowGroups
+from .. import example_rows  # (a module: it imports nn in turn)
 from ..layout import UnsupportedLayoutError
-from ._core import BKLayer
+from ._core import BKLayer, in_plain_forward
+from ._made import mixin_class, takes
+from .families import register_layer
 
 # (module, class) of the towers: forward(hidden_states [P, ...], grid_thw [images, 3])
 TOWERS = frozenset({
@@ -27,6 +30,8 @@ TOWERS = frozenset({
     ("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionModel"),
     ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5VisionModel"),
     ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeVisionModel"),
+    ("transformers.models.glm4v.modeling_glm4v", "Glm4vVisionModel"),
+    ("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeVisionModel"),
 })
 
 
@@ -196,8 +201,81 @@ class Rows:
                     f"PrivacyEngine: {where()} recorded {rows} rows inside a vision tower whose rows were "
                     f"{' or '.join(map(str, self.maps))}; nothing of this backward was kept.")
             if example_groups is None:
-                self._groups[key] = RowGroups(ids, examples=self.batch)
+                self._groups[key] = example_rows.RowGroups(ids, examples=self.batch)
             else:
-                self._groups[key] = RowGroups(example_groups.example.to(ids.device)[ids],
-                                              examples=example_groups.examples)
+                self._groups[key] = example_rows.RowGroups(example_groups.example.to(ids.device)[ids],
+                                                           examples=example_groups.examples)
         return self._groups[key]
+
+
+# ---------------------------------------------------------------- GLM-4V's position table
+
+
+class _Glm4vPositions(BKLayer):
+    """GLM-4V's Glm4vVisionEmbeddings: each patch row gets its image's learned position table
+    ([S*S, d], an Embedding used inline) resampled to the image's grid by a bicubic grid_sample
+    (align_corners=False, border padding), in float32. Left alone the module took the generic
+    path, which cannot split a tower's patch rows per example. Here the sample is written as
+    what grid_sample computes: 16 lookups of the table per row (its 4 x 4 neighbours, clamped to
+    the border) weighted by the cubic convolution coefficients (A = -0.75). The lookups go
+    through the bk Embedding, whose use per row the engine sums per example like the tower's
+    other rows. Outside private training transformers' own forward runs."""
+
+    _bk_swap_without_parameters = True  # the table is its child's: swapped in all the same
+    sample_dtype = torch.float32  # transformers resamples in float32, whatever the model's dtype
+
+    def forward(self, embeddings, lengths, image_shapes, h_coords, w_coords):
+        table = self.position_embedding
+        if in_plain_forward() or self._bk_layout() is None or not table.weight.requires_grad:
+            return super().forward(embeddings, lengths, image_shapes, h_coords, w_coords)
+        weight = table.weight
+        side = int(weight.shape[0] ** 0.5)
+        lengths = torch.as_tensor(lengths, device=embeddings.device)
+        rows = torch.arange(embeddings.shape[0], device=embeddings.device)
+        image = (rows.unsqueeze(0) >= lengths.cumsum(0).unsqueeze(1)).sum(0)  # transformers' arithmetic
+        dtype = self.sample_dtype
+        height = image_shapes[image, 1].to(embeddings.device, dtype)
+        width = image_shapes[image, 2].to(embeddings.device, dtype)
+        ids, coefficients = bicubic_taps(((h_coords + 0.5) / height) * 2 - 1, ((w_coords + 0.5) / width) * 2 - 1,
+                                         side, dtype)
+        sampled = (table(ids).to(dtype) * coefficients.unsqueeze(-1)).sum(1)
+        return embeddings + sampled.to(weight.dtype).to(embeddings.device)
+
+
+def bicubic_taps(y, x, side, dtype=torch.float32):
+    """([P, 16] rows of a [side * side, d] table, [P, 16] weights in dtype): grid_sample's bicubic
+    sample (align_corners=False, border padding) of the table viewed as a side x side image at
+    the normalized points (x, y) in [-1, 1], as a weighted sum of table rows."""
+    def unnormalized(t):
+        return ((t.to(dtype) + 1) * side - 1) / 2
+
+    def cubic(t):  # the weights of the taps at floor - 1 .. floor + 2 (PyTorch's A = -0.75)
+        a = -0.75
+
+        def near(d):  # |d| <= 1
+            return ((a + 2) * d - (a + 3)) * d * d + 1
+
+        def far(d):  # 1 < |d| < 2
+            return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
+
+    ix, iy = unnormalized(x), unnormalized(y)
+    x0, y0 = ix.floor(), iy.floor()
+    steps = torch.arange(-1, 3, device=ix.device)
+    xs = (x0.long().unsqueeze(1) + steps).clamp(0, side - 1)
+    ys = (y0.long().unsqueeze(1) + steps).clamp(0, side - 1)
+    ids = ys.unsqueeze(2) * side + xs.unsqueeze(1)  # [P, 4 (y), 4 (x)]
+    weights = cubic(iy - y0).unsqueeze(2) * cubic(ix - x0).unsqueeze(1)
+    return ids.flatten(1), weights.flatten(1)
+
+
+def _glm4v_positions_class(module):
+    if takes(type(module), "forward", ["embeddings", "lengths", "image_shapes", "h_coords", "w_coords"]) and \
+            isinstance(getattr(module, "position_embedding", None), torch.nn.Embedding):
+        return mixin_class(type(module), _Glm4vPositions)
+    return None
+
+
+register_layer(None, _glm4v_positions_class,
+               matches=lambda cls: cls.__name__ in ("Glm4vVisionEmbeddings", "Glm4vMoeVisionEmbeddings")
+               and cls.__module__.startswith("transformers.models."))
