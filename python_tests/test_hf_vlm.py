@@ -101,13 +101,19 @@ def _qwen_vl(name):
             depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3, out_hidden_size=16, num_position_embeddings=16),
             **(dict(experts_implementation="eager") if moe else {}), **ids))
-    if name == "glm4v":  # a learned position table resampled per image (grid_sample), a downsampling conv
+    if name in ("glm4v", "glm4v_moe"):  # a learned position table resampled per image (grid_sample), a downsampling conv
         text["rope_parameters"]["partial_rotary_factor"] = 1.0
-        return tf.Glm4vForConditionalGeneration(tf.Glm4vConfig(text_config=text, vision_config=dict(
+        moe = name == "glm4v_moe"  # GLM-4.5V: the same tower before an MoE language model
+        if moe:
+            text.update(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, n_shared_experts=1,
+                        first_k_dense_replace=0, n_group=1, topk_group=1, experts_implementation="eager")
+        config_cls = tf.Glm4vMoeConfig if moe else tf.Glm4vConfig
+        model_cls = tf.Glm4vMoeForConditionalGeneration if moe else tf.Glm4vForConditionalGeneration
+        return model_cls(config_cls(text_config=text, vision_config=dict(
             depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
             temporal_patch_size=2, in_channels=3, out_hidden_size=16, image_size=8), image_token_id=IMAGE,
             image_start_token_id=V - 2, image_end_token_id=V - 3, video_token_id=V - 4, video_start_token_id=V - 5,
-            video_end_token_id=V - 6))
+            video_end_token_id=V - 6, **(dict(experts_implementation="eager") if moe else {})))
     if name == "qwen3_vl":  # a learned position table (an Embedding) and deepstack mergers in the tower
         text["rope_parameters"]["mrope_interleaved"] = True
         return tf.Qwen3VLForConditionalGeneration(tf.Qwen3VLConfig(text_config=text, vision_config=dict(
@@ -171,11 +177,13 @@ def glm4v_in_float64(monkeypatch):
     import textwrap
 
     from bk_kernels.nn.patch_rows import _Glm4vPositions
-    glm = pytest.importorskip("transformers.models.glm4v.modeling_glm4v")
-    source = textwrap.dedent(inspect.getsource(glm.Glm4vVisionEmbeddings.forward)).replace("float32", "float64")
-    namespace = dict(vars(glm))
-    exec(source, namespace)  # noqa: S102  (transformers' own forward, one dtype changed)
-    monkeypatch.setattr(glm.Glm4vVisionEmbeddings, "forward", namespace["forward"])
+    for module, name in (("glm4v", "Glm4vVisionEmbeddings"), ("glm4v_moe", "Glm4vMoeVisionEmbeddings")):
+        glm = pytest.importorskip(f"transformers.models.{module}.modeling_{module}")
+        cls = getattr(glm, name)
+        source = textwrap.dedent(inspect.getsource(cls.forward)).replace("float32", "float64")
+        namespace = dict(vars(glm))
+        exec(source, namespace)  # noqa: S102  (transformers' own forward, one dtype changed)
+        monkeypatch.setattr(cls, "forward", namespace["forward"])
     monkeypatch.setattr(_Glm4vPositions, "sample_dtype", torch.float64)
 
 
@@ -199,12 +207,12 @@ def _assert_update(model, want):
 
 
 @pytest.mark.parametrize("frozen_vision", [False, True])
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "glm4v"])
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe"])
 def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, frozen_vision, request):
     """The vision tower's rows are every image's patches (nn/patch_rows.py): exact against one
     backward per example, whose own images alone run through the tower, with 1, 0, 2 and 1
     images in the 4 examples, the tower trained or frozen."""
-    if name == "glm4v":
+    if name.startswith("glm4v"):
         request.getfixturevalue("glm4v_in_float64")
     torch.manual_seed(0)
     reference = _qwen_vl(name).to(DT).train()
@@ -219,7 +227,7 @@ def test_qwen_vl_trains_privately_with_images_of_any_number_per_example(name, fr
     want, R = _reference_update(reference, lambda m, b: _qwen_losses(m, *_example_inputs(*batch, b)), B)
     engine = bk.PrivacyEngine(bk.convert(model), batch_size=B, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, *batch[:3]).mean().backward()
-    # Qwen3.5-MoE's routers own the weight they apply inline: the generic path, outside the tower
+    # the MoE routers (Qwen3.5-MoE's, GLM-4.5V's) own the weight they apply inline: the generic path, outside the tower
     assert all(path.endswith("mlp.gate") for path, _, _ in bk.generic_modules(model)) and engine._examples == B
     _assert_update(model, want)
 
