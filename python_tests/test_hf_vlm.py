@@ -402,3 +402,20 @@ def test_glm4v_with_its_float32_sample():
     for name, p in model.named_parameters():
         scale = want[name].abs().max()
         assert (p.grad + want[name]).abs().max() <= 1e-6 * scale, name
+
+
+def test_qwen_vl_with_peft_lora_on_the_tower_and_the_language_model():
+    """PEFT LoRA adapters on the tower's qkv/proj/MLP and the language model's projections: the
+    adapters' bk Linears read the patch rows like the tower's own layers."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["qkv", "proj", "up_proj", "down_proj", "gate_proj", "q_proj", "v_proj"])
+    reference = peft.get_peft_model(_qwen_vl("qwen2_5_vl"), config).to(DT).train()
+    model = copy.deepcopy(reference)
+    batch = _ragged_qwen_batch()
+    want, R = _reference_update(reference, lambda m, b: _qwen_losses(m, *_example_inputs(*batch, b)), 4)
+    assert any("visual" in n and "lora_A" in n for n in want)
+    bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
+    _qwen_losses(model, *batch[:3]).mean().backward()
+    _assert_update(model, want)
