@@ -264,6 +264,7 @@ class PrivacyEngine:
         is queued there, so a layer first recorded inside a nested backward (reentrant activation
         checkpointing runs one per checkpointed segment) cannot end the book-keeping early.
         Returns the output (an empty batch's: with no example again)."""
+        self._towers.model_ends()
         if self._unpad_outputs:
             output = self.layout.unpad(output)
             self._unpad_outputs = False

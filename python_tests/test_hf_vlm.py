@@ -419,3 +419,15 @@ def test_qwen_vl_with_peft_lora_on_the_tower_and_the_language_model():
     bk.PrivacyEngine(bk.convert(model), batch_size=4, sample_size=30, noise_multiplier=0.0, max_grad_norm=R)
     _qwen_losses(model, *batch[:3]).mean().backward()
     _assert_update(model, want)
+
+
+def test_qwen_vl_tower_called_on_its_own_is_refused():
+    """Outside a forward of the model there are no input_ids to map the tower's rows through:
+    its layers refuse the patch rows (the maps of an earlier forward are not reused)."""
+    torch.manual_seed(0)
+    model = bk.convert(_qwen_vl("qwen2_vl").to(DT).train())
+    bk.PrivacyEngine(model, batch_size=4, sample_size=30, noise_multiplier=0.0)
+    ids, pixels, grid, _ = _ragged_qwen_batch()
+    _qwen_losses(model, ids, pixels, grid).mean().backward()  # a forward of the model first
+    with pytest.raises(bk.UnsupportedLayoutError, match="patches"):
+        model.model.visual(pixels, grid_thw=grid)

@@ -106,7 +106,7 @@ class TowerRows:
         self.towers = []
         self.layers = {}  # id(tower) -> its bk layers
         self.noted = {}   # forward serial -> {id(layer): Rows}
-        self.call = ((), {})  # the (args, kwargs) of the model's forward now running
+        self.call = None  # the (args, kwargs) of the model's forward now running (None: none runs)
 
     def attach(self, model):
         """Finds the towers; returns the hooks that map their rows while they run."""
@@ -124,11 +124,15 @@ class TowerRows:
         if self.towers:
             self.call = (args, kwargs or {})
 
+    def model_ends(self):
+        self.call = None
+
     def _starts(self, tower, args, kwargs):
         """A tower's forward pre-hook: the example of each of its rows, for its layers to read
-        while it runs (only when it trains)."""
+        while it runs (only when it trains, inside a forward of the model: a tower called on its
+        own has no input_ids to map its rows through, and its layers refuse its rows)."""
         engine, layout = self.engine, self.engine.layout
-        if not torch.is_grad_enabled() or layout.batch is None or engine._padding_forward or \
+        if self.call is None or not torch.is_grad_enabled() or layout.batch is None or engine._padding_forward or \
                 not any(p.requires_grad for p in tower.parameters()):
             return
         layout.row_maps = patch_rows(tower, engine._module_path(tower), args, kwargs, *self.call,
