@@ -219,7 +219,7 @@ class PrivacyEngine:
         self._padding_forward = self._unpad_outputs or self._padding_chunk()
         # the rows' examples, checked against this batch before anything runs (padding holds none)
         self._forward_groups = None if self._padding_forward or not torch.is_grad_enabled() else \
-            example_rows.resolve(self._example_rows, self.layout.batch)
+            example_rows.resolve(self._example_rows, self.layout.batch, self.layout.input_device)
         if self._unpad_outputs:
             if self._towers.towers:  # no example, no image: a 0-row patch input is left out, not padded
                 kwargs = patch_rows.without_empty_patches(kwargs)

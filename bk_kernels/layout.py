@@ -23,6 +23,7 @@ class BatchLayout:
         self.batch_first = batch_first
         self.batch = None         # examples in the model's forward now running
         self.input_shape = None   # the shape of the model's first tensor input
+        self.input_device = None  # ... and its device
         self.guessed = False      # the batch came from a 1-D input: a guess that a layer may correct
         self.input_storages = set()  # storages of the model's tensor inputs in the forward now running
         self.state_storages = None
@@ -40,10 +41,11 @@ class BatchLayout:
         first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         if isinstance(first, PackedSequence):
-            self.input_shape, self.guessed = None, False
+            self.input_shape, self.guessed, self.input_device = None, False, first.data.device
             self.batch = int(first.batch_sizes[0]) if first.batch_sizes.numel() else 0
             return
         self.input_shape = tuple(first.shape) if first is not None else None
+        self.input_device = first.device if first is not None else None
         # A 1-D first input (a flat stream of ids with offsets, or one id per example) gives only a
         # guess, which an EmbeddingBag's bag count replaces.
         self.guessed = first is not None and first.dim() == 1
