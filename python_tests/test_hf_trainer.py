@@ -50,25 +50,55 @@ def _trainer(model, tmp_path, **extra):
                           noise_multiplier=0.7, max_grad_norm=0.3, seed=11)
 
 
-def own_loop(model, steps, per_device=4, micro=2):
-    """The same training written with the engine directly."""
+def own_loop(model, steps, per_device=4, micro=2, pairs=False):
+    """The same training written with the engine directly (pairs: DPO on Pairs, each pair's
+    chosen and rejected rows stacked in one forward)."""
     bk.convert(model)
     batch_size = per_device * micro
     engine = bk.PrivacyEngine(model, batch_size=batch_size, sample_size=N, noise_multiplier=0.7, max_grad_norm=0.3,
                               seed=11)
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.5))
+    if pairs:
+        engine.example_rows(bk.stacked_rows(2))
     epoch_steps = round(N / batch_size)
     sampler = PoissonMicroBatchSampler(N, batch_size / N, epoch_steps, micro, 11)
-    data = Texts()
+    data = Pairs() if pairs else Texts()
     for step in range(steps):
         epoch, i = divmod(step, epoch_steps)
         for part in torch.tensor_split(sampler.sample(epoch, i), micro):
-            ids = data.ids[part]
-            losses = example_losses(model(input_ids=ids).logits, ids, causal=True)
+            if pairs:
+                losses = dpo_losses(model, data.ids[part], data.rejected[part])
+            else:
+                ids = data.ids[part]
+                losses = example_losses(model(input_ids=ids).logits, ids, causal=True)
             (losses.sum() / max(len(losses), 1)).backward()
         opt.step()
         opt.zero_grad()
     return engine
+
+
+class Pairs(Texts):
+    """Preference pairs: each text as the chosen sequence, a shuffle of it as the rejected one."""
+
+    def __init__(self):
+        super().__init__()
+        self.rejected = self.ids[:, torch.randperm(T, generator=torch.Generator().manual_seed(4))]
+
+    def __getitem__(self, i):
+        return {"chosen": self.ids[i], "rejected": self.rejected[i]}
+
+
+def dpo_losses(model, chosen, rejected):
+    """Each pair's DPO loss (no reference model), from ONE forward of [chosen; rejected]."""
+    rows = torch.cat([chosen, rejected])
+    logp = torch.log_softmax(model(input_ids=rows).logits[:, :-1], -1).gather(2, rows[:, 1:, None]).sum((1, 2))
+    return -torch.nn.functional.logsigmoid(0.5 * (logp[:len(chosen)] - logp[len(chosen):]))
+
+
+class DPOTrainer(PrivateTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses = dpo_losses(model, inputs["chosen"], inputs["rejected"])
+        return losses.sum() / max(len(losses), 1)
 
 
 def test_trainer_takes_the_steps_of_our_own_loop(tmp_path):
@@ -83,6 +113,29 @@ def test_trainer_takes_the_steps_of_our_own_loop(tmp_path):
     logged = [h for h in trainer.state.log_history if "epsilon" in h]
     assert logged and logged[-1]["epsilon"] == pytest.approx(engine.epsilon())
     assert trainer.args.max_grad_norm == 0  # Trainer's own clipping of the noisy sum is off
+
+
+def test_a_dpo_trainer_with_example_rows_takes_the_steps_of_our_own_loop(tmp_path):
+    """A PrivateTrainer subclass whose compute_loss runs each micro-batch's pairs as stacked rows,
+    with trainer.engine.example_rows(bk.stacked_rows(2)): our own loop's steps, bit for bit, and
+    each step counts pairs (not rows) as its examples."""
+    model = tiny_gpt2()
+    reference = copy.deepcopy(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = DPOTrainer(model=model, args=_args(tmp_path, remove_unused_columns=False), train_dataset=Pairs(),
+                         data_collator=transformers.default_data_collator, optimizers=(sgd, None),
+                         noise_multiplier=0.7, max_grad_norm=0.3, seed=11)
+    trainer.engine.example_rows(bk.stacked_rows(2))
+    counted = []
+    count = trainer.engine._count_examples
+    trainer.engine._count_examples = lambda: (counted.append(trainer.engine._examples), count())
+    trainer.train()
+    engine = own_loop(reference, 4, pairs=True)
+    assert trainer.engine.steps == engine.steps == 4
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
+    sampler = PoissonMicroBatchSampler(N, 8 / N, round(N / 8), 2, 11)
+    assert counted == [len(sampler.sample(*divmod(step, round(N / 8)))) for step in range(4)]
 
 
 def test_empty_micro_batches_take_their_step(tmp_path):
