@@ -6,10 +6,14 @@ together costs over clipping each row alone, side by side with the non-private s
   bk.stacked_rows(2): linear maps and embeddings become two uses over the pairs (cross terms);
 - cnn-multiplicity: augmentation multiplicity on the bench's GroupNorm CNN (K copies of each
   image as consecutive rows, each example's loss the mean over its copies);
-  bk.interleaved_rows(K): the rows side by side, views of the layers' own tensors.
+  bk.interleaved_rows(K): the rows side by side, views of the layers' own tensors;
+- qwen2-vl: a Qwen2-VL step (vision tower 4 x 256, patch 14, language model 4 x 256) on 8
+  examples with 1 or 2 images of 16 x 16 patches each: the tower's patch rows summed per example
+  (nn/patch_rows.py), with the tower trained and frozen.
 "rows alone" is bk without the setting (each row clipped as an example: NOT private for these
 batches, timed only as the cost to compare with). Rounds interleave one step of each method;
-`ratio` is the median per-round time over non-private. Noise multiplier 1, SGD.
+`ratio` is the median per-round time over non-private (which trains the whole model). Noise
+multiplier 1, SGD.
 """
 import copy
 import statistics
@@ -20,8 +24,13 @@ import torch.nn.functional as F
 from bench import harness, workloads
 
 CONFIGS = {"gpt2-dpo": dict(pairs=16, T=64, layers=4, width=256, vocab=8192),
-           "cnn-multiplicity": dict(examples=16, copies=4, size=32)}
-METHODS = ("non-private", "bk (rows alone)", "bk (examples whole)")
+           "cnn-multiplicity": dict(examples=16, copies=4, size=32),
+           "qwen2-vl": dict(examples=8, T=192, width=256, layers=4, images=(1, 2, 1, 1, 2, 1, 1, 1))}
+
+
+def _rows_methods(spec):
+    """method -> (example_rows setting, a function freezing part of the model) for bk, None for non-private."""
+    return {"non-private": None, "bk (rows alone)": (None, None), "bk (examples whole)": (spec, None)}
 
 
 def _dpo(sizes, device, dtype):
@@ -40,7 +49,7 @@ def _dpo(sizes, device, dtype):
         logits = m(input_ids=rows).logits[:, T // 2 - 1:-1]
         logp = F.log_softmax(logits.float(), -1).gather(2, rows[:, T // 2:, None]).squeeze(2).sum(1) - reference
         return -F.logsigmoid(0.1 * (logp[:P] - logp[P:])).mean()
-    return model, loss, P, bk_rows(2, "stacked"), dict(B=P, rows=2 * P, T=T)
+    return model, loss, P, _rows_methods(bk_rows(2, "stacked")), dict(B=P, rows=2 * P, T=T)
 
 
 def _multiplicity(sizes, device, dtype):
@@ -51,7 +60,41 @@ def _multiplicity(sizes, device, dtype):
 
     def loss(m):
         return F.cross_entropy(m(x), y)  # the mean over all rows = the mean over examples of their copies' mean
-    return w.model, loss, E, bk_rows(K, "interleaved"), dict(B=E, rows=E * K, T=sizes["size"] ** 2)
+    return w.model, loss, E, _rows_methods(bk_rows(K, "interleaved")), dict(B=E, rows=E * K, T=sizes["size"] ** 2)
+
+
+def _qwen2_vl(sizes, device, dtype):
+    import transformers
+
+    V, B, T, width = 2048, sizes["examples"], sizes["T"], sizes["width"]
+    image = V - 1
+    text = dict(vocab_size=V, hidden_size=width, intermediate_size=688, num_hidden_layers=sizes["layers"],
+                num_attention_heads=4, num_key_value_heads=2,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0})
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=dict(
+        depth=sizes["layers"], embed_dim=width, hidden_size=width, num_heads=4, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, mlp_ratio=4), image_token_id=image, vision_start_token_id=V - 2,
+        vision_end_token_id=V - 3)
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config).to(device, dtype)
+    ids, grids = torch.randint(0, V - 4, (B, T)), []
+    for b, n in enumerate(sizes["images"]):  # each image: 16 x 16 patches, 64 image tokens after the 2 x 2 merge
+        for k in range(n):
+            at = 1 + 66 * k
+            ids[b, at], ids[b, at + 1:at + 65], ids[b, at + 65] = V - 2, image, V - 3
+            grids.append((1, 16, 16))
+    grid = torch.tensor(grids, device=device)
+    ids = ids.to(device)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device=device, dtype=dtype)
+
+    def loss(m):
+        logits = m(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == image).long()).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none").mean(1).mean()
+
+    def freeze_tower(m):
+        m.model.visual.requires_grad_(False)
+    methods = {"non-private": None, "bk (whole model)": (None, None), "bk (tower frozen)": (None, freeze_tower)}
+    return model, loss, B, methods, dict(B=B, rows=pixels.shape[0], T=T)
 
 
 def bk_rows(copies, order):
@@ -60,19 +103,22 @@ def bk_rows(copies, order):
     return bk.stacked_rows(copies) if order == "stacked" else bk.interleaved_rows(copies)
 
 
-def _step(model, loss, examples, rows, method):
+def _step(model, loss, examples, method):
+    """One training step of `method`: None (non-private) or (example_rows setting, freeze)."""
     import bk_kernels as bk
 
     model = copy.deepcopy(model)
-    if method == "non-private":
+    if method is None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     else:
+        rows, freeze = method
         bk.convert(model)
+        if freeze is not None:
+            freeze(model)
         engine = bk.PrivacyEngine(model, batch_size=examples, sample_size=100 * examples, noise_multiplier=1.0,
                                   max_grad_norm=1.0, seed=0)
-        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1e-4))
-        if method == "bk (examples whole)":
-            engine.example_rows(rows)
+        opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+        engine.example_rows(rows)
 
     def step():
         loss(model).backward()
@@ -90,18 +136,18 @@ def run(device, dtype, quick, command, configs=None):
     rounds = 3 if quick else 11
     rows = []
     for config in [c for c in (configs or CONFIGS) if c in CONFIGS]:
-        build = _dpo if config == "gpt2-dpo" else _multiplicity
-        model, loss, examples, spec, shape = build(CONFIGS[config], device, dtype)
-        steps = {m: _step(model, loss, examples, spec, m) for m in METHODS}
+        build = {"gpt2-dpo": _dpo, "cnn-multiplicity": _multiplicity, "qwen2-vl": _qwen2_vl}[config]
+        model, loss, examples, methods, shape = build(CONFIGS[config], device, dtype)
+        steps = {name: _step(model, loss, examples, method) for name, method in methods.items()}
         for fn in steps.values():
             fn()  # warm-up
-        times = {m: [] for m in METHODS}
-        with harness.progress(rounds * len(METHODS), f"example rows {config}") as bar:
+        times = {m: [] for m in steps}
+        with harness.progress(rounds * len(steps), f"example rows {config}") as bar:
             for _ in range(rounds):
                 for m, fn in steps.items():
                     times[m].append(harness.timed(fn, device))
                     bar.update(1)
-        for m in METHODS:
+        for m in steps:
             ratios = [t / b for t, b in zip(times[m], times["non-private"])]
             rows.append(dict(ctx, config=config, **shape, method=m, rounds=rounds,
                              median_ms=round(statistics.median(times[m]) * 1e3, 2),

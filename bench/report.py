@@ -34,9 +34,12 @@ SECTIONS = {
     "example_rows": ("One example as several rows",
                      "`engine.example_rows`: a DPO step of GPT-2 (4 layers, width 256, vocabulary 8192; `B` pairs, "
                      "chosen then rejected rows, `bk.stacked_rows(2)`) and augmentation multiplicity on the CNN "
-                     "(`B` images, 4 copies each, `bk.interleaved_rows(4)`). `bk (rows alone)` is bk without the "
-                     "setting (each row clipped as an example: not private for these batches; the cost to compare "
-                     "with). Rounds interleave the methods; `ratio`: median per-round time over non-private.",
+                     "(`B` images, 4 copies each, `bk.interleaved_rows(4)`); a Qwen2-VL step (vision tower and language "
+                     "model 4 layers of width 256; `B` examples with 1 or 2 images, `rows` patch rows in all), the "
+                     "tower's patch rows summed per example, with the tower trained and frozen. `bk (rows alone)` "
+                     "is bk without the setting (each row clipped as an example: not private for these batches; "
+                     "the cost to compare with). Rounds interleave the methods; `ratio`: median per-round time over "
+                     "non-private (which trains the whole model).",
                      ["config", "B", "rows", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max"]),
     "max_batch": ("Largest batch within a memory budget",
                   "Per method, the batch size doubles while the step memory (as above) fits the budget, then "
