@@ -24,7 +24,8 @@ examples:
   - an embedding's ids and g the same way (zero rows of g add nothing);
   - per-example gradients [R, ...] are summed per example (index_add);
   - a convolution's rows go side by side as the folded inputs of one example (the fold of
-    conv_per_example_grads);
+    conv_per_example_grads), or, for a convolution that is a linear map of each row (a patch
+    embedding on pre-cut patches), as that linear map's;
   - stacked MoE experts re-label the example of each routed row.
 """
 import torch
@@ -179,6 +180,12 @@ class RowGroups:
             return EmbeddingUse(self.side_by_side(use.ids, fill), self.side_by_side(use.g), use.V, use.padding_idx)
         if isinstance(use, DenseUse):
             return DenseUse(self.summed(use.grads))
+        if isinstance(use, ConvUse) and _linear_conv(use):  # a patch embedding on pre-cut patches
+            x, g = use.x, use.g
+            as_linear = self.regroup(LinearUse(x.reshape(len(x), 1, -1), g.reshape(len(g), 1, -1)), where)
+            if isinstance(as_linear, list):
+                return [_AsWeight(u, use.weight_shape) for u in as_linear]
+            return _AsWeight(as_linear, use.weight_shape)
         if isinstance(use, ConvUse):
             return DenseUse(conv_per_example_grads(self.folds(use.x), self.folds(use.g), weight_shape=use.weight_shape,
                                                    fold=self.most, **use.args))
@@ -191,6 +198,51 @@ class RowGroups:
                 f"PrivacyEngine.example_rows: {where()} keeps its per-example gradients as {type(use).__name__}, which "
                 "cannot be summed over an example's rows yet; nothing was recorded and no budget was spent.")
         return DenseUse(self.summed(dense))
+
+
+def _linear_conv(use):
+    """Whether a convolution is a linear map of each row's whole input: its kernel covers the
+    input exactly (no padding, no dilation, one group, one output position), as the patch
+    embedding of a vision tower fed pre-cut patches ([P, C, t, p, p] by a t x p x p kernel)."""
+    args, x, g = use.args, use.x, use.g
+    n = x.dim() - 2
+
+    def all_equal(value, to):
+        return all(v == to for v in (value if isinstance(value, (tuple, list)) else [value] * n))
+    return args["groups"] == 1 and not isinstance(args["padding"], str) and all_equal(args["padding"], 0) and \
+        all_equal(args["dilation"], 1) and tuple(x.shape[2:]) == tuple(use.weight_shape[2:]) and \
+        all(s == 1 for s in g.shape[2:])
+
+
+class _AsWeight:
+    """A use computed on a convolution weight's [C_out, C_in * kernel] view (a linear
+    convolution, above): its norms as they are, its sums reshaped to the weight's shape."""
+
+    def __init__(self, use, weight_shape):
+        self.use, self.weight_shape = use, weight_shape
+
+    @property
+    def batch(self):
+        return self.use.batch
+
+    def sq_norm(self, mode, backend):
+        return self.use.sq_norm(mode, backend)
+
+    def factors(self):  # the [C_out, C_in * kernel] layout is the weight's row-major order: cross terms hold
+        return self.use.factors()
+
+    def dense(self):
+        return self.use.dense()
+
+    def densify(self, mode):
+        return _AsWeight(self.use.densify(mode), self.weight_shape)
+
+    def clipped(self, c, backend):
+        sums = self.use.clipped(c, backend)
+        return sums.view(self.weight_shape) if sums is not None else None
+
+    def add_clipped(self, grad, c, backend):
+        self.use.add_clipped(grad.view(self.weight_shape[0], -1), c, backend)
 
 
 def _rows(use, lo, hi):
