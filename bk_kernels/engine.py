@@ -432,16 +432,20 @@ class PrivacyEngine:
     def _record(self, module, uses):
         """Called by a bk layer's backward with [(param, use)]."""
         self._queue_finish()  # already queued when the backward came through the model's output
+        # Rows that are not the model's examples: several rows of one example (example_rows), or
+        # a vision tower's patch rows; a padding example's backward keeps nothing anyway
+        groups = self._backward_groups if self._backward_forwards else self._forward_groups
+        patches = self._towers.rows_of(module, self._backward_forwards) if self._towers.noted else None
+        if self._backward_of_padding:
+            groups = patches = None
+        where = lambda: f"{type(module).__name__} ({self._module_path(module)})"  # noqa: E731
         for p, use in uses:
             if not self._gradient_requested(p):  # torch.autograd.grad for other inputs: no use of p
                 continue
             p = self._engine_param(module, p)
-            groups = self._backward_groups if self._backward_forwards else self._forward_groups
-            where = lambda: f"{type(module).__name__} ({self._module_path(module)})"  # noqa: E731
-            patches = self._towers.rows_of(module, self._backward_forwards) if self._towers.noted else None
-            if patches is not None and not self._backward_of_padding:  # a vision tower's patch rows
+            if patches is not None:
                 use = patches.groups(use.batch, groups, where).regroup(use, where)
-            elif groups is not None and not self._backward_of_padding:  # several rows of one example
+            elif groups is not None:
                 use = groups.regroup(use, where)
             for use in use if isinstance(use, list) else [use]:
                 use = use.densify(self.clipping_mode)  # small direct-mode gradients are kept as they are

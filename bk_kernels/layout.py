@@ -38,6 +38,7 @@ class BatchLayout:
         self.input_storages = {_storage(t) for t in leaves if isinstance(t, torch.Tensor)}
         self.state_storages = None  # the model's buffers and Parameters, found when first asked (engine)
         self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
+        self.row_maps = None  # no vision tower runs yet
         first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         if isinstance(first, PackedSequence):
@@ -125,8 +126,7 @@ class BatchLayout:
             causes.append(f"this input is (a view of) one of the model's inputs, whose first dim ({x.shape[0]}) is "
                           "not the batch: the rows of all examples concatenated, which bk cannot split per example "
                           "(a vision tower whose pixel_values hold every image's patches, split by a grid_thw: bk "
-                          "maps the rows of Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's towers, bk_kernels/nn/"
-                          "patch_rows.py, not yet this one's). Freeze the layers that read it (a vision tower: "
+                          "maps the rows of the towers listed in bk_kernels/nn/patch_rows.py, not yet this one's). Freeze the layers that read it (a vision tower: "
                           "model.model.visual.requires_grad_(False)); the layers after them train privately")
         if n is not None and len(shape) > 1 and shape[other] == n:
             causes.append(f"the model's input {shape} has {n} on dim {other}: " + (

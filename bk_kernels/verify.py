@@ -91,39 +91,32 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         raise ValueError("bk.verify: the batch is empty")
     batched = [isinstance(t, torch.Tensor) and t.dim() > example_dim(t) and t.shape[example_dim(t)] == B
                for t in leaves]
-    leaves = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in leaves]
+    leaves = [_float64(t) for t in leaves]
 
-    groups = example_rows_of(example_rows, B)
-    rows_of = [torch.arange(B)[i:i + 1] for i in range(B)] if groups is None else \
-        [torch.nonzero(groups.example == e).flatten() for e in range(groups.examples)]
-
-    def example(i):
-        return tree_unflatten([t.index_select(example_dim(t), rows_of[i].to(t.device)) if b else t
-                               for t, b in zip(leaves, batched)], spec)
-
-    if split is not None:  # the user's own split; each part in float64 as the whole batch
-        parts = [tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, p)
-                 for p in split(batch)]
-        if not parts:
+    if split is not None:  # the user's own split; each example's batch in float64 as the whole batch
+        examples = [tree_map(_float64, part) for part in split(batch)]
+        if not examples:
             raise ValueError("bk.verify: split(batch) gave no example")
-        rows_of = parts  # one entry per example
-
-        def example(i):  # noqa: F811
-            return parts[i]
+    else:  # each example's rows of every batched tensor (one row each, or example_rows' rows)
+        groups = resolve(check_spec(example_rows), B)
+        rows_of = [torch.arange(B)[i:i + 1] for i in range(B)] if groups is None else \
+            [torch.nonzero(groups.example == e).flatten() for e in range(groups.examples)]
+        examples = [tree_unflatten([t.index_select(example_dim(t), rows.to(t.device)) if b else t
+                                    for t, b in zip(leaves, batched)], spec) for rows in rows_of]
 
     reference = _in_float64(copy.deepcopy(model))  # copies of converted models are not attached
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
     per_example = []
-    for i in range(len(rows_of)):
+    for one in examples:
         reference.zero_grad(set_to_none=True)
         try:
-            loss = loss_fn(reference, example(i))
+            loss = loss_fn(reference, one)
         except Exception as err:  # the split did not give examples: say so rather than guess
             how = "by split()" if split is not None else \
                 f"on dim {0 if batch_first else 1} of its tensors (batch_first={batch_first})"
             raise ValueError(
                 f"bk.verify: the loss of one example failed ({type(err).__name__}: {err}); the batch was split "
-                f"into {len(rows_of)} examples {how}. If the model's examples lie elsewhere, its layout is declared "
+                f"into {len(examples)} examples {how}. If the model's examples lie elsewhere, its layout is declared "
                 "wrong (a batch whose tensors do not all hold the examples on one dim: give split=)") from err
         loss.backward()
         params = dict(reference.named_parameters())
@@ -136,7 +129,7 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
             f"bk.verify: the reference gradient of example(s) {not_finite} is not finite: the model's own "
             "float64 forward and backward of that one example (without bk) gives inf or NaN (a mask filled with "
             "-inf over a whole row, or float32 arithmetic inside the model). Nothing was checked")
-    B = len(rows_of)  # examples, from here on
+    B = len(examples)  # examples, from here on
     R = max_grad_norm if max_grad_norm is not None else (sorted(totals)[B // 2] or 1.0)
 
     private = convert(_in_float64(copy.deepcopy(model)))
@@ -178,6 +171,5 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
                         generic_modules=generic_modules(private), rtol=rtol)
 
 
-def example_rows_of(spec, rows):
-    """The RowGroups of a batch of `rows` rows under an example_rows setting (None: one row each)."""
-    return resolve(check_spec(spec), rows)
+def _float64(t):
+    return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t

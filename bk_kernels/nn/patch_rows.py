@@ -120,7 +120,6 @@ class TowerRows:
 
     def model_call(self, args, kwargs):
         """The model's forward starts: what its towers will map their rows through (input_ids)."""
-        self.engine.layout.row_maps = None
         if self.towers:
             self.call = (args, kwargs or {})
 
