@@ -23,6 +23,7 @@ from .batchnorm import freeze_batchnorm, replace_batchnorm  # noqa: E402
 from .nn.families import register_layer  # noqa: E402
 from .engine import PrivacyEngine, UnsupportedLayoutError  # noqa: E402
 from .example_rows import interleaved_rows, stacked_rows  # noqa: E402
+from .packed import packed_sequences  # noqa: E402
 from .sampling_check import SamplingWarning  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
@@ -34,4 +35,4 @@ def build_info():
 
 
 __all__ = ["PrivacyEngine", "SamplingWarning", "UnsupportedLayoutError", "UnsupportedModuleError", "__version__", "accounting", "build_info", "clipping",
-           "convert", "data", "generic_modules", "distributed", "interleaved_rows", "nn", "ops", "register_layer", "freeze_batchnorm", "replace_batchnorm", "stacked_rows", "verify", "VerifyReport"]
+           "convert", "data", "generic_modules", "distributed", "interleaved_rows", "nn", "ops", "packed_sequences", "register_layer", "freeze_batchnorm", "replace_batchnorm", "stacked_rows", "verify", "VerifyReport"]

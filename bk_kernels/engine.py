@@ -20,7 +20,7 @@ from collections import defaultdict
 
 import torch
 
-from . import _fsdp, accounting, example_rows, ops
+from . import _fsdp, accounting, example_rows, ops, packed
 from .clipping import CLIPPING_FNS, clip_factors, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
@@ -137,6 +137,7 @@ class PrivacyEngine:
         self._overflow = False  # an fp16 backward overflowed: the GradScaler will skip this step
         self._example_rows = None  # which example each row of the batch is (example_rows); None: one row each
         self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
+        self._watch = None  # a packed forward's watch (packed.Watch) until its end
         self._towers = patch_rows.TowerRows(self)  # vision towers whose rows are all images' patches
         self._hooks = []
         self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
@@ -210,8 +211,13 @@ class PrivacyEngine:
         examples."""
         if self._callback_queued:  # a backward died half-way (an error raised inside it): drop its records
             self._reset_backward_state()
-        problem = _packed_sequences_problem(kwargs) if torch.is_grad_enabled() else None  # eval records nothing
-        if problem is not None:
+        if self._watch is not None:  # the last packed forward raised before its end
+            self._watch.close()
+            self._watch = None
+        packs = isinstance(self._example_rows, packed.PackedSequences)
+        self._forward_starts_of = None  # where the packed sequences of this forward start ([R, T] bool)
+        problem = _packed_sequences_problem(kwargs) if torch.is_grad_enabled() and not packs else None
+        if problem is not None:  # eval records nothing
             raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)
         self._towers.model_call(args, kwargs)
@@ -219,6 +225,7 @@ class PrivacyEngine:
         self._padding_forward = self._unpad_outputs or self._padding_chunk()
         # the rows' examples, checked against this batch before anything runs (padding holds none)
         self._forward_groups = None if self._padding_forward or not torch.is_grad_enabled() else \
+            self._packed_groups(kwargs) if packs else \
             example_rows.resolve(self._example_rows, self.layout.batch, self.layout.input_device)
         if self._unpad_outputs:
             if self._towers.towers:  # no example, no image: a 0-row patch input is left out, not padded
@@ -228,6 +235,31 @@ class PrivacyEngine:
         self._forward_labels = kwargs.get("labels") if kwargs else None
         self._forward_items = kwargs.get("num_items_in_batch") if kwargs else None
         return (args, kwargs) if self._unpad_outputs else None
+
+    def _packed_groups(self, kwargs):
+        """Under example_rows(bk.packed_sequences()): the examples of the tokens of a forward whose
+        rows pack several sequences (token rows for the layers, watched to the forward's end:
+        packed.py), or None when its rows are not packed (one example each)."""
+        starts = packed.sequence_starts(kwargs)
+        if starts is None:
+            return None
+        why = packed.attention_problem(self.model)
+        if why is None and not self.batch_first:
+            why = "the engine was made with batch_first=False; packed rows are read batch-first"
+        if why is None and tuple(starts.shape) != tuple(self.layout.input_shape[:2] or ()):
+            why = (f"its position_ids {tuple(starts.shape)} are not laid out as its input "
+                   f"{self.layout.input_shape} (rows, tokens)")
+        if why is not None:
+            raise UnsupportedLayoutError(
+                f"PrivacyEngine: the batch packs several sequences into a row (example_rows(bk.packed_sequences())), "
+                f"but {why}; nothing ran, nothing was recorded and no budget was spent.")
+        packed.check_flash_kwargs(kwargs, starts)
+        ids = packed.sequence_ids(starts).to(self.layout.input_device)
+        groups = example_rows.RowGroups(ids.flatten(), examples=int(ids[-1, -1]) + 1)
+        self.layout.tokens = tuple(starts.shape)
+        self._forward_starts_of = starts
+        self._watch = packed.Watch(self, starts)
+        return groups
 
     def _padding_chunk(self):
         """Whether the forward starting is a padding chunk of bk.distributed.micro_batches."""
@@ -264,13 +296,17 @@ class PrivacyEngine:
         is queued there, so a layer first recorded inside a nested backward (reentrant activation
         checkpointing runs one per checkpointed segment) cannot end the book-keeping early.
         Returns the output (an empty batch's: with no example again)."""
+        if self._watch is not None:  # packed sequences: the model's masks must have read them apart
+            watch, self._watch = self._watch, None
+            watch.finish()
         self._towers.model_ends()
         if self._unpad_outputs:
             output = self.layout.unpad(output)
             self._unpad_outputs = False
         loss = output.get("loss") if isinstance(output, dict) else None  # a Hugging Face ModelOutput's
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
-            problem = _token_mean_problem(self._forward_labels, self.model, self._forward_items)
+            problem = _token_mean_problem(self._forward_labels, self.model, self._forward_items,
+                                          self._forward_starts_of)
             if problem is not None:
                 def refuse(grad):  # first in the backward: nothing recorded yet
                     raise ValueError(problem)
@@ -733,22 +769,39 @@ class PrivacyEngine:
         return [(self._names[id(p)], tuple(p.shape)) for p in self._params]
 
 
-def _token_mean_problem(labels, model, num_items=None):
+def _token_mean_problem(labels, model, num_items=None, starts=None):
     """Why a Hugging Face model's own loss (outputs.loss) cannot be trained privately with these
     token labels, or None. That loss is the mean over ALL the batch's labelled tokens: when the
     examples hold different numbers of them (padding, random MLM masks), each example's
     gradient is scaled by the whole batch's token count, which the other examples change, and
     an unclipped example's contribution then moves with them: the per-example bound fails.
     With `num_items_in_batch` (Trainer's count over all of a step's micro-batches) the loss is
-    the token sum divided by it: the same unless it equals B x every example's count."""
+    the token sum divided by it: the same unless it equals B x every example's count.
+    starts: where packed sequences start ([R, T] bool, packed.py): the examples are those."""
     if not isinstance(labels, torch.Tensor) or labels.dim() < 2 or labels.is_floating_point() or \
-            (labels.shape[0] < 2 and num_items is None):
+            (labels.shape[0] < 2 and num_items is None and starts is None):
         return None
     config = getattr(model, "config", None)
     causal = callable(getattr(model, "can_generate", None)) and model.can_generate() and \
         not getattr(config, "is_encoder_decoder", False)
     counted = labels[:, 1:] if causal else labels  # a causal LM's loss shifts its labels by one
-    counts = (counted != -100).flatten(1).sum(1)
+    if starts is not None and starts.shape == labels.shape:
+        crossing = starts[:, 1:] & (counted != -100) if causal else None
+        if crossing is not None and bool(crossing.any()):
+            row, at = (int(i) for i in crossing.nonzero()[0])
+            return (f"PrivacyEngine: the backward runs through the model's own loss (outputs.loss) on packed sequences, "
+                    f"and the label of the first token of a sequence (row {row}, position {at + 1}) is not -100: the "
+                    "causal loss would predict it from the last token of the sequence before, another example. Label "
+                    "every sequence's first token -100 (DataCollatorWithFlattening does), or backpropagate "
+                    "bk_kernels.hf.example_losses(outputs.logits, labels, causal, position_ids=position_ids).mean(); "
+                    "nothing was recorded and no budget was spent.")
+        ids = packed.sequence_ids(starts)
+        ids = ids[:, 1:] if causal else ids
+        counts = torch.bincount(ids[counted != -100], minlength=int(packed.sequence_ids(starts)[-1, -1]) + 1)
+        if len(counts) < 2 and num_items is None:
+            return None
+    else:
+        counts = (counted != -100).flatten(1).sum(1)
     equal = bool((counts == counts[0]).all())
     if num_items is not None and not (equal and float(num_items) == float(counts.sum())):
         return (f"PrivacyEngine: the backward runs through the model's own loss (outputs.loss), which divides the "
@@ -766,7 +819,8 @@ def _token_mean_problem(labels, model, num_items=None):
             f"{int(counts.max())}{', after the causal shift' if causal else ''}): each example's gradient would then "
             "depend on the other examples' token counts, and clipping would not bound an example's influence. "
             "Backpropagate the mean over examples of each example's own loss instead: "
-            "bk_kernels.hf.example_losses(outputs.logits, labels, causal).mean() gives it for token labels "
+            f"bk_kernels.hf.example_losses(outputs.logits, labels, causal"
+            f"{', position_ids=position_ids' if starts is not None else ''}).mean() gives it for token labels "
             "(bk_kernels.hf.PrivateTrainer does this); nothing was recorded and no budget was spent.")
 
 
@@ -800,7 +854,9 @@ def _packed_sequences_problem(kwargs):
     return (f"PrivacyEngine: the batch packs several sequences into one row ({where}): Hugging Face models then read "
             "each row as separate sequences (DataCollatorWithFlattening's format), but the engine clips each ROW as "
             "one example, so the packed examples would be clipped together and no example's influence would be "
-            "bounded. Give each example its own row (padding with an attention_mask, as DataCollatorWithPadding or "
+            "bounded. If each packed sequence is one example, say so: engine.example_rows(bk.packed_sequences()) "
+            "clips each sequence's tokens together (Hugging Face models with eager, sdpa or flex attention). Or give "
+            "each example its own row (padding with an attention_mask, as DataCollatorWithPadding or "
             "bk_kernels.hf.PrivateTrainer's default collator does). If a row really is one example (a pre-packed "
             "chunk sampled as a unit), pass attention_mask=torch.ones_like(input_ids): the model then reads it as one "
             "sequence too. Nothing was recorded and no budget was spent.")

@@ -32,6 +32,7 @@ import torch
 
 from .layout import UnsupportedLayoutError
 from .nn._uses import ConvUse, DenseUse, EmbeddingUse, LinearUse
+from .packed import PackedSequences
 from .ops.conv import conv_per_example_grads
 
 
@@ -76,13 +77,14 @@ def _check_divisible(rows, copies, name):
 def check_spec(spec):
     """What PrivacyEngine.example_rows takes: None (one row per example), a callable
     rows -> [rows] example ids, or the ids themselves (a 1-D integer tensor, list or tuple)."""
-    if spec is None or callable(spec):
+    if spec is None or callable(spec) or isinstance(spec, PackedSequences):
         return spec
     ids = torch.as_tensor(spec) if isinstance(spec, (list, tuple)) else spec
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or \
             ids.dtype == torch.bool:
         raise TypeError("PrivacyEngine.example_rows: give a 1-D integer tensor (the example of each row of the model's "
-                        "batch), a callable rows -> such a tensor (bk.stacked_rows(k), bk.interleaved_rows(k)) or None, "
+                        "batch), a callable rows -> such a tensor (bk.stacked_rows(k), bk.interleaved_rows(k)), "
+                        "bk.packed_sequences() or None, "
                         f"got {type(spec).__name__}" + (f" of shape {tuple(ids.shape)} and dtype {ids.dtype}"
                                                         if isinstance(ids, torch.Tensor) else ""))
     return ids.detach()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import transformers
 from torch.utils.data import DataLoader, Sampler
 
+from . import packed
 from .convert import convert
 from .data import _EmptySafeCollate, epoch_steps, poisson_sample
 from .engine import PrivacyEngine
@@ -68,19 +69,35 @@ class PoissonMicroBatchSampler(Sampler):
                 yield part.tolist()
 
 
-def example_losses(logits, labels, causal):
+def example_losses(logits, labels, causal, position_ids=None):
     """[B] per-example losses: cross-entropy for class labels [B]; for token labels [B, T] the
     mean over each example's labelled tokens (label -100 is ignored), shifted by one for a
-    causal LM (token t predicts label t+1, as Hugging Face's causal LM loss)."""
+    causal LM (token t predicts label t+1, as Hugging Face's causal LM loss).
+
+    position_ids [R, T] of packed sequences (a padding-free batch, position ids restarting at
+    each sequence: bk.packed_sequences()): one loss per SEQUENCE, in order, [E]; a causal LM's
+    last token of a sequence does not predict the next sequence's first (that label is ignored)."""
     if labels.dim() == 1:
         if logits.dim() == 2 and logits.shape[1] > 1:
             return F.cross_entropy(logits.float(), labels, reduction="none")
         return (logits.float().view(-1) - labels.float()).square()  # regression: squared error
+    starts = packed.sequence_starts({"position_ids": position_ids}) if position_ids is not None else None
+    if starts is not None and starts.shape != labels.shape:
+        raise ValueError(f"example_losses: position_ids {tuple(position_ids.shape)} and labels {tuple(labels.shape)} "
+                         "should have the same shape")
+    ids = packed.sequence_ids(starts) if starts is not None else None
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
+        if starts is not None:  # a prediction across two sequences: no example's own
+            labels, ids = labels.masked_fill(starts[:, 1:], -100), ids[:, 1:]
     token = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                             reduction="none").view(labels.shape)
-    return token.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    if ids is None:
+        return token.sum(1) / (labels != -100).sum(1).clamp(min=1)
+    sequences = int(packed.sequence_ids(starts)[-1, -1]) + 1
+    sums = token.new_zeros(sequences).index_add_(0, ids.flatten(), token.flatten())
+    counts = torch.bincount(ids.flatten(), weights=(labels != -100).flatten().to(token.dtype), minlength=sequences)
+    return sums / counts.clamp(min=1)
 
 
 class _EpsilonOnTheBar(transformers.TrainerCallback):

@@ -30,6 +30,7 @@ class BatchLayout:
         self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
         self.row_maps = None  # inside a patch-rows vision tower: {rows: example of each row} (nn/patch_rows.py)
         self.row_serial = None  # ... and the serial of the model's forward it runs in
+        self.tokens = None  # (R, T) of a forward whose rows pack several examples (packed.py): tokens are rows
 
     def take(self, args, kwargs):
         """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
@@ -39,6 +40,7 @@ class BatchLayout:
         self.state_storages = None  # the model's buffers and Parameters, found when first asked (engine)
         self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
         self.row_maps = None  # no vision tower runs yet
+        self.tokens = None  # rows hold one example each, unless the engine reads packed sequences
         first = next((t for t in leaves if isinstance(t, PackedSequence) or isinstance(t, torch.Tensor)
                       and t.dim() > 0), None)
         if isinstance(first, PackedSequence):

@@ -51,6 +51,11 @@ class BKLayer:
 
     _bk_link = None
     _bk_calls = 0
+    # Layers that act on each token alone set the number of trailing feature dims of their input
+    # (Linear, norms: 1; Embedding ids: 0): on packed sequences (bk_kernels/packed.py) their
+    # input [R, T, ...] is taken as R*T rows of one token each. None: the family reads examples
+    # per row only (convolutions, attention tables, the generic path), refused on packed rows.
+    _bk_token_features = None
 
     @property
     def _bk_engine(self):
@@ -112,6 +117,8 @@ class BKLayer:
             return x
         if layout.row_maps is not None:  # inside a vision tower whose rows are all images' patches
             return self._bk_patch_rows(x, dim, layout)
+        if layout.tokens is not None:  # rows packing several examples: each token a row of its own
+            return self._bk_token_rows(x, dim, layout)
         B = layout.batch
         if x.dim() > dim and x.shape[dim] == B:  # the common case, first: one compare per forward
             if B > 1 and x.grad_fn is None and x.stride(dim) != 0 and self._bk_reads_model_state(x):
@@ -155,6 +162,26 @@ class BKLayer:
                 "was spent."))
         return x
 
+    def _bk_token_rows(self, x, dim, layout):
+        """x [R, T, ...] of a forward whose rows pack several sequences, as [R*T, ...] token rows
+        ([R*T, 1, d] for a single feature dim); the engine sums each sequence's tokens when it
+        records. Anything else is refused: a row-level input (a pooled [R, d]) mixes examples."""
+        R, T = layout.tokens
+        if self.__dict__.get("_bk_token_rows_taken") and x.dim() > dim and x.shape[0] == R * T:
+            return x  # the token rows this layer made of its input, in its own ops
+        features = self._bk_token_features
+        if features is None or dim != 0 or x.dim() < 2 + features or tuple(x.shape[:2]) != (R, T):
+            raise self._bk_layout_error(x, dim, why=(
+                f"the model's rows pack several sequences (example_rows(bk.packed_sequences())), so this layer's "
+                f"input should be [{R}, {T}, ...] (rows, tokens, then its features), each token then a row of its "
+                f"own; it got {tuple(x.shape)}" + ("" if features is not None else
+                                                   " and its family reads examples per row only") +
+                ". A layer fed a row-level input (a pooled output) mixes the packed examples; nothing was recorded "
+                "and no budget was spent."))
+        if x.dim() == 2 + features:
+            return x.reshape(R * T, 1, *x.shape[2:])
+        return x.flatten(0, 1)
+
     def _bk_reads_model_state(self, x):
         """A trainable layer fed (a view of) a buffer or Parameter of the model (checked only for
         inputs with no gradient history: the model's own inputs pass at one set lookup)."""
@@ -184,8 +211,21 @@ class BKLayer:
             # then lora_B of that, whose result is used only detached): the refusal waits until a
             # gradient reaches this call's output, if one ever does.
             return _RefusedAtBackward.apply(apply(x), err)
+        if self._bk_on_token_rows():  # [R*T, 1, d] or [R*T, h, d], and back to [R, T, ...]
+            self.__dict__["_bk_token_rows_taken"] = True  # the layer's own ops on xe (bk.nn.scale) take it as is
+            try:
+                y = apply(xe)
+            finally:
+                self.__dict__["_bk_token_rows_taken"] = False
+            return y.reshape(*x.shape[:2], *y.shape[2 if xe.dim() == x.dim() else 1:])
         y = apply(xe)
         return y.flatten(0, 1) if xe.dim() > x.dim() else y
+
+    def _bk_on_token_rows(self):
+        """Whether _bk_examples took the input as token rows (packed sequences)."""
+        layout = self._bk_layout()
+        return layout is not None and layout.batch is not None and layout.row_maps is None and \
+            layout.tokens is not None
 
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""

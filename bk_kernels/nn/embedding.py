@@ -51,13 +51,16 @@ class Embedding(BKLayer, torch.nn.Embedding):
     gradients have no private equivalent here: bk.convert refuses such layers.
     """
 
+    _bk_token_features = 0  # ids [R, T]
+
     def forward(self, ids):
         if in_plain_forward():
             return super().forward(ids)
         bdim = self._bk_batch_dim(ids, features_dims=0)
         ids = self._bk_shared_1d_ids(ids)
-        ids = self._bk_examples(ids, bdim)
-        return _EmbeddingFn.apply(ids, self.weight, self, bdim)
+        rows = self._bk_examples(ids, bdim)
+        y = _EmbeddingFn.apply(rows, self.weight, self, bdim)
+        return y.reshape(*ids.shape, y.shape[-1]) if self._bk_on_token_rows() else y
 
     def _bk_shared_1d_ids(self, ids):
         """1-D ids [N] are N examples of one lookup each (user or class ids). When N differs

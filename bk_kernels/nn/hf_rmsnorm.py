@@ -75,6 +75,7 @@ class _HFRMSNorm(GenericLayer):
     generic path outside private training and for a frozen weight."""
 
     _bk_generic_only_as_fallback = True  # bk.generic_modules leaves it out: the usual call is fused
+    _bk_token_features = 1  # normalises each token over its last dim
 
     def forward(self, hidden_states, gate=None):
         if in_plain_forward() or self._bk_layout() is None or not self.weight.requires_grad:

@@ -89,6 +89,8 @@ def _not_a_view(y):
 class Linear(BKLayer, torch.nn.Linear):
     """torch.nn.Linear whose backward book-keeps for the privacy engine."""
 
+    _bk_token_features = 1
+
     def forward(self, x):
         if in_plain_forward():
             return super().forward(x)
@@ -104,6 +106,8 @@ def linear_with(layer, x, weight, bias, rows=None):
 class _GPT2Conv1DMixin(BKLayer):
     """Forward of transformers' Conv1D (weight [nx, nf]: y = x @ W + b) on the BK path; the
     Parameter keeps its [in, out] layout."""
+
+    _bk_token_features = 1
 
     def forward(self, x):
         if in_plain_forward():

@@ -72,6 +72,7 @@ class _LastDimsNorm(BKLayer):
     """Normalises over the trailing `normalized_shape` dims (LayerNorm, RMSNorm)."""
 
     _bk_centered = True
+    _bk_token_features = 1  # normalises each token over its trailing dims
 
     def _bk_dims(self, x):
         return tuple(range(x.dim() - len(self.normalized_shape), x.dim()))
