@@ -15,7 +15,8 @@ What it changes in Trainer, and why:
   batch per optimizer step. Sample i of epoch e is drawn from a generator seeded by (seed, e, i),
   so Trainer's skipping of trained batches on resume gives the batches the uninterrupted run had;
 - the loss is the mean over examples of each example's own loss (for token-level labels, the
-  mean over that example's labelled tokens), never normalised by counts over the whole batch
+  mean over that example's labelled tokens; with DataCollatorWithFlattening, which packs a
+  micro-batch into one row, each packed sequence is an example: bk.packed_sequences()), never normalised by counts over the whole batch
   (that would make one example's gradient depend on the others'), and the backward is
   loss.backward(): each micro-batch's per-example gradients are recovered exactly by the engine;
 - Trainer's own gradient clipping (args.max_grad_norm) is turned off: it would clip the noisy
@@ -130,10 +131,9 @@ class PrivateTrainer(transformers.Trainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("PrivateTrainer: give the model (model_init is not supported)")
-        if isinstance(kwargs.get("data_collator"), transformers.DataCollatorWithFlattening):
-            raise ValueError("PrivateTrainer: DataCollatorWithFlattening packs a micro-batch's examples into one row, "
-                             "which the engine would clip as ONE example (no example's influence bounded); use a "
-                             "padding collator (each example its own row, with an attention_mask)")
+        # A padding-free collator packs the micro-batch's examples into one row, each its own
+        # sequence: the engine clips sequence by sequence (bk.packed_sequences())
+        self._packed = isinstance(kwargs.get("data_collator"), transformers.DataCollatorWithFlattening)
         convert(model)  # in place: Trainer sees the same module, Parameters and state_dict keys
         super().__init__(*args, **kwargs)
         targs = self.args
@@ -163,6 +163,8 @@ class PrivateTrainer(transformers.Trainer):
                                     target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
                                     target_delta=target_delta, max_grad_norm=max_grad_norm, clipping_fn=clipping_fn,
                                     clipping_style=clipping_style, accountant=accountant, seed=seed)
+        if self._packed:
+            self.engine.example_rows(packed.packed_sequences())
         # The sampling seed: given, or secret (saved in checkpoints, as the noise seed is).
         self._sampling_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._sampler = None
@@ -202,8 +204,12 @@ class PrivateTrainer(transformers.Trainer):
         labels = inputs.get("labels")
         if labels is None:  # the model's own loss: it must be a mean over examples
             return super().compute_loss(model, inputs, return_outputs=return_outputs)
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-        losses = example_losses(outputs.logits, labels, self._causal)
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        if self._packed and "use_cache" not in forward and getattr(self.model.config, "use_cache", None):
+            forward["use_cache"] = False  # a cache would turn off transformers' packed-sequence masks
+        outputs = model(**forward)
+        losses = example_losses(outputs.logits, labels, self._causal,
+                                position_ids=inputs.get("position_ids") if self._packed else None)
         loss = losses.sum() / max(len(losses), 1)  # an empty micro-batch: 0, not nan
         return (loss, outputs) if return_outputs else loss
 

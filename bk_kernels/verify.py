@@ -20,6 +20,7 @@ from .clipping import clip_factors_ref
 from .convert import convert, generic_modules
 from .engine import PrivacyEngine
 from .example_rows import check_spec, resolve
+from .packed import PackedSequences, sequence_ids, sequence_starts
 
 
 @dataclass
@@ -74,7 +75,10 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     example_rows: which example each row of the model's batch belongs to, as given to
         PrivacyEngine.example_rows (an example laid out as several rows). The reference's
         example e is then batch's rows of example e (every batched tensor's), and the loss_fn
-        must take such a batch (a DPO loss: chosen rows, then rejected rows).
+        must take such a batch (a DPO loss: chosen rows, then rejected rows). With
+        bk.packed_sequences() the batch is a dict holding position_ids [R, T]: example e is
+        its e-th packed sequence, each tensor shaped as position_ids cut to that sequence's
+        tokens ([1, L], positions restarting at its start), the others passed whole.
     split: batch -> [the batch of example 0, of example 1, ...], for batches whose tensors do not
         all hold the examples on one dim (a Qwen-VL batch: pixel_values hold every image's patch
         rows, image_grid_thw one row per image). Replaces the split above; the float64 casts
@@ -97,6 +101,8 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
         examples = [tree_map(_float64, part) for part in split(batch)]
         if not examples:
             raise ValueError("bk.verify: split(batch) gave no example")
+    elif isinstance(check_spec(example_rows), PackedSequences):  # each packed sequence's tokens, as its own row
+        examples = [tree_map(_float64, part) for part in _unpacked(batch)]
     else:  # each example's rows of every batched tensor (one row each, or example_rows' rows)
         groups = resolve(check_spec(example_rows), B)
         rows_of = [torch.arange(B)[i:i + 1] for i in range(B)] if groups is None else \
@@ -169,6 +175,23 @@ def verify(model, loss_fn, batch, *, batch_first=True, clipping_style="all-layer
     return VerifyReport(batch_size=B, max_grad_norm=R, norm_error=norm_error,
                         update_error=worst[0][0] if worst else 0.0, worst=worst,
                         generic_modules=generic_modules(private), rtol=rtol)
+
+
+def _unpacked(batch):
+    """The batches of a packed batch's sequences, one each (verify's example_rows=bk.packed_sequences())."""
+    positions = batch.get("position_ids") if isinstance(batch, dict) else None
+    starts = sequence_starts({"position_ids": positions}) if positions is not None else None
+    if starts is None:
+        raise ValueError("bk.verify: example_rows=bk.packed_sequences() takes a dict batch whose position_ids [R, T] "
+                         "restart at each packed sequence (and no attention_mask); for another layout give split=")
+    ids = sequence_ids(starts)
+    parts = []
+    for e in range(int(ids[-1, -1]) + 1):
+        row, at = (ids == e).nonzero(as_tuple=True)
+        cut = lambda t: t[row[0]:row[0] + 1, at[0]:at[-1] + 1]  # noqa: E731
+        parts.append({k: cut(v) if isinstance(v, torch.Tensor) and v.shape[:2] == positions.shape else v
+                      for k, v in batch.items()})
+    return parts
 
 
 def _float64(t):

@@ -179,12 +179,68 @@ def test_sampler_splits_every_poisson_batch_into_the_accumulation_steps():
     assert list(sampler) == parts  # ... and the same one for the same (seed, epoch, step)
 
 
-def test_refuses_what_it_cannot_do_privately(tmp_path):
+class RaggedTexts(Texts):
+    """Texts of 2 to T tokens (no padding in the dataset: a padding-free collator packs them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = torch.randint(2, T + 1, (N,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def __getitem__(self, i):
+        ids = self.ids[i, :self.lengths[i]].tolist()
+        return {"input_ids": ids, "labels": ids}
+
+
+def padded_loop(model, steps, per_device=4, micro=2):
+    """own_loop on RaggedTexts, each example its own row: right-padded, attention_mask, labels -100."""
+    bk.convert(model)
+    batch_size = per_device * micro
+    engine = bk.PrivacyEngine(model, batch_size=batch_size, sample_size=N, noise_multiplier=0.7, max_grad_norm=0.3,
+                              seed=11)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.5))
+    epoch_steps = round(N / batch_size)
+    sampler = PoissonMicroBatchSampler(N, batch_size / N, epoch_steps, micro, 11)
+    data = RaggedTexts()
+    for step in range(steps):
+        epoch, i = divmod(step, epoch_steps)
+        for part in torch.tensor_split(sampler.sample(epoch, i), micro):
+            ids = torch.zeros(len(part), T, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, k in enumerate(part.tolist()):
+                ids[row, :data.lengths[k]], mask[row, :data.lengths[k]] = data.ids[k, :data.lengths[k]], 1
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            losses = example_losses(logits, ids.masked_fill(mask == 0, -100), causal=True)
+            (losses.sum() / max(len(losses), 1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return engine
+
+
+def test_a_padding_free_collator_trains_each_packed_sequence_as_an_example(tmp_path):
+    """DataCollatorWithFlattening packs each micro-batch into one row: each sequence is clipped as
+    one example (bk.packed_sequences()), so the steps are those of each example in its own padded
+    row (to float64 rounding: the sums run in another order), empty micro-batches included."""
     model = tiny_gpt2()
-    with pytest.raises(ValueError, match="DataCollatorWithFlattening packs"):
-        PrivateTrainer(model=model, args=_args(tmp_path), train_dataset=Texts(), noise_multiplier=1.0,
-                       data_collator=transformers.DataCollatorWithFlattening())
-    assert not any(isinstance(m, bk.nn.BKLayer) for m in model.modules())  # refused before converting
+    reference = copy.deepcopy(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
+    trainer = PrivateTrainer(model=model, args=_args(tmp_path, per_device_train_batch_size=2,
+                                                     gradient_accumulation_steps=3, max_steps=5),
+                             train_dataset=RaggedTexts(), data_collator=transformers.DataCollatorWithFlattening(),
+                             optimizers=(sgd, None), noise_multiplier=0.7, max_grad_norm=0.3, seed=11)
+    counted = []
+    count = trainer.engine._count_examples
+    trainer.engine._count_examples = lambda: (counted.append(trainer.engine._examples), count())
+    trainer.train()
+    engine = padded_loop(reference, 5, per_device=2, micro=3)
+    assert trainer.engine.steps == engine.steps == 5
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    sampler = PoissonMicroBatchSampler(N, 6 / N, round(N / 6), 3, 11)
+    assert any(len(part) == 0 for part in sampler)  # empty micro-batches occur in these steps
+    assert counted == [len(sampler.sample(*divmod(step, round(N / 6)))) for step in range(5)]
+
+
+def test_refuses_what_it_cannot_do_privately(tmp_path):
     with pytest.raises(ValueError, match="exactly one of target_epsilon and noise_multiplier"):
         PrivateTrainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=Texts())
     with pytest.raises(ValueError, match="exceeds"):

@@ -232,3 +232,14 @@ def test_position_ids_laid_out_otherwise_are_refused():
     with pytest.raises(bk.layout.UnsupportedLayoutError, match="cu_seq_lens_q"):
         model(input_ids=ids, position_ids=positions, use_cache=False,
               cu_seq_lens_q=torch.tensor([0, 5, 12, 22], dtype=torch.int32))
+
+
+def test_verify_packed_sequences():
+    ids, positions = pack(sequences_of(LENGTHS))
+
+    def loss_fn(model, batch):
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return example_losses(logits, batch["input_ids"], True, position_ids=batch["position_ids"]).mean()
+    report = bk.verify(zoo.qwen2(), loss_fn, {"input_ids": ids, "position_ids": positions},
+                       example_rows=bk.packed_sequences())
+    assert report.ok and report.batch_size == 4, report
