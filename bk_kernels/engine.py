@@ -181,6 +181,7 @@ class PrivacyEngine:
                 module._bk_engine = self
         self._hooks.append(self.model.register_forward_pre_hook(ModelProbe(self), with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(ModelProbe(self, after=True)))
+        self._hooks.append(self.model.register_forward_hook(ModelProbe(self, after="always"), always_call=True))
         for p in self._params:
             self._hooks.append(p.register_hook(self._make_guard(self._names[id(p)])))
         self._hooks += self._towers.attach(self.model)
@@ -289,6 +290,13 @@ class PrivacyEngine:
         Each backward uses the rows of the forward it goes through (set when that forward ran)."""
         previous, self._example_rows = self._example_rows, example_rows.check_spec(rows)
         return _Restore(self, previous)
+
+    def _forward_ended(self):
+        """After every forward of the model, also one that raised: a packed forward's watch (a
+        global module hook) ends with it."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def _watch_outputs(self, output):
         """The model's forward hook: the first gradient to reach one of its outputs marks the start

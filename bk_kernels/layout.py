@@ -174,14 +174,18 @@ def check_declared_layouts(model, batch_first):
 
 class ModelProbe:
     """The model's forward pre-hook (engine._forward_starts) or forward hook
-    (engine._watch_outputs). Like the layers' engine link, it does nothing in a copy or a pickle
-    of the model: those are not attached."""
+    (engine._watch_outputs; after="always": engine._forward_ended, registered with always_call,
+    so it runs even when the forward raises). Like the layers' engine link, it does nothing in a
+    copy or a pickle of the model: those are not attached."""
 
     def __init__(self, engine, after=False):
         self.engine, self.after = engine, after
 
     def __call__(self, module, args, *rest):
         if self.engine is None:
+            return None
+        if self.after == "always":
+            self.engine._forward_ended()
             return None
         if self.after:
             return self.engine._watch_outputs(rest[0])

@@ -135,8 +135,8 @@ class Watch:
 
     def _module_runs(self, module, args):
         from .nn._core import BKLayer, in_plain_forward
-        if self.problem is not None or in_plain_forward() or not torch.is_grad_enabled():
-            return
+        if getattr(_watching, "current", None) is not self or in_plain_forward() or not torch.is_grad_enabled():
+            return  # another thread's modules, or outside this forward
         if isinstance(module, BKLayer):
             if module._bk_token_features is None:
                 self.problem = (module, "its bk family takes its examples per row, not per token (it may mix the "
@@ -148,6 +148,7 @@ class Watch:
             self.problem = (module, "it owns Parameters but is no bk layer (frozen, so left unconverted), and bk "
                                     "cannot tell whether it mixes the positions of a row")
         if self.problem is not None:  # raised here, before the module runs
+            self.close()
             raise self.refusal()
 
     def refusal(self):

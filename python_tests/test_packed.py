@@ -243,3 +243,18 @@ def test_verify_packed_sequences():
     report = bk.verify(zoo.qwen2(), loss_fn, {"input_ids": ids, "position_ids": positions},
                        example_rows=bk.packed_sequences())
     assert report.ok and report.batch_size == 4, report
+
+
+def test_a_refused_packed_forward_leaves_no_hook_behind():
+    """The watch of a packed forward (a global module hook) ends with the forward, also when the
+    forward raises: another model's forward afterwards runs unhindered."""
+    _refused(zoo.qwen3_5(), "per row, not per token", use_cache=False)
+    model = zoo.qwen3_5()  # not attached: its gated delta net runs as it would without bk
+    ids, positions = pack(sequences_of(LENGTHS))
+    model(input_ids=ids, position_ids=positions, use_cache=False)
+
+
+def test_opt_folds_its_rows_and_makes_its_masks_without_packed_sequences():
+    """OPT's layers take [R*T, d] rows (read as token rows), but its attention masks are made
+    without transformers' packed-sequence detection: refused at the forward's end."""
+    _refused(zoo.opt(), "detection did not run", use_cache=False)

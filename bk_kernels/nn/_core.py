@@ -170,6 +170,9 @@ class BKLayer:
         if self.__dict__.get("_bk_token_rows_taken") and x.dim() > dim and x.shape[0] == R * T:
             return x  # the token rows this layer made of its input, in its own ops
         features = self._bk_token_features
+        if features is not None and dim == 0 and R * T != R and x.dim() >= 1 + features and x.shape[0] == R * T \
+                and folded_rows(x, R):  # already token rows: a reshape(-1, d) of [R, T, d] (OPT, MoE blocks)
+            return x.reshape(x.shape[0], 1, *x.shape[1:]) if x.dim() == 1 + features else x  # a view folded_rows reads
         if features is None or dim != 0 or x.dim() < 2 + features or tuple(x.shape[:2]) != (R, T):
             raise self._bk_layout_error(x, dim, why=(
                 f"the model's rows pack several sequences (example_rows(bk.packed_sequences())), so this layer's "
@@ -211,12 +214,14 @@ class BKLayer:
             # then lora_B of that, whose result is used only detached): the refusal waits until a
             # gradient reaches this call's output, if one ever does.
             return _RefusedAtBackward.apply(apply(x), err)
-        if self._bk_on_token_rows():  # [R*T, 1, d] or [R*T, h, d], and back to [R, T, ...]
+        if self._bk_on_token_rows():  # [R*T, 1, d] or [R*T, h, d], and back to x's layout
             self.__dict__["_bk_token_rows_taken"] = True  # the layer's own ops on xe (bk.nn.scale) take it as is
             try:
                 y = apply(xe)
             finally:
                 self.__dict__["_bk_token_rows_taken"] = False
+            if xe.shape[0] == x.shape[0]:  # x was token rows already ([R*T, d]: unsqueezed)
+                return y.flatten(0, 1) if xe.dim() > x.dim() else y
             return y.reshape(*x.shape[:2], *y.shape[2 if xe.dim() == x.dim() else 1:])
         y = apply(xe)
         return y.flatten(0, 1) if xe.dim() > x.dim() else y

@@ -23,6 +23,8 @@ class _AffineNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, batch_dim=0):
         ctx.layer, ctx.weight, ctx.bias, ctx.batch_dim = layer, weight, bias, batch_dim
+        # row r of the output (dim 0) is a function of row r of x alone: a fold of rows stays one (folded_rows)
+        ctx._bk_row_wise_input = (0, x.numel())
         xa = x.to(accumulation_dtype(x.dtype))
         cast = lambda t: t.to(xa.dtype) if t is not None else None  # noqa: E731
         y, stats = layer._bk_normalize(xa, cast(weight), cast(bias))  # the affine map fused in where torch has it
