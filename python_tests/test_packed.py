@@ -248,10 +248,16 @@ def test_verify_packed_sequences():
 def test_a_refused_packed_forward_leaves_no_hook_behind():
     """The watch of a packed forward (a global module hook) ends with the forward, also when the
     forward raises: another model's forward afterwards runs unhindered."""
-    _refused(zoo.qwen3_5(), "per row, not per token", use_cache=False)
-    model = zoo.qwen3_5()  # not attached: its gated delta net runs as it would without bk
+    model = bk.convert(zoo.llama())
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=0.0)
+    engine.example_rows(bk.packed_sequences())
     ids, positions = pack(sequences_of(LENGTHS))
-    model(input_ids=ids, position_ids=positions, use_cache=False)
+    with pytest.raises(IndexError):  # an id past the vocabulary: the model's own error, mid-forward
+        model(input_ids=ids + zoo.VOCAB, position_ids=positions, use_cache=False)
+    assert engine._watch is None
+    _refused(zoo.qwen3_5(), "per row, not per token", use_cache=False)  # our refusal, raised from the watch
+    other = zoo.qwen3_5()  # not attached: its gated delta net runs as it would without bk
+    other(input_ids=ids, position_ids=positions, use_cache=False)
 
 
 def test_opt_folds_its_rows_and_makes_its_masks_without_packed_sequences():
