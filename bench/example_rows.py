@@ -10,6 +10,10 @@ together costs over clipping each row alone, side by side with the non-private s
 - qwen2-vl: a Qwen2-VL step (vision tower 4 x 256, patch 14, language model 4 x 256) on 8
   examples with 1 or 2 images of 16 x 16 patches each: the tower's patch rows summed per example
   (nn/patch_rows.py), with the tower trained and frozen.
+- llama-packed: a Llama step (4 x 256, vocabulary 8192) on 16 sequences of 16 to 128 tokens,
+  padded to 128 with an attention_mask (one row each), or packed into one row without padding
+  (position_ids restarting: bk.packed_sequences(), each sequence clipped as one example);
+  `ratio` is over the padded non-private step.
 "rows alone" is bk without the setting (each row clipped as an example: NOT private for these
 batches, timed only as the cost to compare with). Rounds interleave one step of each method;
 `ratio` is the median per-round time over non-private (which trains the whole model). Noise
@@ -25,7 +29,8 @@ from bench import harness, workloads
 
 CONFIGS = {"gpt2-dpo": dict(pairs=16, T=64, layers=4, width=256, vocab=8192),
            "cnn-multiplicity": dict(examples=16, copies=4, size=32),
-           "qwen2-vl": dict(examples=8, T=192, width=256, layers=4, images=(1, 2, 1, 1, 2, 1, 1, 1))}
+           "qwen2-vl": dict(examples=8, T=192, width=256, layers=4, images=(1, 2, 1, 1, 2, 1, 1, 1)),
+           "llama-packed": dict(examples=16, shortest=16, longest=128, layers=4, width=256, vocab=8192)}
 
 
 def _rows_methods(spec):
@@ -97,6 +102,42 @@ def _qwen2_vl(sizes, device, dtype):
     return model, loss, B, methods, dict(B=B, rows=pixels.shape[0], T=T)
 
 
+def _llama_packed(sizes, device, dtype):
+    import transformers
+
+    import bk_kernels as bk
+    from bk_kernels.hf import example_losses
+
+    B, T, V = sizes["examples"], sizes["longest"], sizes["vocab"]
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=sizes["width"], intermediate_size=688,
+                                      num_hidden_layers=sizes["layers"], num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=T)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device, dtype)
+    lengths = torch.randint(sizes["shortest"], T + 1, (B,)).tolist()
+    sequences = [torch.randint(0, V, (n,)) for n in lengths]
+    padded = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, s in enumerate(sequences):
+        padded[b, :len(s)], mask[b, :len(s)] = s, 1
+    padded, mask = padded.to(device), mask.to(device)
+    labels = padded.masked_fill(mask == 0, -100)
+    packed = torch.cat(sequences)[None].to(device)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+
+    def padded_loss(m):
+        logits = m(input_ids=padded, attention_mask=mask, use_cache=False).logits
+        return example_losses(logits, labels, True).mean()
+
+    def packed_loss(m):
+        logits = m(input_ids=packed, position_ids=positions, use_cache=False).logits
+        return example_losses(logits, packed, True, position_ids=positions).mean()
+    methods = {"non-private": None, "non-private (packed)": dict(loss=packed_loss, bk=None),
+               "bk (padded)": (None, None), "bk (packed sequences)": dict(loss=packed_loss,
+                                                                          bk=(bk.packed_sequences(), None))}
+    return model, padded_loss, B, methods, dict(B=B, rows=packed.shape[1], T=T)
+
+
 def bk_rows(copies, order):
     import bk_kernels as bk
 
@@ -104,9 +145,12 @@ def bk_rows(copies, order):
 
 
 def _step(model, loss, examples, method):
-    """One training step of `method`: None (non-private) or (example_rows setting, freeze)."""
+    """One training step of `method`: None (non-private) or (example_rows setting, freeze); or
+    dict(loss=its own loss, bk=one of those)."""
     import bk_kernels as bk
 
+    if isinstance(method, dict):
+        loss, method = method["loss"], method["bk"]
     model = copy.deepcopy(model)
     if method is None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -136,7 +180,8 @@ def run(device, dtype, quick, command, configs=None):
     rounds = 3 if quick else 11
     rows = []
     for config in [c for c in (configs or CONFIGS) if c in CONFIGS]:
-        build = {"gpt2-dpo": _dpo, "cnn-multiplicity": _multiplicity, "qwen2-vl": _qwen2_vl}[config]
+        build = {"gpt2-dpo": _dpo, "cnn-multiplicity": _multiplicity, "qwen2-vl": _qwen2_vl,
+                 "llama-packed": _llama_packed}[config]
         model, loss, examples, methods, shape = build(CONFIGS[config], device, dtype)
         steps = {name: _step(model, loss, examples, method) for name, method in methods.items()}
         for fn in steps.values():

@@ -36,7 +36,11 @@ SECTIONS = {
                      "chosen then rejected rows, `bk.stacked_rows(2)`) and augmentation multiplicity on the CNN "
                      "(`B` images, 4 copies each, `bk.interleaved_rows(4)`); a Qwen2-VL step (vision tower and language "
                      "model 4 layers of width 256; `B` examples with 1 or 2 images, `rows` patch rows in all), the "
-                     "tower's patch rows summed per example, with the tower trained and frozen. `bk (rows alone)` "
+                     "tower's patch rows summed per example, with the tower trained and frozen; a Llama step (4 layers of "
+                     "width 256, vocabulary 8192) on `B` sequences of 16 to 128 tokens (`rows` tokens in all), padded "
+                     "to `T` with an attention_mask or packed into one row without padding (`bk.packed_sequences()`: "
+                     "each sequence clipped as one example; `ratio` over the padded non-private step). "
+                     "`bk (rows alone)` "
                      "is bk without the setting (each row clipped as an example: not private for these batches; "
                      "the cost to compare with). Rounds interleave the methods; `ratio`: median per-round time over "
                      "non-private (which trains the whole model).",
