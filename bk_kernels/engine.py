@@ -256,7 +256,7 @@ class PrivacyEngine:
                 f"but {why}; nothing ran, nothing was recorded and no budget was spent.")
         packed.check_flash_kwargs(kwargs, starts)
         ids = packed.sequence_ids(starts).to(self.layout.input_device)
-        groups = example_rows.RowGroups(ids.flatten(), examples=int(ids[-1, -1]) + 1)
+        groups = packed.PackedGroups(ids.flatten(), starts)
         self.layout.tokens = tuple(starts.shape)
         self._forward_starts_of = starts
         self._watch = packed.Watch(self, starts)

@@ -32,7 +32,6 @@ import torch
 
 from .layout import UnsupportedLayoutError
 from .nn._uses import ConvUse, DenseUse, EmbeddingUse, LinearUse
-from .packed import PackedSequences
 from .ops.conv import conv_per_example_grads
 
 
@@ -77,6 +76,7 @@ def _check_divisible(rows, copies, name):
 def check_spec(spec):
     """What PrivacyEngine.example_rows takes: None (one row per example), a callable
     rows -> [rows] example ids, or the ids themselves (a 1-D integer tensor, list or tuple)."""
+    from .packed import PackedSequences  # packed.py builds on this module
     if spec is None or callable(spec) or isinstance(spec, PackedSequences):
         return spec
     ids = torch.as_tensor(spec) if isinstance(spec, (list, tuple)) else spec

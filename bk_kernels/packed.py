@@ -29,7 +29,11 @@ import threading
 
 import torch
 
+from .example_rows import RowGroups
 from .layout import UnsupportedLayoutError
+from .nn._uses import LinearUse
+from .ops._backend import resolve
+from .ops.linear_norm import linear_norm_3d
 
 # Modules whose forward mixes positions even when frozen, seen in the layer lists of hybrid and
 # speech models: none of them reads the packed sequences apart.
@@ -118,6 +122,71 @@ def _configs(model):
         if sub is not None and hasattr(sub, "_attn_implementation"):
             found.append(sub)
     return found
+
+
+class PackedGroups(RowGroups):
+    """RowGroups over the R*T token rows of a packed forward, each sequence's tokens consecutive.
+
+    A linear map's use of ragged sequences is not zero-padded to the longest sequence here
+    (RowGroups.side_by_side would: the padding costs fills, copies and norm work on zeros) but
+    kept on its token rows (TokenLinearUse): each sequence's norm from its own rows (views), the
+    clipped sum as one weighted sum over the tokens with each token weighted by its sequence's
+    factor. Equal lengths keep RowGroups' views ([E, L, d], one fused call)."""
+
+    def __init__(self, ids, starts):
+        super().__init__(ids, examples=int(ids[-1]) + 1 if ids.numel() else 0)
+        first = starts.flatten().nonzero().flatten().tolist()
+        self.bounds = list(zip(first, first[1:] + [starts.numel()]))  # [(first token, past the last)] per sequence
+
+    def regroup(self, use, where):
+        if isinstance(use, LinearUse) and not self.in_place and use.batch == self.rows:
+            return TokenLinearUse(use, self)
+        return super().regroup(use, where)
+
+
+class TokenLinearUse:
+    """A linear map's use on the token rows of packed sequences (a [N, 1, d], g [N, 1, p]), over
+    the sequences: G_e = sum over e's tokens t of g_t^T a_t (see PackedGroups)."""
+
+    def __init__(self, use, groups):
+        self.use, self.groups = use, groups
+        self._padded = None
+
+    @property
+    def batch(self):
+        return self.groups.examples
+
+    def sq_norm(self, mode, backend):
+        a, g = self.use.a, self.use.g  # [N, k, d], [N, k, p]: k rows per token (1, or a head dim)
+        norms = [linear_norm_3d(_rows_of(a, lo, hi), _rows_of(g, lo, hi), mode,
+                                resolve(backend, a.device, "linear_norm")) for lo, hi in self.groups.bounds]
+        return torch.cat(norms)
+
+    def factors(self):  # cross terms (a tied embedding): the sequences zero-padded side by side
+        if self._padded is None:
+            self._padded = RowGroups.regroup(self.groups, self.use, lambda: "")
+        return self._padded.factors()
+
+    def dense(self):
+        return None
+
+    def densify(self, mode):
+        return self
+
+    def _token_factors(self, c):
+        return c.index_select(0, self.groups.example.to(c.device))
+
+    def clipped(self, c, backend):
+        return self.use.clipped(self._token_factors(c), backend)
+
+    def add_clipped(self, grad, c, backend):
+        self.use.add_clipped(grad, self._token_factors(c), backend)
+
+
+def _rows_of(t, lo, hi):
+    """Tokens lo..hi of token rows [N, d] as one example [1, hi - lo, d] ([N, h, d]: [1, (hi - lo) h, d])."""
+    part = t[lo:hi]
+    return part.reshape(1, -1, part.shape[-1])
 
 
 _watching = threading.local()
