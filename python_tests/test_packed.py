@@ -264,3 +264,23 @@ def test_opt_folds_its_rows_and_makes_its_masks_without_packed_sequences():
     """OPT's layers take [R*T, d] rows (read as token rows), but its attention masks are made
     without transformers' packed-sequence detection: refused at the forward's end."""
     _refused(zoo.opt(), "detection did not run", use_cache=False)
+
+
+def _exaone4(heads=2, **extra):
+    """Exaone 4: RMSNorms of the queries and keys AFTER their transpose ([R, heads, T, head_dim])."""
+    import transformers
+    config = transformers.Exaone4Config(vocab_size=zoo.VOCAB, hidden_size=8 * heads, intermediate_size=24,
+                                        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=1,
+                                        head_dim=8, max_position_embeddings=64, **extra)
+    torch.manual_seed(0)
+    return transformers.Exaone4ForCausalLM(config).double()
+
+
+def test_norms_of_the_heads_after_their_transpose():
+    """[R, H, T, D] inputs (Exaone 4's, Gemma 3's q/k norms): the tokens on dim 2."""
+    check(_exaone4(), sequences_of(LENGTHS))
+
+
+def test_tokens_and_heads_of_one_size_are_refused():
+    """22 heads and 22 tokens: [1, 22, 22, 8] could hold the tokens on either dim."""
+    _refused(_exaone4(heads=22), "cannot tell which one holds the tokens", use_cache=False)

@@ -173,6 +173,13 @@ class BKLayer:
         if features is not None and dim == 0 and R * T != R and x.dim() >= 1 + features and x.shape[0] == R * T \
                 and folded_rows(x, R):  # already token rows: a reshape(-1, d) of [R, T, d] (OPT, MoE blocks)
             return x.reshape(x.shape[0], 1, *x.shape[1:]) if x.dim() == 1 + features else x  # a view folded_rows reads
+        if features == 1 and dim == 0 and x.dim() == 4 and x.shape[0] == R and x.shape[1] == x.shape[2] == T:
+            raise self._bk_layout_error(x, dim, why=(
+                f"the model's rows pack several sequences (example_rows(bk.packed_sequences())), and this layer's "
+                f"input {tuple(x.shape)} has the number of tokens {T} on dims 1 and 2: bk cannot tell which one holds "
+                "the tokens (and which the heads); nothing was recorded and no budget was spent."))
+        if features == 1 and dim == 0 and _heads_first(x, R, T):  # [R, H, T, D]: Gemma 3's q/k norms
+            return x.transpose(1, 2).reshape(R * T, x.shape[1], x.shape[3])
         if features is None or dim != 0 or x.dim() < 2 + features or tuple(x.shape[:2]) != (R, T):
             raise self._bk_layout_error(x, dim, why=(
                 f"the model's rows pack several sequences (example_rows(bk.packed_sequences())), so this layer's "
@@ -222,6 +229,9 @@ class BKLayer:
                 self.__dict__["_bk_token_rows_taken"] = False
             if xe.shape[0] == x.shape[0]:  # x was token rows already ([R*T, d]: unsqueezed)
                 return y.flatten(0, 1) if xe.dim() > x.dim() else y
+            R, T = self._bk_layout().tokens
+            if _heads_first(x, R, T):
+                return y.reshape(R, T, *y.shape[1:]).transpose(1, 2)
             return y.reshape(*x.shape[:2], *y.shape[2 if xe.dim() == x.dim() else 1:])
         y = apply(xe)
         return y.flatten(0, 1) if xe.dim() > x.dim() else y
@@ -283,6 +293,12 @@ _ROW_WISE_ALONG = {"SoftmaxBackward0": "_saved_result", "LogSoftmaxBackward0": "
 # (the index in next_functions of the rows operand, of W)
 _ROWS_TIMES_WEIGHT = {"MmBackward0": (0, 1), "AddmmBackward0": (1, 2)}
 _MAX_NODES = 64
+
+
+def _heads_first(x, R, T):
+    """x [R, H, T, D] of a packed forward: the tokens on dim 2 (a norm of the heads after their
+    transpose), where dim 1 cannot be them."""
+    return x.dim() == 4 and x.shape[0] == R and x.shape[2] == T and x.shape[1] != T
 
 
 def folded_rows(x, B):

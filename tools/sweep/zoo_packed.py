@@ -1,5 +1,5 @@
 """bk.verify with engine.example_rows(bk.packed_sequences()) over every causal language model of
-the test zoo (python_tests/zoo.py): 4 sequences of 5, 7, 4 and 6 tokens packed into one row
+the test zoo (python_tests/zoo.py) and 20 more transformers architectures (ARCHS, tiny): 4 sequences of 5, 7, 4 and 6 tokens packed into one row
 (position_ids restarting, no attention_mask, use_cache=False), each sequence's mean token loss.
 One line per model: OK, MISMATCH, or the engine's refusal (a layer family that reads examples per
 row, a module that mixes positions, attention whose masks transformers makes without its
@@ -35,12 +35,32 @@ def causal_lm(model):
         not getattr(config, "is_encoder_decoder", False)
 
 
+# More transformers causal LMs, tiny (not in the zoo): class prefix -> config extras
+ARCHS = {"Qwen3": dict(head_dim=8), "Phi3": dict(pad_token_id=0), "Phi": {}, "Gemma2": dict(head_dim=8),
+         "Gemma3": dict(head_dim=8, sliding_window=4), "Olmo": {}, "Olmo2": {}, "SmolLM3": dict(pad_token_id=0),
+         "Granite": {}, "Cohere": {}, "StableLm": {}, "Starcoder2": {}, "GPTNeoX": {},
+         "Exaone4": dict(head_dim=8), "Glm": dict(head_dim=8, pad_token_id=0), "Glm4": dict(head_dim=8, pad_token_id=0),
+         "Helium": dict(head_dim=8), "Arcee": {}, "SeedOss": dict(head_dim=8), "Apertus": {}}
+# transformers refuses sdpa for these: eager attention (a float32 softmax inside a float64 model)
+EAGER = {"Gemma2"}
+
+
+def archs():
+    import transformers
+    for name, extra in ARCHS.items():
+        config_class = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
+        config = config_class(vocab_size=zoo.VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **extra)
+        config._attn_implementation = "eager" if name in EAGER else "sdpa"
+        yield name, (lambda c=config, n=name: getattr(transformers, f"{n}ForCausalLM")(c).double())
+
+
 def main():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, zoo.VOCAB, (1, sum(LENGTHS)), generator=g)
     positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     counts = {"OK": 0, "MISMATCH": 0, "refused": 0}
-    for name, (build, _, _) in zoo.ZOO.items():
+    for name, build in [(n, b) for n, (b, _, _) in zoo.ZOO.items()] + list(archs()):
         torch.manual_seed(0)
         model = build()
         if not causal_lm(model):
