@@ -12,6 +12,7 @@ import image_classification  # noqa: E402
 import private_dpo  # noqa: E402
 import private_gpt2  # noqa: E402
 import private_mlp  # noqa: E402
+import private_sft_packed  # noqa: E402
 
 SMALL = ["--samples", "1200", "--batch-size", "100", "--micro-batch", "32", "--epochs", "2", "--seed", "3"]
 
@@ -41,6 +42,14 @@ def test_dpo_example_learns_the_preference_with_pairs_clipped_whole():
     first, last, epsilon = private_dpo.main(["--steps", "30", "--seed", "0"])
     assert first == 0.5  # the policy starts as the reference: every reward 0
     assert last > 0.7
+    assert 0.99 * 8.0 <= epsilon <= 8.0 * (1 + 1e-9)
+
+
+def test_padding_free_sft_example_learns_with_each_packed_sequence_clipped():
+    """PrivateTrainer with DataCollatorWithFlattening: the copy task's answers are learned."""
+    before, after, epsilon = private_sft_packed.main(["--steps", "30", "--seed", "0"])
+    assert before < 0.1  # chance: 1/30
+    assert after > 0.15
     assert 0.99 * 8.0 <= epsilon <= 8.0 * (1 + 1e-9)
 
 
