@@ -33,6 +33,7 @@ from .example_rows import RowGroups
 from .layout import UnsupportedLayoutError
 from .nn._uses import LinearUse
 from .ops._backend import resolve
+from .ops._norm_common import accumulation_dtype
 from .ops.linear_norm import linear_norm_3d
 
 # Modules whose forward mixes positions even when frozen, seen in the layer lists of hybrid and
@@ -137,6 +138,32 @@ class PackedGroups(RowGroups):
         super().__init__(ids, examples=int(ids[-1]) + 1 if ids.numel() else 0)
         first = starts.flatten().nonzero().flatten().tolist()
         self.bounds = list(zip(first, first[1:] + [starts.numel()]))  # [(first token, past the last)] per sequence
+        self.example_at = {lo: e for e, (lo, _) in enumerate(self.bounds)}
+        # A norm call costs tens of us: long sequences get one each (views, no copy), short ones
+        # are gathered by similar length into buckets, zero-padded (at most a third of padding)
+        self.long_ones = [(lo, hi) for lo, hi in self.bounds if hi - lo >= LONG_SEQUENCE]
+        self._buckets, self._bucket_tensors = [], {}
+        short = sorted(((hi - lo, e) for e, (lo, hi) in enumerate(self.bounds) if hi - lo < LONG_SEQUENCE),
+                       reverse=True)
+        for length, e in short:
+            if self._buckets and length * 3 >= self._buckets[-1][0] * 2:
+                self._buckets[-1][1].append(e)
+            else:
+                self._buckets.append((length, [e]))
+
+    def buckets(self, device):
+        """[(examples [k], token rows [k, L] (the last row where past a sequence's end), real [k, L])]."""
+        if device not in self._bucket_tensors:
+            made = []
+            for longest, examples in self._buckets:
+                lo = torch.tensor([self.bounds[e][0] for e in examples])
+                n = torch.tensor([self.bounds[e][1] - self.bounds[e][0] for e in examples])
+                step = torch.arange(longest)
+                real = step[None, :] < n[:, None]
+                index = torch.where(real, lo[:, None] + step[None, :], lo[:, None])
+                made.append((torch.tensor(examples, device=device), index.to(device), real.to(device)))
+            self._bucket_tensors[device] = made
+        return self._bucket_tensors[device]
 
     def regroup(self, use, where):
         if isinstance(use, LinearUse) and not self.in_place and use.batch == self.rows:
@@ -158,9 +185,18 @@ class TokenLinearUse:
 
     def sq_norm(self, mode, backend):
         a, g = self.use.a, self.use.g  # [N, k, d], [N, k, p]: k rows per token (1, or a head dim)
-        norms = [linear_norm_3d(_rows_of(a, lo, hi), _rows_of(g, lo, hi), mode,
-                                resolve(backend, a.device, "linear_norm")) for lo, hi in self.groups.bounds]
-        return torch.cat(norms)
+        backend = resolve(backend, a.device, "linear_norm")
+        out = torch.empty(self.batch, dtype=accumulation_dtype(a.dtype), device=a.device)
+        for lo, hi in self.groups.long_ones:  # one call each, on views of its rows
+            e = self.groups.example_at[lo]
+            out[e:e + 1] = linear_norm_3d(_rows_of(a, lo, hi), _rows_of(g, lo, hi), mode, backend)
+        for examples, index, real in self.groups.buckets(a.device):  # short ones: one call per bucket
+            k, L = index.shape
+            rows_a = a.index_select(0, index.flatten()).view(k, L * a.shape[1], a.shape[2])
+            rows_g = (g.index_select(0, index.flatten()) * real.flatten()[:, None, None].to(g.dtype)).view(
+                k, L * g.shape[1], g.shape[2])  # zero rows of g past a sequence's end: no term
+            out[examples] = linear_norm_3d(rows_a, rows_g, mode, backend).to(out.dtype)
+        return out
 
     def factors(self):  # cross terms (a tied embedding): the sequences zero-padded side by side
         if self._padded is None:
@@ -188,6 +224,10 @@ def _rows_of(t, lo, hi):
     part = t[lo:hi]
     return part.reshape(1, -1, part.shape[-1])
 
+
+# tokens from which a packed sequence's norm is computed on its own rows (views) rather than in a
+# zero-padded bucket of shorter ones
+LONG_SEQUENCE = 32
 
 _watching = threading.local()
 
@@ -255,12 +295,14 @@ class Watch:
 
 
 def _token_wise_library_layer(module):
-    """A library layer left unconverted (frozen: a LoRA base layer, a frozen embedding) that acts
-    on each token alone."""
+    """A library layer left unconverted (frozen: a LoRA base layer, a frozen embedding, an MoE
+    router or experts) that acts on each token alone."""
     from .nn.linear import is_gpt2_conv1d
+    from .nn.moe import is_hf_experts
     cls = type(module)
-    return isinstance(module, _TOKEN_WISE_LAYERS) or is_gpt2_conv1d(cls) or (
-        cls.__name__.endswith("RMSNorm") and cls.__module__.startswith("transformers.models."))
+    transformers_layer = cls.__module__.startswith("transformers.models.")
+    return isinstance(module, _TOKEN_WISE_LAYERS) or is_gpt2_conv1d(cls) or is_hf_experts(cls) or (
+        transformers_layer and cls.__name__.endswith(("RMSNorm", "TopKRouter", "TopkRouter")))
 
 
 _TOKEN_WISE_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.RMSNorm)

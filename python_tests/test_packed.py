@@ -284,3 +284,43 @@ def test_norms_of_the_heads_after_their_transpose():
 def test_tokens_and_heads_of_one_size_are_refused():
     """22 heads and 22 tokens: [1, 22, 22, 8] could hold the tokens on either dim."""
     _refused(_exaone4(heads=22), "cannot tell which one holds the tokens", use_cache=False)
+
+
+def test_long_sequences_on_their_own_rows_and_short_ones_in_buckets():
+    """Sequences of 32 tokens or more: a norm call each on views of their rows; shorter ones
+    gathered by length into zero-padded buckets (9 and 5: two, 5 being under 2/3 of 9)."""
+    torch.manual_seed(0)
+    sequences = sequences_of([40, 5, 33, 9])
+    starts = torch.zeros(1, 87, dtype=torch.bool)
+    starts[0, [0, 40, 45, 78]] = True
+    groups = bk.packed.PackedGroups(bk.packed.sequence_ids(starts).flatten(), starts)
+    assert groups.long_ones == [(0, 40), (45, 78)]
+    assert [examples for _, examples in groups._buckets] == [[3], [1]]  # 5 < 2/3 of 9: two buckets
+    check(zoo.llama(), sequences)
+
+
+def _frozen_routers(model):
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            module.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("build", [zoo.mixtral, zoo.qwen2_moe])
+def test_moe_experts_with_frozen_routers(build):
+    """Routed experts on token rows (each token routed on its own; a router frozen, left as
+    transformers wrote it). A trained router takes the generic path, which reads per row: refused."""
+    torch.manual_seed(0)
+    check(_frozen_routers(build()), sequences_of(LENGTHS))
+    _refused(build(), "MixtralTopKRouter|Qwen2MoeTopKRouter", use_cache=False)
+
+
+def test_lora_on_a_frozen_moe():
+    """LoRA on the attention of Mixtral: router and experts frozen, unconverted, token-wise."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(zoo.mixtral(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    check(model, sequences_of(LENGTHS))

@@ -176,6 +176,8 @@ def _per_example_bias_grads(g, routing, shape):
 class ExpertsMixin(BKLayer):
     """Put in front of a transformers experts class (see experts_class)."""
 
+    _bk_token_features = 1  # each token routed on its own: packed sequences' token rows route as rows
+
     def forward(self, *args, **kwargs):
         if self._bk_bypassed():
             return super().forward(*args, **kwargs)
