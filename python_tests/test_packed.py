@@ -307,12 +307,13 @@ def _frozen_routers(model):
 
 
 @pytest.mark.parametrize("build", [zoo.mixtral, zoo.qwen2_moe])
-def test_moe_experts_with_frozen_routers(build):
-    """Routed experts on token rows (each token routed on its own; a router frozen, left as
-    transformers wrote it). A trained router takes the generic path, which reads per row: refused."""
+@pytest.mark.parametrize("routers", ["trained", "frozen"])
+def test_moe_on_packed_sequences(build, routers):
+    """Routed experts on token rows (each token routed on its own); the top-k router a bk linear
+    map on the token rows when trained (nn/hf_router.py), transformers' own when frozen."""
     torch.manual_seed(0)
-    check(_frozen_routers(build()), sequences_of(LENGTHS))
-    _refused(build(), "MixtralTopKRouter|Qwen2MoeTopKRouter", use_cache=False)
+    model = build()
+    check(_frozen_routers(model) if routers == "frozen" else model, sequences_of(LENGTHS))
 
 
 def test_lora_on_a_frozen_moe():

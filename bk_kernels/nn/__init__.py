@@ -19,6 +19,7 @@ from . import torchvision_models  # noqa: F401  (register torchvision's ViT, Swi
 from . import mamba  # noqa: F401  (register transformers' Mamba, Mamba-2 mixers and their copies)
 from . import gated_delta_net  # noqa: F401  (register transformers' gated delta nets: Qwen3-Next, Qwen 3.5)
 from . import hf_rmsnorm  # noqa: F401  (register transformers' RMSNorm classes: Llama's and its copies)
+from . import hf_router  # noqa: F401  (register transformers' MoE top-k routers: Mixtral's and its copies)
 from . import patch_rows  # noqa: F401  (register GLM-4V's position table; the vision towers whose rows are patches)
 from .layer_scale import scale
 from .frozen_batchnorm import FrozenBatchNorm
