@@ -391,3 +391,27 @@ def test_routing_weights_through_an_unknown_autograd_function_are_refused():
     with pytest.raises(bk.UnsupportedLayoutError, match="MixtralExperts"):
         block(_inputs(2)["x"])
     assert engine.steps == 0
+
+
+@pytest.mark.parametrize("name", ["Mixtral", "Qwen2Moe", "Qwen3Moe", "Olmoe"])
+def test_top_k_routers_are_linear_maps_not_the_generic_path(name):
+    """transformers' top-k routers of these forms are book-kept as bk linear maps of the tokens'
+    rows (nn/hf_router.py): exact, and nothing left on the generic path."""
+    import transformers
+    extra = dict(num_local_experts=4) if name == "Mixtral" else dict(num_experts=4, moe_intermediate_size=12)
+    if name == "Qwen2Moe":
+        extra.update(shared_expert_intermediate_size=12)
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=zoo.VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32, num_experts_per_tok=2, **extra)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{name}ForCausalLM")(config).to(DT)
+    converted = bk.convert(copy.deepcopy(model))
+    assert not bk.generic_modules(converted)
+    assert any(type(m).__name__.endswith("TopKRouter") and isinstance(m, bk.nn.hf_router._HFTopKRouter)
+               for m in converted.modules())
+    ids = torch.randint(0, zoo.VOCAB, (4, 6), generator=torch.Generator().manual_seed(1))
+    from bk_kernels.hf import example_losses
+    report = bk.verify(model, lambda m, b: example_losses(m(input_ids=b[0]).logits, b[0], True).mean(), (ids,))
+    assert report.ok and report.update_error < 1e-9, str(report)
