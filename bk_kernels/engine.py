@@ -138,6 +138,7 @@ class PrivacyEngine:
         self._example_rows = None  # which example each row of the batch is (example_rows); None: one row each
         self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
         self._watch = None  # a packed forward's watch (packed.Watch) until its end
+        self._forward_starts_of = None  # ... and where its sequences start ([R, T] bool)
         self._towers = patch_rows.TowerRows(self)  # vision towers whose rows are all images' patches
         self._hooks = []
         self._grad_nodes = {}  # id(param a layer saw) -> (weakref to it, its AccumulateGrad node)
@@ -247,7 +248,7 @@ class PrivacyEngine:
         why = packed.attention_problem(self.model)
         if why is None and not self.batch_first:
             why = "the engine was made with batch_first=False; packed rows are read batch-first"
-        if why is None and tuple(starts.shape) != tuple(self.layout.input_shape[:2] or ()):
+        if why is None and tuple(starts.shape) != tuple((self.layout.input_shape or ())[:2]):
             why = (f"its position_ids {tuple(starts.shape)} are not laid out as its input "
                    f"{self.layout.input_shape} (rows, tokens)")
         if why is not None:

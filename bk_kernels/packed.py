@@ -7,10 +7,12 @@ gradient is then the sum over ITS TOKENS of each token's contribution, and the e
 that sum when told (PrivacyEngine.example_rows(bk.packed_sequences())):
 
   - every layer that acts on each token alone (Linear, GPT-2's Conv1D, Embedding, LayerNorm,
-    RMSNorm and transformers' RMSNorm classes) takes its input [R, T, ...] as N = R*T rows of one
-    token each ([N, 1, ...]), so its uses are over the tokens; the engine sums the tokens of each
-    sequence (example_rows.RowGroups over the N token rows: a linear map's tokens side by side
-    along T, per-token gradients summed);
+    RMSNorm and transformers' RMSNorm classes, MoE experts and top-k routers) takes its input
+    [R, T, ...] as N = R*T rows of one token each ([N, 1, ...]; rows the model folded itself,
+    [N, d], and heads before tokens, [R, H, T, D], too), so its uses are over the tokens; the
+    engine sums the tokens of each sequence (PackedGroups: a linear map's use kept on its token
+    rows, each sequence's norm from its own rows, short sequences bucketed; per-token gradients
+    summed);
   - the sequences are read from position_ids as transformers reads them
     (masking_utils.find_packed_sequence_indices: a sequence starts where the position does not
     go up by one), only when no attention_mask and no cache are given (otherwise the model reads
