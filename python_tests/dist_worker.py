@@ -50,6 +50,43 @@ def train(model, opt, rank, world, steps=2, micro=None, pairs=False):
         opt.zero_grad()
 
 
+def gpt2_of_rank(rank):
+    """A tiny transformers GPT-2, DIFFERENT on each rank (the engine starts all from rank 0's);
+    float64 throughout (Llama's RMSNorm runs in float32: 1e-7 between 1/3- and 1/7-scaled means)."""
+    import transformers
+    config = transformers.GPT2Config(vocab_size=11, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(100 + rank)
+    return bk.convert(transformers.GPT2LMHeadModel(config).to(DT))
+
+
+def sequences(step):
+    """A step's global batch of sequences (7, then 2: rank 2's share is empty at world 3)."""
+    gen = torch.Generator().manual_seed(step)
+    lengths = [3, 5, 2, 6, 4, 3, 5] if step == 0 else [4, 6]
+    return [torch.randint(0, 11, (n,), generator=gen) for n in lengths]
+
+
+def packed_train(model, opt, rank, world, steps=2):
+    """Each rank packs its share of the sequences into one row (no padding, position_ids
+    restarting); a rank with none runs an empty batch ([0, 4]: a flattening collator's)."""
+    for step in range(steps):
+        mine = sequences(step)[rank::world] if world > 1 else sequences(step)
+        if mine:
+            ids = torch.cat(mine)[None]
+            positions = torch.cat([torch.arange(len(s)) for s in mine])[None]
+        else:
+            ids = positions = torch.zeros(0, 4, dtype=torch.long)
+        logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        # each sequence's mean next-token loss, in float64 (hf.example_losses computes in float32,
+        # whose rounding of a 1/4- against a 1/7-scaled mean differs by 1e-8)
+        ends = torch.cumsum(torch.tensor([len(s) for s in mine], dtype=torch.long), 0).tolist()
+        losses = [F.cross_entropy(logits[0, a:b - 1], ids[0, a + 1:b]) for a, b in zip([0] + ends[:-1], ends)]
+        (sum(losses) / len(losses) if losses else logits.sum() * 0).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def engine_kwargs(noise):
     return dict(batch_size=GLOBAL_BATCH, sample_size=80, noise_multiplier=noise, max_grad_norm=0.3, seed=1234)
 
@@ -65,6 +102,16 @@ def main(scenario, rank, world, init_file, out_dir):
             engine.example_rows(bk.stacked_rows(2))
         out["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
         train(model, opt, rank, world, micro=1 if scenario == "micro" else None, pairs=scenario == "pairs")
+        out["state"] = model.state_dict()
+        out["epsilon"] = engine.epsilon()
+        out["engine"] = engine.state_dict()
+    elif scenario == "packed":
+        model = gpt2_of_rank(rank)
+        engine = bk.distributed.DistributedPrivacyEngine(model, **engine_kwargs(0.0))
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+        engine.example_rows(bk.packed_sequences())
+        out["initial"] = {k: v.clone() for k, v in model.state_dict().items()}
+        packed_train(model, opt, rank, world)
         out["state"] = model.state_dict()
         out["epsilon"] = engine.epsilon()
         out["engine"] = engine.state_dict()
