@@ -256,8 +256,7 @@ class PrivacyEngine:
                 f"PrivacyEngine: the batch packs several sequences into a row (example_rows(bk.packed_sequences())), "
                 f"but {why}; nothing ran, nothing was recorded and no budget was spent.")
         packed.check_flash_kwargs(kwargs, starts)
-        ids = packed.sequence_ids(starts).to(self.layout.input_device)
-        groups = packed.PackedGroups(ids.flatten(), starts)
+        groups = packed.PackedGroups(starts.to(self.layout.input_device))
         self.layout.tokens = tuple(starts.shape)
         self._forward_starts_of = starts
         self._watch = packed.Watch(self, starts)
@@ -806,7 +805,7 @@ def _token_mean_problem(labels, model, num_items=None, starts=None):
                     "nothing was recorded and no budget was spent.")
         ids = packed.sequence_ids(starts)
         ids = ids[:, 1:] if causal else ids
-        counts = torch.bincount(ids[counted != -100], minlength=int(packed.sequence_ids(starts)[-1, -1]) + 1)
+        counts = torch.bincount(ids[counted != -100], minlength=int(starts.sum()))
         if len(counts) < 2 and num_items is None:
             return None
     else:
@@ -849,15 +848,12 @@ def _packed_sequences_problem(kwargs):
         return None
     given = [k for k in _PACKED_KWARGS if kwargs.get(k) is not None]
     where = f"the keyword(s) {', '.join(given)} say so" if given else None
-    positions = kwargs.get("position_ids")
-    if where is None and isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[1] > 1 \
-            and not positions.is_floating_point() and kwargs.get("attention_mask") is None and \
-            kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
-        restarts = (positions.diff(dim=-1) != 1).any(-1)
-        if bool(restarts.any()):
-            row = int(restarts.nonzero()[0, 0])
-            where = (f"position_ids restart inside row {row} ({positions[row, :12].tolist()}"
-                     f"{' ...' if positions.shape[1] > 12 else ''}) and no attention_mask is given")
+    starts = packed.sequence_starts(kwargs) if where is None else None
+    if starts is not None:
+        positions = kwargs["position_ids"]
+        row = int(starts[:, 1:].any(-1).nonzero()[0, 0])
+        where = (f"position_ids restart inside row {row} ({positions[row, :12].tolist()}"
+                 f"{' ...' if positions.shape[1] > 12 else ''}) and no attention_mask is given")
     if where is None:
         return None
     return (f"PrivacyEngine: the batch packs several sequences into one row ({where}): Hugging Face models then read "

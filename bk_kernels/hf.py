@@ -95,7 +95,7 @@ def example_losses(logits, labels, causal, position_ids=None):
                             reduction="none").view(labels.shape)
     if ids is None:
         return token.sum(1) / (labels != -100).sum(1).clamp(min=1)
-    sequences = int(packed.sequence_ids(starts)[-1, -1]) + 1
+    sequences = int(starts.sum())
     sums = token.new_zeros(sequences).index_add_(0, ids.flatten(), token.flatten())
     counts = torch.bincount(ids.flatten(), weights=(labels != -100).flatten().to(token.dtype), minlength=sequences)
     return sums / counts.clamp(min=1)

@@ -136,14 +136,13 @@ class PackedGroups(RowGroups):
     clipped sum as one weighted sum over the tokens with each token weighted by its sequence's
     factor. Equal lengths keep RowGroups' views ([E, L, d], one fused call)."""
 
-    def __init__(self, ids, starts):
-        super().__init__(ids, examples=int(ids[-1]) + 1 if ids.numel() else 0)
+    def __init__(self, starts):
+        super().__init__(sequence_ids(starts).flatten(), examples=int(starts.sum()))
         first = starts.flatten().nonzero().flatten().tolist()
         self.bounds = list(zip(first, first[1:] + [starts.numel()]))  # [(first token, past the last)] per sequence
-        self.example_at = {lo: e for e, (lo, _) in enumerate(self.bounds)}
         # A norm call costs tens of us: long sequences get one each (views, no copy), short ones
         # are gathered by similar length into buckets, zero-padded (at most a third of padding)
-        self.long_ones = [(lo, hi) for lo, hi in self.bounds if hi - lo >= LONG_SEQUENCE]
+        self.long_ones = [(e, lo, hi) for e, (lo, hi) in enumerate(self.bounds) if hi - lo >= LONG_SEQUENCE]
         self._buckets, self._bucket_tensors = [], {}
         short = sorted(((hi - lo, e) for e, (lo, hi) in enumerate(self.bounds) if hi - lo < LONG_SEQUENCE),
                        reverse=True)
@@ -189,8 +188,7 @@ class TokenLinearUse:
         a, g = self.use.a, self.use.g  # [N, k, d], [N, k, p]: k rows per token (1, or a head dim)
         backend = resolve(backend, a.device, "linear_norm")
         out = torch.empty(self.batch, dtype=accumulation_dtype(a.dtype), device=a.device)
-        for lo, hi in self.groups.long_ones:  # one call each, on views of its rows
-            e = self.groups.example_at[lo]
+        for e, lo, hi in self.groups.long_ones:  # one call each, on views of its rows
             out[e:e + 1] = linear_norm_3d(_rows_of(a, lo, hi), _rows_of(g, lo, hi), mode, backend)
         for examples, index, real in self.groups.buckets(a.device):  # short ones: one call per bucket
             k, L = index.shape
@@ -270,9 +268,6 @@ class Watch:
             "alone, and the model's attention masked per sequence, may run on packed sequences; give each example "
             "its own row (a padding collator) for this model. Nothing was recorded and no budget was spent.")
 
-    def found_sequences(self, mask):
-        self.found.append(mask)
-
     def close(self):
         self._hook.remove()
         if getattr(_watching, "current", None) is self:
@@ -322,7 +317,7 @@ def _wrap_detection():
         found = original(position_ids)
         watch = getattr(_watching, "current", None)
         if watch is not None:
-            watch.found_sequences(found)
+            watch.found.append(found)
         return found
     find_packed_sequence_indices._bk_watched = True
     find_packed_sequence_indices.__wrapped__ = original

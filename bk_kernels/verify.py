@@ -186,7 +186,7 @@ def _unpacked(batch):
                          "restart at each packed sequence (and no attention_mask); for another layout give split=")
     ids = sequence_ids(starts)
     parts = []
-    for e in range(int(ids[-1, -1]) + 1):
+    for e in range(int(starts.sum())):
         row, at = (ids == e).nonzero(as_tuple=True)
         cut = lambda t: t[row[0]:row[0] + 1, at[0]:at[-1] + 1]  # noqa: E731
         parts.append({k: cut(v) if isinstance(v, torch.Tensor) and v.shape[:2] == positions.shape else v

@@ -293,8 +293,8 @@ def test_long_sequences_on_their_own_rows_and_short_ones_in_buckets():
     sequences = sequences_of([40, 5, 33, 9])
     starts = torch.zeros(1, 87, dtype=torch.bool)
     starts[0, [0, 40, 45, 78]] = True
-    groups = bk.packed.PackedGroups(bk.packed.sequence_ids(starts).flatten(), starts)
-    assert groups.long_ones == [(0, 40), (45, 78)]
+    groups = bk.packed.PackedGroups(starts)
+    assert groups.long_ones == [(0, 0, 40), (2, 45, 78)]
     assert [examples for _, examples in groups._buckets] == [[3], [1]]  # 5 < 2/3 of 9: two buckets
     check(zoo.llama(), sequences)
 
