@@ -25,41 +25,44 @@ using namespace simd;
 template <typename A>
 struct Blocking {
   static constexpr int64_t MR = 6;                 // rows of C per micro-tile (broadcasts)
-  static constexpr int64_t NV = 2;                 // registers per micro-tile row
-  static constexpr int64_t NR = NV * kLanes<A>;    // columns of C per micro-tile
+  static constexpr int64_t NR = 2 * kLanes<A>;     // columns of C per micro-tile (two 64-byte units)
   static constexpr int64_t KC = 256;               // rows of a/g per packed block
   static constexpr int64_t MC = 16 * MR;           // rows of C per tile
   static constexpr int64_t NC = 256 * 4 / sizeof(A) / NR * NR;  // columns of C per tile
 };
 
-// c_tile[MR][ldc] += sum_k ap[k][0..MR) (x) bp[k][0..NR)
-template <typename A>
+// c_tile[MR][ldc] += sum_k ap[k][0..MR) (x) bp[k][0..NR), with W-byte registers: MR x 2 of
+// them at a time (12 accumulators: within AVX2's 16 registers as within AVX-512's 32), so the
+// NR columns take one pass with AVX-512, two with AVX2, four with SSE2.
+template <int W, typename A>
 BK_ALWAYS_INLINE void micro_kernel_impl(const A* __restrict ap, const A* __restrict bp, int64_t kc,
                                         A* __restrict c_tile, int64_t ldc) {
   using Bk = Blocking<A>;
-  Vec<A> acc[Bk::MR][Bk::NV];
-  for (int64_t i = 0; i < Bk::MR; ++i)
-    for (int64_t v = 0; v < Bk::NV; ++v) acc[i][v] = load_vec(c_tile + i * ldc + v * kLanes<A>);
-  for (int64_t k = 0; k < kc; ++k) {
-    Vec<A> b[Bk::NV];
-    for (int64_t v = 0; v < Bk::NV; ++v) b[v] = load_vec(bp + k * Bk::NR + v * kLanes<A>);
-    for (int64_t i = 0; i < Bk::MR; ++i) {
-      const A x = ap[k * Bk::MR + i];
-      for (int64_t v = 0; v < Bk::NV; ++v) acc[i][v] += x * b[v];
+  constexpr int64_t L = kLanes<A, W>, NV = 2;
+  static_assert(Bk::NR % (NV * L) == 0, "a pass covers whole registers of the micro-tile");
+  for (int64_t n0 = 0; n0 < Bk::NR; n0 += NV * L) {
+    Vec<A, W> acc[Bk::MR][NV];
+    for (int64_t i = 0; i < Bk::MR; ++i)
+      for (int64_t v = 0; v < NV; ++v) acc[i][v] = load_vec<W>(c_tile + i * ldc + n0 + v * L);
+    for (int64_t k = 0; k < kc; ++k) {
+      Vec<A, W> b[NV];
+      for (int64_t v = 0; v < NV; ++v) b[v] = load_vec<W>(bp + k * Bk::NR + n0 + v * L);
+      for (int64_t i = 0; i < Bk::MR; ++i) {
+        const A x = ap[k * Bk::MR + i];
+        for (int64_t v = 0; v < NV; ++v) acc[i][v] += x * b[v];
+      }
     }
+    for (int64_t i = 0; i < Bk::MR; ++i)
+      for (int64_t v = 0; v < NV; ++v) store_vec(c_tile + i * ldc + n0 + v * L, acc[i][v]);
   }
-  for (int64_t i = 0; i < Bk::MR; ++i)
-    for (int64_t v = 0; v < Bk::NV; ++v) store_vec(c_tile + i * ldc + v * kLanes<A>, acc[i][v]);
 }
 
-BK_MULTIVERSION void micro_kernel(const float* ap, const float* bp, int64_t kc, float* c_tile,
-                                  int64_t ldc) {
-  micro_kernel_impl(ap, bp, kc, c_tile, ldc);
-}
-BK_MULTIVERSION void micro_kernel(const double* ap, const double* bp, int64_t kc, double* c_tile,
-                                  int64_t ldc) {
-  micro_kernel_impl(ap, bp, kc, c_tile, ldc);
-}
+BK_SIMD_VERSIONS(void, micro_kernel,
+                 (const float* ap, const float* bp, int64_t kc, float* c_tile, int64_t ldc),
+                 micro_kernel_impl, (ap, bp, kc, c_tile, ldc))
+BK_SIMD_VERSIONS(void, micro_kernel,
+                 (const double* ap, const double* bp, int64_t kc, double* c_tile, int64_t ldc),
+                 micro_kernel_impl, (ap, bp, kc, c_tile, ldc))
 
 // Where row r of the flattened [B*T] rows lives.
 struct RowCursor {

@@ -29,8 +29,8 @@ using namespace simd;
 template <typename scalar_t>
 using acc_t = out_t<scalar_t>;
 
-// Gram tiles are kLanes x kLanes (one register per row); direct-norm micro-tiles are
-// kRowsD columns of a times kVecsD registers of columns of g.
+// Gram tiles are kLanes x kLanes (kLanes: the values of a 64-byte unit); direct-norm
+// micro-tiles are kRowsD columns of a times kVecsD 64-byte units of columns of g.
 template <typename A>
 constexpr int64_t kGram = kLanes<A>;
 constexpr int64_t kRowsD = 8;
@@ -70,105 +70,125 @@ void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_
 }
 
 // acc[i][j] += <x_{s0+i}, x_{t0+j}> over the n features of the transposed pack xt: [n][ld],
-// for one kGram x kGram Gram tile (one register per row of the tile).
-template <typename A>
+// for one kGram x kGram Gram tile. With AVX-512 one register per row of the tile (16); with
+// narrower registers 4 rows x 2 registers at a time, as many passes over the features as
+// that takes (the pack's chunk of features stays in cache).
+template <int W, typename A>
 BK_ALWAYS_INLINE void gram_tile_acc_impl(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
                                          int64_t t0, A* __restrict acc) {
-  Vec<A> rows[kGram<A>];
-  for (int64_t i = 0; i < kGram<A>; ++i) rows[i] = load_vec(acc + i * kGram<A>);
-  for (int64_t k = 0; k < n; ++k) {
-    const A* row = xt + k * ld;
-    const Vec<A> cols = load_vec(row + t0);
-    for (int64_t i = 0; i < kGram<A>; ++i) rows[i] += row[s0 + i] * cols;
-  }
-  for (int64_t i = 0; i < kGram<A>; ++i) store_vec(acc + i * kGram<A>, rows[i]);
+  constexpr int64_t G = kGram<A>, L = kLanes<A, W>;
+  constexpr int64_t rows = W == 64 ? G : 4, vecs = W == 64 ? 1 : 2;
+  static_assert(G % rows == 0 && G % (vecs * L) == 0, "passes cover the tile");
+  for (int64_t i0 = 0; i0 < G; i0 += rows)
+    for (int64_t c0 = 0; c0 < G; c0 += vecs * L) {
+      Vec<A, W> r[rows][vecs];
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t v = 0; v < vecs; ++v) r[i][v] = load_vec<W>(acc + (i0 + i) * G + c0 + v * L);
+      for (int64_t k = 0; k < n; ++k) {
+        const A* row = xt + k * ld;
+        Vec<A, W> cols[vecs];
+        for (int64_t v = 0; v < vecs; ++v) cols[v] = load_vec<W>(row + t0 + c0 + v * L);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t v = 0; v < vecs; ++v) r[i][v] += row[s0 + i0 + i] * cols[v];
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t v = 0; v < vecs; ++v) store_vec(acc + (i0 + i) * G + c0 + v * L, r[i][v]);
+    }
 }
 
-BK_MULTIVERSION void gram_tile_acc(const float* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0,
-                                   float* acc) {
-  gram_tile_acc_impl(xt, n, ld, s0, t0, acc);
-}
-BK_MULTIVERSION void gram_tile_acc(const double* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0,
-                                   double* acc) {
-  gram_tile_acc_impl(xt, n, ld, s0, t0, acc);
-}
+BK_SIMD_VERSIONS(void, gram_tile_acc,
+                 (const float* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, float* acc),
+                 gram_tile_acc_impl, (xt, n, ld, s0, t0, acc))
+BK_SIMD_VERSIONS(void, gram_tile_acc,
+                 (const double* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, double* acc),
+                 gram_tile_acc_impl, (xt, n, ld, s0, t0, acc))
 
 // Row-major variant for wide layers, with no transposed pack: the Gram tile of kRowsG x kRowsG
 // rows is formed as dot products vectorised along the features, then reduced across lanes.
 // x rows s, t start at x + s * ldx (n features), and likewise for y.
 constexpr int64_t kRowsG = 4;
 
-template <typename A>
+// With AVX-512 the whole 4 x 4 block at once (16 accumulators, 8 loads); with 16 registers
+// two rows of it at a time.
+template <int W, typename A>
 BK_ALWAYS_INLINE void gram_rows(const A* __restrict x, int64_t ldx, int64_t n, int64_t s0, int64_t t0,
                                 double (&G)[kRowsG][kRowsG]) {
-  Vec<A> acc[kRowsG][kRowsG] = {};
-  const int64_t full = n / kLanes<A> * kLanes<A>;
-  for (int64_t k = 0; k < full; k += kLanes<A>) {
-    Vec<A> xs[kRowsG], xt[kRowsG];
-    for (int64_t i = 0; i < kRowsG; ++i) {
-      xs[i] = load_vec(x + (s0 + i) * ldx + k);
-      xt[i] = load_vec(x + (t0 + i) * ldx + k);
+  constexpr int64_t L = kLanes<A, W>, rows = W == 64 ? kRowsG : 2;
+  const int64_t full = n / L * L;
+  for (int64_t i0 = 0; i0 < kRowsG; i0 += rows) {
+    Vec<A, W> acc[rows][kRowsG] = {};
+    for (int64_t k = 0; k < full; k += L) {
+      Vec<A, W> xs[rows], xt[kRowsG];
+      for (int64_t i = 0; i < rows; ++i) xs[i] = load_vec<W>(x + (s0 + i0 + i) * ldx + k);
+      for (int64_t j = 0; j < kRowsG; ++j) xt[j] = load_vec<W>(x + (t0 + j) * ldx + k);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < kRowsG; ++j) acc[i][j] += xs[i] * xt[j];
     }
-    for (int64_t i = 0; i < kRowsG; ++i)
-      for (int64_t j = 0; j < kRowsG; ++j) acc[i][j] += xs[i] * xt[j];
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < kRowsG; ++j) {
+        A tail = 0;  // the features past the last whole register
+        for (int64_t k = full; k < n; ++k) tail += x[(s0 + i0 + i) * ldx + k] * x[(t0 + j) * ldx + k];
+        G[i0 + i][j] = horizontal_sum(acc[i][j]) + double(tail);
+      }
   }
-  for (int64_t i = 0; i < kRowsG; ++i)
-    for (int64_t j = 0; j < kRowsG; ++j) {
-      A tail = 0;  // the features past the last whole register
-      for (int64_t k = full; k < n; ++k) tail += x[(s0 + i) * ldx + k] * x[(t0 + j) * ldx + k];
-      G[i][j] = horizontal_sum<A>(acc[i][j]) + double(tail);
-    }
 }
 
-template <typename A>
+template <int W, typename A>
 BK_ALWAYS_INLINE double gram_product_rows_impl(const A* x, int64_t ldx, int64_t nx, const A* y,
                                                int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
   double gx[kRowsG][kRowsG], gy[kRowsG][kRowsG];
-  gram_rows(x, ldx, nx, s0, t0, gx);
-  gram_rows(y, ldy, ny, s0, t0, gy);
+  gram_rows<W>(x, ldx, nx, s0, t0, gx);
+  gram_rows<W>(y, ldy, ny, s0, t0, gy);
   double total = 0;
   for (int64_t i = 0; i < kRowsG; ++i)
     for (int64_t j = 0; j < kRowsG; ++j) total += gx[i][j] * gy[i][j];
   return total;
 }
 
-BK_MULTIVERSION double gram_product_rows(const float* x, int64_t ldx, int64_t nx, const float* y,
-                                         int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
-  return gram_product_rows_impl(x, ldx, nx, y, ldy, ny, s0, t0);
-}
-BK_MULTIVERSION double gram_product_rows(const double* x, int64_t ldx, int64_t nx, const double* y,
-                                         int64_t ldy, int64_t ny, int64_t s0, int64_t t0) {
-  return gram_product_rows_impl(x, ldx, nx, y, ldy, ny, s0, t0);
-}
+BK_SIMD_VERSIONS(double, gram_product_rows,
+                 (const float* x, int64_t ldx, int64_t nx, const float* y, int64_t ldy, int64_t ny,
+                  int64_t s0, int64_t t0),
+                 gram_product_rows_impl, (x, ldx, nx, y, ldy, ny, s0, t0))
+BK_SIMD_VERSIONS(double, gram_product_rows,
+                 (const double* x, int64_t ldx, int64_t nx, const double* y, int64_t ldy, int64_t ny,
+                  int64_t s0, int64_t t0),
+                 gram_product_rows_impl, (x, ldx, nx, y, ldy, ny, s0, t0))
 
 // Sum of squares of the kRowsD x kColsD block of x^T y at (j0, k0), x: [T][ldx], y: [T][ldy].
-template <typename A>
+// With AVX-512 the block at once (8 x 2 registers); with 16 registers 4 rows x 2 registers at
+// a time, one pass over the positions each.
+template <int W, typename A>
 BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx,
                                                const A* __restrict y, int64_t ldy, int64_t T,
                                                int64_t j0, int64_t k0) {
-  Vec<A> w[kRowsD][kVecsD] = {};
-  for (int64_t t = 0; t < T; ++t) {
-    const A* xr = x + t * ldx + j0;
-    const A* yr = y + t * ldy + k0;
-    Vec<A> cols[kVecsD];
-    for (int64_t v = 0; v < kVecsD; ++v) cols[v] = load_vec(yr + v * kLanes<A>);
-    for (int64_t i = 0; i < kRowsD; ++i)
-      for (int64_t v = 0; v < kVecsD; ++v) w[i][v] += xr[i] * cols[v];
-  }
-  Vec<A> squares = {};
-  for (int64_t i = 0; i < kRowsD; ++i)
-    for (int64_t v = 0; v < kVecsD; ++v) squares += w[i][v] * w[i][v];
-  return horizontal_sum<A>(squares);
+  constexpr int64_t L = kLanes<A, W>, rows = W == 64 ? kRowsD : 4, vecs = 2;
+  static_assert(kRowsD % rows == 0 && kColsD<A> % (vecs * L) == 0, "passes cover the block");
+  Vec<A, W> squares = {};
+  for (int64_t i0 = 0; i0 < kRowsD; i0 += rows)
+    for (int64_t c0 = 0; c0 < kColsD<A>; c0 += vecs * L) {
+      Vec<A, W> w[rows][vecs] = {};
+      for (int64_t t = 0; t < T; ++t) {
+        const A* xr = x + t * ldx + j0 + i0;
+        const A* yr = y + t * ldy + k0 + c0;
+        Vec<A, W> cols[vecs];
+        for (int64_t v = 0; v < vecs; ++v) cols[v] = load_vec<W>(yr + v * L);
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t v = 0; v < vecs; ++v) w[i][v] += xr[i] * cols[v];
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t v = 0; v < vecs; ++v) squares += w[i][v] * w[i][v];
+    }
+  return horizontal_sum(squares);
 }
 
-BK_MULTIVERSION double outer_square_tile(const float* x, int64_t ldx, const float* y, int64_t ldy,
-                                         int64_t T, int64_t j0, int64_t k0) {
-  return outer_square_tile_impl(x, ldx, y, ldy, T, j0, k0);
-}
-BK_MULTIVERSION double outer_square_tile(const double* x, int64_t ldx, const double* y,
-                                         int64_t ldy, int64_t T, int64_t j0, int64_t k0) {
-  return outer_square_tile_impl(x, ldx, y, ldy, T, j0, k0);
-}
+BK_SIMD_VERSIONS(double, outer_square_tile,
+                 (const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, int64_t j0,
+                  int64_t k0),
+                 outer_square_tile_impl, (x, ldx, y, ldy, T, j0, k0))
+BK_SIMD_VERSIONS(double, outer_square_tile,
+                 (const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t T,
+                  int64_t j0, int64_t k0),
+                 outer_square_tile_impl, (x, ldx, y, ldy, T, j0, k0))
 
 // Runs `pack(b, workspace)` then `tile(workspace, item)` for every item in [0, n_items) and
 // every example b, writing out[b] = sum over items. Threads go over examples when there are
@@ -316,29 +336,29 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
 
 // sum_k x_k^2 of one contiguous row, in four vector accumulators: a single scalar accumulator
 // is one dependent add per element (measured 2.5x slower on [64, 784 + 512]).
-template <typename A>
+template <int W, typename A>
 BK_ALWAYS_INLINE double row_square_sum_impl(const A* __restrict x, int64_t n) {
-  constexpr int64_t L = kLanes<A>;
-  Vec<A> s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  constexpr int64_t L = kLanes<A, W>;
+  Vec<A, W> s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t k = 0;
   for (; k + 4 * L <= n; k += 4 * L) {
-    const Vec<A> v0 = load_vec(x + k), v1 = load_vec(x + k + L), v2 = load_vec(x + k + 2 * L),
-                 v3 = load_vec(x + k + 3 * L);
+    const Vec<A, W> v0 = load_vec<W>(x + k), v1 = load_vec<W>(x + k + L),
+                    v2 = load_vec<W>(x + k + 2 * L), v3 = load_vec<W>(x + k + 3 * L);
     s0 += v0 * v0;
     s1 += v1 * v1;
     s2 += v2 * v2;
     s3 += v3 * v3;
   }
   for (; k + L <= n; k += L) {
-    const Vec<A> v = load_vec(x + k);
+    const Vec<A, W> v = load_vec<W>(x + k);
     s0 += v * v;
   }
   A tail = 0;
   for (; k < n; ++k) tail += x[k] * x[k];
-  return horizontal_sum<A>((s0 + s1) + (s2 + s3)) + double(tail);
+  return horizontal_sum((s0 + s1) + (s2 + s3)) + double(tail);
 }
-BK_MULTIVERSION double row_square_sum(const float* x, int64_t n) { return row_square_sum_impl(x, n); }
-BK_MULTIVERSION double row_square_sum(const double* x, int64_t n) { return row_square_sum_impl(x, n); }
+BK_SIMD_VERSIONS(double, row_square_sum, (const float* x, int64_t n), row_square_sum_impl, (x, n))
+BK_SIMD_VERSIONS(double, row_square_sum, (const double* x, int64_t n), row_square_sum_impl, (x, n))
 template <typename scalar_t>
 double row_square_sum(const scalar_t* x, int64_t n) {  // bf16 / fp16: converted element by element
   acc_t<scalar_t> total = 0;
