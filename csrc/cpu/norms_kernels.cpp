@@ -69,6 +69,24 @@ void pack_rows(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_
   }
 }
 
+// Column panels of width w: dst[q][t][0..w) = x[t, q*w .. q*w + w), zero past column n. One
+// tile's operand is then one contiguous [T][w] block: rows of a [T][n] pack lie n apart, and
+// n a multiple of 1024 floats put every row in the same L1 set (4 KiB aliasing).
+template <typename scalar_t>
+void pack_panels(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int64_t w,
+                 acc_t<scalar_t>* dst) {
+  const int64_t panels = round_up(std::max<int64_t>(n, 1), w) / w;
+  for (int64_t t = 0; t < T; ++t) {
+    const scalar_t* row = x + t * stride_t;
+    for (int64_t q = 0; q < panels; ++q) {
+      acc_t<scalar_t>* out = dst + (q * T + t) * w;
+      const int64_t valid = std::min(w, n - q * w);
+      for (int64_t k = 0; k < valid; ++k) out[k] = load(row[q * w + k]);
+      std::fill(out + valid, out + w, acc_t<scalar_t>(0));
+    }
+  }
+}
+
 // acc[i][j] += <x_{s0+i}, x_{t0+j}> over the n features of the transposed pack xt: [n][ld],
 // for one kGram x kGram Gram tile. With AVX-512 one register per row of the tile (16); with
 // narrower registers 4 rows x 2 registers at a time, as many passes over the features as
@@ -286,7 +304,10 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
   using A = acc_t<scalar_t>;
   constexpr int64_t tile = kGram<A>, tile2 = tile * tile;
   const int64_t nb = round_up(std::max<int64_t>(T, 1), tile) / tile;
-  const int64_t ld = nb * tile;
+  // The pack's row length, one 64-byte unit longer when a multiple of 1 KiB: the tiles read it
+  // down its rows, and rows a power of two apart share a few L1 sets (the narrower-register
+  // bodies read them once per pass).
+  const int64_t ld = nb * tile + ((nb * tile * int64_t(sizeof(A))) % 1024 == 0 ? tile : 0);
   const auto pairs = block_pairs(nb);
   const int64_t n_pairs = int64_t(pairs.size());
   // One example: Gram tiles of a into ga, of g into gg, then sum_pairs w * <ga, gg>.
@@ -416,15 +437,16 @@ void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* 
   const size_t ws = size_t(T) * size_t(ldx + ldy);
   for_each_example<A>(
       B, n_blocks * n_k * per_block, ws, out,
-      [&](int64_t b, A* w) {
-        pack_rows(a.ptr + b * a.stride_b, a.stride_t, T, d, ldx, w);
-        pack_rows(g.ptr + b * g.stride_b, g.stride_t, T, p, ldy, w + T * ldx);
+      [&](int64_t b, A* w) {  // panels of kRowsD columns of a, then of kColsD columns of g
+        pack_panels(a.ptr + b * a.stride_b, a.stride_t, T, d, kRowsD, w);
+        pack_panels(g.ptr + b * g.stride_b, g.stride_t, T, p, kColsD<A>, w + T * ldx);
       },
       [&](const A* w, int64_t item) {
         const int64_t block = item / (n_k * per_block), rest = item % (n_k * per_block);
         const int64_t j = block * per_block + rest % per_block, k = rest / per_block;
         if (j >= n_j) return 0.0;  // past the last (partial) block
-        return outer_square_tile(w, ldx, w + T * ldx, ldy, T, j * kRowsD, k * kColsD<A>);
+        return outer_square_tile(w + j * T * kRowsD, kRowsD, w + T * ldx + k * T * kColsD<A>,
+                                 kColsD<A>, T, 0, 0);
       });
 }
 
