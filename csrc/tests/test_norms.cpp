@@ -77,7 +77,9 @@ void check_all(const char* dtype, double tol) {
   const int64_t shapes[][4] = {{0, 5, 3, 2},   {1, 1, 1, 1},   {1, 37, 123, 1}, {3, 1, 123, 5},
                                {2, 37, 1, 70}, {5, 16, 16, 32}, {4, 33, 7, 33}, {1, 70, 40, 9},
                                {3, 0, 4, 4},   {2, 3, 0, 4},
-                               {2, 300, 270, 200}};  // several KC, MC and NC blocks of the GEMM
+                               {2, 300, 270, 200},   // several KC, MC and NC blocks of the GEMM
+                               {2, 256, 20, 1030},   // Gram packs of 1 KiB rows (padded), partial panels
+                               {1, 128, 9, 64}};     // the same in float64
   for (const auto& s : shapes)
     for (int64_t pad : {0, 5}) check<S>(dtype, tol, s[0], s[1], s[2], s[3], pad);
 }
