@@ -172,13 +172,12 @@ BK_SIMD_VERSIONS(double, gram_product_rows,
                   int64_t s0, int64_t t0),
                  gram_product_rows_impl, (x, ldx, nx, y, ldy, ny, s0, t0))
 
-// Sum of squares of the kRowsD x kColsD block of x^T y at (j0, k0), x: [T][ldx], y: [T][ldy].
-// With AVX-512 the block at once (8 x 2 registers); with 16 registers 4 rows x 2 registers at
-// a time, one pass over the positions each.
+// Sum of squares of the kRowsD x kColsD block x^T y of two column panels, x: [T][kRowsD],
+// y: [T][kColsD] (pack_panels). With AVX-512 the block at once (8 x 2 registers); with 16
+// registers 4 rows x 2 registers at a time, one pass over the positions each.
 template <int W, typename A>
-BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ldx,
-                                               const A* __restrict y, int64_t ldy, int64_t T,
-                                               int64_t j0, int64_t k0) {
+BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, const A* __restrict y,
+                                               int64_t T) {
   constexpr int64_t L = kLanes<A, W>, rows = W == 64 ? kRowsD : 4, vecs = 2;
   static_assert(kRowsD % rows == 0 && kColsD<A> % (vecs * L) == 0, "passes cover the block");
   Vec<A, W> squares = {};
@@ -186,8 +185,8 @@ BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ld
     for (int64_t c0 = 0; c0 < kColsD<A>; c0 += vecs * L) {
       Vec<A, W> w[rows][vecs] = {};
       for (int64_t t = 0; t < T; ++t) {
-        const A* xr = x + t * ldx + j0 + i0;
-        const A* yr = y + t * ldy + k0 + c0;
+        const A* xr = x + t * kRowsD + i0;
+        const A* yr = y + t * kColsD<A> + c0;
         Vec<A, W> cols[vecs];
         for (int64_t v = 0; v < vecs; ++v) cols[v] = load_vec<W>(yr + v * L);
         for (int64_t i = 0; i < rows; ++i)
@@ -199,14 +198,10 @@ BK_ALWAYS_INLINE double outer_square_tile_impl(const A* __restrict x, int64_t ld
   return horizontal_sum(squares);
 }
 
-BK_SIMD_VERSIONS(double, outer_square_tile,
-                 (const float* x, int64_t ldx, const float* y, int64_t ldy, int64_t T, int64_t j0,
-                  int64_t k0),
-                 outer_square_tile_impl, (x, ldx, y, ldy, T, j0, k0))
-BK_SIMD_VERSIONS(double, outer_square_tile,
-                 (const double* x, int64_t ldx, const double* y, int64_t ldy, int64_t T,
-                  int64_t j0, int64_t k0),
-                 outer_square_tile_impl, (x, ldx, y, ldy, T, j0, k0))
+BK_SIMD_VERSIONS(double, outer_square_tile, (const float* x, const float* y, int64_t T),
+                 outer_square_tile_impl, (x, y, T))
+BK_SIMD_VERSIONS(double, outer_square_tile, (const double* x, const double* y, int64_t T),
+                 outer_square_tile_impl, (x, y, T))
 
 // Runs `pack(b, workspace)` then `tile(workspace, item)` for every item in [0, n_items) and
 // every example b, writing out[b] = sum over items. Threads go over examples when there are
@@ -445,8 +440,7 @@ void direct_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* 
         const int64_t block = item / (n_k * per_block), rest = item % (n_k * per_block);
         const int64_t j = block * per_block + rest % per_block, k = rest / per_block;
         if (j >= n_j) return 0.0;  // past the last (partial) block
-        return outer_square_tile(w + j * T * kRowsD, kRowsD, w + T * ldx + k * T * kColsD<A>,
-                                 kColsD<A>, T, 0, 0);
+        return outer_square_tile(w + j * T * kRowsD, w + T * ldx + k * T * kColsD<A>, T);
       });
 }
 
