@@ -23,14 +23,14 @@ SECTIONS = {
                "Non-private autograd, naive per-example gradients (`torch.func` vmap(grad) + functional_call, "
                "clip, sum, noise), Opacus 1.6 hooks and ghost clipping, and bk (`bk.convert` + "
                "`bk.PrivacyEngine`): Abadi clipping of the whole gradient to R=1, noise multiplier 1.0, SGD, "
-               "noise included. Rounds interleave one step of each method; `ratio` is the median per-round "
-               "time over non-private (min and max beside it); baselines slower than 15x non-private (2x where "
+               "noise included. Rounds interleave `steps_per_round` steps of each method (1, or as many as "
+               "fill 50 ms of non-private steps); `ratio` is the median per-round time over non-private (min and max beside it); baselines slower than 15x non-private (2x where "
                "a round of all methods takes over 8 s) get 3 rounds; a config's rounds stop at 15, or after 90 s "
                "(at least 5 rounds). `mem_mib`: what two steps add to the peak memory over the built model and "
                "data, each method in a fresh process of its own (CPU: peak RSS; GPU: max_memory_allocated); "
                "`mem_ratio`: over non-private's.",
-               ["config", "B", "T", "method", "rounds", "median_ms", "ratio", "ratio_min", "ratio_max", "mem_mib",
-                "mem_ratio", "note"]),
+               ["config", "B", "T", "method", "rounds", "steps_per_round", "median_ms", "ratio", "ratio_min",
+                "ratio_max", "mem_mib", "mem_ratio", "note"]),
     "example_rows": ("One example as several rows",
                      "`engine.example_rows`: a DPO step of GPT-2 (4 layers, width 256, vocabulary 8192; `B` pairs, "
                      "chosen then rejected rows, `bk.stacked_rows(2)`) and augmentation multiplicity on the CNN "
