@@ -42,9 +42,11 @@ ScaledRows scaled_rows(const at::Tensor& a, const at::Tensor& g, const at::Tenso
   return {(scale_a ? a * cn : a).reshape({n * T, d}), (scale_a ? g : g * cn).reshape({n * T, p}), scale_a};
 }
 
-// sum_b c_b sum_t g_b,t of the chunk's rows
+// sum_b c_b sum_t g_b,t of the chunk's rows. With one position, g[:, 0] itself: torch's
+// reduction over a dim of size 1 took 14 us on a [64, 1, 512] g, 2.5x the mv after it.
 at::Tensor bias_sum(const ScaledRows& rows, const at::Tensor& g, const at::Tensor& c) {
-  return rows.scaled_a ? at::mv(g.sum(1).t(), c) : rows.g.sum(0);
+  if (!rows.scaled_a) return rows.g.sum(0);
+  return at::mv((g.size(1) == 1 ? g.select(1, 0) : g.sum(1)).t(), c);
 }
 
 int64_t examples_per_chunk(const at::Tensor& a, const at::Tensor& g) {
