@@ -24,9 +24,16 @@
 // picked at load time (GCC's function multiversioning). A vector wider than the target's
 // registers is not an error to GCC: it compiles to element-by-element code through the stack,
 // which made the 64-byte kernels 5-50x slower than BLAS on an AVX2-only AMD EPYC (session 20).
-#if defined(BK_SIMD_WIDTH)  // one width only: the C++ tests build the baseline bodies this way
+#if defined(BK_SIMD_WIDTH)  // one width only: the C++ tests build each width's bodies this way
+#if defined(BK_X86_FMV) && BK_SIMD_WIDTH == 64
+#define BK_SIMD_TARGET __attribute__((target("arch=x86-64-v4")))
+#elif defined(BK_X86_FMV) && BK_SIMD_WIDTH == 32
+#define BK_SIMD_TARGET __attribute__((target("arch=x86-64-v3")))
+#else
+#define BK_SIMD_TARGET
+#endif
 #define BK_SIMD_VERSIONS(ret, name, params, impl, args) \
-  ret name params { return impl<BK_SIMD_WIDTH> args; }
+  BK_SIMD_TARGET ret name params { return impl<BK_SIMD_WIDTH> args; }
 #elif defined(BK_X86_FMV)
 #define BK_SIMD_VERSIONS(ret, name, params, impl, args)                     \
   __attribute__((target("arch=x86-64-v4"))) ret name params { return impl<64> args; } \

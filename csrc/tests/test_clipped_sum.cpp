@@ -7,6 +7,7 @@
 
 #include "tests/test_util.h"
 #include "cpu/clipped_sum_kernels.h"
+#include "tests/simd_width.h"
 
 using namespace bk::cpu;
 using bk::test::as_double;
@@ -76,6 +77,7 @@ void check_all(const char* dtype, double tol) {
 }  // namespace
 
 int main() {
+  if (!simd_width_runs()) return 77;
   check_all<double>("float64", 1e-13);
   check_all<float>("float32", 1e-5);
   check_all<bf16>("bfloat16", 1e-5);

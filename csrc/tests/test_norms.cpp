@@ -8,6 +8,7 @@
 #include "tests/test_util.h"
 #include "cpu/clipped_sum_kernels.h"  // direct_norm_gemm
 #include "cpu/norms_kernels.h"
+#include "tests/simd_width.h"
 
 using namespace bk::cpu;
 using bk::test::as_double;
@@ -87,6 +88,7 @@ void check_all(const char* dtype, double tol) {
 }  // namespace
 
 int main() {
+  if (!simd_width_runs()) return 77;
   // Inputs are exactly representable in each dtype, so the only error is accumulation.
   check_all<double>("float64", 1e-12);
   check_all<float>("float32", 1e-5);
