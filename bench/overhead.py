@@ -5,9 +5,12 @@ bk's step and the non-private step are timed side by side for L = 2, 8 and 32 (i
 calls); the extra time of bk is fitted as  extra(L) = per_step + per_layer * L  (least squares
 over the three L). What it measures is Python and dispatch work: the layers' autograd Functions,
 the engine's records and clip factors, one clipped sum, one norm and one noise call per
-parameter.
+parameter. The per-layer cost is also split by phase, each fitted the same way: the forward,
+the backward (which includes the engine's clip factors and clipped sums, run when the backward
+ends) and the optimizer's zero_grad and step (noise and the division by the batch size).
 """
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -41,11 +44,37 @@ def _steps(layers, device, dtype):
 
     def step(m, opt):
         def run():
+            """Seconds of the forward, the backward and the optimizer (zero_grad and step)."""
+            start = _now(device)
             opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
+            t0 = _now(device)
+            loss = F.cross_entropy(m(x), y)
+            t1 = _now(device)
+            loss.backward()
+            t2 = _now(device)
             opt.step()
+            t3 = _now(device)
+            return t1 - t0, t2 - t1, (t0 - start) + (t3 - t2)
         return run
     return step(plain, plain_opt), step(private, private_opt)
+
+
+def _now(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+PHASES = ("fwd", "bwd", "step")
+
+
+def _fit(points):
+    """(intercept, slope) of the least-squares line through [(L, value)]."""
+    n = len(points)
+    mean_l = sum(L for L, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    slope = sum((L - mean_l) * (v - mean_v) for L, v in points) / sum((L - mean_l) ** 2 for L, _ in points)
+    return mean_v - slope * mean_l, slope
 
 
 def run(device, dtype, quick, command):
@@ -57,25 +86,29 @@ def run(device, dtype, quick, command):
         plain, private = _steps(layers, device, dtype)
         for _ in range(5):  # warm both
             plain(), private()
-        times = {"non-private": [], "bk": []}
+        times = {m: {ph: [] for ph in ("total",) + PHASES} for m in ("non-private", "bk")}
         for _ in range(20 if quick else 100):  # interleaved, so drift hits both alike
-            times["non-private"].append(harness.timed(plain, device))
-            times["bk"].append(harness.timed(private, device))
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        extra.append((layers, med["bk"] - med["non-private"]))
+            for m, fn in (("non-private", plain), ("bk", private)):
+                phases = fn()
+                times[m]["total"].append(sum(phases))
+                for ph, t in zip(PHASES, phases):
+                    times[m][ph].append(t)
+        med = {m: {ph: sorted(v)[len(v) // 2] for ph, v in by_phase.items()} for m, by_phase in times.items()}
+        extra.append((layers, {ph: med["bk"][ph] - med["non-private"][ph] for ph in ("total",) + PHASES}))
         rows.append(dict(ctx, op="overhead", layers=layers, B=BATCH, width=WIDTH,
-                         non_private_us=round(med["non-private"] * 1e6, 1), bk_us=round(med["bk"] * 1e6, 1),
-                         extra_us=round((med["bk"] - med["non-private"]) * 1e6, 1), per_step_us="", per_layer_us=""))
+                         non_private_us=round(med["non-private"]["total"] * 1e6, 1),
+                         bk_us=round(med["bk"]["total"] * 1e6, 1),
+                         extra_us=round(extra[-1][1]["total"] * 1e6, 1), per_step_us="", per_layer_us=""))
         progress.step(f"L={layers}")
-    # extra(L) = per_step + per_layer * L, least squares
-    n = len(extra)
-    mean_l = sum(L for L, _ in extra) / n
-    mean_e = sum(e for _, e in extra) / n
-    slope = sum((L - mean_l) * (e - mean_e) for L, e in extra) / sum((L - mean_l) ** 2 for L, _ in extra)
+    # extra(L) = per_step + per_layer * L, least squares; the same per phase (medians of each)
+    per_step, per_layer = _fit([(L, e["total"]) for L, e in extra])
+    slopes = {ph: _fit([(L, e[ph]) for L, e in extra])[1] for ph in PHASES}
     for row in rows:
-        row["per_layer_us"] = round(slope * 1e6, 1)
-        row["per_step_us"] = round((mean_e - slope * mean_l) * 1e6, 1)
+        row["per_layer_us"] = round(per_layer * 1e6, 1)
+        row["per_step_us"] = round(per_step * 1e6, 1)
+        for ph in PHASES:
+            row[f"per_layer_{ph}_us"] = round(slopes[ph] * 1e6, 1)
     return rows
 
-
-COLUMNS = ["layers", "B", "width", "non_private_us", "bk_us", "extra_us", "per_step_us", "per_layer_us"]
+COLUMNS = ["layers", "B", "width", "non_private_us", "bk_us", "extra_us", "per_step_us", "per_layer_us",
+           "per_layer_fwd_us", "per_layer_bwd_us", "per_layer_step_us"]
