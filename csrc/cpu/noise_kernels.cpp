@@ -11,12 +11,13 @@
 // full relative precision), and sin/cos reduce the angle exactly in integers (the angle is a
 // fraction of a turn). C++ test: csrc/tests/test_noise.cpp.
 //
-// The core is latency-bound: Philox's rounds and the log's 9-step polynomial are chains of
-// dependent instructions, and GCC does not reorder instructions before register allocation
-// on x86, so the source order is the order the CPU's out-of-order window sees. The functions
-// below therefore take several independent vectors (two groups of blocks, each with two word
-// pairs for Box-Muller) and advance all of them one statement at a time (BK_EACH): the same
-// arithmetic per lane in the same order, so the bits do not depend on how many go together.
+// Philox's rounds and the log's 9-step polynomial are chains of dependent instructions, and
+// GCC does not reorder instructions before register allocation on x86, so the source order is
+// the order the CPU's out-of-order window sees: one chain at a time, the kernel was bound by
+// their latency. The functions below therefore take several independent vectors (two groups
+// of blocks, each with two word pairs for Box-Muller) and advance all of them one statement at
+// a time (BK_EACH): the same arithmetic per lane in the same order, so the bits do not depend
+// on how many go together.
 //
 // One body (struct Noise<VB>), compiled three times on x86-64 with each instruction set's
 // native vector width VB: AVX-512 (64 bytes), AVX2+FMA (32) and baseline SSE2 (16), picked at
