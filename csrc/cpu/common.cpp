@@ -1,4 +1,4 @@
-// Definitions of cpu/common.h: 16-bit float conversions and the thread count.
+// Definitions of cpu/common.h: 16-bit float conversions, the thread count, the ISA level.
 #include "cpu/common.h"
 
 #include <cstring>
@@ -75,6 +75,37 @@ int max_threads() {
 #else
   return 1;
 #endif
+}
+
+Isa best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const Isa best = [] {
+    __builtin_cpu_init();
+#if __GNUC__ >= 12  // the ISA levels the code is compiled for
+    const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+#else
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512cd");
+#endif
+    return v4 ? Isa::avx512 : v3 ? Isa::avx2 : Isa::base;
+  }();
+  return best;
+#else
+  return Isa::base;
+#endif
+}
+
+bool isa_runs(Isa isa) { return int(isa) <= int(best_isa()); }
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "base";
+  }
 }
 
 }  // namespace cpu

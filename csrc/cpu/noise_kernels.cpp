@@ -545,37 +545,6 @@ constexpr int64_t kMinChunksPerThread = 128;
 
 }  // namespace
 
-Isa best_isa() {
-#ifdef BK_NOISE_X86
-  static const Isa best = [] {
-    __builtin_cpu_init();
-#if __GNUC__ >= 12  // the ISA levels the code is compiled for
-    const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
-#else
-    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
-    const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                    __builtin_cpu_supports("avx512cd");
-#endif
-    return v4 ? Isa::avx512 : v3 ? Isa::avx2 : Isa::base;
-  }();
-  return best;
-#else
-  return Isa::base;
-#endif
-}
-
-bool isa_runs(Isa isa) { return int(isa) <= int(best_isa()); }
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "base";
-  }
-}
-
 // Calls the entry point NAME_<isa>(args...) of an ISA this CPU runs.
 #ifdef BK_NOISE_X86
 #define BK_NOISE_DISPATCH(isa, NAME, ...)                        \

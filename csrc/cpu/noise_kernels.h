@@ -18,13 +18,9 @@ template <typename scalar_t>
 void add_noise(scalar_t* grad, int64_t n, double std, double scale, uint64_t seed,
                uint64_t offset, int num_threads);
 
-// The instruction sets the kernel is compiled for (x86-64: baseline SSE2, AVX2+FMA and
-// AVX-512 with 16-, 32- and 64-byte vectors; elsewhere only `base`, 16-byte vectors).
-// add_noise runs the best this CPU has; the tests run each one the CPU can.
-enum class Isa { base = 0, avx2 = 1, avx512 = 2 };
-Isa best_isa();
-bool isa_runs(Isa isa);
-const char* isa_name(Isa isa);
+// The kernel is compiled for every instruction set level of cpu/common.h (Isa; elsewhere
+// than x86-64 GCC only `base`). add_noise runs the best this CPU has; the tests run each one
+// the CPU can.
 template <typename scalar_t>
 void add_noise_isa(Isa isa, scalar_t* grad, int64_t n, double std, double scale, uint64_t seed,
                    uint64_t offset, int num_threads);

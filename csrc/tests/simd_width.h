@@ -4,17 +4,12 @@
 #pragma once
 #include <cstdio>
 
+#include "cpu/common.h"  // isa_runs
+
 inline bool simd_width_runs() {
-#if defined(BK_SIMD_WIDTH) && BK_SIMD_WIDTH > 16 && defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-#if __GNUC__ >= 12  // the ISA levels simd.h compiles the bodies for
-  const bool runs = BK_SIMD_WIDTH == 64 ? __builtin_cpu_supports("x86-64-v4") : __builtin_cpu_supports("x86-64-v3");
-#else
-  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool runs = BK_SIMD_WIDTH == 64 ? v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-                                        : v3;
-#endif
+#if defined(BK_SIMD_WIDTH) && BK_SIMD_WIDTH > 16
+  using bk::cpu::Isa;
+  const bool runs = bk::cpu::isa_runs(BK_SIMD_WIDTH == 64 ? Isa::avx512 : Isa::avx2);
   if (!runs) std::printf("skipped: this CPU lacks the instruction set of the %d-byte bodies\n", BK_SIMD_WIDTH);
   return runs;
 #else
