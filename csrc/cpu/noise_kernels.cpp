@@ -339,23 +339,24 @@ struct Noise {
     const int64_t g_end = c_end * kGroupsPerChunk < groups ? c_end * kGroupsPerChunk : groups;
     Counters counters(q_first + uint64_t(g_begin) * kBlocks);
     int64_t g = g_begin;
-    for (; g + kInterleave <= g_end; g += kInterleave) {
-      Counters group_counters[kInterleave];
-      for (int i = 0; i < kInterleave; ++i) {
-        group_counters[i] = counters;
-        group_counters[i].advance(i);
-      }
-      alignas(64) float z[kInterleave][kGroup];
-      group_normals(group_counters, key, z);
-      for (int i = 0; i < kInterleave; ++i) add_group(grad, n, (g + i) * kGroup - head, z[i], sd, scale);
-      counters.advance(kInterleave);
+    for (; g + kInterleave <= g_end; g += kInterleave, counters.advance(kInterleave))
+      add_groups<kInterleave>(grad, n, g * kGroup - head, counters, key, sd, scale);
+    for (; g < g_end; ++g, counters.advance()) add_groups<1>(grad, n, g * kGroup - head, counters, key, sd, scale);
+  }
+
+  // The noise of G consecutive groups, the first at `first`, added into grad from element
+  // `base` on (add_group).
+  template <int G, typename scalar_t, typename C>
+  static BK_ALWAYS_INLINE void add_groups(scalar_t* grad, int64_t n, int64_t base, const Counters& first,
+                                          const uint32_t key[2], C sd, C scale) {
+    Counters group_counters[G];
+    for (int i = 0; i < G; ++i) {
+      group_counters[i] = first;
+      group_counters[i].advance(i);
     }
-    for (; g < g_end; ++g, counters.advance()) {
-      const Counters group_counters[1] = {counters};
-      alignas(64) float z[1][kGroup];
-      group_normals(group_counters, key, z);
-      add_group(grad, n, g * kGroup - head, z[0], sd, scale);
-    }
+    alignas(64) float z[G][kGroup];
+    group_normals(group_counters, key, z);
+    for (int i = 0; i < G; ++i) add_group(grad, n, base + i * kGroup, z[i], sd, scale);
   }
 
   // grad[base + j] = (grad[base + j] + sd z[j]) * scale for the j with 0 <= base + j < n.
