@@ -110,5 +110,6 @@ def run(device, dtype, quick, command):
             row[f"per_layer_{ph}_us"] = round(slopes[ph] * 1e6, 1)
     return rows
 
+
 COLUMNS = ["layers", "B", "width", "non_private_us", "bk_us", "extra_us", "per_step_us", "per_layer_us",
            "per_layer_fwd_us", "per_layer_bwd_us", "per_layer_step_us"]
