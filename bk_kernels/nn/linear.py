@@ -47,8 +47,9 @@ class _LinearFn(torch.autograd.Function):
         if bias is not None and bias.requires_grad:
             acc = accumulation_dtype(g.dtype)
             # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
-            bias_grads = (g3[:, 0] if g3.dtype == acc else g3[:, 0].to(acc)) if g3.shape[1] == 1 else \
-                g3.sum(1, dtype=acc)
+            # (nor a select of g3's position: a dispatch fewer)
+            one = g if g.dim() == 2 and bdim == 0 else g3[:, 0] if g3.shape[1] == 1 else None
+            bias_grads = g3.sum(1, dtype=acc) if one is None else one if one.dtype == acc else one.to(acc)
             if rows is not None:  # place the block inside the whole bias
                 bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
@@ -130,6 +131,8 @@ def linear(layer, x, weight, bias=None, *, transposed=False):
     `layer` (a bk.nn.BKLayer): the forward of bk.nn.Linear and of users' own layer families
     (bk.register_layer). x is checked against the batch like every bk layer's input (a
     [1, T, d] input is expanded to the batch). transposed: weight stored [in, out] (GPT-2's Conv1D)."""
+    if layer._bk_rows_as_given(x):
+        return _LinearFn.apply(x, weight, bias, layer, transposed, None, 0)
     bdim = layer._bk_batch_dim(x)
     return layer._bk_row_wise(x, bdim, lambda xe: _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim))
 
