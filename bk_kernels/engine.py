@@ -590,12 +590,12 @@ class PrivacyEngine:
                     except UnsupportedSharingError as err:
                         raise RuntimeError(f"PrivacyEngine: parameter {self._names[id_p]!r} is used several times in "
                                            f"one forward in a way not supported yet ({err})") from None
-        unit_sq = {u: _sum_terms(ts) for u, ts in terms.items()}
+        unit_sq = {u: _sum_terms(ts, torch.float64) for u, ts in terms.items()}
         # Per-example gradient = (batch size for a mean loss) / (GradScaler's scale) * the one seen here.
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         seen_to_true = scale / self._loss_scale()
         for u in unit_sq:
-            unit_sq[u] = unit_sq[u].double() * seen_to_true ** 2
+            unit_sq[u] = unit_sq[u] * seen_to_true ** 2
             if not torch.isfinite(unit_sq[u]).all():
                 if self._grad_scaler is not None:
                     self._examples += B  # sampled and used: the skipped step counts
@@ -882,14 +882,15 @@ def clipped_sum_into(total, uses, c, backend, param, dtype):
     return total
 
 
-def _sum_terms(terms):
-    """The sum of [B] tensors: one stacked reduction when they share a dtype (one op for a whole
-    unit, not one add per parameter), else added with type promotion."""
+def _sum_terms(terms, dtype):
+    """The sum of [B] tensors, in `dtype`: one stacked reduction that accumulates in dtype when
+    they share a dtype (one op for a whole unit, not one add per parameter, nor a conversion
+    after it), else converted and added."""
     if len(terms) == 1:
-        return terms[0]
+        return terms[0].to(dtype)
     if all(t.dtype == terms[0].dtype for t in terms):
-        return torch.stack(terms).sum(0)
-    return sum(terms[1:], terms[0])
+        return torch.stack(terms).sum(0, dtype=dtype)
+    return sum((t.to(dtype) for t in terms[1:]), terms[0].to(dtype))
 
 
 def _check_positive_int(value, name):
