@@ -320,7 +320,7 @@ class PrivacyEngine:
                     raise ValueError(problem)
                 loss.register_hook(refuse)
         self._forward_labels = self._forward_items = None
-        leaves = torch.utils._pytree.tree_leaves(output)
+        leaves = (output,) if isinstance(output, torch.Tensor) else torch.utils._pytree.tree_leaves(output)
         if self.layout.expanded:
             self._check_expanded_uses(leaves)
         reached = self._padding_reached_output if self._padding_forward else self._backward_reached_output

@@ -35,7 +35,10 @@ class BatchLayout:
     def take(self, args, kwargs):
         """The batch size of a forward of the model, from its first tensor input: dim 0, or dim 1
         with batch_first=False (dim 0 for a 1-D input); a PackedSequence's first step."""
-        leaves = tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))
+        if not kwargs and all(isinstance(t, torch.Tensor) for t in args):  # model(x): no pytree walk
+            leaves = args
+        else:
+            leaves = tree_leaves((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))
         self.input_storages = {_storage(t) for t in leaves if isinstance(t, torch.Tensor)}
         self.state_storages = None  # the model's buffers and Parameters, found when first asked (engine)
         self.expanded = []  # bk layers that expanded a batch-1 input to the batch in this forward
