@@ -31,6 +31,14 @@ def clip_factors_ref(sq_norms, max_grad_norm, clipping_fn="abadi", gamma=0.01):
     return max_grad_norm / (norms + 1e-6)
 
 
+def unit_clip_factors_ref(terms, sq_scale, max_grad_norm, clipping_fn="abadi", gamma=0.01, out_scale=1.0):
+    """torch.ops.bk.unit_clip_factors in plain PyTorch, float64: a clipping unit's [B] squared-norm
+    terms -> (sq_scale * their sum, clip_factors of that * out_scale, whether every norm is finite)."""
+    sq_norms = sum(t.double() for t in terms) * sq_scale
+    return sq_norms, clip_factors_ref(sq_norms, max_grad_norm, clipping_fn, gamma) * out_scale, \
+        bool(torch.isfinite(sq_norms).all())
+
+
 def _check(sq_norms, max_grad_norm, clipping_fn, gamma):
     if not isinstance(sq_norms, torch.Tensor) or sq_norms.dim() != 1 or not sq_norms.is_floating_point():
         raise ValueError("clip_factors: sq_norms must be a 1-d floating-point tensor of squared norms")

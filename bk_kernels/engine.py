@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from . import _fsdp, accounting, example_rows, ops, packed
-from .clipping import CLIPPING_FNS, clip_factors, clipping_units
+from .clipping import CLIPPING_FNS, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
 from .nn import patch_rows
@@ -590,13 +590,17 @@ class PrivacyEngine:
                     except UnsupportedSharingError as err:
                         raise RuntimeError(f"PrivacyEngine: parameter {self._names[id_p]!r} is used several times in "
                                            f"one forward in a way not supported yet ({err})") from None
-        unit_sq = {u: _sum_terms(ts, torch.float64) for u, ts in terms.items()}
         # Per-example gradient = (batch size for a mean loss) / (GradScaler's scale) * the one seen here.
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         seen_to_true = scale / self._loss_scale()
-        for u in unit_sq:
-            unit_sq[u] = unit_sq[u] * seen_to_true ** 2
-            if not torch.isfinite(unit_sq[u]).all():
+        # Per unit, one op: the true squared norms (float64), the clip factors from them, and
+        # whether all are finite. The clipped sums keep the loss scale (the factors carry the
+        # mean's B only), which GradScaler's unscale_ removes before the step (and its finiteness
+        # check still sees them).
+        unit_step = {u: torch.ops.bk.unit_clip_factors(ts, seen_to_true ** 2, self._threshold, self.clipping_fn,
+                                                       self.gamma, scale) for u, ts in terms.items()}
+        for _, _, finite in unit_step.values():
+            if not finite:
                 if self._grad_scaler is not None:
                     self._examples += B  # sampled and used: the skipped step counts
                     self._overflowed()
@@ -608,11 +612,8 @@ class PrivacyEngine:
         self._summed_forwards |= forwards
         self._towers.forget(forwards)
         # The true squared norms of this backward, per unit (bk.verify reads them)
-        self._last_unit_sq_norms = {u: s.detach() for u, s in unit_sq.items()}
-        # Clip factors from the true norms; the sums keep the loss scale, which GradScaler's
-        # unscale_ removes before the step (and its finiteness check still sees them).
-        factors = {u: clip_factors(s, self._threshold, self.clipping_fn, self.gamma) * scale
-                   for u, s in unit_sq.items()}
+        self._last_unit_sq_norms = {u: sq for u, (sq, _, _) in unit_step.items()}
+        factors = {u: c for u, (_, c, _) in unit_step.items()}
         cast = {}  # a unit's factors in a parameter's accumulation dtype and device, converted once
         for id_p, us in uses.items():
             p = self._param_of[id_p]
@@ -880,17 +881,6 @@ def clipped_sum_into(total, uses, c, backend, param, dtype):
             total = torch.zeros(param.shape, dtype=dtype, device=param.device)
         use.add_clipped(total, c, backend)
     return total
-
-
-def _sum_terms(terms, dtype):
-    """The sum of [B] tensors, in `dtype`: one stacked reduction that accumulates in dtype when
-    they share a dtype (one op for a whole unit, not one add per parameter, nor a conversion
-    after it), else converted and added."""
-    if len(terms) == 1:
-        return terms[0].to(dtype)
-    if all(t.dtype == terms[0].dtype for t in terms):
-        return torch.stack(terms).sum(0, dtype=dtype)
-    return sum((t.to(dtype) for t in terms[1:]), terms[0].to(dtype))
 
 
 def _check_positive_int(value, name):

@@ -1,5 +1,7 @@
 // Ops built from the other ops, registered once for every device (CompositeImplicitAutograd):
-// the clipping rule lives here and nowhere else; a whole step's noise in one call.
+// the clipping rule lives here and nowhere else; a whole step's noise in one call. And the
+// composite of a clipping unit's step (unit_clip_factors), for the devices without a kernel of
+// their own (CompositeExplicitAutograd: the CPU has one, cpu/clip_factors.cpp).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -8,9 +10,9 @@
 #include <tuple>
 
 #include "checks.h"
+#include "composite.h"
 
 namespace bk {
-namespace {
 
 // C_b from squared norms. abadi: min(1, R/(n+1e-6)); automatic (AUTO-S): R/(n+gamma);
 // normalized: R/(n+1e-6); n = ||g_b||.
@@ -28,6 +30,37 @@ at::Tensor clip_factors(const at::Tensor& sq_norms, double threshold, c10::strin
   TORCH_CHECK(false, "bk::clip_factors: clip_fn must be \"abadi\", \"automatic\" or \"normalized\", got \"",
               std::string(clip_fn), "\"");
 }
+
+int64_t check_unit_clip_args(at::TensorList terms, double threshold, c10::string_view clip_fn, double gamma,
+                             const char* op) {
+  TORCH_CHECK(!terms.empty(), op, ": terms must hold at least one [B] tensor");
+  const int64_t B = terms[0].dim() == 1 ? terms[0].size(0) : -1;
+  for (const at::Tensor& t : terms) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": terms must be 1-D tensors of one length [B], got shapes ",
+                terms[0].sizes(), " and ", t.sizes());
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": terms must be floating point, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == terms[0].device(), op, ": terms must be on one device, got ", terms[0].device(),
+                " and ", t.device());
+  }
+  TORCH_CHECK(threshold > 0, op, ": the threshold (max_grad_norm) must be positive, got ", threshold);
+  TORCH_CHECK(clip_fn == "abadi" || clip_fn == "automatic" || clip_fn == "normalized", op,
+              ": clip_fn must be \"abadi\", \"automatic\" or \"normalized\", got \"", std::string(clip_fn), "\"");
+  TORCH_CHECK(clip_fn != "automatic" || gamma > 0, op, ": automatic clipping needs gamma > 0, got ", gamma);
+  return B;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unit_clip_factors_composite(
+    at::TensorList terms, double sq_scale, double threshold, c10::string_view clip_fn, double gamma,
+    double out_scale) {
+  check_unit_clip_args(terms, threshold, clip_fn, gamma, "bk::unit_clip_factors");
+  const at::Tensor sum = terms.size() == 1 ? terms[0].to(at::kDouble)
+                                           : at::stack(terms).sum(0, false, at::kDouble);
+  const at::Tensor sq_norms = sum * sq_scale;
+  return {sq_norms, clip_factors(sq_norms, threshold, clip_fn, gamma) * out_scale,
+          at::isfinite(sq_norms).all()};
+}
+
+namespace {
 
 // One layer as its own clipping unit: its per-example norms (weight and bias), clip factors
 // and clipped sums in one call, so g need not be kept after the layer's backward.
@@ -83,6 +116,10 @@ TORCH_LIBRARY_IMPL(bk, CompositeImplicitAutograd, m) {
   m.impl("clip_factors", &clip_factors);
   m.impl("clipped_sum_layerwise", &clipped_sum_layerwise);
   m.impl("add_noise_list_", &add_noise_list_);
+}
+
+TORCH_LIBRARY_IMPL(bk, CompositeExplicitAutograd, m) {
+  m.impl("unit_clip_factors", &unit_clip_factors_composite);
 }
 
 }  // namespace bk

@@ -1,11 +1,14 @@
 """clipped_sum (and its accumulating form) on every backend against float64 per-example
-gradients; clip_factors; the layer-wise fused path; the ghost/direct choice."""
+gradients; clip_factors; a clipping unit's step (unit_clip_factors); the layer-wise fused path;
+the ghost/direct choice."""
+import math
 import sys
 import time
 
 import pytest
 import torch
 
+import bk_kernels as bk
 from bk_kernels import ops
 from bk_kernels.ops.clipped_sum import clipped_sum, clipped_sum_ref
 from bk_kernels.ops.layerwise import clipped_sum_layerwise
@@ -127,6 +130,75 @@ def test_clip_factors_bad_arguments():
         torch.ops.bk.clip_factors(torch.ones(2), 1.0, "flat", 0.01)
     with pytest.raises(RuntimeError, match="must be positive"):
         torch.ops.bk.clip_factors(torch.ones(2), 0.0, "abadi", 0.01)
+
+
+def _unit_terms(B, dtypes, seed=0):
+    """[B] squared-norm terms of the given dtypes, one a strided view (a cross term may be
+    negative: 2 <G, G'> of two uses of one parameter)."""
+    gen = torch.Generator().manual_seed(seed)
+    terms = [(torch.rand(2 * B, generator=gen, dtype=torch.float64) * 10).to(dtype)[::2] for dtype in dtypes]
+    if len(terms) > 1:
+        terms[-1] = terms[-1] - 0.5 * terms[-1].max() if B else terms[-1]
+    return terms
+
+
+@pytest.mark.parametrize("B", [0, 1, 7, 130])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float64,), (torch.float32, torch.float64, torch.float32),
+                                    (torch.bfloat16, torch.float32), (torch.float16,)], ids=str)
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic", "normalized"])
+def test_unit_clip_factors_against_reference(B, dtypes, clip_fn):
+    """The CPU kernel (float32/float64 terms) and the composite (16-bit terms) against the
+    float64 reference: the terms are exact in float64, so both agree to float64 rounding."""
+    terms = _unit_terms(B, dtypes)
+    sq, c, finite = torch.ops.bk.unit_clip_factors(terms, 64.0**2, 1.7, clip_fn, 0.05, 64.0)
+    want_sq, want_c, want_finite = bk.clipping.unit_clip_factors_ref(terms, 64.0**2, 1.7, clip_fn, 0.05, 64.0)
+    assert sq.dtype == c.dtype == torch.float64 and finite.dtype == torch.bool and finite.dim() == 0
+    torch.testing.assert_close(sq, want_sq, rtol=1e-14, atol=0)
+    torch.testing.assert_close(c, want_c, rtol=1e-14, atol=0)
+    assert bool(finite) == want_finite is True
+
+
+def test_unit_clip_factors_matches_the_composite_of_its_parts():
+    """The engine's one call is the chain it replaced: the float64 sum of the terms, scaled,
+    then clip_factors (abadi clamps at 1 before out_scale)."""
+    terms = _unit_terms(33, (torch.float32, torch.float32, torch.float64), seed=3)
+    sq, c, _ = torch.ops.bk.unit_clip_factors(terms, 9.0, 0.5, "abadi", 0.01, 3.0)
+    want_sq = torch.stack([t.double() for t in terms]).sum(0) * 9.0
+    torch.testing.assert_close(sq, want_sq, rtol=1e-15, atol=0)
+    torch.testing.assert_close(c, torch.ops.bk.clip_factors(want_sq, 0.5, "abadi", 0.01) * 3.0, rtol=1e-15, atol=0)
+    assert c.max() <= 3.0 and c.min() > 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_unit_clip_factors_reports_non_finite_norms(bad, dtype):
+    terms = _unit_terms(5, (dtype, torch.float32))
+    terms[0] = terms[0].clone()
+    terms[0][3] = bad
+    sq, c, finite = torch.ops.bk.unit_clip_factors(terms, 4.0, 1.0, "abadi", 0.01, 2.0)
+    assert not bool(finite)
+    assert not math.isfinite(sq[3].item()) and torch.isfinite(sq[[0, 1, 2, 4]]).all()
+    assert torch.isfinite(c[[0, 1, 2, 4]]).all()
+
+
+def test_unit_clip_factors_bad_arguments():
+    ok = [torch.rand(4), torch.rand(4)]
+    cases = [([], "at least one"), ([torch.rand(4), torch.rand(5)], "one length"), ([torch.rand(2, 2)], "1-D"),
+             ([torch.arange(4)], "floating point")]
+    for terms, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.bk.unit_clip_factors(terms, 1.0, 1.0, "abadi", 0.01, 1.0)
+    with pytest.raises(RuntimeError, match="must be positive"):
+        torch.ops.bk.unit_clip_factors(ok, 1.0, 0.0, "abadi", 0.01, 1.0)
+    with pytest.raises(RuntimeError, match="clip_fn must be"):
+        torch.ops.bk.unit_clip_factors(ok, 1.0, 1.0, "flat", 0.01, 1.0)
+    with pytest.raises(RuntimeError, match="gamma > 0"):
+        torch.ops.bk.unit_clip_factors(ok, 1.0, 1.0, "automatic", 0.0, 1.0)
+
+
+def test_unit_clip_factors_opcheck():
+    for terms in (_unit_terms(6, (torch.float32, torch.float64)), _unit_terms(6, (torch.bfloat16,))):
+        torch.library.opcheck(torch.ops.bk.unit_clip_factors.default, (terms, 4.0, 1.0, "automatic", 0.01, 2.0))
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
