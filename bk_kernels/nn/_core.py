@@ -226,6 +226,8 @@ class BKLayer:
         """apply(x checked against the batch) for a row-wise layer (Linear, LayerNorm): rows
         folded example-major come in as [B, k, ...] and the output goes back as the caller
         gave them."""
+        if dim == 0 and self._bk_rows_as_given(x):  # the common case, past the general checks
+            return apply(x)
         try:
             xe = self._bk_examples(x, dim, fold_rows=True)
         except UnsupportedLayoutError as err:
