@@ -612,7 +612,7 @@ class PrivacyEngine:
         self._summed_forwards |= forwards
         self._towers.forget(forwards)
         # The true squared norms of this backward, per unit (bk.verify reads them)
-        self._last_unit_sq_norms = {u: sq for u, (sq, _, _) in unit_step.items()}
+        self._last_unit_sq_norms = {u: sq.detach() for u, (sq, _, _) in unit_step.items()}
         factors = {u: c for u, (_, c, _) in unit_step.items()}
         cast = {}  # a unit's factors in a parameter's accumulation dtype and device, converted once
         for id_p, us in uses.items():

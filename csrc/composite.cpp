@@ -1,7 +1,8 @@
 // Ops built from the other ops, registered once for every device (CompositeImplicitAutograd):
-// the clipping rule lives here and nowhere else; a whole step's noise in one call. And the
-// composite of a clipping unit's step (unit_clip_factors), for the devices without a kernel of
-// their own (CompositeExplicitAutograd: the CPU has one, cpu/clip_factors.cpp).
+// the clipping rule (also followed, element by element, by the CPU kernel of unit_clip_factors
+// in cpu/clip_factors.cpp); a whole step's noise in one call. And the composite of a clipping
+// unit's step (unit_clip_factors) for the devices without a kernel of their own
+// (CompositeExplicitAutograd).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 

@@ -44,7 +44,8 @@ TORCH_LIBRARY(bk, m) {
   // Composites (csrc/composite.cpp), on every device.
   m.def("clip_factors(Tensor sq_norms, float threshold, str clip_fn, float gamma) -> Tensor");
   // A clipping unit's step in one call (the engine's): its [B] squared-norm terms summed in
-  // float64 and scaled, their clip factors times out_scale, and whether every norm is finite.
+  // float64 and scaled, their clip factors times out_scale, and whether every norm is finite
+  // (a CPU kernel, cpu/clip_factors.cpp; the composite elsewhere).
   m.def("unit_clip_factors(Tensor[] terms, float sq_scale, float threshold, str clip_fn, float gamma, "
         "float out_scale) -> (Tensor, Tensor, Tensor)");
   m.def("clipped_sum_layerwise(Tensor a, Tensor g, bool bias, float threshold, str clip_fn, "

@@ -1,12 +1,12 @@
 // CPU kernel of bk::unit_clip_factors: a clipping unit's step in one loop over the examples.
-// The composite (composite.cpp) is ten small ops: on the 2-core EPYC they took ~200 us in the
-// engine's step (each dispatch cold between the layers' Python), this loop a few.
+// The engine's chain of ten small ops it replaces took ~190 us inside the MLP B=64 step on the
+// 2-core EPYC (each dispatch cold between the layers' Python); with this op, ~45 us. It repeats
+// the clipping rule of composite.cpp element by element (tests hold the two equal).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "composite.h"
 
