@@ -46,10 +46,11 @@ class _LinearFn(torch.autograd.Function):
         g3 = examples_first(g, batch_dim=bdim)
         if bias is not None and bias.requires_grad:
             acc = accumulation_dtype(g.dtype)
-            # [B, p]; one position (2-D input): g itself, not a reduction into a zero-filled buffer
-            # (nor a select of g3's position: a dispatch fewer)
-            one = g if g.dim() == 2 and bdim == 0 else g3[:, 0] if g3.shape[1] == 1 else None
-            bias_grads = g3.sum(1, dtype=acc) if one is None else one if one.dtype == acc else one.to(acc)
+            if g3.shape[1] == 1:  # [B, p]; one position: g itself, not a reduction into a zero-filled buffer
+                one = g if g.dim() == 2 and bdim == 0 else g3[:, 0]  # a 2-D g: not even a select of g3
+                bias_grads = one if one.dtype == acc else one.to(acc)
+            else:
+                bias_grads = g3.sum(1, dtype=acc)
             if rows is not None:  # place the block inside the whole bias
                 bias_grads = bias_grads.new_zeros(bias_grads.shape[0], *bias.shape).index_copy_(
                     1, torch.arange(rows.start, rows.stop, device=g.device), bias_grads)
@@ -131,7 +132,7 @@ def linear(layer, x, weight, bias=None, *, transposed=False):
     `layer` (a bk.nn.BKLayer): the forward of bk.nn.Linear and of users' own layer families
     (bk.register_layer). x is checked against the batch like every bk layer's input (a
     [1, T, d] input is expanded to the batch). transposed: weight stored [in, out] (GPT-2's Conv1D)."""
-    if layer._bk_rows_as_given(x):
+    if layer._bk_rows_as_given(x):  # _bk_row_wise's own shortcut, less its batch-dim lookup and lambda (~1.5 us)
         return _LinearFn.apply(x, weight, bias, layer, transposed, None, 0)
     bdim = layer._bk_batch_dim(x)
     return layer._bk_row_wise(x, bdim, lambda xe: _LinearFn.apply(xe, weight, bias, layer, transposed, None, bdim))
