@@ -23,6 +23,9 @@ _context = None
 def _forkserver():
     global _context
     if _context is None:
+        # The server and its children allocate as memory measurements do (harness reads this at
+        # import): large blocks mmapped and returned when freed.
+        os.environ["BK_BENCH_ALLOCATOR"] = "memory"
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload(PRELOAD)
     return _context

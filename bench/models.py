@@ -161,12 +161,13 @@ def measure(args):
     """One measurement, run in a fresh process (bench/fresh.py): the step memory of one method,
     or (with a "budget") maxbatch's search."""
     device, dtype = torch.device(args["device"]), getattr(torch, args["dtype"])
-    if "budget" in args:
-        from bench import maxbatch
+    with harness.memory_allocator():  # the whole process: built, warmed and measured as before
+        if "budget" in args:
+            from bench import maxbatch
 
-        return maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
-                               args.get("cap"))
-    return step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
+            return maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
+                                   args.get("cap"))
+        return step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
 
 
 # ---------------------------------------------------------------- the scenario
