@@ -32,6 +32,15 @@ SECTIONS = {
                "`mem_ratio`: over non-private's.",
                ["config", "B", "T", "method", "rounds", "steps_per_round", "median_ms", "ratio", "ratio_min",
                 "ratio_max", "mem_mib", "mem_ratio", "note"]),
+    "breakdown": ("Where bk's extra time goes",
+                  "Side-by-side ablations in one process (`bench/breakdown.py`; diagnostic only, the ablated steps are "
+                  "not private): bk's step with no noise drawn, with every per-example norm replaced by zeros, or with "
+                  "no clipped sum computed (zero gradients; this also drops what non-private spends on its weight "
+                  "gradients), timed in shuffled rounds beside bk itself, a second bk (`bk again`: the noise floor) "
+                  "and non-private. `vs_bk`: median per-round time over bk's (min and max beside it), so a part's "
+                  "share of the step is 1 - vs_bk; `vs_np`: over non-private's.",
+                  ["config", "B", "variant", "rounds", "steps_per_round", "median_ms", "vs_bk", "vs_bk_min",
+                   "vs_bk_max", "vs_np"]),
     "example_rows": ("One example as several rows",
                      "`engine.example_rows`: a DPO step of GPT-2 (4 layers, width 256, vocabulary 8192; `B` pairs, "
                      "chosen then rejected rows, `bk.stacked_rows(2)`) and augmentation multiplicity on the CNN "
@@ -85,7 +94,7 @@ PLOT_FILES = [("steps", "Step time and memory relative to non-private"),
 
 def latest(name):
     """The latest rows of bench/results/<name>.jsonl: the last run's, or for the per-model
-    scenarios (rows with a `config`) the newest row of each (config, method), so that runs of
+    scenarios (rows with a `config`) the newest row of each (config, method or variant), so that runs of
     single models (--config) add up; in the order of their first appearance."""
     path = os.path.join(harness.RESULTS, f"{name}.jsonl")
     if not os.path.exists(path):
@@ -99,8 +108,9 @@ def latest(name):
     newest = {}
     for r in rows:
         if "config" in r:
-            newest.pop((r["config"], r["method"]), None)
-            newest[(r["config"], r["method"])] = r
+            key = (r["config"], r.get("method", r.get("variant")))  # breakdown rows name a variant
+            newest.pop(key, None)
+            newest[key] = r
     order = list(dict.fromkeys(r["config"] for r in newest.values()))
     return sorted(newest.values(), key=lambda r: order.index(r["config"]))
 

@@ -25,14 +25,14 @@ for i, arg in enumerate(sys.argv):
 
 import torch  # noqa: E402
 
-from bench import (clipped_sum, conv, embedding, example_rows, fsdp_memory, harness, maxbatch, models,  # noqa: E402
-                   noise, norm_choice, norm_layer, norms, overhead, report)
+from bench import (breakdown, clipped_sum, conv, embedding, example_rows, fsdp_memory, harness, maxbatch,  # noqa: E402
+                   models, noise, norm_choice, norm_layer, norms, overhead, report)
 
 SCENARIOS = {"norms": norms, "clipped_sum": clipped_sum, "norm_choice": norm_choice, "embedding": embedding,
              "noise": noise, "conv": conv, "norm_layer": norm_layer, "overhead": overhead, "models": models,
-             "example_rows": example_rows, "max_batch": maxbatch, "fsdp": fsdp_memory}
+             "breakdown": breakdown, "example_rows": example_rows, "max_batch": maxbatch, "fsdp": fsdp_memory}
 ORDER = ["norms", "clipped_sum", "norm_choice", "embedding", "noise", "conv", "norm_layer", "overhead", "models",
-         "example_rows", "max_batch", "fsdp"]
+         "breakdown", "example_rows", "max_batch", "fsdp"]
 # The default run leaves out norm_choice (a tuning study of the ghost-or-direct rule, ~1 min) and
 # fsdp (sharded memory on 1, 2 and 4 gloo processes, ~2 min): `--scenario NAME` runs them.
 DEFAULT = [s for s in ORDER if s not in ("norm_choice", "fsdp")]

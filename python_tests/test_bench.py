@@ -185,6 +185,53 @@ def test_overhead_scenario_fits_per_step_and_per_layer_costs():
     assert rows[0]["per_layer_us"] == rows[1]["per_layer_us"] != ""
 
 
+def test_breakdown_scenario_rows(monkeypatch):
+    from bench import breakdown
+
+    monkeypatch.setitem(models.CONFIGS, "tiny-mlp", ("mlp", TINY["mlp"]))
+    rows = breakdown.run(CPU, torch.float32, True, "test", configs=["tiny-mlp"])
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == breakdown.VARIANTS
+    assert by["bk"]["vs_bk"] == 1.0 and by["non-private"]["vs_np"] == 1.0
+    assert all(r["rounds"] == 5 and r["median_ms"] > 0 for r in rows)
+    harness.table(rows, breakdown.COLUMNS)
+
+
+def test_breakdown_ablations_remove_their_part_and_are_undone():
+    """Each ablation removes exactly its part while its block runs, and nothing after it."""
+    from bench import breakdown
+    from bk_kernels import engine as engine_module
+    from bk_kernels.nn import _uses
+
+    Engine = engine_module.PrivacyEngine
+    methods = (Engine.__dict__["_noise_and_scale"], Engine.__dict__["_add_clipped"],
+               _uses.LinearUse.__dict__["sq_norm"], _uses.DenseUse.__dict__["sq_norm"])
+    w = workloads.build("mlp", CPU, torch.float64, **TINY["mlp"])
+
+    def update(sigma, part=None):
+        module, step = workloads.make_step(w, "bk (cpu)", sigma=sigma, check=False)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        with breakdown._without(part, CPU) if part else breakdown.contextlib.nullcontext():
+            step()
+        return _flat_update(module, before), module
+
+    noiseless, _ = update(0.0)
+    noisy, _ = update(1.0)
+    assert not torch.allclose(noisy, noiseless)
+    torch.testing.assert_close(update(1.0, "noise")[0], noiseless, rtol=0, atol=0)
+    assert update(0.0, "clipped sums")[0].abs().max() == 0  # zero gradients, no noise: nothing moves
+    # No norms: every clip factor is 1 (norm 0 <= R), so the step is non-private training's
+    plain, plain_step = workloads.make_step(w, "non-private", check=False)
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    plain_step()
+    unclipped = _flat_update(plain, before)
+    assert not torch.allclose(unclipped, noiseless)  # the clipping matters at these sizes
+    torch.testing.assert_close(update(0.0, "norms")[0], unclipped, rtol=1e-10, atol=1e-14)
+    assert (Engine.__dict__["_noise_and_scale"], Engine.__dict__["_add_clipped"],
+            _uses.LinearUse.__dict__["sq_norm"], _uses.DenseUse.__dict__["sq_norm"]) == methods
+    torch.testing.assert_close(update(0.0)[0], noiseless, rtol=0, atol=0)  # the engine is whole again
+
+
 def test_fsdp_memory_scenario_quick():
     """bench/fsdp_memory.py --quick: a tiny Llama on 1 and 2 gloo processes, bk and non-private;
     each rank's parameters, gradients and AdamW state are half of one process's at W = 2."""
