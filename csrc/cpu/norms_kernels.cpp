@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #ifdef _OPENMP
@@ -90,14 +91,16 @@ void pack_panels(const scalar_t* x, int64_t stride_t, int64_t T, int64_t n, int6
 // acc[i][j] += <x_{s0+i}, x_{t0+j}> over the n features of the transposed pack xt: [n][ld],
 // for one kGram x kGram Gram tile. With AVX-512 one register per row of the tile (16); with
 // narrower registers 4 rows x 2 registers at a time, as many passes over the features as
-// that takes (the pack's chunk of features stays in cache).
+// that takes (the pack's chunk of features stays in cache), and no pass over rows past
+// `rows_used` (the pack's zero padding: those rows of acc stay as they are, zero).
 template <int W, typename A>
 BK_ALWAYS_INLINE void gram_tile_acc_impl(const A* __restrict xt, int64_t n, int64_t ld, int64_t s0,
-                                         int64_t t0, A* __restrict acc) {
+                                         int64_t t0, int64_t rows_used, A* __restrict acc) {
   constexpr int64_t G = kGram<A>, L = kLanes<A, W>;
   constexpr int64_t rows = W == 64 ? G : 4, vecs = W == 64 ? 1 : 2;
   static_assert(G % rows == 0 && G % (vecs * L) == 0, "passes cover the tile");
-  for (int64_t i0 = 0; i0 < G; i0 += rows)
+  const int64_t row_end = rows == G ? G : std::min(G, rows_used);  // AVX-512: one pass, as before
+  for (int64_t i0 = 0; i0 < row_end; i0 += rows)
     for (int64_t c0 = 0; c0 < G; c0 += vecs * L) {
       Vec<A, W> r[rows][vecs];
       for (int64_t i = 0; i < rows; ++i)
@@ -115,11 +118,12 @@ BK_ALWAYS_INLINE void gram_tile_acc_impl(const A* __restrict xt, int64_t n, int6
 }
 
 BK_SIMD_VERSIONS(void, gram_tile_acc,
-                 (const float* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, float* acc),
-                 gram_tile_acc_impl, (xt, n, ld, s0, t0, acc))
+                 (const float* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, int64_t rows_used, float* acc),
+                 gram_tile_acc_impl, (xt, n, ld, s0, t0, rows_used, acc))
 BK_SIMD_VERSIONS(void, gram_tile_acc,
-                 (const double* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, double* acc),
-                 gram_tile_acc_impl, (xt, n, ld, s0, t0, acc))
+                 (const double* xt, int64_t n, int64_t ld, int64_t s0, int64_t t0, int64_t rows_used,
+                  double* acc),
+                 gram_tile_acc_impl, (xt, n, ld, s0, t0, rows_used, acc))
 
 // Row-major variant for wide layers, with no transposed pack: the Gram tile of kRowsG x kRowsG
 // rows is formed as dot products vectorised along the features, then reduced across lanes.
@@ -305,6 +309,15 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
   const int64_t ld = nb * tile + ((nb * tile * int64_t(sizeof(A))) % 1024 == 0 ? tile : 0);
   const auto pairs = block_pairs(nb);
   const int64_t n_pairs = int64_t(pairs.size());
+  // A pair with the last block, whose rows past T are padding, takes it as its row block:
+  // the kernel then skips the padded rows' passes (T = 65, ViT's 64 patches and a class
+  // token, pads to 80: a quarter of the work). Its tile is then the transposed one, in a's
+  // Gram and in g's alike, so their elementwise product sums to the same value.
+  const int64_t last_rows = T - (nb - 1) * tile;
+  auto tile_rows = [&](int64_t item) {  // (row block, column block, rows used) of a pair
+    const auto [s, t] = pairs[item];
+    return t == nb - 1 ? std::make_tuple(t, s, last_rows) : std::make_tuple(s, t, tile);
+  };
   // One example: Gram tiles of a into ga, of g into gg, then sum_pairs w * <ga, gg>.
   auto example = [&](int64_t b, A* pack, A* ga, A* gg, bool parallel_tiles) {
     std::fill(ga, ga + n_pairs * tile2, A(0));
@@ -319,9 +332,10 @@ void ghost_norm_transposed(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<s
         pack_transposed(x.ptr + b * x.stride_b + k0, x.stride_t, T, kc, ld, pack);
         A* gram = grams[which];
 #pragma omp parallel for schedule(static) if (parallel_tiles)
-        for (int64_t item = 0; item < n_pairs; ++item)
-          gram_tile_acc(pack, kc, ld, pairs[item].first * tile, pairs[item].second * tile,
-                        gram + item * tile2);
+        for (int64_t item = 0; item < n_pairs; ++item) {
+          const auto [rs, cs, rows_used] = tile_rows(item);
+          gram_tile_acc(pack, kc, ld, rs * tile, cs * tile, rows_used, gram + item * tile2);
+        }
       }
     }
     double total = 0;
