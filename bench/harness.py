@@ -56,8 +56,14 @@ def timing_allocator():
 def memory_allocator():
     """Large blocks (64 KiB and up) from mmap, returned to the OS when freed, for a peak-memory
     measurement: a call's temporaries then show up in the peak RSS instead of reusing memory
-    freed by an earlier call. Timing's settings come back after it."""
+    freed by an earlier call. The free memory that timing left in the heap is given back first
+    (malloc_trim): a block reused from it is resident again only when touched, so it counts
+    too. Timing's settings come back after it."""
     _mallopt(*_MEMORY_THRESHOLDS)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     try:
         yield
     finally:

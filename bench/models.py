@@ -127,7 +127,14 @@ def _warm_process(model, device, dtype, method):
 
 def step_memory(model, sizes, method, device, dtype, steps=2):
     """Bytes the training steps add over what is resident after building model, data and
-    method (this process only; call it in a fresh one). None when unsupported."""
+    method (this process only; call it in a fresh one). None when unsupported. Built, warmed
+    and measured with large blocks mmapped (harness.memory_allocator), as the fresh processes
+    are from the start."""
+    with harness.memory_allocator():
+        return _step_memory(model, sizes, method, device, dtype, steps)
+
+
+def _step_memory(model, sizes, method, device, dtype, steps):
     _warm_process(model, device, dtype, method)
     w = workloads.build(model, device, dtype, **sizes)
     try:
@@ -161,13 +168,12 @@ def measure(args):
     """One measurement, run in a fresh process (bench/fresh.py): the step memory of one method,
     or (with a "budget") maxbatch's search."""
     device, dtype = torch.device(args["device"]), getattr(torch, args["dtype"])
-    with harness.memory_allocator():  # the whole process: built, warmed and measured as before
-        if "budget" in args:
-            from bench import maxbatch
+    if "budget" in args:
+        from bench import maxbatch
 
-            return maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
-                                   args.get("cap"))
-        return step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
+        return maxbatch.search(args["model"], args["sizes"], args["method"], device, dtype, args["budget"],
+                               args.get("cap"))
+    return step_memory(args["model"], args["sizes"], args["method"], device, dtype, args.get("steps", 2))
 
 
 # ---------------------------------------------------------------- the scenario
