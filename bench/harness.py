@@ -31,16 +31,16 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_MEMORY_THRESHOLDS = (1 << 16, 128 << 10)  # mmap from 64 KiB; trim at glibc's default 128 KiB
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: the allocator is left as it is
+    _LIBC = None
 
 
 def _mallopt(mmap_threshold, trim_threshold):
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
 
 
 def timing_allocator():
@@ -52,18 +52,21 @@ def timing_allocator():
     _mallopt(32 << 20, 64 << 20)
 
 
+def _memory_settings():
+    """Large blocks (64 KiB and up) from mmap, trimmed at glibc's default 128 KiB, and the free
+    memory that timing left in the heap given back (malloc_trim): a block reused from it is
+    resident again only when touched, so it counts in the peak RSS too."""
+    _mallopt(1 << 16, 128 << 10)
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def memory_allocator():
-    """Large blocks (64 KiB and up) from mmap, returned to the OS when freed, for a peak-memory
-    measurement: a call's temporaries then show up in the peak RSS instead of reusing memory
-    freed by an earlier call. The free memory that timing left in the heap is given back first
-    (malloc_trim): a block reused from it is resident again only when touched, so it counts
-    too. Timing's settings come back after it."""
-    _mallopt(*_MEMORY_THRESHOLDS)
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """The allocator of a peak-memory measurement (_memory_settings): a call's temporaries show
+    up in the peak RSS instead of reusing memory freed by an earlier call. Timing's settings
+    come back after it."""
+    _memory_settings()
     try:
         yield
     finally:
@@ -71,7 +74,7 @@ def memory_allocator():
 
 
 if os.environ.get("BK_BENCH_ALLOCATOR") == "memory":  # a process that only measures memory (fresh.py)
-    _mallopt(*_MEMORY_THRESHOLDS)
+    _memory_settings()
 else:
     timing_allocator()
 
