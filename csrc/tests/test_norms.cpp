@@ -80,7 +80,9 @@ void check_all(const char* dtype, double tol) {
                                {3, 0, 4, 4},   {2, 3, 0, 4},
                                {2, 300, 270, 200},   // several KC, MC and NC blocks of the GEMM
                                {2, 256, 20, 1030},   // Gram packs of 1 KiB rows (padded), partial panels
-                               {1, 128, 9, 64}};     // the same in float64
+                               {1, 128, 9, 64},      // the same in float64
+                               {2, 41, 19, 23},      // a last Gram block of 9 rows (passes 6 + 4)
+                               {2, 46, 11, 30}};     // ... of 14 rows (6 + 6 + 4, 2 of them padding)
   for (const auto& s : shapes)
     for (int64_t pad : {0, 5}) check<S>(dtype, tol, s[0], s[1], s[2], s[3], pad);
 }
