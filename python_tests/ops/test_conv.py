@@ -22,6 +22,16 @@ CASES = [
     (2, dict(kernel_size=3, stride=2, padding=1, dilation=1, groups=2), (2, 4, 2, 2), 6),
     (1, dict(kernel_size=4, stride=1, padding=0, dilation=1, groups=1), (1, 3, 4), 2),
     (3, dict(kernel_size=2, stride=2, padding=0, dilation=1, groups=1), (3, 2, 2, 2, 2), 3),
+    # the CPU's pointwise (batched matmul) and depthwise (forward convolution) weight gradients:
+    # strided, grouped, 1-3 spatial dims, one example; padded 1x1 and depthwise x2 take torch's
+    (2, dict(kernel_size=1, stride=2, padding=0, dilation=1, groups=2), (3, 4, 7, 6), 6),
+    (1, dict(kernel_size=1, stride=1, padding=0, dilation=3, groups=1), (2, 5, 9), 3),
+    (3, dict(kernel_size=1, stride=(1, 2, 1), padding=0, dilation=1, groups=1), (2, 3, 3, 5, 2), 4),
+    (2, dict(kernel_size=1, stride=1, padding=1, dilation=1, groups=1), (2, 3, 4, 4), 2),
+    (2, dict(kernel_size=3, stride=2, padding=2, dilation=2, groups=4), (3, 4, 9, 8), 4),
+    (1, dict(kernel_size=5, stride=1, padding=2, dilation=1, groups=3), (2, 3, 11), 3),
+    (3, dict(kernel_size=(3, 1, 2), stride=(1, 1, 2), padding=(1, 0, 1), dilation=1, groups=2), (2, 2, 4, 3, 5), 2),
+    (2, dict(kernel_size=7, stride=1, padding=3, dilation=1, groups=5), (1, 5, 6, 6), 5),
 ]
 
 
