@@ -79,9 +79,10 @@ SECTIONS = {
               ["method", "n", "median_ms", "min_ms", "max_ms", "ns_per_elem", "peak_extra_mib", "vs_stock",
                "vs_normal"]),
     "conv": ("Convolutions",
-             "`conv_norm` / `conv_clipped_sum` against the stock per-example path (unfold + einsum, as "
-             "Opacus' grad sampler) and torch's non-private weight gradient; 3x3, padding 1.",
-             ["op", "method", "B", "C_in", "C_out", "H", "median_ms", "min_ms", "max_ms", "peak_extra_mib",
+             "`conv_norm` / `conv_clipped_sum` / `conv_per_example_grads` against the stock per-example path "
+             "(unfold + einsum, as Opacus' grad sampler), torch's non-private weight gradient and its weight "
+             "gradient with the batch in the groups; padding k // 2 (3x3 layers, ConvNeXt's 1x1 and 7x7 depthwise).",
+             ["op", "method", "B", "C_in", "C_out", "H", "k", "groups", "median_ms", "min_ms", "max_ms", "peak_extra_mib",
               "vs_stock"]),
     "norm_layer": ("Norm layers",
                    "`norm_layer_grads` (per-example affine gradients and norms) against eager PyTorch.",

@@ -185,6 +185,24 @@ def test_overhead_scenario_fits_per_step_and_per_layer_costs():
     assert rows[0]["per_layer_us"] == rows[1]["per_layer_us"] != ""
 
 
+def test_conv_scenario_rows(monkeypatch):
+    """Every op on a 3x3, a pointwise and a depthwise layer (each checked against float64 inside
+    run); per-example gradients only where the engine forms them."""
+    from bench import conv
+
+    monkeypatch.setattr(conv, "shapes", lambda quick: [(2, 3, 4, 6, 3, 1), (2, 8, 16, 4, 1, 1), (2, 6, 6, 5, 7, 6),
+                                                       (2, 64, 64, 2, 3, 1)])
+    rows = conv.run(CPU, torch.float32, True, "test")
+    ops_of = {}
+    for r in rows:
+        ops_of.setdefault((r["C_in"], r["k"], r["groups"]), set()).add(r["op"])
+    every = {"conv_norm", "conv_clipped_sum", "conv_per_example_grads"}
+    assert ops_of[(3, 3, 1)] == ops_of[(8, 1, 1)] == ops_of[(6, 7, 6)] == every
+    assert ops_of[(64, 3, 1)] == every - {"conv_per_example_grads"}  # ghost mode: never formed by the engine
+    assert all(r["median_ms"] > 0 for r in rows)
+    harness.table(rows, conv.COLUMNS)
+
+
 def test_breakdown_scenario_rows(monkeypatch):
     from bench import breakdown
 

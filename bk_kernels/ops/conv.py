@@ -125,13 +125,15 @@ def _cpu_weight_grad(n, x, weight_shape, g, stride, padding, dilation, groups):
     """The weight gradient of a pointwise (1x1, no padding) or depthwise (one input channel per
     output channel) convolution in forms that torch's CPU kernels run far faster than mkldnn's
     weight-gradient call, which ran the per-example gradients (the batch folded into the
-    groups, conv_per_example_grads) at 1-6 GFLOPS. Measured on a 2-core AMD EPYC, B = 16,
-    timm's ConvNeXt-atto shapes at 64 x 64 (`python bench/run.py --scenario conv`):
+    groups, conv_per_example_grads) at 1-6 GFLOPS. `python bench/run.py --scenario conv` on a
+    2-core AMD EPYC, B = 16, timm ConvNeXt-atto's layers at 64 x 64 (bench/conv.py):
       pointwise: one batched matmul per group, [C_out/g, N*L] x [N*L, C_in/g]; per-example
-        gradients 160 -> 640 channels on a 4x4 map 7.1 ms -> 0.58 ms, 320 -> 1280 on 2x2 26 ms -> 1.5 ms;
+        gradients of 40 -> 160 channels on 16x16 0.70 ms -> 0.47 ms (320 -> 1280 on 2x2, timed
+        beside it by a script: 24 ms -> 2.1 ms);
       depthwise: the forward convolution of x with g as its kernel (stride and dilation swapped,
-        the batch as each group's input channels), cropped to the kernel: per-example 7x7
-        gradients of 40 channels on 16x16 2.9 ms -> 0.27 ms.
+        one group per example and channel), cropped to the kernel: per-example 7x7 gradients of
+        40 channels on 16x16 3.0 ms -> 0.36 ms, their clipped sum 2.9 ms (torch's non-private
+        weight gradient) -> 0.44 ms.
     None where neither applies (torch's own call then)."""
     N, C_in, C_out = x.shape[0], x.shape[1], g.shape[1]
     k = tuple(weight_shape[2:])
