@@ -144,9 +144,15 @@ def _cpu_weight_grad(n, x, weight_shape, g, stride, padding, dilation, groups):
             return None
         G, L = groups, math.prod(out_sizes)
         gv, xv = g.reshape(N, G, C_out // G, L), xs.reshape(N, G, C_in // G, L)
-        if N != 1:  # examples and positions side by side: copies of whole rows, no transpose
-            gv, xv = (t.permute(1, 2, 0, 3).reshape(1, G, t.shape[2], N * L) for t in (gv, xv))
-        return torch.bmm(gv[0], xv[0].transpose(1, 2)).reshape(weight_shape)
+        if N == 1:  # the per-example call: views, no copy
+            return torch.bmm(gv[0], xv[0].transpose(1, 2)).reshape(weight_shape)
+        # examples and positions side by side (copies of whole rows, no transpose), in chunks of
+        # examples whose copies stay within example_chunks' bound
+        w = None
+        for lo, hi in example_chunks(N, L * (C_in + C_out)):
+            gc, xc = (t[lo:hi].permute(1, 2, 0, 3).reshape(G, t.shape[2], (hi - lo) * L) for t in (gv, xv))
+            w = torch.bmm(gc, xc.transpose(1, 2)) if w is None else w.baddbmm_(gc, xc.transpose(1, 2))
+        return (w if w is not None else x.new_zeros(G, C_out // G, C_in // G)).reshape(weight_shape)
     if groups == C_in == C_out and weight_shape[1] == 1 and N > 0:
         # w[c, 0, r] = sum_{b, o} g[b, c, o] x_padded[b, c, o * stride + r * dilation]: per
         # example and channel one group (views of x and g), then the sum over the examples

@@ -65,6 +65,18 @@ def test_conv_norm_matches_per_example_gradients(case, dtype, mode, device, back
     assert (rel <= (1e-10 if dtype == torch.float64 else 1e-5)).all(), rel
 
 
+def test_pointwise_clipped_sum_over_chunks_of_examples(monkeypatch):
+    """The CPU's pointwise clipped sum copies each chunk of examples' rows (bounded memory) and
+    adds the chunks' products: one example a chunk gives the same sum."""
+    monkeypatch.setattr(conv, "example_chunks", lambda B, width: [(b, b + 1) for b in range(B)])
+    x, g, weight_shape = make_case(2, dict(kernel_size=1, stride=2, padding=0, dilation=1, groups=2), (3, 4, 7, 6),
+                                   6, torch.float64)
+    c = torch.rand(3, dtype=torch.float64)
+    grads = conv.conv_per_example_grads_ref(x, g, weight_shape=weight_shape, stride=2, groups=2)
+    got, _ = conv.conv_clipped_sum(x, g, c, weight_shape=weight_shape, stride=2, groups=2)
+    torch.testing.assert_close(got, (c.view(-1, 1, 1, 1, 1) * grads).sum(0), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
