@@ -5,11 +5,10 @@ import torch.nn.functional as F
 from ..ops._norm_common import accumulation_dtype
 from ._core import BKLayer, autocast_input, in_plain_forward
 from ._made import made_class
-from ..ops.conv import conv_per_example_grads
+from ..ops.conv import CONVS, conv_per_example_grads
 from ._uses import ConvUse, DenseUse
 from .families import register_layer
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class _ConvFn(torch.autograd.Function):
@@ -27,7 +26,7 @@ class _ConvFn(torch.autograd.Function):
         ctx.save_for_backward(x if trained else None, effective)  # no x for frozen weights
         ctx.x_shape = x.shape
         n = x.dim() - 2
-        return _CONV[n](x, effective, bias, layer.stride, padding, layer.dilation, layer.groups)
+        return CONVS[n](x, effective, bias, layer.stride, padding, layer.dilation, layer.groups)
 
     @staticmethod
     def backward(ctx, g):

@@ -100,6 +100,7 @@ def conv_norm(x, g, *, kernel_size, stride=1, padding=0, dilation=1, groups=1, b
     return out
 
 
+CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}  # by the number of spatial dims
 _WEIGHT_GRADS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
 
 
@@ -156,14 +157,12 @@ def _cpu_weight_grad(n, x, weight_shape, g, stride, padding, dilation, groups):
     if groups == C_in == C_out and weight_shape[1] == 1 and N > 0:
         # w[c, 0, r] = sum_{b, o} g[b, c, o] x_padded[b, c, o * stride + r * dilation]: per
         # example and channel one group (views of x and g), then the sum over the examples
-        w = _CONVS[n](x.reshape(1, N * C_in, *x.shape[2:]), g.reshape(N * C_out, 1, *out_sizes), None,
+        w = CONVS[n](x.reshape(1, N * C_in, *x.shape[2:]), g.reshape(N * C_out, 1, *out_sizes), None,
                       dilation, padding, stride, N * groups)
         w = w[(slice(None), slice(None), *(slice(0, v) for v in k))].reshape(N, *weight_shape)
         return w[0] if N == 1 else w.sum(0)
     return None
 
-
-_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _one_position_weight_grad(x, g, weight_shape, groups, k, s, p, dl):
@@ -238,8 +237,7 @@ def conv_per_example_grads_ref(x, g, *, weight_shape, stride=1, padding=0, dilat
     grads = []
     for b in range(x.shape[0]):
         weight = torch.zeros(weight_shape, dtype=torch.float64, requires_grad=True)
-        conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-        y = conv(x[b : b + 1].double(), weight, None, s, p, dl, groups)
+        y = CONVS[n](x[b : b + 1].double(), weight, None, s, p, dl, groups)
         (grad,) = torch.autograd.grad(y, weight, g[b : b + 1].double())
         grads.append(grad)
     return torch.stack(grads) if grads else torch.zeros((0, *weight_shape), dtype=torch.float64)
