@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bk_kernels import ops
-from bk_kernels.nn._uses import DENSE_DIRECT_BUDGET
+from bk_kernels.nn._uses import keeps_conv_grads
 from bench import harness
 
 
@@ -70,13 +70,6 @@ def shapes(quick):
             (16, 320, 320, 2, 7, 320)]
 
 
-def _kept_dense(B, cin, cout, H, k, groups):
-    """Whether the engine keeps this layer's per-example gradients (ConvUse.densify's rule)."""
-    width = cin // groups * k * k
-    return (ops.choose_mode("auto", H * H, width, cout // groups) == "direct"
-            and B * cout * width <= DENSE_DIRECT_BUDGET)
-
-
 def run(device, dtype, quick, command):
     found = methods(device)
     grid = shapes(quick)
@@ -94,7 +87,7 @@ def run(device, dtype, quick, command):
                     "conv_clipped_sum": torch.einsum("b,bpq->pq", c.double(), grads).view(wshape),
                     "conv_per_example_grads": grads.view(B, *wshape)}
             for op, by_name in found.items():
-                if op == "conv_per_example_grads" and not _kept_dense(B, cin, cout, H, k, G):
+                if op == "conv_per_example_grads" and not keeps_conv_grads("auto", B, H * H, wshape, G):
                     continue  # the engine forms them only for these (ConvUse.densify): 3 s a call at 512 x 512
                 medians, first = {}, len(rows)
                 for name, fn in by_name.items():

@@ -200,10 +200,8 @@ class ConvUse:
         """A convolution's per-example gradients come from one weight-gradient call with the batch
         folded into the groups: cheaper than unfolding its patches for the direct norm, and the
         clipped sum is then a weighted sum instead of a second weight-gradient call."""
-        B, groups = self.batch, self.args["groups"]
-        C_out, width = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        L = math.prod(self.g.shape[2:])
-        if ops.choose_mode(mode, L, width, C_out // groups) != "direct" or B * C_out * width > DENSE_DIRECT_BUDGET:
+        positions = math.prod(self.g.shape[2:])
+        if not keeps_conv_grads(mode, self.batch, positions, self.weight_shape, self.args["groups"]):
             return self
         return DenseUse(self.dense())
 
@@ -212,6 +210,14 @@ class ConvUse:
 
     def add_clipped(self, grad, c, backend):
         ops.conv_clipped_sum(self.x, self.g, c, weight_shape=self.weight_shape, out=grad, **self.args)
+
+
+def keeps_conv_grads(mode, B, positions, weight_shape, groups):
+    """Whether a convolution's use keeps its B per-example gradients (ConvUse.densify): a
+    direct-mode layer (by linear_norm's rule per group) whose gradients fit DENSE_DIRECT_BUDGET."""
+    C_out, width = weight_shape[0], math.prod(weight_shape[1:])
+    return ops.choose_mode(mode, positions, width, C_out // groups) == "direct" and \
+        B * C_out * width <= DENSE_DIRECT_BUDGET
 
 
 class WeightTransform:
