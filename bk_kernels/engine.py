@@ -25,6 +25,7 @@ from .clipping import CLIPPING_FNS, clipping_units
 from .convert import UnsupportedModuleError
 from .layout import BatchLayout, ModelProbe, UnsupportedLayoutError, _storage, check_declared_layouts
 from .nn import patch_rows
+from .nn.held_output import OutputHolds
 from .nn._core import BKLayer
 from .nn.expanded import expanded_use_problem
 from .nn._uses import UnsupportedSharingError, cross
@@ -138,6 +139,8 @@ class PrivacyEngine:
         self._example_rows = None  # which example each row of the batch is (example_rows); None: one row each
         self._forward_groups = None  # ... resolved for the forward now running (example_rows.RowGroups)
         self._watch = None  # a packed forward's watch (packed.Watch) until its end
+        self._output_holds = OutputHolds()  # layers' outputs kept for their backward (held_output.py)
+        self._in_forward = False  # a recorded forward of the model is running (grad mode on at its start)
         self._forward_starts_of = None  # ... and where its sequences start ([R, T] bool)
         self._towers = patch_rows.TowerRows(self)  # vision towers whose rows are all images' patches
         self._hooks = []
@@ -222,6 +225,7 @@ class PrivacyEngine:
         if problem is not None:  # eval records nothing
             raise UnsupportedLayoutError(problem)
         self.layout.take(args, kwargs)
+        self._in_forward = torch.is_grad_enabled()  # a forward whose backward will be recorded
         self._towers.model_call(args, kwargs)
         self._unpad_outputs = self.layout.empty_batch()
         self._padding_forward = self._unpad_outputs or self._padding_chunk()
@@ -293,7 +297,9 @@ class PrivacyEngine:
 
     def _forward_ended(self):
         """After every forward of the model, also one that raised: a packed forward's watch (a
-        global module hook) ends with it."""
+        global module hook) ends with it, and so do the layers' output holds."""
+        self._in_forward = False
+        self._output_holds.forward_ended()
         if self._watch is not None:
             self._watch.close()
             self._watch = None

@@ -154,6 +154,114 @@ def test_weight_standardized_norms_without_per_example_gradients_are_exact(name,
     assert calls == [True, True]  # both convolutions, by the formula
 
 
+class _HoldsNet(nn.Module):
+    """Three weight-standardized convolutions whose outputs the norms read three ways: conv1's is
+    kept by the GroupNorm after it (its input), so the norms read it; conv2's goes into a residual
+    add that keeps nothing, so the engine drops it in the forward; conv3's is changed in place by
+    a ReLU, so the backward finds its version moved. The last two recompute it."""
+
+    def __init__(self, name, bias):
+        super().__init__()
+        import timm.layers as layers
+
+        cls = getattr(layers, name)
+        self.conv1, self.norm = cls(3, 4, 3, padding=1, bias=bias), nn.GroupNorm(2, 4)
+        self.conv2, self.conv3 = cls(4, 4, 1, bias=bias), cls(4, 4, 3, padding=1, bias=bias)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = self.norm(self.conv1(x))
+        h = self.conv2(h) + h
+        return self.head(torch.relu_(self.conv3(h)).flatten(1))
+
+
+def _norm_paths(model, x, **engine_kwargs):
+    """One private step in ghost mode against the per-example loop; returns, per convolution's
+    weight shape, whether its norms read the held output (True) or recomputed it (False)."""
+    from bk_kernels.nn import std_conv
+
+    paths = {}
+    read, recompute = std_conv._Standardization._normalized_conv, std_conv._Standardization._conv
+
+    def noted_read(self, use):
+        paths[tuple(self.weight_shape)] = True
+        return read(self, use)
+
+    def noted_recompute(self, *args):
+        paths[tuple(self.weight_shape)] = False
+        return recompute(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(std_conv._Standardization, "_normalized_conv", noted_read)
+        mp.setattr(std_conv._Standardization, "_conv", noted_recompute)
+        B = len(x)
+        inputs = {"x": x, "y": torch.randint(0, 3, (B,))}
+        loss = lambda m, b, r="mean": F.cross_entropy(m(b["x"]), b["y"], reduction=r)  # noqa: E731
+        grads = per_example_grads(model, lambda m, one: loss(m, one, "sum"), inputs)
+        want = expected_update(grads, [[n for n, p in model.named_parameters() if p.requires_grad]], 0.1, "abadi", B)
+        got, _ = private_update(model, loss, inputs, B, max_grad_norm=0.1, clipping_mode="ghost", **engine_kwargs)
+    assert_updates_close(got, want)
+    return paths
+
+
+@pytest.mark.parametrize("name,bias", [("StdConv2d", False), ("StdConv2d", True), ("ScaledStdConv2d", True)])
+def test_weight_standardized_norms_read_the_forward_output_only_where_it_is_kept_unchanged(name, bias):
+    torch.manual_seed(6)
+    model = _HoldsNet(name, bias).to(DT)
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2, model.conv3):
+            if hasattr(conv, "gain"):
+                conv.gain.uniform_(0.5, 1.5)
+    paths = _norm_paths(model, torch.randn(4, 3, 6, 6, dtype=DT))
+    assert paths == {(4, 3, 3, 3): True, (4, 4, 1, 1): False, (4, 4, 3, 3): False}
+
+
+def test_weight_standardized_norms_recompute_where_a_gain_is_zero():
+    """The held output is s * conv(x, normalized): with a zero in the gain s it cannot be divided back."""
+    torch.manual_seed(7)
+    model = _HoldsNet("ScaledStdConv2d", False).to(DT)
+    with torch.no_grad():
+        model.conv1.gain.uniform_(0.5, 1.5)
+        model.conv1.gain[1] = 0.0
+    assert _norm_paths(model, torch.randn(4, 3, 6, 6, dtype=DT))[(4, 3, 3, 3)] is False
+
+
+def test_held_outputs_do_not_outlive_the_backward_or_a_forward_without_one():
+    """The holds are the layers' outputs: none may stay alive past its layer's backward while the
+    graph (and its nodes' attributes) lives on, nor be taken in a forward under no_grad."""
+    import gc
+    import weakref
+
+    from bk_kernels.nn import held_output
+
+    torch.manual_seed(8)
+    model = bk.convert(_HoldsNet("StdConv2d", False).to(DT))
+    engine = bk.PrivacyEngine(model, batch_size=4, sample_size=40, noise_multiplier=0.0, max_grad_norm=1.0,
+                              clipping_mode="ghost")
+    optimizer = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(4, 3, 6, 6, dtype=DT), torch.randint(0, 3, (4,))
+    aliases = []
+    original = held_output.OutputHolds.hold
+
+    def noted(self, out):
+        held = original(self, out)
+        aliases.append(weakref.ref(held.tensor))
+        return held
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(held_output.OutputHolds, "hold", noted)
+        with torch.no_grad():
+            model(x)
+        assert aliases == []
+        loss = F.cross_entropy(model(x), y)
+        assert len(aliases) == 3 and engine._output_holds.live == []
+        assert aliases[0]() is not None  # conv1's, kept by the GroupNorm's saved input
+        loss.backward()
+        gc.collect()
+        assert [a() for a in aliases] == [None, None, None]  # loss, and so the graph, still alive
+    optimizer.step()
+
+
 def test_weight_standardized_norms_fall_back_to_per_example_gradients_where_the_formula_cancels():
     """Inputs equal across channels make each example's gradient of the applied 1x1 weight a
     multiple of the ones vector, which the standardization removes: V's gradient is 0 and the

@@ -260,6 +260,15 @@ class BKLayer:
         return layout is not None and layout.batch is not None and layout.row_maps is None and \
             layout.tokens is not None
 
+    def _bk_hold_output(self, y):
+        """y, this layer's forward output, held for its backward while something else keeps it
+        (held_output.py), or None outside a recorded forward of the model. Called inside the
+        layer's autograd Function, where grad mode is off: the engine noted it at the forward's start."""
+        engine = self._bk_engine
+        if engine is None or not engine._in_forward or in_plain_forward():
+            return None
+        return engine._output_holds.hold(y)
+
     def _bk_hand_off(self, uses):
         """Book-keeps [(param, use)] with the engine; True if it took them (private training)."""
         if self._bk_engine is None:

@@ -179,6 +179,7 @@ class ConvUse:
         self.x, self.g = x, g
         self.args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
         self.weight_shape = weight_shape
+        self.output = None  # the forward's output, where the layer held it (held_output.py)
 
     @property
     def batch(self):

@@ -26,12 +26,16 @@ class _ConvFn(torch.autograd.Function):
         ctx.save_for_backward(x if trained else None, effective)  # no x for frozen weights
         ctx.x_shape = x.shape
         n = x.dim() - 2
-        return CONVS[n](x, effective, bias, layer.stride, padding, layer.dilation, layer.groups)
+        y = CONVS[n](x, effective, bias, layer.stride, padding, layer.dilation, layer.groups)
+        ctx.held = layer._bk_hold_output(y) if trained and layer._bk_reads_output else None
+        return y
 
     @staticmethod
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         layer, param, bias, padding = ctx.layer, ctx.weight, ctx.bias, ctx.padding
+        # taken off the node: its attributes, unlike its saved tensors, live as long as the graph
+        held, ctx.held = ctx.held, None
         n = g.dim() - 2
         # convolution_backward reads only the shape of x when it need not form grad_weight.
         x_or_shape = x if x is not None else g.new_empty(()).expand(ctx.x_shape)
@@ -46,9 +50,9 @@ class _ConvFn(torch.autograd.Function):
                 x, g, weight_shape=tuple(weight.shape), stride=layer.stride, padding=padding,
                 dilation=layer.dilation, groups=layer.groups, fold=fold)), param, ctx.gain)
         elif x is not None:
-            uses += layer._bk_weight_uses(
-                ConvUse(x, g, tuple(weight.shape), layer.stride, padding, layer.dilation, layer.groups), param,
-                ctx.gain)
+            use = ConvUse(x, g, tuple(weight.shape), layer.stride, padding, layer.dilation, layer.groups)
+            use.output = held.output() if held is not None else None
+            uses += layer._bk_weight_uses(use, param, ctx.gain)
         if bias is not None and bias.requires_grad:
             per_input = g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype))
             uses.append((bias, DenseUse(per_input.view(-1, fold, per_input.shape[1]).sum(1))))
@@ -65,6 +69,7 @@ class _ConvFn(torch.autograd.Function):
 
 class _ConvMixin(BKLayer):
     _bk_gain = None  # a second Parameter the weight is made from (std_conv.py)
+    _bk_reads_output = False  # whether its norms read the forward's output (std_conv.py)
 
     def _bk_effective_weight(self, weight, gain):
         """The weight the convolution applies (weight itself here)."""
