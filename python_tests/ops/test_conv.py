@@ -32,6 +32,8 @@ CASES = [
     (1, dict(kernel_size=5, stride=1, padding=2, dilation=1, groups=3), (2, 3, 11), 3),
     (3, dict(kernel_size=(3, 1, 2), stride=(1, 1, 2), padding=(1, 0, 1), dilation=1, groups=2), (2, 2, 4, 3, 5), 2),
     (2, dict(kernel_size=7, stride=1, padding=3, dilation=1, groups=5), (1, 5, 6, 6), 5),
+    # groups whose channels outnumber the kernel's last size: the norms' patches copied channels last
+    (2, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2), groups=2), (2, 8, 7, 6), 4),
 ]
 
 
