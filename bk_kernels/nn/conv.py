@@ -22,7 +22,7 @@ class _ConvFn(torch.autograd.Function):
         ctx.padding = padding
         x = autocast_input(x)
         trained = ctx.needs_input_grad[1] or ctx.needs_input_grad[5]
-        effective = layer._bk_effective_weight(weight, gain)
+        effective, ctx.weight_stats = layer._bk_applied_weight(weight, gain)
         ctx.save_for_backward(x if trained else None, effective)  # no x for frozen weights
         ctx.x_shape = x.shape
         n = x.dim() - 2
@@ -36,6 +36,7 @@ class _ConvFn(torch.autograd.Function):
         layer, param, bias, padding = ctx.layer, ctx.weight, ctx.bias, ctx.padding
         # taken off the node: its attributes, unlike its saved tensors, live as long as the graph
         held, ctx.held = ctx.held, None
+        stats, ctx.weight_stats = ctx.weight_stats, None
         n = g.dim() - 2
         # convolution_backward reads only the shape of x when it need not form grad_weight.
         x_or_shape = x if x is not None else g.new_empty(()).expand(ctx.x_shape)
@@ -48,11 +49,11 @@ class _ConvFn(torch.autograd.Function):
         if x is not None and fold > 1:  # each example's gradient sums its fold's: kept per example
             uses += layer._bk_weight_uses(DenseUse(conv_per_example_grads(
                 x, g, weight_shape=tuple(weight.shape), stride=layer.stride, padding=padding,
-                dilation=layer.dilation, groups=layer.groups, fold=fold)), param, ctx.gain)
+                dilation=layer.dilation, groups=layer.groups, fold=fold)), param, ctx.gain, weight, stats)
         elif x is not None:
             use = ConvUse(x, g, tuple(weight.shape), layer.stride, padding, layer.dilation, layer.groups)
             use.output = held.output() if held is not None else None
-            uses += layer._bk_weight_uses(use, param, ctx.gain)
+            uses += layer._bk_weight_uses(use, param, ctx.gain, weight, stats)
         if bias is not None and bias.requires_grad:
             per_input = g.sum(tuple(range(2, g.dim())), dtype=accumulation_dtype(g.dtype))
             uses.append((bias, DenseUse(per_input.view(-1, fold, per_input.shape[1]).sum(1))))
@@ -62,7 +63,8 @@ class _ConvFn(torch.autograd.Function):
             g, x_or_shape, weight.to(g.dtype), [weight.shape[0]] if bias is not None else None, list(layer.stride),
             list(padding), list(layer.dilation), False, [0] * n, layer.groups,
             [False, x is not None, bias is not None and ctx.needs_input_grad[2]])
-        grad_w, grad_gain = layer._bk_weight_grads(grad_w, param, ctx.gain) if x is not None else (None, None)
+        grad_w, grad_gain = layer._bk_weight_grads(grad_w, param, ctx.gain, weight, stats) if x is not None else \
+            (None, None)
         return (grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, None, None,
                 grad_gain if ctx.needs_input_grad[5] else None, None)
 
@@ -71,15 +73,16 @@ class _ConvMixin(BKLayer):
     _bk_gain = None  # a second Parameter the weight is made from (std_conv.py)
     _bk_reads_output = False  # whether its norms read the forward's output (std_conv.py)
 
-    def _bk_effective_weight(self, weight, gain):
-        """The weight the convolution applies (weight itself here)."""
-        return weight
+    def _bk_applied_weight(self, weight, gain):
+        """(The weight the convolution applies, statistics of it that its backward reuses, or
+        None): weight itself here."""
+        return weight, None
 
-    def _bk_weight_uses(self, use, weight, gain):
+    def _bk_weight_uses(self, use, weight, gain, applied, stats):
         """[(Parameter, use)] from the use of the applied weight."""
         return [(weight, use)]
 
-    def _bk_weight_grads(self, grad, weight, gain):
+    def _bk_weight_grads(self, grad, weight, gain, applied, stats):
         """(weight's, gain's) gradients from the applied weight's (outside private training)."""
         return grad, None
 

@@ -28,12 +28,16 @@ class _Standardization:
     """The map of cotangents on W to per-example gradients of V (and gain), in the
     accumulation dtype: batch norm's backward over each channel's entries."""
 
-    def __init__(self, weight, gain, scale, eps, want_weight, want_gain, bias=None):
+    def __init__(self, weight, gain, scale, eps, want_weight, want_gain, bias=None, applied=None, rstd=None):
         acc = accumulation_dtype(weight.dtype)
-        v = weight.detach().reshape(1, weight.shape[0], -1).to(acc)
-        # batch norm's own statistics (torch.var is several times slower on the CPU)
-        normalized, _, rstd = torch.native_batch_norm(v, None, None, None, None, True, 0.0, eps)
-        self.rstd, self.normalized = rstd.view(-1, 1), normalized[0]  # [C_out, 1], [C_out, n]
+        if applied is not None and rstd is not None and gain is None and weight.dtype == acc:
+            # the forward's batch norm (_bk_applied_weight): its output is the normalized weight
+            normalized = applied.detach().reshape(1, weight.shape[0], -1)
+        else:
+            v = weight.detach().reshape(1, weight.shape[0], -1).to(acc)
+            # batch norm's own statistics (torch.var is several times slower on the CPU)
+            normalized, _, rstd = torch.native_batch_norm(v, None, None, None, None, True, 0.0, eps)
+        self.rstd, self.normalized = rstd.view(-1, 1).to(acc), normalized[0]  # [C_out, 1], [C_out, n]
         self.eps = eps
         self.s = None if gain is None else gain.detach().reshape(-1, 1).to(acc) * scale
         self.scale, self.acc = scale, acc
@@ -107,14 +111,18 @@ class _Standardization:
         """[b, *W.shape] -> [V's [b, *V.shape] if wanted, gain's [b, *gain.shape] if wanted]."""
         b = cotangents.shape[0]
         G = cotangents.reshape(b, *self.normalized.shape).to(self.acc)
+        n = self.normalized.shape[1]
         out = []
         if self.want_weight:
+            # rstd * (H - mean(H) - normalized * mean(H * normalized)) with one weight-sized
+            # temporary, the rest in place: 5.8 -> 2.3 ms on a [512, 4608] weight (an out-of-place
+            # addcmul broadcasting [C_out, 1] factors took 1.3 ms alone; 2-core AMD EPYC)
             H = G if self.s is None else G * self.s
-            grad = self.rstd * (H - H.mean(-1, keepdim=True) - self.normalized * (H * self.normalized).mean(
-                -1, keepdim=True))
+            mean, proj = H.mean(-1, keepdim=True), torch.linalg.vecdot(H, self.normalized).unsqueeze(-1) / n
+            grad = (H - mean).mul_(self.rstd).addcmul_(self.normalized, -(proj * self.rstd))
             out.append(grad.view(b, *self.weight_shape))
         if self.want_gain:
-            out.append(((G * self.normalized).sum(-1) * self.scale).view(b, *self.gain_shape))
+            out.append((torch.linalg.vecdot(G, self.normalized) * self.scale).view(b, *self.gain_shape))
         return out
 
 
@@ -125,31 +133,33 @@ class _TimmStdConv(Conv2d):
     def _bk_gain(self):
         return getattr(self, "gain", None)
 
-    def _bk_effective_weight(self, weight, gain):
-        # timm's own expression (ScaledStdConv2d's gain only when it has one): the same rounding
-        return F.batch_norm(weight.reshape(1, self.out_channels, -1), None, None,
-                            weight=None if gain is None else (gain * self.scale).view(-1),
-                            training=True, momentum=0.0, eps=self.eps).reshape_as(weight)
+    def _bk_applied_weight(self, weight, gain):
+        # timm's own F.batch_norm (ScaledStdConv2d's gain only when it has one), called as the
+        # kernel it runs (the same rounding) for the statistics, which the backward reuses
+        applied, _, rstd = torch.native_batch_norm(
+            weight.reshape(1, self.out_channels, -1), None if gain is None else (gain * self.scale).view(-1), None,
+            None, None, True, 0.0, self.eps)
+        return applied.reshape_as(weight), rstd
 
     _bk_reads_output = True  # its norms read the forward's output, where it is kept anyway
 
-    def _bk_standardization(self, weight, gain, want_weight, want_gain):
+    def _bk_standardization(self, weight, gain, want_weight, want_gain, applied=None, rstd=None):
         return _Standardization(weight, gain, self.scale if gain is not None else 1.0, self.eps, want_weight,
-                                want_gain, self.bias)
+                                want_gain, self.bias, applied, rstd)
 
-    def _bk_weight_uses(self, use, weight, gain):
+    def _bk_weight_uses(self, use, weight, gain, applied, rstd):
         sources = [p for p in (weight, gain) if p is not None and self._bk_trainable(p)]
         if not sources:
             return []
         vjp = self._bk_standardization(weight, gain, self._bk_trainable(weight),
-                                       gain is not None and self._bk_trainable(gain))
+                                       gain is not None and self._bk_trainable(gain), applied, rstd)
         transform = WeightTransform(use, vjp, [p.numel() for p in sources], weight.numel(),
                                     vjp.sq_norms if isinstance(use, ConvUse) else None)
         return [(p, TransformedUse(transform, i)) for i, p in enumerate(sources)]
 
-    def _bk_weight_grads(self, grad, weight, gain):
+    def _bk_weight_grads(self, grad, weight, gain, applied, rstd):
         want_gain = gain is not None and gain.requires_grad
-        grads = self._bk_standardization(weight, gain, weight.requires_grad, want_gain)(grad[None])
+        grads = self._bk_standardization(weight, gain, weight.requires_grad, want_gain, applied, rstd)(grad[None])
         grad_weight = grads.pop(0)[0].to(weight.dtype) if weight.requires_grad else None
         return grad_weight, grads[0][0].to(gain.dtype) if want_gain else None
 
