@@ -326,13 +326,18 @@ void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* o
 // Layers much wider than long take the row-major Gram kernel (fed by a plain row copy); the
 // others the transposed pack, whose micro-kernel needs no reductions across lanes but whose
 // pack costs about as much as the Gram work when T is small. The split was measured with
-// bench/run.py on this project's 2-core AVX-512 machine (README).
-inline bool ghost_rows_kernel(int64_t T, int64_t d, int64_t p) {
+// bench/run.py on this project's 2-core AVX-512 machine (README). Fewer positions than a Gram
+// tile's side (`tile`) take the row-major kernel whatever the widths: the transposed one pads
+// them to a whole tile and packs and sums it per example. Grouped convolutions' rows (RegNet:
+// [B * groups, 4, 72] with [B * groups, 4, 8]) took 1.13 ms that way and 0.17 ms by rows; T = 2
+// to 12 with one of d, p at most 16 times T, 0.2-0.8x (2-core AVX2 EPYC, session 25); at T = 16,
+// 1.4x the transposed kernel's time.
+inline bool ghost_rows_kernel(int64_t T, int64_t d, int64_t p, int64_t tile) {
   static const int64_t ratio = [] {
     const char* env = std::getenv("BK_GHOST_ROWS_RATIO");  // for benchmarking the split
     return env ? std::atoll(env) : int64_t(8);
   }();
-  return std::min(d, p) >= ratio * T;
+  return std::min(d, p) >= ratio * T || T < tile;
 }
 
 // The transposed path keeps every Gram tile of an example (about T*T values per thread: a
@@ -495,7 +500,7 @@ void ghost_norm(Operand3d<scalar_t> a, Operand3d<scalar_t> g, out_t<scalar_t>* o
   if (T == 1) return one_position_norm(a, g, out, B, d, p);
   const int64_t nb = round_up(std::max<int64_t>(T, 1), kGram<A>) / kGram<A>;
   const int64_t gram_values = nb * (nb + 1) / 2 * kGram<A> * kGram<A>;
-  if (ghost_rows_kernel(T, d, p) || gram_values > kMaxGramValues)
+  if (ghost_rows_kernel(T, d, p, kGram<A>) || gram_values > kMaxGramValues)
     ghost_norm_rows(a, g, out, B, T, d, p);
   else
     ghost_norm_transposed(a, g, out, B, T, d, p);
