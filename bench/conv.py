@@ -1,8 +1,9 @@
 """Convolution per-example norms, clipped sums and per-example gradients against stock PyTorch.
 
 Layers: a small CIFAR conv net's 3x3 layers, ResNet-18's last stage at CIFAR's 32 x 32 (a 3x3
-kernel on 1x1 maps: one output position per example), and timm ConvNeXt-atto's pointwise
-(1x1) and 7x7 depthwise layers at 64 x 64 inputs.
+kernel on 1x1 maps: one output position per example), timm ConvNeXt-atto's pointwise (1x1) and
+7x7 depthwise layers at 64 x 64 inputs, and timm RegNetY-004's grouped 3x3 layers (8 channels a
+group) at 64 x 64 inputs.
 
 Stock per-example path (what Opacus' conv grad sampler does): unfold the input patches
 (F.unfold, [B, C_in*k*k, L]) and einsum them with the output gradient, group by group, into
@@ -67,7 +68,7 @@ def shapes(quick):
         return [(16, 3, 32, 32, 3, 1), (16, 32, 64, 16, 3, 1), (16, 160, 640, 4, 1, 1), (16, 40, 40, 16, 7, 40)]
     return [(32, 3, 32, 32, 3, 1), (32, 32, 64, 16, 3, 1), (32, 64, 128, 8, 3, 1), (32, 128, 256, 4, 3, 1),
             (32, 512, 512, 1, 3, 1), (16, 40, 160, 16, 1, 1), (16, 160, 640, 4, 1, 1), (16, 40, 40, 16, 7, 40),
-            (16, 320, 320, 2, 7, 320)]
+            (16, 320, 320, 2, 7, 320), (16, 208, 208, 4, 3, 26), (16, 440, 440, 2, 3, 55)]
 
 
 def run(device, dtype, quick, command):
