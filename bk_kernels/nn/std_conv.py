@@ -81,8 +81,8 @@ class _Standardization:
             out.append((q * (n * self.scale)).square().sum(1))
         return out
 
-    def _conv(self, x, weight, args, groups):
-        return F.conv2d(x, weight.to(x.dtype), None, args["stride"], args["padding"], args["dilation"], groups)
+    def _conv(self, x, weight, args):
+        return F.conv2d(x, weight.to(x.dtype), None, args["stride"], args["padding"], args["dilation"], args["groups"])
 
     def _normalized_conv(self, use):
         """[B, C_out, positions] the convolution of x with the normalized weight, in the
@@ -94,8 +94,7 @@ class _Standardization:
             if self.bias is not None:
                 y = y - self.bias.detach().to(self.acc).view(1, -1, 1)
             return y if self.s is None else y / self.s.view(1, -1, 1)
-        return self._conv(use.x, self.normalized.view(self.weight_shape), use.args, use.args["groups"]).flatten(2).to(
-            self.acc)
+        return self._conv(use.x, self.normalized.view(self.weight_shape), use.args).flatten(2).to(self.acc)
 
     def _patch_sums(self, x, args):
         """[B, groups, positions] the sum of each patch of each group's input channels: their
@@ -129,6 +128,8 @@ class _Standardization:
 class _TimmStdConv(Conv2d):
     """bk's Conv2d applying timm's standardized weight (the plain forward is timm's)."""
 
+    _bk_reads_output = True  # its norms read the forward's output, where it is kept anyway
+
     @property
     def _bk_gain(self):
         return getattr(self, "gain", None)
@@ -140,8 +141,6 @@ class _TimmStdConv(Conv2d):
             weight.reshape(1, self.out_channels, -1), None if gain is None else (gain * self.scale).view(-1), None,
             None, None, True, 0.0, self.eps)
         return applied.reshape_as(weight), rstd
-
-    _bk_reads_output = True  # its norms read the forward's output, where it is kept anyway
 
     def _bk_standardization(self, weight, gain, want_weight, want_gain, applied=None, rstd=None):
         return _Standardization(weight, gain, self.scale if gain is not None else 1.0, self.eps, want_weight,

@@ -180,7 +180,6 @@ def _cpu_weight_grad(n, x, weight_shape, g, stride, padding, dilation, groups):
     return None
 
 
-
 def _one_position_weight_grad(x, g, weight_shape, groups, k, s, p, dl):
     """The weight gradient of a convolution with one output position per example (ResNet's last
     stage at CIFAR's 32 x 32: a 3x3 kernel on a 1x1 map) as one matmul per group of the B patches.
