@@ -291,8 +291,11 @@ BK_SIMD_VERSIONS(double, outer_square_tile, (const double* x, const double* y, i
                  outer_square_tile_impl, (x, y, T))
 
 // Runs `pack(b, workspace)` then `tile(workspace, item)` for every item in [0, n_items) and
-// every example b, writing out[b] = sum over items. Threads go over examples when there are
-// enough of them, otherwise over the items of one example (sharing its packed workspace).
+// every example b, writing out[b] = sum over items, added in item order either way: threads go
+// over examples when there are enough of them, otherwise over the items of one example (sharing
+// its packed workspace), whose values are then summed in order. An OpenMP reduction there made
+// the sum's rounding depend on which thread took which item: two runs of a one-example batch
+// differed in the last bits (session 25, once the row-major kernel took T < 16).
 template <typename Acc, typename Out, typename Pack, typename Tile>
 void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* out, Pack pack,
                       Tile tile) {
@@ -310,12 +313,14 @@ void for_each_example(int64_t B, int64_t n_items, size_t workspace_elems, Out* o
     }
   } else {
     Acc* const ws = scratch<Acc>(workspace_elems);
+    std::vector<double> values(static_cast<size_t>(n_items));
     for (int64_t b = 0; b < B; ++b) {
       pack(b, ws);
-      double total = 0;
       const Acc* packed = ws;
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : total)
-      for (int64_t item = 0; item < n_items; ++item) total += tile(packed, item);
+#pragma omp parallel for schedule(dynamic, 1)
+      for (int64_t item = 0; item < n_items; ++item) values[size_t(item)] = tile(packed, item);
+      double total = 0;
+      for (const double v : values) total += v;
       out[b] = Out(total);
     }
   }

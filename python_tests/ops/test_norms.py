@@ -172,6 +172,23 @@ def test_cpu_implementations_match_reference(name, shape, dtype, layout, impl, c
         assert_norms_close(name, NORM_OPS[name](a, g, backend="cpu"), a, g)
 
 
+@pytest.mark.parametrize("shape", [(7, 32, 32), (9, 300, 300), (5, 16, 16), (30, 1000, 40)], ids=str)
+@pytest.mark.parametrize("name", NORM_OPS)
+def test_cpu_kernel_norm_of_an_example_does_not_depend_on_its_batch(name, shape, cpu_norm_impl):
+    """The kernel runs threads over the examples of a batch, or over one example's tiles when the
+    batch is smaller than the threads: either way an example's tile values are added in one
+    order, so its norm is bitwise the same alone and in a batch (an OpenMP reduction over the
+    tiles made one-example steps differ in the last bits from run to run)."""
+    cpu_norm_impl("kernel")
+    T, d, p = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, T, d, dtype=torch.float64, generator=gen)
+    g = torch.randn(2, T, p, dtype=torch.float64, generator=gen)
+    in_batch = NORM_OPS[name](a, g, backend="cpu")
+    alone = torch.cat([NORM_OPS[name](a[b : b + 1], g[b : b + 1], backend="cpu") for b in range(2)])
+    assert torch.equal(in_batch, alone)
+
+
 @pytest.mark.parametrize("name", NORM_OPS)
 def test_cpu_blas_chunks_examples(name, cpu_norm_impl):
     """More examples than one BLAS chunk holds (2^22 elements: 64 examples' 256 x 256 Gram
